@@ -1,0 +1,399 @@
+"""Softmax (categorical) cross-entropy with dense targets and with integer labels.
+
+Drop-in compatible with the functions of the same names in ``optax.losses`` (same
+positional arguments and results); every new option is keyword-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from jxent import _validation as v
+from jxent._reduction import reduce_loss
+from jxent._softmax import XentConfig, softmax_xent
+
+Axis = int | Sequence[int]
+
+
+def _to_rows(
+    logits: jax.Array, axes: tuple[int, ...], where: jax.Array | None
+) -> tuple[jax.Array, tuple[int, ...], jax.Array | None, jax.Array | None]:
+    """Moves the class axes last and flattens them: ``[*batch, classes]``.
+
+    Returns the reshaped logits, the batch shape, a row mask (from a batch-shaped
+    ``where``) and a class mask (from a logits-shaped ``where``).
+    """
+    ndim = logits.ndim
+    batch_axes = tuple(i for i in range(ndim) if i not in axes)
+    batch_shape = tuple(logits.shape[i] for i in batch_axes)
+    num_classes = math.prod(logits.shape[i] for i in axes)
+
+    def rows(a: jax.Array) -> jax.Array:
+        if axes != tuple(range(ndim - len(axes), ndim)):
+            a = jnp.transpose(a, batch_axes + axes)
+        return a.reshape(batch_shape + (num_classes,))
+
+    row_mask = class_mask = None
+    if where is not None:
+        where = v.as_array("where", where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+        if where.ndim == ndim:
+            try:
+                where = jnp.broadcast_to(where, logits.shape)
+            except ValueError:
+                raise ValueError(
+                    f"where must have the batch shape {batch_shape} (masking rows) or a shape "
+                    f"broadcastable to logits.shape {logits.shape} (masking classes), got "
+                    f"shape {where.shape}."
+                ) from None
+            class_mask = rows(where)
+            row_mask = jnp.any(class_mask, axis=-1)
+        elif where.shape == batch_shape:
+            row_mask = where
+        else:
+            raise ValueError(
+                f"where must have the batch shape {batch_shape} (masking rows) or a shape "
+                f"broadcastable to logits.shape {logits.shape} (masking classes), got "
+                f"shape {where.shape}."
+            )
+    return rows(logits), batch_shape, row_mask, class_mask
+
+
+def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _config(label_smoothing, z_loss, logit_soft_cap=None) -> XentConfig:
+    return XentConfig(
+        label_smoothing=v.static_number("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
+        z_loss=v.static_number("z_loss", z_loss, lo=0.0),
+        soft_cap=None
+        if logit_soft_cap is None
+        else v.static_number("logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True),
+    )
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and target distributions.
+
+    For logits :math:`x` and targets :math:`t` over the classes :math:`k`,
+
+    .. math::
+      \ell = -\sum_k t'_k \log \operatorname{softmax}(x)_k
+             + \lambda_z \Big(\log \sum_k e^{x_k}\Big)^2,
+      \qquad t' = (1 - \alpha)\, t + \alpha / K,
+
+    with :math:`\alpha` = ``label_smoothing``, :math:`\lambda_z` = ``z_loss`` and
+    :math:`K` the number of unmasked classes. A term with :math:`t'_k = 0`
+    contributes exactly 0 even where :math:`x_k = -\infty` (:math:`0 \log 0 = 0`),
+    so masked vocabularies are safe: this function is also
+    ``safe_softmax_cross_entropy``.
+
+    Drop-in for :func:`optax.losses.softmax_cross_entropy`. Unlike optax it never
+    returns NaN for ``-inf`` logits, accumulates bfloat16/float16 logits in
+    float32 (the loss is float32, the gradient has the logits' dtype), and its
+    reverse-mode rule keeps only per-row scalars besides the inputs.
+
+    Args:
+      logits: unnormalised log-probabilities, ``[..., num_classes]``. ``-inf``
+        marks a class as impossible (it gets no smoothing mass and no gradient).
+      labels: target distributions with exactly the shape of ``logits`` (any
+        non-negative weights; one-hot, smoothed or soft teacher targets).
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops whole rows) or of the
+        logits' shape (drops classes from the softmax and the sum).
+      label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
+      z_loss: :math:`\lambda_z \ge 0` (PaLM, T5X), a static Python number.
+      reduction: ``"none"`` (per-example, shape of the batch), ``"sum"`` or
+        ``"mean"`` (over the rows that ``where`` keeps; 0 if none).
+
+    Returns:
+      The loss, float32 for float32 or narrower logits.
+
+    Raises:
+      TypeError: integer logits or labels.
+      ValueError: ``labels`` not of the logits' shape, an out-of-range ``axis``,
+        a ``where`` of neither shape, or an option out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> jxent.softmax_cross_entropy(logits, labels).round(4)
+      Array([0.2761, 2.9518], dtype=float32)
+      >>> masked = jnp.array([[1.2, -jnp.inf, -0.5]])
+      >>> jxent.softmax_cross_entropy(masked, jnp.array([[1.0, 0.0, 0.0]])).round(4)
+      Array([0.4032], dtype=float32)
+
+    References:
+      Müller, Kornblith & Hinton, `When does label smoothing help?
+      <https://arxiv.org/abs/1906.02629>`_, 2019.
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
+    """
+    logits = v.as_array("logits", logits)
+    labels = v.as_array("labels", labels)
+    v.check_floating("logits", logits)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"labels must be floating target distributions with the logits' shape "
+            f"{logits.shape}, got dtype {labels.dtype} with shape {labels.shape}; for "
+            "integer class indices use softmax_cross_entropy_with_integer_labels."
+        )
+    v.check_shape("labels", labels, logits.shape, "the logits' shape")
+    v.check_reduction(reduction)
+    config = _config(label_smoothing, z_loss)
+    axes = v.normalize_axes(axis, logits.ndim)
+    x, batch_shape, row_mask, class_mask = _to_rows(logits, axes, where)
+    targets, _, _, _ = _to_rows(labels, axes, None)
+    loss = softmax_xent(x, targets=targets, class_mask=class_mask, row_mask=row_mask, config=config)
+    return reduce_loss(loss, reduction, row_mask)
+
+
+safe_softmax_cross_entropy = softmax_cross_entropy
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and integer class labels.
+
+    For logits :math:`x`, label :math:`y`, class weights :math:`w` and
+    :math:`K` unmasked classes,
+
+    .. math::
+      \ell = (1 - \alpha)\, w_y \big(\mathrm{lse}(x) - x_y\big)
+             + \frac{\alpha}{K} \sum_k w_k \big(\mathrm{lse}(x) - x_k\big)
+             + \lambda_z\, \mathrm{lse}(x)^2,
+
+    where :math:`\mathrm{lse}(x) = \log \sum_k e^{x_k}`. This is PyTorch's
+    ``F.cross_entropy(logits, labels, weight=w, label_smoothing=α)`` plus the
+    z-loss, computed without ever building a one-hot or smoothed target array.
+    With ``logit_soft_cap=c`` the logits are first replaced by
+    :math:`c \tanh(x / c)` (Gemma 2).
+
+    ``reduction="mean"`` divides by :math:`\sum w_y` over the included rows
+    (PyTorch's rule; the row count without ``class_weights``); rows dropped by
+    ``where`` or ``ignore_index`` give loss 0, gradient 0 and do not count.
+
+    Out-of-range labels cannot raise under ``jit``: a label outside
+    ``[0, num_classes)`` that is not ``ignore_index`` gives a NaN loss (and NaN
+    gradient for its row), never a plausible number. To check labels
+    explicitly, call :func:`check_labels` inside ``jax.experimental.checkify``.
+
+    Drop-in for :func:`optax.losses.softmax_cross_entropy_with_integer_labels`.
+
+    Args:
+      logits: unnormalised log-probabilities, ``[..., num_classes]``; ``-inf``
+        marks an impossible class (no smoothing mass, zero gradient).
+      labels: integer class indices with the batch shape (``logits`` without the
+        class axes). For a tuple ``axis`` a label is the flat (C-order) index
+        into ``logits.shape[axis]``, as in optax.
+      axis: the class axis or a tuple of class axes.
+      where: a boolean mask of the batch shape (drops rows) or of the logits'
+        shape (drops classes from the normaliser).
+      ignore_index: rows whose label equals it are dropped (PyTorch's
+        ``ignore_index``, e.g. ``-100`` for padding).
+      label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
+      z_loss: :math:`\lambda_z \ge 0`, a static Python number.
+      class_weights: ``[num_classes]`` non-negative weights (PyTorch's
+        ``weight``); constants, no gradient flows to them.
+      logit_soft_cap: :math:`c > 0` to soft-cap the logits, or ``None``.
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"``.
+
+    Returns:
+      The loss, float32 for float32 or narrower logits; with
+      ``reduction="none"`` it has the labels' shape.
+
+    Raises:
+      TypeError: floating labels or integer logits.
+      ValueError: labels not of the batch shape, ``class_weights`` not of shape
+        ``[num_classes]``, an out-of-range ``axis`` or option.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([0, 1])
+      >>> jxent.softmax_cross_entropy_with_integer_labels(logits, labels).round(4)
+      Array([0.2761, 2.9518], dtype=float32)
+      >>> jxent.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean"
+      ... ).round(4)
+      Array(0.2761, dtype=float32)
+
+    References:
+      Szegedy et al., `Rethinking the Inception Architecture
+      <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing).
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
+      Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft cap).
+    """
+    logits = v.as_array("logits", logits)
+    labels = v.as_array("labels", labels)
+    v.check_floating("logits", logits)
+    v.check_integer(
+        "labels",
+        labels,
+        " For target distributions use softmax_cross_entropy.",
+    )
+    v.check_reduction(reduction)
+    config = _config(label_smoothing, z_loss, logit_soft_cap)
+    axes = _integer_axes(axis, logits.ndim)
+    x, batch_shape, row_mask, class_mask = _to_rows(logits, axes, where)
+    v.check_shape("labels", labels, batch_shape, "the logits' shape without the class axes")
+    num_classes = x.shape[-1]
+    if class_weights is not None:
+        class_weights = v.as_array("class_weights", class_weights)
+        v.check_floating("class_weights", class_weights)
+        v.check_shape("class_weights", class_weights, (num_classes,), "one weight per class")
+    if ignore_index is not None:
+        row_mask = _and(row_mask, labels != ignore_index)
+    loss = softmax_xent(
+        x,
+        labels=labels,
+        class_mask=class_mask,
+        row_mask=row_mask,
+        class_weights=class_weights,
+        config=config,
+    )
+    weight = row_mask
+    if class_weights is not None and reduction == "mean":
+        safe = jnp.clip(labels, 0, num_classes - 1)
+        weight = jnp.take(class_weights, safe).astype(loss.dtype)
+        if row_mask is not None:
+            weight = jnp.where(row_mask, weight, jnp.zeros((), loss.dtype))
+    return reduce_loss(loss, reduction, weight)
+
+
+def _integer_axes(axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        raise TypeError(
+            "axis must be an int or a tuple of ints for integer labels, got None "
+            "(integer labels need a batch axis)."
+        )
+    return v.normalize_axes(axis, ndim)
+
+
+def smooth_labels(
+    labels: jax.typing.ArrayLike,
+    alpha: jax.typing.ArrayLike,
+    *,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Label smoothing of one-hot (or any) target distributions, as optax.
+
+    .. math:: t' = (1 - \alpha)\, t + \alpha / K
+
+    with :math:`K` the number of classes along ``axis`` (those ``where`` keeps).
+    For integer labels prefer the ``label_smoothing`` option of
+    :func:`softmax_cross_entropy_with_integer_labels`, which never builds the
+    ``[..., K]`` array this returns.
+
+    Args:
+      labels: floating target distributions, e.g. ``jax.nn.one_hot(y, K)``.
+      alpha: the smoothing factor in ``[0, 1]``.
+      axis: the class axis or axes.
+      where: classes to include; excluded classes get 0.
+
+    Returns:
+      The smoothed targets, of the labels' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> jxent.smooth_labels(jnp.array([0.0, 1.0, 0.0, 0.0]), 0.2)
+      Array([0.05, 0.85, 0.05, 0.05], dtype=float32)
+
+    References:
+      Müller, Kornblith & Hinton, `When does label smoothing help?
+      <https://arxiv.org/abs/1906.02629>`_, 2019.
+    """
+    labels = v.as_array("labels", labels)
+    v.check_floating("labels", labels)
+    axes = v.normalize_axes(axis, labels.ndim)
+    if where is None:
+        num_classes = math.prod(labels.shape[i] for i in axes)
+        out = (1.0 - alpha) * labels + alpha / num_classes
+        return out.astype(labels.dtype)
+    where = v.as_array("where", where)
+    num_classes = jnp.sum(where, axis=axes, keepdims=True).astype(labels.dtype)
+    out = (1.0 - alpha) * labels + alpha / num_classes
+    return jnp.where(where, out, jnp.zeros((), labels.dtype)).astype(labels.dtype)
+
+
+def check_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    *,
+    ignore_index: int | None = None,
+) -> None:
+    """Checks integer labels are in range, with ``jax.experimental.checkify``.
+
+    A label outside ``[0, num_classes)`` cannot raise inside ``jit`` (the losses
+    return NaN for it instead). Call this inside a function wrapped with
+    ``checkify.checkify`` to get an error that says which labels are wrong.
+
+    Args:
+      logits: the logits passed to the loss (only their shape is used).
+      labels: the integer labels.
+      axis: the class axis or axes, as given to the loss.
+      ignore_index: a label value that is allowed (padding).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.experimental import checkify
+      >>> import jxent
+      >>> def loss(logits, labels):
+      ...     jxent.check_labels(logits, labels, ignore_index=-100)
+      ...     return jxent.softmax_cross_entropy_with_integer_labels(
+      ...         logits, labels, ignore_index=-100, reduction="mean")
+      >>> err, _ = jax.jit(checkify.checkify(loss))(jnp.zeros((2, 3)), jnp.array([1, 7]))
+      >>> print(err.get())  # doctest: +ELLIPSIS
+      labels must be in [0, 3) or equal ignore_index; got 1 bad label(s) ...
+    """
+    logits = v.as_array("logits", logits)
+    labels = v.as_array("labels", labels)
+    v.check_integer("labels", labels)
+    axes = _integer_axes(axis, logits.ndim)
+    num_classes = math.prod(logits.shape[i] for i in axes)
+    ok = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        ok = ok | (labels == ignore_index)
+    bad = jnp.sum(~ok)
+    first = jnp.min(jnp.where(ok, jnp.iinfo(labels.dtype).max, labels))
+    checkify.check(
+        jnp.all(ok),
+        f"labels must be in [0, {num_classes}) or equal ignore_index; "
+        "got {n} bad label(s), e.g. {e}",
+        n=bad,
+        e=first,
+    )

@@ -1,0 +1,346 @@
+"""The stable softmax cross-entropy core that every categorical loss is built on.
+
+One function, :func:`softmax_xent`, computes per-row
+
+    loss = sum_k c_k * (lse - z_k) + z_loss * lse**2,     lse = log sum_k exp(z_k)
+
+for a target given either as dense coefficients ``t`` or as an integer label with
+optional class weights and label smoothing, over the last axis of ``x``.
+
+Why it is written this way:
+
+* ``jax.custom_jvp`` rather than ``custom_vjp``: forward mode (``jvp``, ``jacfwd``,
+  ``hessian``) keeps working. The tangent rule is wrapped in ``jax.checkpoint``, so
+  when JAX linearises and transposes it for reverse mode, the only residuals are the
+  rule's inputs (the logits, which the caller holds anyway) and a few per-row
+  scalars; the softmax is recomputed in the backward pass as one fused elementwise
+  expression ``scale * exp(z - lse) - c``, never stored.
+* Everything is written as ``(lse - max) * C + sum_k c_k * (max - z_k)``: both terms
+  are sums of non-negative numbers, so there is no cancellation for large logits,
+  and a zero coefficient on a ``-inf`` logit is selected away instead of giving
+  ``0 * inf = NaN``.
+* bfloat16/float16 logits are read as they are and converted inside the fused
+  reductions, so no float32 copy of the logits is materialised; sums accumulate in
+  float32 and the loss is returned in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent._validation import accumulation_dtype
+
+
+class XentConfig(NamedTuple):
+    """Static options of the core (hashable: they select which terms are traced)."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    soft_cap: float | None = None
+
+
+_DEFAULT_CONFIG = XentConfig()
+
+
+class _RowStats(NamedTuple):
+    """Per-row scalars the tangent rule needs: all of shape ``x.shape[:-1]``."""
+
+    lse: jax.Array  # log-sum-exp over the unmasked classes (0 on empty rows)
+    scale: jax.Array  # C + 2 * z_loss * lse: the coefficient of softmax in the gradient
+    label_coef: jax.Array | None  # (1 - a) * w_y, integer labels only
+    smooth_coef: jax.Array | None  # a / K_eff (label smoothing only)
+    keep: jax.Array  # bool: the row contributes (included and has an unmasked class)
+
+
+def _cap(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array:
+    """Soft-capped logits ``c * tanh(x / c)`` in ``dtype``; ``-inf`` stays ``-inf``."""
+    z = x.astype(dtype)
+    if soft_cap is None:
+        return z
+    capped = soft_cap * jnp.tanh(z / soft_cap)
+    return jnp.where(z == -jnp.inf, z, capped)
+
+
+def _cap_derivative(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array | None:
+    if soft_cap is None:
+        return None
+    t = jnp.tanh(x.astype(dtype) / soft_cap)
+    return 1 - t * t
+
+
+def _class_mask(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
+    """Classes that take part: not masked by ``where`` and not a ``-inf`` logit."""
+    finite = x > -jnp.inf
+    return finite if class_mask is None else finite & class_mask
+
+
+def _pick(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The logit of each row's label, and whether the label is in range.
+
+    A gather of one element per row: on XLA:CPU a compare-select-reduce over the
+    classes does not fuse and would materialise a [rows, classes] buffer.
+    """
+    num_classes = x.shape[-1]
+    valid = (labels >= 0) & (labels < num_classes)
+    return _gather_last(x, jnp.where(valid, labels, 0)), valid
+
+
+@jax.custom_jvp
+def _gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
+    # The gather reads the logits' bits as unsigned integers: XLA:CPU upcasts a
+    # bfloat16 gather operand to float32, which would copy the whole logits array.
+    bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    picked = jnp.take_along_axis(bits, index[..., None], axis=-1, mode="clip")[..., 0]
+    return lax.bitcast_convert_type(picked, x.dtype)
+
+
+@_gather_last.defjvp
+def _gather_last_jvp(primals, tangents):
+    x, index = primals
+    picked = jnp.take_along_axis(tangents[0], index[..., None], axis=-1, mode="clip")[..., 0]
+    return _gather_last(x, index), picked
+
+
+def _finite_parts(z: jax.Array):
+    """``(indicator of z > -inf, max(z, lowest))`` using only arithmetic and max/min.
+
+    XLA:CPU fuses a reduction with its elementwise producers only when those are
+    arithmetic (no compare or select); written this way, the masked sums below run
+    as single fused passes over the logits instead of materialising a
+    [rows, classes] float32 temporary. For finite z, ``z / 2 + lowest`` is at least
+    half the largest float, so the clamp gives exactly 1; for ``-inf`` it gives 0.
+    """
+    big = jnp.finfo(z.dtype).max
+    indicator = jnp.minimum(jnp.maximum(0.5 * z + big, 0), 1)
+    return indicator, jnp.maximum(z, -big)
+
+
+def _row_sums(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums each [..., classes] term over the last axis in ONE variadic reduction.
+
+    On XLA:CPU, separate reductions of the same float32-converted bfloat16 logits
+    make XLA materialise the converted copy; a single variadic reduce fuses the
+    conversion instead and reads the logits once.
+    """
+    names = list(terms)
+    return dict(zip(names, _sum_last_axis(*(terms[n] for n in names)), strict=True))
+
+
+@jax.custom_jvp
+def _sum_last_axis(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    inits = tuple(jnp.zeros((), o.dtype) for o in operands)
+    add = lambda a, b: tuple(i + j for i, j in zip(a, b, strict=True))  # noqa: E731
+    return tuple(lax.reduce(operands, inits, add, (operands[0].ndim - 1,)))
+
+
+@_sum_last_axis.defjvp
+def _sum_last_axis_jvp(primals, tangents):
+    # The sum is linear; plain sums keep the tangent transposable and exact to any
+    # order (JAX's generic variadic-reduce rule mishandles symbolic-zero tangents).
+    return _sum_last_axis(*primals), tuple(jnp.sum(t, axis=-1) for t in tangents)
+
+
+def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
+    """``(n, sum_k w_k, sum_k w_k (max - x_k))`` over the finite classes of each row.
+
+    The common case, every logit finite, needs only ``x @ [1, w]``: a matrix product
+    that reads the logits once at full speed, with no elementwise producer. A batch
+    with any ``-inf`` (or overflowing) logit takes the masked path instead; under
+    ``vmap`` the ``cond`` becomes a select and both paths run.
+    """
+    acc = row_max.dtype
+    cols = jnp.stack([jnp.ones_like(w), w], axis=-1).astype(x.dtype)
+    sums = jnp.einsum("...k,kc->...c", x, cols, preferred_element_type=acc)
+    sum_x, sum_wx = sums[..., 0], sums[..., 1]
+
+    def all_finite():
+        n = jnp.full(row_max.shape, x.shape[-1], acc)
+        sum_w = jnp.broadcast_to(jnp.sum(w), row_max.shape)
+        return n, sum_w, row_max * sum_w - sum_wx
+
+    return lax.cond(jnp.all(jnp.isfinite(sum_x)), all_finite, masked_smoothing_sums)
+
+
+def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_weights):
+    acc = accumulation_dtype(x.dtype)
+    a = cfg.label_smoothing
+    zero = jnp.zeros((), acc)
+    z = _cap(x, cfg.soft_cap, acc)
+
+    # The row maximum is taken on the raw logits: max is exact in any dtype and the
+    # soft cap is monotone, so no converted copy of x is needed for it. -inf logits
+    # need no mask: they never win the max and exp(-inf) = 0 below.
+    masked_x = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
+    row_max = _cap(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc)
+    has_class = row_max > -jnp.inf
+    row_max = lax.stop_gradient(jnp.where(has_class, row_max, zero))
+    exp_shifted = jnp.exp(z - row_max[..., None])
+    if class_mask is not None:
+        exp_shifted = jnp.where(class_mask, exp_shifted, zero)
+    terms = {"sum_exp": exp_shifted}
+
+    def finite_and_half_gap(z=z):
+        finite, z_floor = _finite_parts(z)
+        if class_mask is not None:
+            finite = jnp.where(class_mask, finite, zero)
+        # (max - z) / 2 on finite classes: >= 0, never overflows, and 0 * it is 0 on -inf.
+        return finite, finite * (0.5 * row_max[..., None] - 0.5 * z_floor)
+
+    if labels is None:
+        finite, half_gap = finite_and_half_gap()
+        t = targets.astype(acc)
+        if class_mask is not None:
+            t = jnp.where(class_mask, t, zero)
+        terms.update(t=t, t_gap=t * half_gap, t_on_inf=t * (1 - finite))
+    sums = _row_sums(terms)
+    if a > 0:
+        w = jnp.ones(x.shape[-1:], acc) if class_weights is None else class_weights.astype(acc)
+
+        def masked_smoothing_sums():
+            # Converted here, inside the branch: a converted copy of x passed into
+            # the cond would be materialised.
+            finite, half_gap = finite_and_half_gap(_cap(x, cfg.soft_cap, acc))
+            s = _row_sums({"n": finite, "w": finite * w, "w_gap": 2 * w * half_gap})
+            return s["n"], s["w"], s["w_gap"]
+
+        if labels is None or class_mask is not None or cfg.soft_cap is not None:
+            n, sum_w, w_gap = masked_smoothing_sums()
+        else:
+            n, sum_w, w_gap = _smoothing_sums(x, row_max, w, masked_smoothing_sums)
+        sums.update(n=n, w=sum_w, w_gap=w_gap)
+
+    lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max, >= 0
+    lse = row_max + lse_rel
+    if labels is not None:
+        z_label, valid = _pick(x, labels)
+        z_label = _cap(z_label, cfg.soft_cap, acc)
+        if class_weights is None:
+            w_label = jnp.ones(labels.shape, acc)
+        else:
+            w_label = jnp.take(class_weights.astype(acc), jnp.where(valid, labels, 0))
+        # An out-of-range label has no logit: make its loss NaN, never plausible.
+        w_label = jnp.where(valid, w_label, jnp.nan)
+        label_coef = (1 - a) * w_label
+        big_c = label_coef
+        dist = jnp.where(label_coef != 0, label_coef * (row_max - z_label), zero)
+    else:
+        label_coef = None
+        big_c = (1 - a) * sums["t"]
+        dist = (2 * (1 - a)) * sums["t_gap"]
+        # Target mass on a -inf logit is impossible under the model: the loss is +inf.
+        dist = jnp.where(sums["t_on_inf"] > 0, jnp.inf, dist)
+
+    smooth_coef = None
+    if a > 0:
+        smooth_coef = a / jnp.where(has_class, sums["n"], 1)
+        big_c = big_c + smooth_coef * sums["w"]
+        dist = dist + smooth_coef * sums["w_gap"]
+
+    loss = lse_rel * big_c + dist
+    scale = big_c
+    if cfg.z_loss > 0:
+        loss = loss + cfg.z_loss * lse * lse
+        scale = scale + 2 * cfg.z_loss * lse
+
+    keep = has_class if row_mask is None else has_class & row_mask
+    loss = jnp.where(keep, loss, zero)
+    lse = jnp.where(has_class, lse, zero)
+    return loss, _RowStats(lse, scale, label_coef, smooth_coef, keep)
+
+
+def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t_dot):
+    """The loss tangent: linear in ``(x_dot, t_dot)``; its transpose is the gradient.
+
+    The softmax part is one elementwise expression of ``x``; for 32/64-bit logits
+    the label's part is a gather of ``x_dot``, whose transpose is a scatter-add that
+    XLA performs in place on the softmax part (cheaper than a compare-select over
+    every class).
+    """
+    acc = stats.lse.dtype
+    zero = jnp.zeros((), acc)
+    z = _cap(x, cfg.soft_cap, acc)
+    log_p = z - stats.lse[..., None]
+    p = jnp.exp(log_p)  # exactly 0 on -inf logits
+    if class_mask is not None:
+        p = jnp.where(class_mask, p, zero)
+    grad = stats.scale[..., None] * p  # d loss / d z, without the label's term
+    if labels is None:
+        t = targets.astype(acc)
+        if class_mask is not None:
+            t = jnp.where(class_mask, t, zero)
+        grad = grad - (1 - cfg.label_smoothing) * t
+    if stats.smooth_coef is not None:
+        w = jnp.ones((), acc) if class_weights is None else class_weights.astype(acc)
+        m = _class_mask(x, class_mask)
+        grad = grad - jnp.where(m, stats.smooth_coef[..., None] * w, zero)
+    # XLA:CPU upcasts a scatter into a 16-bit gradient to float32 (a full copy), so
+    # for bfloat16/float16 the label's term is a compare-select in the same
+    # elementwise pass instead.
+    label_in_pass = labels is not None and x.dtype.itemsize < 4
+    if label_in_pass:
+        is_label = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
+        grad = grad - jnp.where(is_label, stats.label_coef[..., None], zero)
+    dz = _cap_derivative(x, cfg.soft_cap, acc)
+    if dz is not None:
+        grad = grad * dz
+    out = jnp.sum(grad * x_dot.astype(acc), axis=-1)
+    if labels is not None and not label_in_pass:
+        index = jnp.clip(labels, 0, x.shape[-1] - 1)
+        x_dot_label = jnp.take_along_axis(x_dot, index[..., None], axis=-1)[..., 0]
+        coef = stats.label_coef
+        if dz is not None:
+            coef = coef * _cap_derivative(_gather_last(x, index), cfg.soft_cap, acc)
+        out = out - coef * x_dot_label.astype(acc)
+    if t_dot is not None:
+        # d loss / d t_k = (1 - a) (lse - z_k). On a -inf logit the true derivative is
+        # +inf; it is taken as 0 there so a zero tangent cannot make 0 * inf = NaN.
+        target_grad = jnp.where(_class_mask(x, class_mask), -log_p, zero)
+        out = out + (1 - cfg.label_smoothing) * jnp.sum(target_grad * t_dot.astype(acc), axis=-1)
+    return jnp.where(stats.keep, out, zero)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _xent(cfg, x, targets, labels, class_mask, row_mask, class_weights):
+    return _forward(cfg, x, targets, labels, class_mask, row_mask, class_weights)[0]
+
+
+@_xent.defjvp
+def _xent_jvp(cfg, primals, tangents):
+    x, targets, labels, class_mask, row_mask, class_weights = primals
+    x_dot, t_dot = tangents[0], tangents[1]
+    class_weights = None if class_weights is None else lax.stop_gradient(class_weights)
+    loss, stats = _forward(cfg, x, targets, labels, class_mask, row_mask, class_weights)
+    # checkpoint: under reverse mode the residuals are this call's inputs (x and the
+    # per-row stats), and the softmax is recomputed inside the transposed rule.
+    tangent = jax.checkpoint(functools.partial(_tangent, cfg))(
+        x, targets, labels, class_mask, class_weights, stats, x_dot, t_dot
+    )
+    return loss, tangent
+
+
+def softmax_xent(
+    x: jax.Array,
+    *,
+    targets: jax.Array | None = None,
+    labels: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
+    row_mask: jax.Array | None = None,
+    class_weights: jax.Array | None = None,
+    config: XentConfig = _DEFAULT_CONFIG,
+) -> jax.Array:
+    """Per-row softmax cross-entropy over the last axis of ``x``.
+
+    Arguments are assumed validated (see ``jxent._categorical``); exactly one of
+    ``targets`` (same shape as ``x``) or integer ``labels`` (shape ``x.shape[:-1]``)
+    is given. ``class_mask`` broadcasts against ``x``; ``row_mask`` has the batch
+    shape. Rows where ``row_mask`` is False, or with no unmasked class, give 0 with
+    zero gradient. Returns float32 (float64 for float64 ``x``), shape ``x.shape[:-1]``.
+    """
+    if class_mask is not None:
+        class_mask = jnp.broadcast_to(class_mask, x.shape)
+    return _xent(config, x, targets, labels, class_mask, row_mask, class_weights)
