@@ -1,0 +1,1 @@
+"""jxent benchmarks: side-by-side comparisons with optax (``python -m benchmarks``)."""
