@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from benchmarks.common import Row, environment, markdown_table  # noqa: E402
+from benchmarks.common import Row, environment  # noqa: E402
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 _DTYPE_ORDER = {jnp.dtype(d).name: i for i, d in enumerate(DTYPES)}
@@ -159,9 +159,36 @@ SUITES = {
 # --------------------------------------------------------------------------------------------
 
 
-def _from_dict(d: dict) -> Row:
-    fields = {f.name for f in dataclasses.fields(Row)}
-    return Row(**{k: v for k, v in d.items() if k in fields})
+def _ms(t: float) -> str:
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+
+def _mib(m: float) -> str:
+    if m == 0:
+        return "0"
+    return f"{m * 1024:.3g} KiB" if m < 1 else f"{m:.4g} MiB"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The rows of one suite. Unlike ``common.markdown_table`` it keeps 3 significant
+    digits for sub-millisecond times and sub-MiB buffers (GPU rows), and leaves the
+    memory ratio out where the baseline's temporary memory is under 64 KiB, since a
+    ratio of two negligible numbers means nothing."""
+    head = (
+        "| case | dtype | shape | jxent ms | baseline ms | speed-up | jxent temp "
+        "| baseline temp | memory ratio |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in records:
+        base_mib = r["baseline_temp_mib"]
+        ratio = f"{r['jxent_temp_mib'] / base_mib:.3g}" if base_mib >= 1 / 16 else "n/a"
+        speedup = r["baseline_ms"] / r["jxent_ms"]
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['shape']} | {_ms(r['jxent_ms'])} "
+            f"| {_ms(r['baseline_ms'])} ({r['baseline']}) | {speedup:.2f}x "
+            f"| {_mib(r['jxent_temp_mib'])} | {_mib(r['baseline_temp_mib'])} | {ratio} |\n"
+        )
+    return head + "".join(lines)
 
 
 def _order(records: list[dict]) -> list[dict]:
@@ -187,7 +214,8 @@ def markdown_report(env: dict, cfg: Config, records: list[dict]) -> str:
         "same run: median time over "
         f"{cfg.repeats} calls after a warm-up, and XLA's compiled temporary memory "
         "(`memory_analysis().temp_size_in_bytes`). Speed-up = baseline time / jxent time; "
-        "memory ratio = jxent / baseline.",
+        "memory ratio = jxent / baseline temporary memory (n/a where the baseline needs "
+        "under 64 KiB).",
         "",
         "| environment | |",
         "|---|---|",
@@ -196,7 +224,7 @@ def markdown_report(env: dict, cfg: Config, records: list[dict]) -> str:
     ]
     records = _order(records)
     for suite in dict.fromkeys(r["suite"] for r in records):
-        rows = [_from_dict(r) for r in records if r["suite"] == suite]
+        rows = [r for r in records if r["suite"] == suite]
         lines += [f"## {suite}", "", markdown_table(rows)]
     return "\n".join(lines)
 
