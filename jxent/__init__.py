@@ -5,6 +5,7 @@ Every loss is a pure function that returns per-example values by default
 ``optax.losses``; new options are keyword-only.
 """
 
+from jxent import parallel as parallel  # the shard_map forms: jxent.parallel.*
 from jxent._categorical import (
     check_labels,
     safe_softmax_cross_entropy,

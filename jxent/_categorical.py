@@ -15,7 +15,7 @@ from jax.experimental import checkify
 
 from jxent import _validation as v
 from jxent._reduction import reduce_loss
-from jxent._softmax import XentConfig, softmax_xent
+from jxent._softmax import XentConfig, softmax_xent, take_classes
 
 Axis = int | Sequence[int]
 
@@ -286,7 +286,7 @@ def softmax_cross_entropy_with_integer_labels(
     weight = row_mask
     if class_weights is not None and reduction == "mean":
         safe = jnp.clip(labels, 0, num_classes - 1)
-        weight = jnp.take(class_weights, safe).astype(loss.dtype)
+        weight = take_classes(class_weights, safe).astype(loss.dtype)
         if row_mask is not None:
             weight = jnp.where(row_mask, weight, jnp.zeros((), loss.dtype))
     return reduce_loss(loss, reduction, weight)

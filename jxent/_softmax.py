@@ -79,15 +79,60 @@ def _class_mask(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
     return finite if class_mask is None else finite & class_mask
 
 
+def _class_axis_sharded(x: jax.Array) -> bool:
+    """Whether the class (last) axis of ``x`` is explicitly sharded over a mesh axis.
+
+    Only mesh axes of type ``Explicit`` appear in an array's type; under ``Auto``
+    axes (and on one device) this is False and GSPMD partitions the gather itself.
+    A mesh axis of size 1 counts too: a gather on it cannot be typed either.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None or len(spec) < x.ndim:
+        return False
+    names = spec[x.ndim - 1]
+    return isinstance(names, str) or (isinstance(names, tuple) and len(names) > 0)
+
+
+def take_classes(table: jax.Array, index: jax.Array) -> jax.Array:
+    """``table[index]`` for a ``[classes]`` table and in-range batch-shaped indices.
+
+    Under ``Explicit`` mesh axes a gather into a batch-sharded index needs its output
+    sharding spelled out (the index's); a class-sharded table is then read by
+    select + all-reduce of the per-row result, never gathered whole.
+    """
+    sharding = getattr(jax.typeof(index), "sharding", None)
+    if any(s is not None for s in getattr(sharding, "spec", ())):
+        return table.at[index].get(out_sharding=sharding)
+    return jnp.take(table, index)
+
+
+def _is_label(x: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[..., classes]`` mask of each row's label, laid out (sharded) like ``x``."""
+    sharding = jax.typeof(x).sharding if _class_axis_sharded(x) else None
+    iota = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1, out_sharding=sharding)
+    return iota == labels[..., None]
+
+
 def _pick(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The logit of each row's label, and whether the label is in range.
 
     A gather of one element per row: on XLA:CPU a compare-select-reduce over the
-    classes does not fuse and would materialise a [rows, classes] buffer.
+    classes does not fuse and would materialise a [rows, classes] buffer. When the
+    class axis is explicitly sharded a gather on it has no partitioned form, so
+    there the label is picked by compare-select-sum: each shard selects from its
+    own classes and only a per-row partial sum crosses devices.
     """
     num_classes = x.shape[-1]
     valid = (labels >= 0) & (labels < num_classes)
-    return _gather_last(x, jnp.where(valid, labels, 0)), valid
+    index = jnp.where(valid, labels, 0)
+    if _class_axis_sharded(x):
+        return _select_last(x, index), valid
+    return _gather_last(x, index), valid
+
+
+def _select_last(x: jax.Array, index: jax.Array) -> jax.Array:
+    # Exact in any dtype: every row sums one logit and zeros (-inf stays -inf).
+    return jnp.sum(jnp.where(_is_label(x, index), x, jnp.zeros((), x.dtype)), axis=-1)
 
 
 @jax.custom_jvp
@@ -159,8 +204,10 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
     sum_x, sum_wx = sums[..., 0], sums[..., 1]
 
     def all_finite():
-        n = jnp.full(row_max.shape, x.shape[-1], acc)
-        sum_w = jnp.broadcast_to(jnp.sum(w), row_max.shape)
+        # Built from a sum over x so both branches have its type, sharding included
+        # (and, inside shard_map, the same varying mesh axes).
+        n = jnp.full_like(sum_x, x.shape[-1])
+        sum_w = jnp.zeros_like(sum_x) + jnp.sum(w)
         return n, sum_w, row_max * sum_w - sum_wx
 
     return lax.cond(jnp.all(jnp.isfinite(sum_x)), all_finite, masked_smoothing_sums)
@@ -205,7 +252,8 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             # Converted here, inside the branch: a converted copy of x passed into
             # the cond would be materialised.
             finite, half_gap = finite_and_half_gap(_cap(x, cfg.soft_cap, acc))
-            s = _row_sums({"n": finite, "w": finite * w, "w_gap": 2 * w * half_gap})
+            w_rows = jnp.expand_dims(w, tuple(range(x.ndim - 1)))  # explicit rank broadcast
+            s = _row_sums({"n": finite, "w": finite * w_rows, "w_gap": 2 * w_rows * half_gap})
             return s["n"], s["w"], s["w_gap"]
 
         if labels is None or class_mask is not None or cfg.soft_cap is not None:
@@ -222,7 +270,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         if class_weights is None:
             w_label = jnp.ones(labels.shape, acc)
         else:
-            w_label = jnp.take(class_weights.astype(acc), jnp.where(valid, labels, 0))
+            w_label = take_classes(class_weights.astype(acc), jnp.where(valid, labels, 0))
         # An out-of-range label has no logit: make its loss NaN, never plausible.
         w_label = jnp.where(valid, w_label, jnp.nan)
         label_coef = (1 - a) * w_label
@@ -250,6 +298,12 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     keep = has_class if row_mask is None else has_class & row_mask
     loss = jnp.where(keep, loss, zero)
     lse = jnp.where(has_class, lse, zero)
+    # A dropped row's label coefficient is NaN when its label is out of range (an
+    # ignore_index): the transposed tangent multiplies the coefficients by the row's
+    # zero cotangent, so they are zeroed here rather than selected away after.
+    scale = jnp.where(keep, scale, zero)
+    if label_coef is not None:
+        label_coef = jnp.where(keep, label_coef, zero)
     return loss, _RowStats(lse, scale, label_coef, smooth_coef, keep)
 
 
@@ -276,15 +330,16 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
         grad = grad - (1 - cfg.label_smoothing) * t
     if stats.smooth_coef is not None:
         w = jnp.ones((), acc) if class_weights is None else class_weights.astype(acc)
+        w = jnp.expand_dims(w, tuple(range(x.ndim - w.ndim)))  # explicit rank broadcast
         m = _class_mask(x, class_mask)
         grad = grad - jnp.where(m, stats.smooth_coef[..., None] * w, zero)
     # XLA:CPU upcasts a scatter into a 16-bit gradient to float32 (a full copy), so
     # for bfloat16/float16 the label's term is a compare-select in the same
-    # elementwise pass instead.
-    label_in_pass = labels is not None and x.dtype.itemsize < 4
+    # elementwise pass instead; so it is too when the class axis is explicitly
+    # sharded, where a gather/scatter on that axis has no partitioned form.
+    label_in_pass = labels is not None and (x.dtype.itemsize < 4 or _class_axis_sharded(x))
     if label_in_pass:
-        is_label = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
-        grad = grad - jnp.where(is_label, stats.label_coef[..., None], zero)
+        grad = grad - jnp.where(_is_label(x, labels), stats.label_coef[..., None], zero)
     dz = _cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz

@@ -1,0 +1,486 @@
+"""Multi-device checks of jxent under ``jax.sharding``, on 8 fake CPU devices.
+
+XLA_FLAGS must be set before JAX initialises, and the rest of the test suite runs in one
+process with one device, so ``tests/test_parallel.py`` runs this script in a subprocess:
+
+    python tests/parallel_checks.py GROUP      # GROUP in GROUPS below
+
+It prints one JSON list of records ``{"case": str, "checks": {name: [ratio, detail]}}`` where
+``ratio <= 1`` means the check passed (``max |a - b| / (atol + rtol |b|)`` for comparisons,
+0/2 for boolean checks). Expectations come from the single-device functions (the issue's
+criterion: equal to float32 round-off) and from the float64 NumPy reference
+(``tests/reference.py``), never from the sharded code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+# The suite's settings (tests/conftest.py): the library must be clean under them.
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reference as ref  # noqa: E402
+
+import jxent  # noqa: E402
+import jxent.parallel  # noqa: E402
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+ROWS = 16
+IGNORE = -100
+# Every option at once; the class weights are multiples of 1/8 (exact in bfloat16).
+ALL_OPTIONS = dict(
+    ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=4.0, class_weights=True
+)
+SINGLE_OPTIONS = {
+    "plain": {},
+    "ignore_index": dict(ignore_index=IGNORE),
+    "smoothing": dict(label_smoothing=0.2, ignore_index=IGNORE),
+    "z_loss": dict(z_loss=1e-2),
+    "soft_cap": dict(logit_soft_cap=3.0),
+    "class_weights": dict(class_weights=True, ignore_index=IGNORE),
+}
+
+
+def make_mesh(shape, kind="explicit"):
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(AXIS_TYPES[kind],) * 2)
+
+
+def put(mesh, a, *spec):
+    return jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+
+def padded_size(num_classes, shards):
+    return -(-num_classes // shards) * shards
+
+
+def make_data(num_classes, seed=0, batch=(ROWS,), opts=None):
+    """Logits with one -inf, labels with ignored rows, bf16-exact class weights, targets.
+
+    No -inf logit with a soft cap (what the cap makes of -inf is the core's business, tested
+    in test_categorical.py) and no ignored label without ignore_index (it would be NaN).
+    """
+    opts = {} if opts is None else opts
+    rng = np.random.default_rng(seed)
+    x = 3.0 * rng.standard_normal(batch + (num_classes,))
+    flat = x.reshape(-1, num_classes)
+    if opts.get("logit_soft_cap") is None:
+        flat[1, 5] = -np.inf
+    y = rng.integers(0, num_classes, batch).reshape(-1)
+    y[1] = 6 if y[1] == 5 else y[1]
+    if opts.get("ignore_index") is not None:
+        y[3] = IGNORE
+        y[ROWS - 2] = IGNORE
+    y = y.reshape(batch)
+    cw = rng.integers(4, 17, num_classes) / 8.0
+    t = rng.dirichlet(np.ones(num_classes), size=int(np.prod(batch))).reshape(x.shape)
+    t.reshape(-1, num_classes)[1, 5] = 0.0
+    return x, y, cw, t
+
+
+def ratio(actual, expected, rtol, atol):
+    a = np.asarray(actual, np.float64)
+    b = np.asarray(expected, np.float64)
+    if a.shape != b.shape:
+        return float("inf"), f"shape {a.shape} != {b.shape}"
+    if np.any(np.isnan(a) != np.isnan(b)):
+        return float("inf"), "NaN pattern differs"
+    ok = ~np.isnan(b)
+    err = np.abs(a[ok] - b[ok])
+    r = float(np.max(err / (atol + rtol * np.abs(b[ok])), initial=0.0))
+    return r, f"max abs err {float(np.max(err, initial=0.0)):.3g}"
+
+
+def tolerances(dtype, grad_scale):
+    """(rtol, atol) for losses and gradients: float32 round-off, or one bfloat16 ulp."""
+    if dtype == jnp.bfloat16:
+        return (1e-5, 1e-6), (1e-2, 4e-3 * grad_scale)
+    return (1e-5, 1e-6), (1e-5, 1e-6 * max(grad_scale, 1.0))
+
+
+def objective(loss_fn, reduction):
+    """A scalar of the loss whose gradient weights every row differently."""
+    if reduction == "none":
+        return lambda *a: jnp.sum(jnp.sin(loss_fn(*a)))
+    return loss_fn
+
+
+_SINGLE_DEVICE = {}  # single-device results, shared by the cases that differ only in mesh
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+def run_pair(sharded, single, sharded_args, single_args, key):
+    """Value and gradient of ``sharded`` and of the single-device ``single`` (memoised)."""
+    v1, g1 = jax.jit(jax.value_and_grad(sharded))(*sharded_args)
+    if key not in _SINGLE_DEVICE:
+        v0, g0 = jax.jit(jax.value_and_grad(single))(*single_args)
+        _SINGLE_DEVICE[key] = _f64(v0), _f64(g0)
+    return (_f64(v1), _f64(g1), *_SINGLE_DEVICE[key])
+
+
+def compare(dtype, v1, g1, v0, g0, num_classes, ref_value=None, ref_grad=None):
+    """Checks for (sharded value/grad) against (single-device value/grad) and the reference."""
+    lt, gt = tolerances(dtype, float(np.max(np.abs(g0))))
+    checks = {
+        "value": ratio(v1, v0, *lt),
+        "grad": ratio(g1[..., :num_classes], g0, *gt),
+    }
+    if g1.shape[-1] > num_classes:
+        pad = float(np.max(np.abs(g1[..., num_classes:])))
+        checks["padding grad is 0"] = (0.0 if pad == 0 else 2.0, f"max |grad| {pad:.3g}")
+    if ref_value is not None:
+        # float32 accumulation against float64: a little above round-off.
+        checks["value vs float64 reference"] = ratio(v1, ref_value, 1e-4, 1e-5)
+        scale = float(np.max(np.abs(ref_grad)))
+        rtol, atol = (2e-2, 8e-3 * scale) if dtype == jnp.bfloat16 else (1e-4, 1e-5)
+        checks["grad vs float64 reference"] = ratio(g1[..., :num_classes], ref_grad, rtol, atol)
+    return {k: [float(r), d] for k, (r, d) in checks.items()}
+
+
+def reference_integer(x, y, cw, opts, reduction):
+    """float64 loss and gradient of ``objective`` for integer labels."""
+    kw = dict(opts)
+    kw["class_weights"] = cw if kw.pop("class_weights", False) else None
+    xr = np.asarray(jnp.asarray(x).astype(jnp.float64))
+    first = ref.softmax_cross_entropy_with_integer_labels(xr, y, reduction=reduction, **kw)
+    if reduction != "none":
+        return first.loss, first.grad_logits
+    cot = np.cos(first.per_row)
+    res = ref.softmax_cross_entropy_with_integer_labels(
+        xr, y, reduction="none", cotangent=cot, **kw
+    )
+    return np.sum(np.sin(res.per_row)), res.grad_logits
+
+
+# ------------------------------------------------------------------------------------------
+# Group "jit": the ordinary losses under jit with sharded logits (GSPMD / explicit sharding)
+# ------------------------------------------------------------------------------------------
+
+
+def integer_loss(opts, reduction, cw):
+    kw = dict(opts)
+    use_cw = kw.pop("class_weights", False)
+
+    def loss(x, y, w, where=None):
+        return jxent.softmax_cross_entropy_with_integer_labels(
+            x, y, where=where, reduction=reduction, class_weights=w if use_cw else None, **kw
+        )
+
+    return loss
+
+
+def jit_integer_case(
+    mesh_shape, kind, opts_name, opts, dtype, num_classes, reduction, pad_with="where"
+):
+    mesh = make_mesh(mesh_shape, kind)
+    vp = padded_size(num_classes, mesh_shape[1])
+    x, y, cw, _ = make_data(num_classes, opts=opts)
+    x = jnp.asarray(x, dtype)
+    # Padding rule under jit: pad the class axis (any values) and mask the padding with a
+    # class-shaped `where` (or, without a soft cap, pad with -inf logits instead).
+    pad_value = -jnp.inf if pad_with == "-inf" else 1.0
+    xp = jnp.pad(x, ((0, 0), (0, vp - num_classes)), constant_values=pad_value)
+    cwp = np.pad(cw, (0, vp - num_classes), constant_values=1.0)
+    mask = (np.arange(vp) < num_classes)[None, :] | (pad_with == "-inf")
+    loss = objective(integer_loss(opts, reduction, cw), reduction)
+    with jax.set_mesh(mesh):
+        args = (
+            put(mesh, xp, "data", "model"),
+            put(mesh, y, "data"),
+            put(mesh, cwp, "model"),
+            put(mesh, mask, None, "model"),
+        )
+        key = ("jit", opts_name, dtype, num_classes, reduction)
+        v1, g1, v0, g0 = run_pair(loss, loss, args, (x, y, cw, None), key)
+    rv, rg = reference_integer(x, y, cw, opts, reduction)
+    return {
+        "case": f"jit {kind} {mesh_shape} {opts_name} {jnp.dtype(dtype).name} V={num_classes} "
+        f"{reduction} padded with {pad_with}",
+        "checks": compare(dtype, v1, g1, v0, g0, num_classes, rv, rg),
+    }
+
+
+def jit_dense_case(mesh_shape, kind, dtype, num_classes):
+    mesh = make_mesh(mesh_shape, kind)
+    vp = padded_size(num_classes, mesh_shape[1])
+    x, _, _, t = make_data(num_classes, seed=1)
+    x = jnp.asarray(x, dtype)
+    xp = jnp.pad(x, ((0, 0), (0, vp - num_classes)), constant_values=-jnp.inf)
+    tp = np.pad(t, ((0, 0), (0, vp - num_classes)))
+    where = np.ones(ROWS, bool)
+    where[2] = False
+
+    def loss(x, t, w):
+        return jxent.softmax_cross_entropy(
+            x, t, where=w, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+        )
+
+    with jax.set_mesh(mesh):
+        args = (
+            put(mesh, xp, "data", "model"),
+            put(mesh, tp, "data", "model"),
+            put(mesh, where, "data"),
+        )
+        v1, g1, v0, g0 = run_pair(loss, loss, args, (x, t, where), ("dense", dtype, num_classes))
+    xr = np.asarray(x.astype(jnp.float64))
+    r = ref.softmax_cross_entropy(
+        xr, t, where=where, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+    )
+    return {
+        "case": f"jit {kind} {mesh_shape} dense {jnp.dtype(dtype).name} V={num_classes}",
+        "checks": compare(dtype, v1, g1, v0, g0, num_classes, r.loss, r.grad_logits),
+    }
+
+
+def group_jit():
+    out = []
+    for kind in AXIS_TYPES:
+        for shape in MESHES:
+            out.append(jit_integer_case(shape, kind, "all", ALL_OPTIONS, jnp.float32, 61, "none"))
+            out.append(jit_integer_case(shape, kind, "all", ALL_OPTIONS, jnp.bfloat16, 64, "mean"))
+            out.append(
+                jit_dense_case(shape, kind, jnp.float32 if shape[0] > 2 else jnp.bfloat16, 61)
+            )
+        for name, opts in SINGLE_OPTIONS.items():
+            pad = "where" if "logit_soft_cap" in opts else "-inf"
+            out.append(jit_integer_case((2, 4), kind, name, opts, jnp.float32, 61, "mean", pad))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Group "shard_map": jxent.parallel inside shard_map
+# ------------------------------------------------------------------------------------------
+
+
+def parallel_case(mesh_shape, kind, opts_name, opts, dtype, num_classes, reduction, batch=(ROWS,)):
+    mesh = make_mesh(mesh_shape, kind)
+    vp = padded_size(num_classes, mesh_shape[1])
+    x, y, cw, _ = make_data(num_classes, seed=2, batch=batch, opts=opts)
+    x = jnp.asarray(x, dtype)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, vp - num_classes)]
+    # Padding rule of jxent.parallel: any values, and num_classes=V.
+    xp = jnp.pad(x, pad, constant_values=5.0)
+    cwp = np.pad(cw, (0, vp - num_classes), constant_values=3.0)
+    kw = dict(opts)
+    use_cw = kw.pop("class_weights", False)
+    lead = (None,) * (len(batch) - 1)
+
+    def local(xl, yl, wl):
+        return jxent.parallel.softmax_cross_entropy_with_integer_labels(
+            xl,
+            yl,
+            axis_name="model",
+            num_classes=num_classes,
+            class_weights=wl if use_cw else None,
+            reduction=reduction,
+            batch_axis_name="data",
+            **kw,
+        )
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data", *lead, "model"), P("data", *lead), P("model")),
+        out_specs=P("data", *lead) if reduction == "none" else P(),
+    )
+    single = integer_loss(opts, reduction, cw)
+    args = (
+        put(mesh, xp, "data", *lead, "model"),
+        put(mesh, y, "data", *lead),
+        put(mesh, cwp, "model"),
+    )
+    key = ("shard_map", opts_name, dtype, num_classes, reduction, batch)
+    v1, g1, v0, g0 = run_pair(
+        objective(sharded, reduction), objective(single, reduction), args, (x, y, cw), key
+    )
+    flat = (-1, num_classes)
+    rv, rg = reference_integer(x.reshape(flat), y.reshape(-1), cw, opts, reduction)
+    return {
+        "case": f"shard_map {kind} {mesh_shape} {opts_name} {jnp.dtype(dtype).name} "
+        f"V={num_classes} {reduction} batch={batch}",
+        "checks": compare(dtype, v1, g1, v0, g0, num_classes, rv, rg.reshape(x.shape)),
+    }
+
+
+def parallel_flat_axes_case():
+    """The vocabulary split 8 ways over both mesh axes: axis_name=("data", "model")."""
+    mesh = make_mesh((2, 4))
+    opts = dict(label_smoothing=0.1, ignore_index=IGNORE)
+    x, y, cw, _ = make_data(61, seed=3, opts=opts)
+    xp = np.pad(x, ((0, 0), (0, 3)), constant_values=-2.0)
+
+    def local(xl, yl):
+        return jxent.parallel.softmax_cross_entropy_with_integer_labels(
+            xl, yl, axis_name=("data", "model"), num_classes=61, reduction="mean", **opts
+        )
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(None, ("data", "model")), P()), out_specs=P()
+    )
+    single = integer_loss(opts, "mean", cw)
+    args = (put(mesh, xp, None, ("data", "model")), put(mesh, y))
+    v1, g1, v0, g0 = run_pair(sharded, lambda x, y: single(x, y, None), args, (x, y), "flat")
+    rv, rg = reference_integer(x, y, cw, opts, "mean")
+    return {
+        "case": "shard_map vocabulary over ('data', 'model')",
+        "checks": compare(jnp.float64, v1, g1, v0, g0, 61, rv, rg),
+    }
+
+
+def group_shard_map():
+    out = []
+    for i, shape in enumerate(MESHES):
+        for num_classes in (64, 61):
+            out.append(
+                parallel_case(shape, "explicit", "plain", {}, jnp.float32, num_classes, "mean")
+            )
+            out.append(
+                parallel_case(
+                    shape, "explicit", "all", ALL_OPTIONS, jnp.bfloat16, num_classes, "none"
+                )
+            )
+        kind = ("auto", "explicit")[i % 2]
+        out.append(parallel_case(shape, kind, "all", ALL_OPTIONS, jnp.float32, 61, "mean"))
+    for name, opts in SINGLE_OPTIONS.items():
+        out.append(parallel_case((2, 4), "auto", name, opts, jnp.float32, 61, "none"))
+    out.append(
+        parallel_case((2, 4), "explicit", "all", ALL_OPTIONS, jnp.float32, 61, "none", (4, 4))
+    )
+    out.append(parallel_flat_axes_case())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Group "hlo": no vocabulary-sized collective in the compiled programs
+# ------------------------------------------------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\(?[^=]*?\)?)\s+(?P<op>all-gather|all-reduce|all-to-all|"
+    r"collective-permute|reduce-scatter)(?:-start)?\("
+)
+_ARRAY = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
+
+
+def collectives(hlo_text):
+    """``[(op, largest result element count)]`` of every collective in the HLO text."""
+    out = []
+    for m in _COLLECTIVE.finditer(hlo_text):
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            for dims in _ARRAY.findall(m.group("shape"))
+        ]
+        out.append((m.group("op"), max(sizes, default=0)))
+    return out
+
+
+def hlo_record(case, text, local_classes, expect_no_all_gather=False):
+    ops = collectives(text)
+    biggest = max((n for _, n in ops), default=0)
+    gathers = [n for op, n in ops if op == "all-gather"]
+    checks = {
+        "collectives found": (0.0 if ops else 2.0, f"{len(ops)} collectives"),
+        "no vocabulary-sized collective": (
+            0.0 if biggest < local_classes else 2.0,
+            f"largest collective result {biggest} elements, V_local = {local_classes}: {ops}",
+        ),
+    }
+    if expect_no_all_gather:
+        checks["no all-gather"] = (0.0 if not gathers else 2.0, f"all-gathers: {gathers}")
+    return {"case": case, "checks": {k: [float(r), d] for k, (r, d) in checks.items()}}
+
+
+def group_hlo():
+    vocab, rows = 8192, 32
+    out = []
+    for kind in AXIS_TYPES:
+        mesh = make_mesh((2, 4), kind)
+        local_classes = vocab // 4
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = put(mesh, jnp.zeros((rows, vocab), dtype), "data", "model")
+            y = put(mesh, jnp.zeros((rows,), jnp.int32), "data")
+            cw = put(mesh, jnp.ones((vocab,), jnp.float32), "model")
+            t = put(mesh, jnp.zeros((rows, vocab), jnp.float32), "data", "model")
+            sparse = jax.value_and_grad(integer_loss(ALL_OPTIONS, "mean", None))
+            dense = jax.value_and_grad(
+                lambda x, t: jxent.softmax_cross_entropy(
+                    x, t, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+                )
+            )
+            with jax.set_mesh(mesh):
+                for name, fn, args in (
+                    ("integer labels", sparse, (x, y, cw)),
+                    ("dense", dense, (x, t)),
+                ):
+                    text = jax.jit(fn).lower(*args).compile().as_text()
+                    out.append(
+                        hlo_record(
+                            f"hlo jit {kind} {name} {jnp.dtype(dtype).name}", text, local_classes
+                        )
+                    )
+        # shard_map form: no all-gather at all, and the backward pass adds no collective.
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = put(mesh, jnp.zeros((rows, vocab), dtype), "data", "model")
+            y = put(mesh, jnp.zeros((rows,), jnp.int32), "data")
+            cw = put(mesh, jnp.ones((vocab,), jnp.float32), "model")
+            opts = {k: v for k, v in ALL_OPTIONS.items() if k != "class_weights"}
+
+            def local(xl, yl, wl, opts=opts):
+                return jxent.parallel.softmax_cross_entropy_with_integer_labels(
+                    xl, yl, axis_name="model", class_weights=wl, **opts
+                )
+
+            per_row = jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(P("data", "model"), P("data"), P("model")),
+                out_specs=P("data"),
+            )
+
+            def fn(*args, per_row=per_row):
+                return jnp.sum(per_row(*args))
+
+            fwd = jax.jit(fn).lower(x, y, cw).compile().as_text()
+            both = jax.jit(jax.value_and_grad(fn)).lower(x, y, cw).compile().as_text()
+            name = f"hlo shard_map {kind} {jnp.dtype(dtype).name}"
+            out.append(hlo_record(name, both, local_classes, expect_no_all_gather=True))
+            n_fwd, n_both = len(collectives(fwd)), len(collectives(both))
+            out[-1]["checks"]["backward adds no collective"] = [
+                0.0 if n_both == n_fwd else 2.0,
+                f"{n_fwd} collectives forward, {n_both} forward + backward",
+            ]
+    return out
+
+
+GROUPS = {"jit": group_jit, "shard_map": group_shard_map, "hlo": group_hlo}
+
+
+def main(argv):
+    (group,) = argv
+    assert jax.device_count() == 8, jax.devices()
+    records = GROUPS[group]()
+    print(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,244 @@
+"""jxent under jax.sharding (issue 6): sharded jit, jxent.parallel (shard_map), compiled HLO.
+
+The multi-device checks need 8 devices, which XLA_FLAGS must ask for before JAX initialises;
+this process already has JAX with one CPU device, so each group runs in a subprocess
+(``tests/parallel_checks.py GROUP``) that reports its comparisons as JSON. The single-device
+properties of ``jxent.parallel`` (against the float64 reference, ``check_grads``, errors) run
+here, on a 1 x 1 mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import given, settings
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import jxent
+import jxent.parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GROUPS = ("jit", "shard_map", "hlo")
+
+
+def run_group(group: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "parallel_checks.py"), group],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"parallel_checks.py {group} failed:\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_multi_device(group):
+    """8 fake CPU devices: meshes 8x1, 4x2, 2x4, 1x8; Auto and Explicit axes; every option.
+
+    jit: the ordinary losses with sharded logits equal the single-device ones (and the float64
+    reference). shard_map: jxent.parallel equals the single-device loss. hlo: no collective in
+    the compiled programs has a vocabulary-sized result, jxent.parallel has no all-gather and
+    its backward pass adds no collective.
+    """
+    records = run_group(group)
+    assert records, "no checks ran"
+    failures = [
+        f"{r['case']}: {name}: ratio {ratio:.3g} ({detail})"
+        for r in records
+        for name, (ratio, detail) in r["checks"].items()
+        if not ratio <= 1.0
+    ]
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------
+# jxent.parallel on one device: a 1 x 1 mesh, padding, options, gradients, errors
+# ------------------------------------------------------------------------------------------
+
+
+def one_device(loss_kwargs, reduction="none"):
+    """``(local_logits, labels[, class_weights]) -> loss`` through shard_map on a 1x1 mesh."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+
+    def local(x, y, w):
+        return jxent.parallel.softmax_cross_entropy_with_integer_labels(
+            x,
+            y,
+            axis_name="model",
+            class_weights=w,
+            reduction=reduction,
+            batch_axis_name="data",
+            **loss_kwargs,
+        )
+
+    out = P("data") if reduction == "none" else P()
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data", "model"), P("data"), P()), out_specs=out
+    )
+
+    def call(x, y, w=None):
+        put = lambda a, *s: jax.device_put(a, NamedSharding(mesh, P(*s)))  # noqa: E731
+        return fn(put(x, "data", "model"), put(y, "data"), None if w is None else put(w))
+
+    return call
+
+
+@st.composite
+def parallel_cases(draw):
+    rows = draw(st.integers(1, 6))
+    num_classes = draw(st.integers(1, 7))
+    pad = draw(st.integers(0, 3))
+    seed = draw(st.integers(0, 2**16))
+    opts = {}
+    if draw(st.booleans()):
+        opts["label_smoothing"] = draw(st.sampled_from([0.1, 0.5, 1.0]))
+    if draw(st.booleans()):
+        opts["z_loss"] = 1e-2
+    if draw(st.booleans()):
+        opts["logit_soft_cap"] = 2.5
+    if draw(st.booleans()):
+        opts["ignore_index"] = -1
+    weighted = draw(st.booleans())
+    reduction = draw(st.sampled_from(["none", "sum", "mean"]))
+    return rows, num_classes, pad, seed, opts, weighted, reduction
+
+
+@settings(max_examples=12)
+@given(parallel_cases())
+def test_one_device_matches_reference(case):
+    rows, num_classes, pad, seed, opts, weighted, reduction = case
+    rng = np.random.default_rng(seed)
+    x = 2.0 * rng.standard_normal((rows, num_classes))
+    y = rng.integers(0, num_classes, rows)
+    if "ignore_index" in opts and rows > 1:
+        y[0] = -1
+    cw = rng.uniform(0.5, 2.0, num_classes) if weighted else None
+    xp = np.pad(x, ((0, 0), (0, pad)), constant_values=9.0)  # padding: any value
+    cwp = None if cw is None else np.pad(cw, (0, pad), constant_values=5.0)
+    loss = one_device(dict(opts, num_classes=num_classes), reduction)
+    cot = rng.uniform(0.5, 1.5, rows) if reduction == "none" else 1.0
+
+    def objective(x):
+        out = loss(x, y, cwp)
+        return jnp.sum(out * cot) if reduction == "none" else out
+
+    value, grad = jax.jit(jax.value_and_grad(objective))(xp)
+    expect = ref.softmax_cross_entropy_with_integer_labels(
+        x, y, class_weights=cw, reduction=reduction, cotangent=cot, **opts
+    )
+    expect_value = np.sum(expect.loss * cot) if reduction == "none" else expect.loss
+    np.testing.assert_allclose(value, expect_value, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad[:, :num_classes], expect.grad_logits, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(grad[:, num_classes:], 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_one_device_check_grads(reduction):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6))
+    y = np.array([0, 3, -1, 4])
+    cw = rng.uniform(0.5, 2.0, 6)
+    opts = dict(label_smoothing=0.2, z_loss=1e-2, logit_soft_cap=3.0, ignore_index=-1)
+    loss = one_device(dict(opts, num_classes=5), reduction)
+
+    @jax.jit
+    def objective(x):
+        return jnp.sum(jnp.sin(loss(x, y, cw)))
+
+    check_grads(objective, (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_one_device_neg_inf_and_bfloat16():
+    x = np.array([[0.5, -np.inf, 2.0, 0.0], [-np.inf, -np.inf, -np.inf, 0.0]])
+    y = np.array([2, 1])
+    loss = one_device(dict(label_smoothing=0.1, num_classes=3))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        value, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(loss(x, y))))(
+            jnp.asarray(x, dtype)
+        )
+        assert value.dtype == jnp.float32 and grad.dtype == dtype
+        expect = ref.softmax_cross_entropy_with_integer_labels(
+            np.asarray(jnp.asarray(x[:, :3], dtype).astype(jnp.float64)), y, label_smoothing=0.1
+        )
+        np.testing.assert_allclose(value, np.sum(expect.loss), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(grad[:, :3].astype(jnp.float32)), expect.grad_logits, atol=4e-3
+        )
+        assert not np.any(np.isnan(np.asarray(grad.astype(jnp.float32))))
+        np.testing.assert_array_equal(np.asarray(grad[:, 3:].astype(jnp.float32)), 0.0)
+
+
+def test_out_of_range_label_is_nan():
+    x = np.zeros((3, 4))
+    y = np.array([0, 3, 7])  # 3 is on the padding (num_classes=3), 7 out of range
+    out = jax.jit(one_device(dict(num_classes=3)))(x, y)
+    assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isnan(out[2])
+
+
+def _bad_calls():
+    x = jnp.zeros((2, 4))
+    y = jnp.zeros((2,), jnp.int32)
+    return (
+        {
+            "integer logits": (
+                TypeError,
+                "local_logits",
+                dict(local_logits=jnp.zeros((2, 4), jnp.int32)),
+            ),
+            "float labels": (TypeError, "labels", dict(labels=jnp.zeros((2,)))),
+            "labels shape": (ValueError, "labels", dict(labels=jnp.zeros((3,), jnp.int32))),
+            "scalar logits": (ValueError, "local_logits", dict(local_logits=jnp.zeros(()))),
+            "num_classes too big": (ValueError, "num_classes", dict(num_classes=5)),
+            "num_classes zero": (ValueError, "num_classes", dict(num_classes=0)),
+            "num_classes float": (TypeError, "num_classes", dict(num_classes=3.0)),
+            "class_weights shape": (ValueError, "class_weights", dict(class_weights=jnp.ones(5))),
+            "where dtype": (TypeError, "where", dict(where=jnp.ones(2))),
+            "where shape": (ValueError, "where", dict(where=jnp.ones((2, 4), bool))),
+            "reduction": (ValueError, "reduction", dict(reduction="avg")),
+            "smoothing": (ValueError, "label_smoothing", dict(label_smoothing=1.5)),
+            "axis_name type": (TypeError, "axis_name", dict(axis_name=3)),
+            "unbound axis": (ValueError, "axis_name", dict(axis_name="vocab")),
+        },
+        x,
+        y,
+    )
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()[0]))
+def test_bad_inputs_raise(name):
+    cases, x, y = _bad_calls()
+    error, word, override = cases[name]
+    kwargs = dict(local_logits=x, labels=y, axis_name="model")
+    kwargs.update(override)
+    mesh = jax.make_mesh((1,), ("model",))
+
+    def local(_):
+        return jxent.parallel.softmax_cross_entropy_with_integer_labels(**kwargs)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P())
+    with pytest.raises(error, match=word):
+        fn(jnp.zeros(()))
+
+
+def test_outside_shard_map_raises():
+    with pytest.raises(ValueError, match="shard_map"):
+        jxent.parallel.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), axis_name="model"
+        )
