@@ -59,14 +59,25 @@ class Config:
     classes: tuple[int, ...]
     repeats: int
     quick: bool
+    # The fused linear loss: tokens x hidden size, swept over vocabularies, and the
+    # model shapes (bench_linear.SHAPES) whose compiled memory is measured.
+    linear_tokens: int
+    linear_dim: int
+    linear_vocabs: tuple[int, ...]
+    linear_memory_shapes: tuple[str, ...]
 
 
 def default_config(quick: bool, rows: int | None = None, repeats: int | None = None) -> Config:
     if quick:
-        return Config(rows or 32, (256, 1024), repeats or 2, True)
-    # Fewer rows on CPU keeps a full run to minutes; accelerators get a realistic batch.
-    default_rows = 1024 if jax.default_backend() == "cpu" else 4096
-    return Config(rows or default_rows, (1024, 8192, 32768, 131072), repeats or 7, False)
+        return Config(rows or 32, (256, 1024), repeats or 2, True, 64, 32, (512,), ())
+    # On CPU, fewer rows and a smaller hidden size keep a full run to minutes;
+    # accelerators get a realistic batch and Gemma-2's hidden size.
+    models = ("gemma2", "llama3")
+    if jax.default_backend() == "cpu":
+        linear = (1024, 512, (8192, 32768, 131072), models)
+        return Config(rows or 1024, (1024, 8192, 32768, 131072), repeats or 7, False, *linear)
+    linear = (8192, 2304, (32768, 131072, 256000), models)
+    return Config(rows or 4096, (1024, 8192, 32768, 131072), repeats or 7, False, *linear)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +128,31 @@ def _parallel_steps(cfg: Config) -> int:
     return 1
 
 
+def _linear_steps(cfg: Config) -> int:
+    return 2 * (len(cfg.linear_vocabs) + bool(cfg.linear_memory_shapes))
+
+
+def _linear_run(cfg: Config, progress) -> list[dict]:
+    """bench_linear's rows: compiled memory at the model shapes, and time (and memory)
+    of one training step of the output layer over a sweep of vocabulary sizes."""
+    from benchmarks import bench_linear
+
+    out = []
+    if cfg.linear_memory_shapes:
+        rows = bench_linear.run(
+            time_shape=(), memory_shapes=cfg.linear_memory_shapes, progress=progress
+        )
+        out += [{"suite": "linear", "classes": None, **r} for r in rows]
+    for v in cfg.linear_vocabs:
+        shape = (cfg.linear_tokens, cfg.linear_dim, v)
+        rows = bench_linear.run(
+            time_shape=shape, memory_shapes=(), repeats=cfg.repeats, progress=progress
+        )
+        title = f"fused linear cross-entropy, {cfg.linear_tokens} tokens x D {cfg.linear_dim}"
+        out += [{"suite": "linear", "classes": v, "plot_title": title, **r} for r in rows]
+    return out
+
+
 _PARALLEL_CHILD = """
 import json, sys
 from benchmarks import bench_parallel
@@ -149,6 +185,7 @@ SUITES = {
     for s in (
         _sweep("categorical", "benchmarks.bench_categorical", _categorical_per_call),
         _sweep("losses", "benchmarks.bench_losses", _losses_per_call),
+        Suite("linear", "benchmarks.bench_linear", _linear_steps, _linear_run),
         Suite("parallel", "benchmarks.bench_parallel", _parallel_steps, _parallel_run),
     )
 }
@@ -225,7 +262,13 @@ def markdown_report(env: dict, cfg: Config, records: list[dict]) -> str:
     records = _order(records)
     for suite in dict.fromkeys(r["suite"] for r in records):
         rows = [r for r in records if r["suite"] == suite]
-        lines += [f"## {suite}", "", markdown_table(rows)]
+        if suite == "linear":
+            from benchmarks import bench_linear
+
+            table = bench_linear.markdown(rows) + "\n"
+        else:
+            table = markdown_table(rows)
+        lines += [f"## {suite}", "", table]
     return "\n".join(lines)
 
 
@@ -233,8 +276,8 @@ def _sweeps(records: list[dict]) -> dict[str, list[dict]]:
     """Cases measured at two or more vocabulary sizes, which can be plotted against K."""
     by_case: dict[str, list[dict]] = {}
     for r in records:
-        if r.get("classes"):
-            by_case.setdefault(r["case"], []).append(r)
+        if r.get("classes") and "jxent_ms" in r:
+            by_case.setdefault(r.get("plot_title", r["case"]), []).append(r)
     return {c: rs for c, rs in by_case.items() if len({r["classes"] for r in rs}) > 1}
 
 
