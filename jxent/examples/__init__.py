@@ -1,0 +1,12 @@
+"""Example trainer: Flax NNX models trained with Optax and jxent's losses.
+
+Run ``python -m jxent.examples.train --help`` for the tasks and options. The
+modules here need the ``examples`` extra (``pip install -e ".[examples]"``):
+
+- :mod:`jxent.examples.train`: the command line, the training loop, the summary;
+- :mod:`jxent.examples.data`: the digits and byte-level corpus pipelines;
+- :mod:`jxent.examples.models`: the digits classifier and the byte transformer;
+- :mod:`jxent.examples.tasks`: losses, train and eval steps for each task;
+- :mod:`jxent.examples.metrics`: accuracy, calibration error, bits per byte;
+- :mod:`jxent.examples.checkpointing`: orbax checkpoints of the training state.
+"""

@@ -1,0 +1,342 @@
+"""The two example tasks: what each trains, with which jxent loss, and how it is scored.
+
+A task owns its data, builds its model, and supplies pure functions of
+``(model, batch)`` that the trainer (:mod:`jxent.examples.train`) compiles: the
+training loss and a per-example evaluation. Batches are dicts of host NumPy
+arrays whose leading axis is the batch axis (the trainer shards it over devices).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jxent
+from jxent.examples import data as data_lib
+from jxent.examples import metrics as metrics_lib
+from jxent.examples.models import ByteTransformer, MLPClassifier
+
+Batch = dict[str, np.ndarray]
+
+
+def pad_rows(batch: Batch, multiple: int) -> Batch:
+    """Pads every array's leading axis to a multiple of ``multiple`` with zeros, adding a
+    boolean ``"valid"`` mask, so that evaluation batches split evenly over devices."""
+    n = len(next(iter(batch.values())))
+    extra = -n % multiple
+    out = {
+        k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for k, v in batch.items()
+    }
+    out["valid"] = np.arange(n + extra) < n
+    return out
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    value: str
+
+
+class DigitsTask:
+    """Classify scikit-learn's 8x8 digits with an MLP.
+
+    ``loss`` picks the jxent loss family:
+
+    - ``"xent"``: softmax cross-entropy with integer labels and label smoothing;
+    - ``"focal"``: sigmoid focal loss on one-hot targets (one-vs-rest);
+    - ``"bce"``: multi-label sigmoid binary cross-entropy on one-hot targets
+      (ten independent yes/no outputs), with label smoothing.
+
+    Every loss is summed over classes per example and averaged over the batch.
+    """
+
+    name = "digits"
+    unit = "ex"  # throughput unit: examples
+
+    def __init__(self, cfg: Any, num_devices: int):
+        self.cfg = cfg
+        self.data = data_lib.load_digits()
+        self.num_classes = self.data.num_classes
+        self.schedule = data_lib.BatchSchedule(len(self.data.train), cfg.batch_size, cfg.seed)
+        self.items_per_step = cfg.batch_size
+        x, y = self.data.test.inputs, self.data.test.labels
+        self._eval_batches = [pad_rows({"x": x, "y": y}, num_devices)]
+
+    def init_model(self, rngs: nnx.Rngs) -> MLPClassifier:
+        return MLPClassifier(
+            self.data.train.inputs.shape[1],
+            self.num_classes,
+            hidden=self.cfg.hidden,
+            depth=self.cfg.depth,
+            rngs=rngs,
+        )
+
+    def train_batch(self, step: int) -> Batch:
+        x, y = self.data.train.take(self.schedule.indices(step - 1))
+        return {"x": x, "y": y}
+
+    def describe_batch(self, step: int) -> str:
+        return self.schedule.describe(step - 1)
+
+    def per_example_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.loss == "xent":
+            return jxent.softmax_cross_entropy_with_integer_labels(
+                logits, labels, label_smoothing=cfg.label_smoothing
+            )
+        one_hot = jax.nn.one_hot(labels, self.num_classes, dtype=logits.dtype)
+        if cfg.loss == "focal":
+            per_class = jxent.sigmoid_focal_loss(
+                logits, one_hot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma
+            )
+        else:
+            per_class = jxent.sigmoid_binary_cross_entropy(
+                logits, one_hot, label_smoothing=cfg.label_smoothing
+            )
+        return per_class.sum(axis=-1)
+
+    def loss(self, model: MLPClassifier, batch: Batch) -> jax.Array:
+        return jnp.mean(self.per_example_loss(model(batch["x"]), batch["y"]))
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """The model's probability of each class: softmax for cross-entropy, and the
+        independent per-class sigmoids for the one-vs-rest losses."""
+        if self.cfg.loss == "xent":
+            return jax.nn.softmax(logits, axis=-1)
+        return jax.nn.sigmoid(logits)
+
+    def eval_batches(self) -> list[Batch]:
+        return self._eval_batches
+
+    def eval_step(self, model: MLPClassifier, batch: Batch) -> dict[str, jax.Array]:
+        logits = model(batch["x"])
+        probs = self.probabilities(logits)
+        pred = jnp.argmax(logits, axis=-1).astype(batch["y"].dtype)
+        return {
+            "loss": self.per_example_loss(logits, batch["y"]),
+            "confidence": jnp.max(probs, axis=-1),
+            "correct": pred == batch["y"],
+            "valid": batch["valid"],
+        }
+
+    def summarize_eval(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        valid = out["valid"]
+        ece = metrics_lib.expected_calibration_error(
+            out["confidence"][valid], out["correct"][valid]
+        )
+        return {
+            "val_loss": float(np.mean(out["loss"][valid])),
+            "val_accuracy": float(np.mean(out["correct"][valid])),
+            "val_ece": float(ece),
+        }
+
+    def describe(self) -> list[SummaryRow]:
+        loss = {
+            "xent": f"softmax_cross_entropy_with_integer_labels "
+            f"(label_smoothing={self.cfg.label_smoothing})",
+            "focal": f"sigmoid_focal_loss (alpha={self.cfg.focal_alpha}, "
+            f"gamma={self.cfg.focal_gamma})",
+            "bce": f"sigmoid_binary_cross_entropy, multi-label "
+            f"(label_smoothing={self.cfg.label_smoothing})",
+        }[self.cfg.loss]
+        return [
+            SummaryRow(
+                "data",
+                f"sklearn digits: {len(self.data.train)} train / {len(self.data.test)} held out",
+            ),
+            SummaryRow("loss", f"jxent.{loss}"),
+        ]
+
+    def final_metric_rows(self, final: dict[str, float]) -> list[SummaryRow]:
+        return [
+            SummaryRow("held-out accuracy", f"{100 * final['val_accuracy']:.2f}%"),
+            SummaryRow("held-out loss", f"{final['val_loss']:.4f}"),
+            SummaryRow("held-out calibration error (ECE)", f"{final['val_ece']:.4f}"),
+        ]
+
+    def eval_line(self, final: dict[str, float]) -> str:
+        return (
+            f"val loss {final['val_loss']:.4f} | accuracy {100 * final['val_accuracy']:.2f}% "
+            f"| ECE {final['val_ece']:.4f}"
+        )
+
+    def extras(self, model: MLPClassifier, out_dir) -> list[str]:
+        return []
+
+
+class LMTask:
+    """A byte-level decoder-only transformer on the standard library's Python sources.
+
+    Trained with :func:`jxent.linear_softmax_cross_entropy` on the final hidden
+    states and the (tied) unembedding, with ``z_loss`` and ``ignore_index`` for
+    the padding at the end of each file; scored in bits per byte.
+    """
+
+    name = "lm"
+    unit = "byte"  # throughput unit: predicted bytes (tokens)
+    prompts = (b"def ", b"import ", b"class ")
+    # Periodic evaluations use at most this many held-out rows (evenly spaced).
+    max_eval_rows = 512
+
+    def __init__(self, cfg: Any, num_devices: int):
+        self.cfg = cfg
+        self.corpus = data_lib.load_byte_corpus(cfg.seq_len, cfg.corpus_bytes)
+        self.schedule = data_lib.BatchSchedule(len(self.corpus.train), cfg.batch_size, cfg.seed)
+        self.items_per_step = cfg.batch_size * cfg.seq_len
+        val = self.corpus.val
+        rows = np.unique(
+            np.linspace(0, len(val) - 1, min(len(val), self.max_eval_rows)).astype(int)
+        )
+        self.num_eval_rows = len(rows)
+        per_batch = cfg.batch_size
+        self._eval_batches = [
+            pad_rows({"tokens": val.inputs[r], "labels": val.labels[r]}, per_batch)
+            for r in (rows[i : i + per_batch] for i in range(0, len(rows), per_batch))
+        ]
+        # An evaluation batch must split evenly over the devices too.
+        self._eval_batches = [
+            b if len(b["tokens"]) % num_devices == 0 else pad_rows(b, num_devices)
+            for b in self._eval_batches
+        ]
+
+    def init_model(self, rngs: nnx.Rngs) -> ByteTransformer:
+        cfg = self.cfg
+        return ByteTransformer(
+            data_lib.NUM_BYTES,
+            cfg.seq_len,
+            d_model=cfg.d_model,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            rngs=rngs,
+        )
+
+    def train_batch(self, step: int) -> Batch:
+        tokens, labels = self.corpus.train.take(self.schedule.indices(step - 1))
+        return {"tokens": tokens, "labels": labels}
+
+    def describe_batch(self, step: int) -> str:
+        return self.schedule.describe(step - 1).replace("training examples", "sequences")
+
+    def _token_losses(self, model: ByteTransformer, batch: Batch, z_loss: float, reduction: str):
+        hidden = model(batch["tokens"])
+        return jxent.linear_softmax_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            model.unembedding(),
+            batch["labels"].reshape(-1),
+            ignore_index=data_lib.PAD,
+            z_loss=z_loss,
+            reduction=reduction,
+            chunk_size=self.cfg.chunk_size,
+        )
+
+    def loss(self, model: ByteTransformer, batch: Batch) -> jax.Array:
+        return self._token_losses(model, batch, self.cfg.z_loss, "mean")
+
+    def eval_batches(self) -> list[Batch]:
+        return self._eval_batches
+
+    def eval_step(self, model: ByteTransformer, batch: Batch) -> dict[str, jax.Array]:
+        # Pure cross-entropy (no z-loss): the model's code length of the held-out bytes.
+        nats = self._token_losses(model, batch, 0.0, "none").reshape(batch["labels"].shape)
+        return {
+            "nats": jnp.sum(nats, axis=-1),
+            "count": jnp.sum(batch["labels"] != data_lib.PAD, axis=-1),
+        }
+
+    def summarize_eval(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        loss = float(np.sum(out["nats"], dtype=np.float64) / max(1, int(np.sum(out["count"]))))
+        return {"val_loss": loss, "val_bits_per_byte": metrics_lib.bits_per_byte(loss)}
+
+    def describe(self) -> list[SummaryRow]:
+        c = self.corpus
+        return [
+            SummaryRow(
+                "data",
+                f"{len(c.files)} stdlib .py files, {c.num_bytes / 1e6:.2f} MB: "
+                f"{len(c.train)} train / {len(c.val)} held-out sequences of {self.cfg.seq_len}",
+            ),
+            SummaryRow(
+                "loss",
+                f"jxent.linear_softmax_cross_entropy (z_loss={self.cfg.z_loss}, "
+                f"ignore_index={data_lib.PAD})",
+            ),
+        ]
+
+    def final_metric_rows(self, final: dict[str, float]) -> list[SummaryRow]:
+        return [
+            SummaryRow("held-out loss (nats/byte)", f"{final['val_loss']:.4f}"),
+            SummaryRow("held-out bits per byte", f"{final['val_bits_per_byte']:.4f}"),
+        ]
+
+    def eval_line(self, final: dict[str, float]) -> str:
+        return f"val loss {final['val_loss']:.4f} | {final['val_bits_per_byte']:.3f} bits/byte"
+
+    def extras(self, model: ByteTransformer, out_dir) -> list[str]:
+        """Samples a continuation of each prompt; writes them to ``samples.txt``."""
+        texts = sample(
+            model,
+            self.prompts,
+            num_new=self.cfg.sample_bytes,
+            max_len=self.cfg.seq_len,
+            temperature=self.cfg.temperature,
+            seed=self.cfg.seed,
+        )
+        (out_dir / "samples.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        return texts
+
+
+def sample(
+    model: ByteTransformer,
+    prompts: tuple[bytes, ...],
+    *,
+    num_new: int,
+    max_len: int,
+    temperature: float,
+    seed: int,
+) -> list[str]:
+    """Samples ``num_new`` bytes after each prompt (a sliding window of ``max_len``)."""
+    graphdef, state = nnx.split(model)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = max(int(lengths.max()) + num_new, max_len)
+    buf = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        buf[i, : len(p)] = np.frombuffer(p, np.uint8)
+    out = _generate(
+        graphdef, state, buf, lengths, jax.random.key(seed), num_new, max_len, temperature
+    )
+    out = np.asarray(out)
+    return [
+        bytes(out[i, : lengths[i] + num_new].astype(np.uint8)).decode("utf-8", errors="replace")
+        for i in range(len(prompts))
+    ]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _generate(graphdef, state, buf, lengths, key, num_new, max_len, temperature):
+    model = nnx.merge(graphdef, state)
+    width = buf.shape[1]
+
+    def one_row(row, start, key):
+        def body(i, row):
+            pos = start + i  # the position being generated
+            lo = jnp.clip(pos - max_len, 0, width - max_len)
+            window = jax.lax.dynamic_slice(row, (lo,), (max_len,))
+            logits = model.logits(window[None])[0]
+            last = jax.lax.dynamic_index_in_dim(logits, pos - 1 - lo, keepdims=False)
+            token = jax.random.categorical(jax.random.fold_in(key, i), last / temperature)
+            return row.at[pos].set(token.astype(row.dtype))
+
+        return jax.lax.fori_loop(0, num_new, body, row)
+
+    keys = jax.random.split(key, buf.shape[0])
+    return jax.vmap(one_row)(buf, lengths, keys)
+
+
+def make_task(cfg: Any, num_devices: int) -> DigitsTask | LMTask:
+    return {"digits": DigitsTask, "lm": LMTask}[cfg.task](cfg, num_devices)

@@ -1,0 +1,568 @@
+"""The example trainer: ``python -m jxent.examples.train [digits|lm] [options]``.
+
+Trains a Flax NNX model with Optax and a jxent loss, data parallel over every
+local device (a ``jax.sharding.Mesh`` with one ``"data"`` axis: the batch is
+split over it, the parameters are replicated), with a progress bar, periodic
+evaluation, orbax checkpoints and ``--resume``, and writes ``metrics.json``,
+``curves.png`` and a summary table at the end. ``--help`` lists every option.
+
+Exit codes: 0 done, 1 training stopped on a non-finite loss, 2 bad flags or an
+unusable output directory, 130 interrupted (Ctrl-C) after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROG = "python -m jxent.examples.train"
+TASKS = ("digits", "lm")
+EXIT_NONFINITE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad flags or an unusable output directory: reported in one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------ flags
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # the attribute name, e.g. "batch_size" for --batch-size
+    default: Any  # a value, or a {task: value} dict for per-task defaults
+    tasks: tuple[str, ...] = TASKS  # the tasks the flag applies to
+    defines_run: bool = True  # on --resume it must match the checkpoint's value
+    shown: str | None = None  # how --help shows a default that is computed later
+
+
+FLAGS: dict[str, Flag] = {}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+_nonnegative_int.__name__ = "non-negative integer"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError
+    return value
+
+
+_positive_float.__name__ = "positive number"
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError
+    return value
+
+
+_nonnegative_float.__name__ = "non-negative number"
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError
+    return value
+
+
+_fraction.__name__ = "number in [0, 1]"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def _default_text(flag: Flag) -> str:
+    if flag.shown is not None:
+        return flag.shown
+    if isinstance(flag.default, dict):
+        return ", ".join(f"{v} for {k}" for k, v in flag.default.items())
+    return str(flag.default)
+
+
+def _add(
+    group, flag: str, *, default: Any, help: str, tasks=TASKS, defines_run=True, shown=None, **kw
+):
+    name = flag.lstrip("-").replace("-", "_")
+    FLAGS[name] = Flag(name, default, tuple(tasks), defines_run, shown)
+    suffix = "" if kw.get("action") == "store_true" else f" (default: {_default_text(FLAGS[name])})"
+    group.add_argument(flag, default=None, help=help + suffix, **kw)
+
+
+_DESCRIPTION = """\
+Train a Flax NNX model with Optax and a jxent loss, data parallel over all local
+devices (CPU, GPUs or TPU cores), with checkpoints, --resume, a progress bar, a
+summary table, metrics.json and curves.png in --out-dir.
+
+tasks:
+  digits  (default) an MLP on scikit-learn's bundled 8x8 handwritten digits;
+          --loss picks softmax cross-entropy, focal loss or sigmoid BCE
+  lm      a byte-level decoder-only transformer on Python's standard-library
+          sources, trained with linear_softmax_cross_entropy (z-loss, padding)"""
+
+_EPILOG = f"""\
+examples:
+  {PROG}                        # digits, about a minute on a CPU
+  {PROG} digits --loss focal --out-dir runs/focal
+  {PROG} lm                     # a few minutes on a CPU
+  {PROG} lm --d-model 256 --num-layers 4 --steps 2000 --out-dir runs/lm-big
+  {PROG} --resume               # continue runs/digits after Ctrl-C
+
+exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad flags or an unusable
+output directory; 130 interrupted (Ctrl-C or SIGTERM) after saving a checkpoint."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    FLAGS.clear()
+    parser = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [digits|lm] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+    )
+    parser.add_argument(
+        "task", nargs="?", default="digits", choices=TASKS, help="what to train (default: digits)"
+    )
+
+    g = parser.add_argument_group("training")
+    _add(
+        g,
+        "--steps",
+        type=_positive_int,
+        default={"digits": 300, "lm": 400},
+        help="optimizer steps in total",
+    )
+    _add(
+        g,
+        "--batch-size",
+        type=_positive_int,
+        default={"digits": 128, "lm": 32},
+        help="global batch size (examples for digits, sequences for lm); split over the "
+        "devices, so it must be a multiple of their number",
+    )
+    _add(
+        g,
+        "--learning-rate",
+        type=_positive_float,
+        default={"digits": 3e-3, "lm": 2e-3},
+        help="peak learning rate of AdamW (linear warm-up, then cosine decay to 1%%)",
+    )
+    _add(
+        g,
+        "--warmup-steps",
+        type=_nonnegative_int,
+        default=None,
+        shown="5%% of --steps",
+        help="linear warm-up steps",
+    )
+    _add(
+        g,
+        "--weight-decay",
+        type=_nonnegative_float,
+        default={"digits": 1e-4, "lm": 0.01},
+        help="AdamW decoupled weight decay (matrices only, not biases or norms)",
+    )
+    _add(g, "--grad-clip", type=_positive_float, default=1.0, help="global gradient-norm clip")
+    _add(
+        g,
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initialisation, the batch order and the lm samples",
+    )
+
+    g = parser.add_argument_group("evaluation, checkpoints and output")
+    _add(
+        g,
+        "--eval-every",
+        type=_positive_int,
+        default={"digits": 25, "lm": 50},
+        defines_run=False,
+        help="evaluate on the held-out data every this many steps (and at the end)",
+    )
+    _add(
+        g,
+        "--checkpoint-every",
+        type=_positive_int,
+        default=100,
+        defines_run=False,
+        help="save a checkpoint every this many steps (and at the end and on Ctrl-C)",
+    )
+    _add(
+        g,
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=3,
+        defines_run=False,
+        help="how many recent checkpoints to keep",
+    )
+    _add(
+        g,
+        "--out-dir",
+        type=Path,
+        default=None,
+        shown="runs/<task>",
+        defines_run=False,
+        help="output directory: metrics.json, curves.png, checkpoints/ (lm: samples.txt)",
+    )
+    _add(
+        g,
+        "--resume",
+        action="store_true",
+        default=False,
+        defines_run=False,
+        help="continue from the latest checkpoint in --out-dir with the run's saved "
+        "settings; flags that would change its result are refused",
+    )
+    _add(
+        g,
+        "--overwrite",
+        action="store_true",
+        default=False,
+        defines_run=False,
+        help="delete the checkpoints and metrics of an earlier run in --out-dir and start afresh",
+    )
+    _add(
+        g,
+        "--num-devices",
+        type=_positive_int,
+        default=None,
+        shown="all",
+        defines_run=False,
+        help="use only the first N local devices",
+    )
+    _add(
+        g,
+        "--no-progress",
+        action="store_true",
+        default=False,
+        defines_run=False,
+        help="no progress bar (it is also off when stderr is not a terminal)",
+    )
+
+    g = parser.add_argument_group("digits task")
+    _add(
+        g,
+        "--loss",
+        choices=("xent", "focal", "bce"),
+        default="xent",
+        tasks=("digits",),
+        help="xent: softmax cross-entropy with integer labels and label smoothing; focal: "
+        "sigmoid focal loss, one-vs-rest; bce: multi-label sigmoid binary cross-entropy, "
+        "one-vs-rest",
+    )
+    _add(
+        g,
+        "--label-smoothing",
+        type=_fraction,
+        default=0.05,
+        tasks=("digits",),
+        help="label smoothing of the xent and bce losses",
+    )
+    _add(
+        g,
+        "--focal-alpha",
+        type=_fraction,
+        default=0.25,
+        tasks=("digits",),
+        help="weight of the positive class in the focal loss",
+    )
+    _add(
+        g,
+        "--focal-gamma",
+        type=_nonnegative_float,
+        default=2.0,
+        tasks=("digits",),
+        help="focusing exponent of the focal loss",
+    )
+    _add(
+        g,
+        "--hidden",
+        type=_positive_int,
+        default=256,
+        tasks=("digits",),
+        help="width of the MLP's hidden layers",
+    )
+    _add(
+        g,
+        "--depth",
+        type=_positive_int,
+        default=2,
+        tasks=("digits",),
+        help="number of hidden layers",
+    )
+
+    g = parser.add_argument_group("lm task")
+    _add(
+        g,
+        "--seq-len",
+        type=_positive_int,
+        default=128,
+        tasks=("lm",),
+        help="bytes per training sequence (and the sampling context)",
+    )
+    _add(g, "--d-model", type=_positive_int, default=128, tasks=("lm",), help="transformer width")
+    _add(g, "--num-layers", type=_positive_int, default=2, tasks=("lm",), help="transformer blocks")
+    _add(
+        g,
+        "--num-heads",
+        type=_positive_int,
+        default=4,
+        tasks=("lm",),
+        help="attention heads (must divide --d-model)",
+    )
+    _add(
+        g,
+        "--z-loss",
+        type=_nonnegative_float,
+        default=1e-4,
+        tasks=("lm",),
+        help="z-loss coefficient of linear_softmax_cross_entropy",
+    )
+    _add(
+        g,
+        "--chunk-size",
+        type=_positive_int,
+        default=None,
+        tasks=("lm",),
+        shown="the library's choice",
+        help="vocabulary columns per block of linear_softmax_cross_entropy",
+    )
+    _add(
+        g,
+        "--corpus-bytes",
+        type=_positive_int,
+        default=1_000_000,
+        tasks=("lm",),
+        help="bytes of standard-library source to use (files in sorted order)",
+    )
+    _add(
+        g,
+        "--sample-bytes",
+        type=_nonnegative_int,
+        default=200,
+        tasks=("lm",),
+        defines_run=False,
+        help="bytes to sample after each prompt at the end (0: none)",
+    )
+    _add(
+        g,
+        "--temperature",
+        type=_positive_float,
+        default=0.8,
+        tasks=("lm",),
+        defines_run=False,
+        help="sampling temperature",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parses and checks the flags; raises :class:`UsageError` on any problem.
+
+    Returns a namespace with every flag resolved for the task, plus
+    ``explicit``: the names of the flags given on the command line.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {name for name in FLAGS if getattr(args, name) is not None}
+    for name in sorted(explicit):
+        if args.task not in FLAGS[name].tasks:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} applies to the {'/'.join(FLAGS[name].tasks)} task, not {args.task}"
+            )
+    for name, flag in FLAGS.items():
+        if name in explicit:
+            continue
+        default = flag.default
+        if isinstance(default, dict):
+            default = default[args.task]
+        setattr(args, name, default)
+    args.explicit = explicit
+    if args.out_dir is None:
+        args.out_dir = Path("runs") / args.task
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one")
+    if args.task == "digits":
+        if args.loss != "focal" and explicit & {"focal_alpha", "focal_gamma"}:
+            raise UsageError("--focal-alpha and --focal-gamma apply only with --loss focal")
+        if args.loss == "focal" and "label_smoothing" in explicit:
+            raise UsageError("--label-smoothing applies to --loss xent and bce, not focal")
+    if args.task == "lm" and args.d_model % args.num_heads:
+        raise UsageError(f"--num-heads {args.num_heads} must divide --d-model {args.d_model}")
+    _resolve_warmup(args)
+    return args
+
+
+def _resolve_warmup(args: argparse.Namespace) -> None:
+    if args.warmup_steps is None:
+        args.warmup_steps = args.steps // 20
+    if args.warmup_steps >= args.steps:
+        raise UsageError(
+            f"--warmup-steps {args.warmup_steps} must be less than --steps {args.steps}"
+        )
+
+
+# Flags about this invocation only, never saved with a run.
+_INVOCATION_FLAGS = {"out_dir", "resume", "overwrite"}
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings, saved in its checkpoints and metrics.json."""
+    names = [n for n, f in FLAGS.items() if args.task in f.tasks and n not in _INVOCATION_FLAGS]
+    return {"task": args.task} | {n: getattr(args, n) for n in names}
+
+
+def apply_saved_config(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """On ``--resume``: adopts the run's saved settings. Flags given on the command line
+    may change how the run is carried out (e.g. ``--eval-every``, ``--num-devices``), but
+    not what it computes (e.g. ``--learning-rate``): those are refused."""
+    if saved.get("task") != args.task:
+        raise UsageError(
+            f"--resume: {args.out_dir} holds a {saved.get('task')} run, not {args.task}"
+        )
+    for name, value in saved.items():
+        if name == "task" or name not in FLAGS:
+            continue
+        if name in args.explicit:
+            if FLAGS[name].defines_run and getattr(args, name) != value:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"--resume: {flag} {getattr(args, name)} differs from the run's {value}; "
+                    f"drop the flag to continue the run, or use another --out-dir"
+                )
+        else:
+            setattr(args, name, value)
+
+
+# ----------------------------------------------------------------------- output directory
+
+
+OUTPUT_FILES = ("metrics.json", "curves.png", "samples.txt")
+
+
+def prepare_out_dir(args: argparse.Namespace) -> Path:
+    """Creates and checks the output directory; raises :class:`UsageError` if unusable."""
+    out = Path(args.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".jxent-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UsageError(f"--out-dir {out} is not a usable directory: {reason}") from None
+    ckpt = out / "checkpoints"
+    has_run = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    if args.overwrite:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif args.resume and not has_run:
+        raise UsageError(f"--resume: no checkpoint in {ckpt}")
+    elif has_run and not args.resume:
+        raise UsageError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+            f"afresh, or another --out-dir"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trains, evaluates, checkpoints and reports; returns the exit code."""
+    try:
+        from jxent.examples import trainer as trainer_lib
+        from jxent.examples.checkpointing import Checkpoints
+    except ImportError as e:
+        raise UsageError(
+            f"the example trainer needs the 'examples' extra ({e.name} is missing): "
+            f'pip install -e ".[examples]"'
+        ) from None
+
+    wall_start = time.perf_counter()
+    out = prepare_out_dir(args)
+    checkpoints = Checkpoints(out / "checkpoints", keep=args.keep_checkpoints)
+    resume_step = None
+    if args.resume:
+        resume_step = checkpoints.latest_step()
+        apply_saved_config(args, checkpoints.read_meta(resume_step)["config"])
+    try:
+        trainer = trainer_lib.Trainer(args, run_config(args), out, checkpoints, resume_step)
+    except trainer_lib.SetupError as e:
+        raise UsageError(str(e)) from None
+    print(trainer.header(), flush=True)
+
+    with trainer_lib.StopFlag() as stop:
+        try:
+            outcome = trainer.fit(stop)
+        except trainer_lib.NonFiniteLoss as e:
+            checkpoints.wait()
+            last = checkpoints.latest_step()
+            print(
+                f"{PROG}: error: {e.describe()}, {trainer.task.describe_batch(e.step)}; stopped "
+                f"without saving non-finite parameters (latest checkpoint: "
+                f"{'none' if last is None else f'step {last}'}). Try a lower --learning-rate.",
+                file=sys.stderr,
+            )
+            return EXIT_NONFINITE
+        finally:
+            checkpoints.wait()
+        trainer.finish(outcome, wall_seconds=time.perf_counter() - wall_start)
+        checkpoints.close()
+    if outcome == "interrupted":
+        print(
+            f"\nInterrupted at step {trainer.step}; saved a checkpoint. Continue with:\n"
+            f"  {PROG} {args.task} --out-dir {out} --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

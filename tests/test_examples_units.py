@@ -1,0 +1,273 @@
+"""Unit tests of the example trainer's pieces: data, models, metrics, one train step.
+
+These run in the test process (x64 on, strict dtype and rank promotion from
+conftest.py), so they also check that the example code is explicit about dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jxent.examples import data, metrics, models, tasks, training
+from jxent.examples.train import parse_args
+
+
+def _numpy_ece(confidence, correct, num_bins, where=None):
+    """Guo et al.'s ECE, written independently: a loop over explicit bin intervals."""
+    confidence = np.asarray(confidence, np.float64)
+    correct = np.asarray(correct, np.float64)
+    if where is not None:
+        confidence, correct = confidence[where], correct[where]
+    n = len(confidence)
+    ece = 0.0
+    for b in range(num_bins):
+        lo, hi = b / num_bins, (b + 1) / num_bins
+        members = (confidence > lo) & (confidence <= hi)
+        if b == 0:
+            members |= confidence == 0.0
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            ece += members.sum() / n * gap
+    return ece
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize("num_bins", [1, 5, 15])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ece_matches_numpy_reference(num_bins, masked):
+    rng = np.random.default_rng(num_bins)
+    confidence = rng.uniform(0.0, 1.0, 200)
+    confidence[:3] = [0.0, 1.0, 0.5]
+    correct = rng.uniform(size=200) < confidence  # roughly calibrated
+    where = rng.uniform(size=200) < 0.7 if masked else None
+    got = metrics.expected_calibration_error(
+        jnp.asarray(confidence), jnp.asarray(correct), num_bins=num_bins, where=where
+    )
+    np.testing.assert_allclose(float(got), _numpy_ece(confidence, correct, num_bins, where), 1e-12)
+
+
+def test_ece_extremes():
+    # Always right at confidence 1: perfectly calibrated. Always wrong at 1: ECE 1.
+    ones = jnp.ones(8, jnp.float32)
+    assert float(metrics.expected_calibration_error(ones, jnp.ones(8, bool))) == 0.0
+    assert float(metrics.expected_calibration_error(ones, jnp.zeros(8, bool))) == 1.0
+    # No example counted: 0, not NaN.
+    none = jnp.zeros(8, bool)
+    assert float(metrics.expected_calibration_error(ones, none, where=none)) == 0.0
+
+
+def test_bits_per_byte():
+    assert metrics.bits_per_byte(math.log(256)) == pytest.approx(8.0, rel=1e-15)
+    assert metrics.bits_per_byte(math.log(2)) == pytest.approx(1.0, rel=1e-15)
+    assert metrics.bits_per_byte(0.0) == 0.0
+
+
+# --------------------------------------------------------------------------------- data
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    a, b = data.load_digits(), data.load_digits()
+    np.testing.assert_array_equal(a.train.inputs, b.train.inputs)
+    np.testing.assert_array_equal(a.test.labels, b.test.labels)
+    assert len(a.train) + len(a.test) == 1797
+    assert a.train.inputs.dtype == np.float32 and a.train.labels.dtype == np.int32
+    assert a.train.inputs.shape[1] == 64
+    assert -0.5 <= a.train.inputs.min() and a.train.inputs.max() <= 0.5
+    # every class is held out in (about) the same proportion
+    counts = np.bincount(a.test.labels, minlength=10) / np.bincount(
+        np.concatenate([a.train.labels, a.test.labels]), minlength=10
+    )
+    np.testing.assert_allclose(counts, 0.2, atol=0.01)
+    # no image is in both sets
+    train_rows = {row.tobytes() for row in a.train.inputs}
+    test_rows = [row.tobytes() for row in a.test.inputs]
+    assert sum(r in train_rows for r in test_rows) < 5  # (a few digits are pixel-identical)
+
+
+def test_batch_schedule_is_a_pure_function_of_seed_and_step():
+    s = data.BatchSchedule(num_examples=103, batch_size=10, seed=7)
+    assert s.steps_per_epoch == 10
+    first = [s.indices(t) for t in range(25)]
+    again = data.BatchSchedule(num_examples=103, batch_size=10, seed=7)
+    for t in reversed(range(25)):  # any order: no iterator state
+        np.testing.assert_array_equal(again.indices(t), first[t])
+    # one epoch visits distinct examples; the next epoch is a different order
+    epoch0 = np.concatenate(first[:10])
+    assert len(np.unique(epoch0)) == 100
+    assert not np.array_equal(epoch0, np.concatenate(first[10:20]))
+    other_seed = data.BatchSchedule(num_examples=103, batch_size=10, seed=8)
+    assert not np.array_equal(other_seed.indices(0), first[0])
+    assert s.locate(23) == (2, 3)
+    assert "batch 4 of 10 in epoch 3" in s.describe(23)
+
+
+def test_batch_schedule_rejects_a_batch_larger_than_the_data():
+    with pytest.raises(ValueError, match="batch size"):
+        data.BatchSchedule(num_examples=5, batch_size=6, seed=0)
+
+
+@pytest.mark.parametrize("text", [b"hello, world", b"hello, wor", b"h"])
+def test_chunk_bytes_shifts_labels_and_pads_the_tail(text):
+    inputs, labels = data.chunk_bytes(text, 4)
+    n = len(text)
+    assert inputs.shape == labels.shape == (max(1, -(-(n - 1) // 4)), 4)
+    tokens = np.frombuffer(text, np.uint8)
+    flat_in, flat_lab = inputs.reshape(-1), labels.reshape(-1)
+    np.testing.assert_array_equal(flat_in[:n], tokens)
+    np.testing.assert_array_equal(flat_lab[: n - 1], tokens[1:])
+    assert (flat_in[n:] == 0).all()
+    assert (flat_lab[n - 1 :] == data.PAD).all()
+
+
+def test_byte_corpus_is_deterministic_and_split_by_file():
+    a = data.load_byte_corpus(seq_len=32, max_bytes=60_000)
+    b = data.load_byte_corpus(seq_len=32, max_bytes=60_000)
+    np.testing.assert_array_equal(a.train.inputs, b.train.inputs)
+    np.testing.assert_array_equal(a.val.labels, b.val.labels)
+    assert a.files == b.files and list(a.files) == sorted(a.files)
+    assert a.num_bytes == 60_000
+    assert a.train.inputs.dtype == np.int32 and a.train.inputs.shape[1] == 32
+    assert 0 <= a.train.inputs.min() and a.train.inputs.max() < data.NUM_BYTES
+    assert (a.train.labels == data.PAD).any()  # padding at the end of files
+    assert len(a.val) > 0
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def test_mlp_shapes():
+    model = models.MLPClassifier(64, 10, hidden=32, depth=3, rngs=nnx.Rngs(0))
+    out = model(jnp.zeros((5, 64), jnp.float32))
+    assert out.shape == (5, 10) and out.dtype == jnp.float32
+    assert models.count_params(model) == (64 * 32 + 32 * 32 * 2 + 3 * 32) + 3 * 64 + 32 * 10 + 10
+
+
+def test_transformer_shapes_and_causality():
+    model = models.ByteTransformer(256, 16, d_model=32, num_layers=2, num_heads=4, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    hidden = model(tokens)
+    assert hidden.shape == (2, 16, 32) and hidden.dtype == jnp.float32
+    assert model.unembedding().shape == (32, 256)
+    assert model.logits(tokens).shape == (2, 16, 256)
+    # shorter inputs use the first positions
+    assert model(tokens[:, :5]).shape == (2, 5, 32)
+    # changing byte 10 leaves the states of positions 0..9 unchanged
+    changed = model(tokens.at[:, 10].set((tokens[:, 10] + 1) % 256))
+    np.testing.assert_array_equal(changed[:, :10], hidden[:, :10])
+    assert not np.allclose(changed[:, 10:], hidden[:, 10:])
+
+
+# ---------------------------------------------------------------------- training steps
+
+
+def _one_step_lowers_loss(argv):
+    # optax's bias correction mixes a Python float with an int32 count, which strict
+    # promotion refuses; the examples run with JAX's standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return _one_step_lowers_loss_standard(argv)
+
+
+def _one_step_lowers_loss_standard(argv):
+    cfg = parse_args(argv)
+    task = tasks.make_task(cfg, num_devices=1)
+    tx = training.make_optimizer(
+        learning_rate=1e-2, steps=10, warmup_steps=0, weight_decay=0.0, grad_clip=1.0
+    )
+    model_def, opt_def, state = training.init_training(task, tx, seed=0)
+    step = jax.jit(training.make_train_step(task, model_def, opt_def))
+    batch = task.train_batch(1)
+    new_state, metrics0 = step(state, batch)
+    _, metrics1 = step(new_state, batch)  # the updated parameters' loss on the same batch
+    loss0, loss1 = float(metrics0["loss"]), float(metrics1["loss"])
+    assert bool(metrics0["finite"]) and np.isfinite(loss0) and loss1 < loss0
+    # the step is pure: same inputs, same outputs, bit for bit
+    again, metrics0_again = step(state, batch)
+    assert float(metrics0_again["loss"]) == loss0
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(new_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    return task, model_def, new_state
+
+
+@pytest.mark.parametrize("loss", ["xent", "focal", "bce"])
+def test_digits_train_step_lowers_loss(loss):
+    task, model_def, state = _one_step_lowers_loss(["digits", "--loss", loss, "--hidden", "32"])
+    # the evaluation returns per-example arrays over the padded held-out set
+    out = jax.device_get(
+        jax.jit(training.make_eval_step(task, model_def))(state["model"], task.eval_batches()[0])
+    )
+    summary = task.summarize_eval(out)
+    assert set(summary) == {"val_loss", "val_accuracy", "val_ece"}
+    assert 0 <= summary["val_accuracy"] <= 1 and 0 <= summary["val_ece"] <= 1
+
+
+LM_FLAGS = [
+    "lm",
+    "--seq-len",
+    "32",
+    "--d-model",
+    "32",
+    "--num-heads",
+    "2",
+    "--num-layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--corpus-bytes",
+    "40000",
+]
+
+
+def test_lm_train_step_lowers_loss():
+    _one_step_lowers_loss(LM_FLAGS)
+
+
+def test_lm_eval_of_a_uniform_model_is_8_bits_per_byte():
+    cfg = parse_args(LM_FLAGS)
+    task = tasks.make_task(cfg, num_devices=1)
+    model = task.init_model(nnx.Rngs(0))
+    # zero embeddings tie to a zero unembedding: every byte gets logit 0
+    model.embed.embedding[...] = jnp.zeros_like(model.embed.embedding[...])
+    model_def, model_state = nnx.split(model)
+    eval_step = jax.jit(training.make_eval_step(task, model_def))
+    outs = [jax.device_get(eval_step(model_state, b)) for b in task.eval_batches()]
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    # padding rows and padded positions are not counted
+    assert (
+        merged["count"].sum()
+        == (task.corpus.val.labels != data.PAD)[
+            np.unique(np.linspace(0, len(task.corpus.val) - 1, task.num_eval_rows).astype(int))
+        ].sum()
+    )
+    summary = task.summarize_eval(merged)
+    assert summary["val_loss"] == pytest.approx(math.log(256), rel=1e-5)
+    assert summary["val_bits_per_byte"] == pytest.approx(8.0, rel=1e-5)
+
+
+def test_lm_samples_continue_the_prompts():
+    cfg = parse_args(LM_FLAGS)
+    task = tasks.make_task(cfg, num_devices=1)
+    model = task.init_model(nnx.Rngs(0))
+    texts = tasks.sample(
+        model, (b"def ", b"import "), num_new=40, max_len=32, temperature=1.0, seed=0
+    )
+    assert texts[0].startswith("def ") and texts[1].startswith("import ")
+    again = tasks.sample(
+        model, (b"def ", b"import "), num_new=40, max_len=32, temperature=1.0, seed=0
+    )
+    assert texts == again
+
+
+def test_pad_rows():
+    batch = {"x": np.ones((5, 2), np.float32), "y": np.arange(5, dtype=np.int32)}
+    padded = tasks.pad_rows(batch, 4)
+    assert padded["x"].shape == (8, 2) and padded["y"].shape == (8,)
+    np.testing.assert_array_equal(padded["valid"], [1, 1, 1, 1, 1, 0, 0, 0])
+    assert (padded["x"][5:] == 0).all()
