@@ -223,12 +223,14 @@ class LMTask:
     def describe_batch(self, step: int) -> str:
         return self.schedule.describe(step - 1).replace("training examples", "sequences")
 
-    def _token_losses(self, model: ByteTransformer, batch: Batch, z_loss: float, reduction: str):
-        hidden = model(batch["tokens"])
+    def _token_losses(
+        self, model: ByteTransformer, tokens, labels, z_loss: float, reduction: str
+    ) -> jax.Array:
+        hidden = model(tokens)
         return jxent.linear_softmax_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             model.unembedding(),
-            batch["labels"].reshape(-1),
+            labels.reshape(-1),
             ignore_index=data_lib.PAD,
             z_loss=z_loss,
             reduction=reduction,
@@ -236,17 +238,19 @@ class LMTask:
         )
 
     def loss(self, model: ByteTransformer, batch: Batch) -> jax.Array:
-        return self._token_losses(model, batch, self.cfg.z_loss, "mean")
+        return self._token_losses(model, batch["tokens"], batch["labels"], self.cfg.z_loss, "mean")
 
     def eval_batches(self) -> list[Batch]:
         return self._eval_batches
 
     def eval_step(self, model: ByteTransformer, batch: Batch) -> dict[str, jax.Array]:
+        # Rows that only pad the batch are ignored like the padding inside rows.
+        labels = jnp.where(batch["valid"][:, None], batch["labels"], data_lib.PAD)
         # Pure cross-entropy (no z-loss): the model's code length of the held-out bytes.
-        nats = self._token_losses(model, batch, 0.0, "none").reshape(batch["labels"].shape)
+        nats = self._token_losses(model, batch["tokens"], labels, 0.0, "none")
         return {
-            "nats": jnp.sum(nats, axis=-1),
-            "count": jnp.sum(batch["labels"] != data_lib.PAD, axis=-1),
+            "nats": jnp.sum(nats.reshape(labels.shape), axis=-1),
+            "count": jnp.sum(labels != data_lib.PAD, axis=-1),
         }
 
     def summarize_eval(self, out: dict[str, np.ndarray]) -> dict[str, float]:
