@@ -6,20 +6,36 @@ Every loss is a pure function that returns per-example values by default
 """
 
 from jxent import parallel as parallel  # the shard_map forms: jxent.parallel.*
+from jxent._binary import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from jxent._categorical import (
     check_labels,
+    poly_loss_cross_entropy,
     safe_softmax_cross_entropy,
     smooth_labels,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
+from jxent._divergence import (
+    entropy,
+    kl_divergence,
+    kl_divergence_with_log_targets,
+    softmax_kl_divergence,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "binary_cross_entropy",
     "check_labels",
+    "entropy",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
+    "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_kl_divergence",
 ]

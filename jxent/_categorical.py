@@ -397,3 +397,85 @@ def check_labels(
         n=bad,
         e=first,
     )
+
+
+def poly_loss_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    epsilon: jax.typing.ArrayLike = 2.0,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Poly-1 loss: softmax cross-entropy plus :math:`\epsilon (1 - p_t)` (Leng et al., 2022).
+
+    .. math::
+      \ell = -\sum_k t_k \log p_k + \epsilon \sum_k t_k (1 - p_k),
+      \qquad p = \operatorname{softmax}(x),
+
+    i.e. the cross-entropy with the coefficient of its first polynomial term
+    :math:`(1 - p_t)` raised by :math:`\epsilon`. The cross-entropy is
+    :func:`softmax_cross_entropy` (the stable core: ``-inf`` logits and zero
+    targets are safe); the second term is one fused pass with its own stable
+    derivative rule, :math:`\partial/\partial x_j = p_j (\sum_k t_k p_k - t_j)`.
+    Masked classes (``-inf`` logits or a logits-shaped ``where``) have
+    :math:`p_k = 0`.
+
+    Drop-in for :func:`optax.losses.poly_loss_cross_entropy` (``epsilon``,
+    ``axis`` and ``where`` may also be passed by position here); unlike optax it
+    accepts a ``where`` of the batch shape.
+
+    Args:
+      logits: unnormalised log-probabilities, ``[..., num_classes]``.
+      labels: target distributions of exactly the logits' shape (e.g. one-hot).
+      epsilon: the extra weight of the first polynomial term (the paper
+        recommends 2.0 for ImageNet classification and -1.0 for detection); a
+        scalar, may be traced.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops rows) or of the logits'
+        shape (drops classes).
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"`` (over the rows
+        that ``where`` keeps).
+
+    Returns:
+      The loss, float32 for float32 or narrower logits.
+
+    Raises:
+      TypeError: integer logits or labels, a non-real ``epsilon``.
+      ValueError: labels not of the logits' shape, a non-scalar ``epsilon``, a
+        bad ``axis``, ``where`` or ``reduction``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> import numpy as np
+      >>> loss = jxent.poly_loss_cross_entropy(logits, labels, epsilon=2.0)
+      >>> print(np.round(np.asarray(loss), 4))
+      [0.7587 4.8473]
+
+    References:
+      Leng et al., `PolyLoss: A Polynomial Expansion Perspective of Classification
+      Loss Functions <https://arxiv.org/abs/2204.12511>`_, 2022.
+    """
+    # Imported here: jxent._divergence builds on this module's row layout.
+    from jxent._divergence import poly1_term
+
+    ce = softmax_cross_entropy(logits, labels, axis, where)  # validates every argument
+    eps = v.as_array("epsilon", epsilon)
+    if eps.ndim != 0 or not (
+        jnp.issubdtype(eps.dtype, jnp.floating) or jnp.issubdtype(eps.dtype, jnp.integer)
+    ):
+        raise (ValueError if eps.ndim != 0 else TypeError)(
+            f"epsilon must be a real scalar, got dtype {eps.dtype} with shape {eps.shape}."
+        )
+    v.check_reduction(reduction)
+    logits = jnp.asarray(logits)
+    axes = v.normalize_axes(axis, logits.ndim)
+    x, _, row_mask, class_mask = _to_rows(logits, axes, where)
+    targets, _, _, _ = _to_rows(jnp.asarray(labels), axes, None)
+    poly = poly1_term(x, targets, class_mask, row_mask)
+    loss = ce + eps.astype(ce.dtype) * poly
+    return reduce_loss(loss, reduction, row_mask)

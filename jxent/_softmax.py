@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jxent._validation import accumulation_dtype
 
@@ -62,8 +64,9 @@ def _cap(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array:
     z = x.astype(dtype)
     if soft_cap is None:
         return z
-    capped = soft_cap * jnp.tanh(z / soft_cap)
-    return jnp.where(z == -jnp.inf, z, capped)
+    # z - max(z, lowest) is 0 for finite z and -inf for -inf: arithmetic, not a select,
+    # so the capped logits still fuse into XLA:CPU's reductions (see _finite_parts).
+    return soft_cap * jnp.tanh(z / soft_cap) + (z - jnp.maximum(z, jnp.finfo(dtype).min))
 
 
 def _cap_derivative(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array | None:
@@ -106,33 +109,28 @@ def take_classes(table: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(table, index)
 
 
-def _is_label(x: jax.Array, labels: jax.Array) -> jax.Array:
-    """``[..., classes]`` mask of each row's label, laid out (sharded) like ``x``."""
-    sharding = jax.typeof(x).sharding if _class_axis_sharded(x) else None
-    iota = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1, out_sharding=sharding)
-    return iota == labels[..., None]
-
-
 def _pick(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The logit of each row's label, and whether the label is in range.
 
     A gather of one element per row: on XLA:CPU a compare-select-reduce over the
-    classes does not fuse and would materialise a [rows, classes] buffer. When the
-    class axis is explicitly sharded a gather on it has no partitioned form, so
-    there the label is picked by compare-select-sum: each shard selects from its
-    own classes and only a per-row partial sum crosses devices.
+    classes does not fuse and would materialise a [rows, classes] buffer.
     """
     num_classes = x.shape[-1]
     valid = (labels >= 0) & (labels < num_classes)
-    index = jnp.where(valid, labels, 0)
-    if _class_axis_sharded(x):
-        return _select_last(x, index), valid
-    return _gather_last(x, index), valid
+    return _take_last(_gather_last, x, jnp.where(valid, labels, 0)), valid
 
 
-def _select_last(x: jax.Array, index: jax.Array) -> jax.Array:
-    # Exact in any dtype: every row sums one logit and zeros (-inf stays -inf).
-    return jnp.sum(jnp.where(_is_label(x, index), x, jnp.zeros((), x.dtype)), axis=-1)
+def _take_last(gather, x: jax.Array, index: jax.Array) -> jax.Array:
+    """``gather(x, index)`` (one element per row), also when x's class axis is sharded.
+
+    With ``Explicit`` mesh axes a gather into a sharded axis has no typed form; run
+    under ``auto_axes`` it is partitioned by XLA as with ``Auto`` axes: each shard
+    reads the rows whose label it holds and a [rows] all-reduce combines them (no
+    shard sees another's logits). The transposed scatter in the gradient likewise.
+    """
+    if not _class_axis_sharded(x):
+        return gather(x, index)
+    return jax.sharding.auto_axes(gather, out_sharding=jax.typeof(index).sharding)(x, index)
 
 
 @jax.custom_jvp
@@ -147,8 +145,11 @@ def _gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
 @_gather_last.defjvp
 def _gather_last_jvp(primals, tangents):
     x, index = primals
-    picked = jnp.take_along_axis(tangents[0], index[..., None], axis=-1, mode="clip")[..., 0]
-    return _gather_last(x, index), picked
+    return _gather_last(x, index), _take_along_last(tangents[0], index)
+
+
+def _take_along_last(a: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(a, index[..., None], axis=-1, mode="clip")[..., 0]
 
 
 def _finite_parts(z: jax.Array):
@@ -191,7 +192,7 @@ def _sum_last_axis_jvp(primals, tangents):
 
 
 def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
-    """``(n, sum_k w_k, sum_k w_k (max - x_k))`` over the finite classes of each row.
+    """``(n, sum_k w_k, sum_k w_k (max - x_k) / 2)`` over the finite classes of each row.
 
     The common case, every logit finite, needs only ``x @ [1, w]``: a matrix product
     that reads the logits once at full speed, with no elementwise producer. A batch
@@ -200,7 +201,16 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
     """
     acc = row_max.dtype
     cols = jnp.stack([jnp.ones_like(w), w], axis=-1).astype(x.dtype)
-    sums = jnp.einsum("...k,kc->...c", x, cols, preferred_element_type=acc)
+    out_sharding = None
+    if _class_axis_sharded(x):
+        # Explicit axes: the product contracts the sharded class axis (of x, and of w
+        # when the class weights are sharded too); the [rows, 2] result is summed
+        # over the shards and laid out as the rows are.
+        sharding = jax.typeof(x).sharding
+        out_sharding = NamedSharding(sharding.mesh, P(*sharding.spec[: x.ndim - 1], None))
+    sums = jnp.einsum(
+        "...k,kc->...c", x, cols, preferred_element_type=acc, out_sharding=out_sharding
+    )
     sum_x, sum_wx = sums[..., 0], sums[..., 1]
 
     def all_finite():
@@ -208,9 +218,13 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
         # (and, inside shard_map, the same varying mesh axes).
         n = jnp.full_like(sum_x, x.shape[-1])
         sum_w = jnp.zeros_like(sum_x) + jnp.sum(w)
-        return n, sum_w, row_max * sum_w - sum_wx
+        return n, sum_w, half_gap
 
-    return lax.cond(jnp.all(jnp.isfinite(sum_x)), all_finite, masked_smoothing_sums)
+    # Halved so that a sum of gaps near the float32 maximum does not overflow; a -inf
+    # logit makes sum_x -inf and so the candidate non-finite.
+    half_gap = 0.5 * row_max * (jnp.zeros_like(sum_x) + jnp.sum(w)) - 0.5 * sum_wx
+    ok = jnp.all(jnp.isfinite(half_gap) & jnp.isfinite(sum_x))
+    return lax.cond(ok, all_finite, masked_smoothing_sums)
 
 
 def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_weights):
@@ -253,7 +267,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             # the cond would be materialised.
             finite, half_gap = finite_and_half_gap(_cap(x, cfg.soft_cap, acc))
             w_rows = jnp.expand_dims(w, tuple(range(x.ndim - 1)))  # explicit rank broadcast
-            s = _row_sums({"n": finite, "w": finite * w_rows, "w_gap": 2 * w_rows * half_gap})
+            s = _row_sums({"n": finite, "w": finite * w_rows, "w_gap": w_rows * half_gap})
             return s["n"], s["w"], s["w_gap"]
 
         if labels is None or class_mask is not None or cfg.soft_cap is not None:
@@ -287,7 +301,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     if a > 0:
         smooth_coef = a / jnp.where(has_class, sums["n"], 1)
         big_c = big_c + smooth_coef * sums["w"]
-        dist = dist + smooth_coef * sums["w_gap"]
+        dist = dist + (2 * smooth_coef) * sums["w_gap"]
 
     loss = lse_rel * big_c + dist
     scale = big_c
@@ -335,21 +349,24 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
         grad = grad - jnp.where(m, stats.smooth_coef[..., None] * w, zero)
     # XLA:CPU upcasts a scatter into a 16-bit gradient to float32 (a full copy), so
     # for bfloat16/float16 the label's term is a compare-select in the same
-    # elementwise pass instead; so it is too when the class axis is explicitly
-    # sharded, where a gather/scatter on that axis has no partitioned form.
-    label_in_pass = labels is not None and (x.dtype.itemsize < 4 or _class_axis_sharded(x))
+    # elementwise pass instead.
+    label_in_pass = labels is not None and x.dtype.itemsize < 4
     if label_in_pass:
-        grad = grad - jnp.where(_is_label(x, labels), stats.label_coef[..., None], zero)
+        # Laid out like x: an iota with no sharding would not match an explicitly sharded x.
+        sharding = jax.typeof(x).sharding if _class_axis_sharded(x) else None
+        iota = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1, out_sharding=sharding)
+        grad = grad - jnp.where(iota == labels[..., None], stats.label_coef[..., None], zero)
     dz = _cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz
     out = jnp.sum(grad * x_dot.astype(acc), axis=-1)
     if labels is not None and not label_in_pass:
         index = jnp.clip(labels, 0, x.shape[-1] - 1)
-        x_dot_label = jnp.take_along_axis(x_dot, index[..., None], axis=-1)[..., 0]
+        x_dot_label = _take_last(_take_along_last, x_dot, index)
         coef = stats.label_coef
         if dz is not None:
-            coef = coef * _cap_derivative(_gather_last(x, index), cfg.soft_cap, acc)
+            x_label = _take_last(_gather_last, x, index)
+            coef = coef * _cap_derivative(x_label, cfg.soft_cap, acc)
         out = out - coef * x_dot_label.astype(acc)
     if t_dot is not None:
         # d loss / d t_k = (1 - a) (lse - z_k). On a -inf logit the true derivative is

@@ -1,24 +1,37 @@
 """Vocabulary-parallel cross-entropy for code written with ``jax.shard_map``.
 
-Under plain ``jax.jit`` with sharded arrays, the ordinary losses (``jxent.*``)
-already partition well: give the logits a ``NamedSharding`` with the vocabulary on
-a model axis and the batch on a data axis and XLA reduces max and sum-exp across
-shards without gathering the logits. This module is for code that is *already*
-inside ``jax.shard_map`` and holds only its own slice of the vocabulary: each
-function takes the device-local logits and the name of the mesh axis the
+Under plain ``jax.jit`` with sharded arrays the ordinary categorical losses
+(``jxent.*``) already partition well: give the logits a ``NamedSharding`` with the
+vocabulary on a model axis and the batch on a data axis, and XLA reduces max and
+sum-exp across shards without gathering the logits. This module is for code that
+is *already* inside ``jax.shard_map`` and holds only its own slice of the
+vocabulary (Megatron-style tensor parallelism): each function takes the
+device-local logits and the name of the mesh axis the
 vocabulary is split over, and does the cross-shard reductions itself with
-``lax.pmax``/``lax.psum`` on per-row scalars.
+``lax.pmax``/``lax.psum`` on per-row numbers.
 
-Layout: shard ``s`` of ``n`` (its index along ``axis_name``) holds the classes
-``[s * V_local, (s + 1) * V_local)``; labels are global class indices and are the
-same on every shard of the model axis. When the vocabulary size ``V`` is not a
-multiple of ``n``, pad it at the end to ``n * ceil(V / n)`` classes (any values)
-and pass ``num_classes=V``: the padding classes take no part in the loss and get
-exactly zero gradient.
+Layout on a 2-D ``("data", "model")`` mesh:
+
+=====================  ==========================  ===============================
+array                  global shape                ``in_specs``
+=====================  ==========================  ===============================
+logits                 ``[tokens, V]``             ``P("data", "model")``
+labels                 ``[tokens]`` (global ids)   ``P("data")``
+class weights          ``[V]``                     ``P("model")``
+=====================  ==========================  ===============================
+
+Shard ``s`` of ``n`` (its index along ``axis_name``) holds the classes
+``[s * V_local, (s + 1) * V_local)``. When the vocabulary size ``V`` is not a
+multiple of ``n``, pad the class axis at the end to ``n * ceil(V / n)`` (any
+values) and pass ``num_classes=V``: the padding classes take no part in the loss
+and get exactly zero gradient. Pass ``batch_axis_name="data"`` for a ``"mean"``
+over the whole batch (the sum of the per-device sums over the sum of the
+per-device counts).
 
 Communication: the forward pass does one ``pmax`` and one ``psum`` of a few
-``[rows]`` arrays over ``axis_name``; the backward pass does none (each shard's
+``[rows]`` arrays over ``axis_name``. The backward pass does none (each shard's
 gradient needs only the per-row log-sum-exp and coefficients it already holds).
+It needs ``shard_map``'s default ``check_vma=True``.
 """
 
 from __future__ import annotations
@@ -93,6 +106,44 @@ def _layout(axis_name, local_classes: int, num_classes) -> _Layout:
     return _Layout(axis_name, num_shards, local_classes, num_classes)
 
 
+def _varying(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``shard_map`` (empty elsewhere)."""
+    manual = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def _sum_to_type(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
+    """A cotangent summed over the mesh axes it varies over but its primal does not.
+
+    This is the sum autodiff would insert where a replicated value meets a sharded
+    one (``x`` replicated over the vocabulary axis feeds every shard's logits: ``dx``
+    is summed over that axis; ``w`` replicated over the data axis meets every data
+    shard's tokens: ``dw`` is summed over it). Outside ``shard_map``, or with
+    ``check_vma=False``, nothing varies and nothing is summed here.
+    """
+    if ct is None or primal is None:
+        return ct
+    extra = tuple(sorted(_varying(ct) - _varying(primal)))
+    return lax.psum(ct, extra) if extra else ct
+
+
+def _check_split(name: str, a: jax.Array, layout: _Layout) -> None:
+    """``a`` must vary over the vocabulary axis: split over it by ``shard_map``.
+
+    The gradients rely on ``shard_map``'s types (``check_vma=True``, its default): with
+    ``check_vma=False`` nothing is typed as varying, and ``psum``'s transpose is
+    another ``psum``, which would scale the gradients.
+    """
+    names = layout.axis_name if isinstance(layout.axis_name, tuple) else (layout.axis_name,)
+    missing = [n for n in names if n not in _varying(a)]
+    if missing:
+        raise ValueError(
+            f"{name} must be split over axis_name={layout.axis_name!r} by jax.shard_map "
+            f"(its in_specs naming that axis for the vocabulary), with check_vma=True (the "
+            f"default); got a value that does not vary over {missing}."
+        )
+
+
 def _shard_offset(layout: _Layout, dtype) -> jax.Array:
     """Global index of this shard's first class."""
     return lax.axis_index(layout.axis_name).astype(dtype) * layout.local_classes
@@ -124,12 +175,12 @@ def _local_pick(table: jax.Array, local: jax.Array, in_shard: jax.Array, zero) -
 class _Residuals(NamedTuple):
     x: jax.Array
     labels: jax.Array
+    class_weights: jax.Array | None
     keep: jax.Array
     lse: jax.Array
     scale: jax.Array
     label_coef: jax.Array
     smooth_coef: jax.Array | None
-    class_weights: jax.Array | None
 
 
 def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weights):
@@ -186,11 +237,35 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
     if class_weights is not None:
         sums["w_label"] = _local_pick(class_weights.astype(acc), local, in_shard, zero)
     sums = lax.psum(sums, axis)
-
     valid = (labels >= 0) & (labels < layout.num_classes)
-    lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))
+    loss, stats = _combine(cfg, row_max, has_class, sums, valid, row_mask)
+    return loss, _Residuals(x, labels, class_weights, *stats)
+
+
+class _RowStats(NamedTuple):
+    """Per-row results of the cross-shard reduction: equal on every shard."""
+
+    keep: jax.Array  # the row contributes (kept and has a class)
+    lse: jax.Array
+    scale: jax.Array  # C + 2 z_loss lse: the coefficient of the softmax in the gradient
+    label_coef: jax.Array  # (1 - a) w_y
+    smooth_coef: jax.Array | None  # a / K (label smoothing only)
+
+
+def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
+    """Per-row loss and gradient coefficients from the reduced sums (same formula as the core).
+
+    ``sums`` holds, summed over the shards and relative to the global ``row_max``:
+    ``sum_exp``; ``z_label`` (the label's soft-capped logit); ``w_label`` with class
+    weights; with label smoothing ``n`` (classes), ``w`` (sum of weights) and ``w_gap``
+    (sum_k w_k (row_max - z_k), a sum of non-negative terms).
+    """
+    acc = row_max.dtype
+    zero = jnp.zeros((), acc)
+    a = cfg.label_smoothing
+    lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max >= 0
     lse = row_max + lse_rel
-    w_label = sums["w_label"] if class_weights is not None else jnp.ones(labels.shape, acc)
+    w_label = sums.get("w_label", jnp.ones(valid.shape, acc))
     # An out-of-range label (or one on the padding) has no logit: a NaN loss.
     label_coef = (1 - a) * jnp.where(valid, w_label, jnp.nan)
     big_c = label_coef
@@ -206,9 +281,14 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
         loss = loss + cfg.z_loss * lse * lse
         scale = scale + 2 * cfg.z_loss * lse
     keep = has_class if row_mask is None else has_class & row_mask
+    # Dropped rows: loss and coefficients exactly 0 (an ignore_index label is out of
+    # range, so its coefficients are NaN: selected away, per row).
     loss = jnp.where(keep, loss, zero)
-    res = _Residuals(x, labels, keep, lse, scale, label_coef, smooth_coef, class_weights)
-    return loss, res
+    scale = jnp.where(keep, scale, zero)
+    label_coef = jnp.where(keep, label_coef, zero)
+    if smooth_coef is not None:
+        smooth_coef = jnp.where(keep, smooth_coef, zero)
+    return loss, _RowStats(keep, lse, scale, label_coef, smooth_coef)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -229,12 +309,11 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     z = _cap(x, cfg.soft_cap, acc)
     if bias is not None:
         z = z + _rows(bias, x.ndim)
-    # Per-row coefficients times the cotangent; a dropped row's (possibly NaN)
-    # coefficients are selected away here, per row, not per class.
+    # Per-row coefficients (0 on dropped rows) times the cotangent.
     g = g.astype(acc)
 
     def row_coef(c):
-        return jnp.where(res.keep, g * c, zero)[..., None]
+        return (g * c)[..., None]
 
     grad = row_coef(res.scale) * jnp.exp(z - res.lse[..., None])
     if res.smooth_coef is not None:
@@ -249,7 +328,7 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     if dz is not None:
         grad = grad * dz
     cw_bar = None if res.class_weights is None else jnp.zeros_like(res.class_weights)
-    return grad.astype(x.dtype), None, None, cw_bar
+    return _sum_to_type(grad.astype(x.dtype), x), None, None, cw_bar
 
 
 _xent.defvjp(_xent_fwd, _xent_bwd)
@@ -399,18 +478,22 @@ def softmax_cross_entropy_with_integer_labels(
             "class_weights", class_weights, x.shape[-1:], "this shard's slice: one per local class"
         )
         class_weights = lax.stop_gradient(class_weights)
+    _check_split("local_logits", x, layout)
     loss = _xent(layout, cfg, x, labels, row_mask, class_weights)
-    weight = row_mask
-    if class_weights is not None and reduction == "mean":
-        # The mean divides by sum of w_y over kept rows; w_y lives on one shard.
-        safe = jnp.clip(labels, 0, layout.num_classes - 1)
-        local = safe - _shard_offset(layout, labels.dtype)
-        in_shard = (local >= 0) & (local < layout.local_classes)
-        acc = loss.dtype
-        weight = lax.psum(
-            _local_pick(class_weights.astype(acc), local, in_shard, jnp.zeros((), acc)),
-            layout.axis_name,
-        )
-        if row_mask is not None:
-            weight = jnp.where(row_mask, weight, jnp.zeros((), acc))
+    weight = _mean_weight(layout, labels, row_mask, class_weights, reduction, loss.dtype)
     return _reduce(loss, reduction, weight, batch_axis_name)
+
+
+def _mean_weight(layout, labels, row_mask, class_weights, reduction, acc):
+    """Per-row weight of the mean's denominator: ``w_y`` (from the shard that owns it) on
+    kept rows, or just the row mask without class weights."""
+    if class_weights is None or reduction != "mean":
+        return row_mask
+    safe = jnp.clip(labels, 0, layout.num_classes - 1)
+    local = safe - _shard_offset(layout, labels.dtype)
+    in_shard = (local >= 0) & (local < layout.local_classes)
+    zero = jnp.zeros((), acc)
+    weight = lax.psum(
+        _local_pick(class_weights.astype(acc), local, in_shard, zero), layout.axis_name
+    )
+    return weight if row_mask is None else jnp.where(row_mask, weight, zero)

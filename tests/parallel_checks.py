@@ -72,7 +72,7 @@ def padded_size(num_classes, shards):
     return -(-num_classes // shards) * shards
 
 
-def make_data(num_classes, seed=0, batch=(ROWS,), opts=None):
+def make_data(num_classes, seed=0, batch=(ROWS,), opts=None, finite=False):
     """Logits with one -inf, labels with ignored rows, bf16-exact class weights, targets.
 
     No -inf logit with a soft cap (what the cap makes of -inf is the core's business, tested
@@ -82,7 +82,7 @@ def make_data(num_classes, seed=0, batch=(ROWS,), opts=None):
     rng = np.random.default_rng(seed)
     x = 3.0 * rng.standard_normal(batch + (num_classes,))
     flat = x.reshape(-1, num_classes)
-    if opts.get("logit_soft_cap") is None:
+    if opts.get("logit_soft_cap") is None and not finite:
         flat[1, 5] = -np.inf
     y = rng.integers(0, num_classes, batch).reshape(-1)
     y[1] = 6 if y[1] == 5 else y[1]
@@ -191,11 +191,11 @@ def integer_loss(opts, reduction, cw):
 
 
 def jit_integer_case(
-    mesh_shape, kind, opts_name, opts, dtype, num_classes, reduction, pad_with="where"
+    mesh_shape, kind, opts_name, opts, dtype, num_classes, reduction, pad_with="where", finite=False
 ):
     mesh = make_mesh(mesh_shape, kind)
     vp = padded_size(num_classes, mesh_shape[1])
-    x, y, cw, _ = make_data(num_classes, opts=opts)
+    x, y, cw, _ = make_data(num_classes, opts=opts, finite=finite)
     x = jnp.asarray(x, dtype)
     # Padding rule under jit: pad the class axis (any values) and mask the padding with a
     # class-shaped `where` (or, without a soft cap, pad with -inf logits instead).
@@ -211,7 +211,7 @@ def jit_integer_case(
             put(mesh, cwp, "model"),
             put(mesh, mask, None, "model"),
         )
-        key = ("jit", opts_name, dtype, num_classes, reduction)
+        key = ("jit", opts_name, dtype, num_classes, reduction, finite)
         v1, g1, v0, g0 = run_pair(loss, loss, args, (x, y, cw, None), key)
     rv, rg = reference_integer(x, y, cw, opts, reduction)
     return {
@@ -265,6 +265,14 @@ def group_jit():
         for name, opts in SINGLE_OPTIONS.items():
             pad = "where" if "logit_soft_cap" in opts else "-inf"
             out.append(jit_integer_case((2, 4), kind, name, opts, jnp.float32, 61, "mean", pad))
+        # Every logit finite: smoothing takes the matrix-product path, over sharded weights.
+        opts = dict(label_smoothing=0.1, class_weights=True, ignore_index=IGNORE)
+        for dtype in (jnp.float32, jnp.bfloat16):
+            out.append(
+                jit_integer_case(
+                    (4, 2), kind, "smoothing+weights, finite", opts, dtype, 64, "none", finite=True
+                )
+            )
     return out
 
 
@@ -438,6 +446,18 @@ def group_hlo():
                             f"hlo jit {kind} {name} {jnp.dtype(dtype).name}", text, local_classes
                         )
                     )
+            # Per-device temporary memory: no [rows, V_local] float32 buffer (a gather or
+            # select that XLA cannot partition, or a converted copy of the logits).
+            # Without the soft cap: a bfloat16 soft cap costs such a buffer on one device too.
+            no_cap = {k: v for k, v in ALL_OPTIONS.items() if k != "logit_soft_cap"}
+            fn = jax.value_and_grad(integer_loss(no_cap, "mean", None))
+            with jax.set_mesh(mesh):
+                temp = jax.jit(fn).lower(x, y, cw).compile().memory_analysis().temp_size_in_bytes
+            limit = rows // 2 * local_classes * 4 // 2
+            out[-1]["checks"]["no [rows, V_local] temporary"] = [
+                0.0 if temp < limit else 2.0,
+                f"{temp} bytes of temporaries per device (limit {limit})",
+            ]
         # shard_map form: no all-gather at all, and the backward pass adds no collective.
         for dtype in (jnp.float32, jnp.bfloat16):
             x = put(mesh, jnp.zeros((rows, vocab), dtype), "data", "model")
@@ -472,7 +492,11 @@ def group_hlo():
     return out
 
 
-GROUPS = {"jit": group_jit, "shard_map": group_shard_map, "hlo": group_hlo}
+GROUPS = {
+    "jit": group_jit,
+    "shard_map": group_shard_map,
+    "hlo": group_hlo,
+}
 
 
 def main(argv):

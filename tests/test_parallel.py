@@ -237,6 +237,21 @@ def test_bad_inputs_raise(name):
         fn(jnp.zeros(()))
 
 
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_vocabulary_not_split_raises(check_vma):
+    """Logits not split over axis_name, or check_vma=False: the gradient would be wrong."""
+    mesh = jax.make_mesh((1,), ("model",))
+    spec = P() if check_vma else P(None, "model")
+
+    def local(x, y):
+        return jxent.parallel.softmax_cross_entropy_with_integer_labels(x, y, axis_name="model")
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P(), check_vma=check_vma)
+    x = jax.device_put(jnp.zeros((2, 4)), NamedSharding(mesh, spec))
+    with pytest.raises(ValueError, match="local_logits must be split over axis_name"):
+        fn(x, jnp.zeros((2,), jnp.int32))
+
+
 def test_outside_shard_map_raises():
     with pytest.raises(ValueError, match="shard_map"):
         jxent.parallel.softmax_cross_entropy_with_integer_labels(

@@ -1,0 +1,644 @@
+"""KL divergences, knowledge distillation from logits, and the entropy of a softmax.
+
+Every function here reduces over class axes, with the same layout, ``where`` and
+``reduction`` rules as the categorical losses (``jxent._categorical._to_rows``).
+
+Why it is written this way (the same design as the categorical core):
+
+* Each loss is a ``jax.custom_jvp`` whose tangent rule is wrapped in
+  ``jax.checkpoint``: reverse mode keeps only the inputs and a few per-row scalars
+  (log-sum-exps, the loss) as residuals and recomputes the softmax in one fused
+  elementwise pass, and forward mode (``jvp``, ``jacfwd``, ``hessian``) works.
+  The rules take symbolic zero tangents, so an input that is not differentiated
+  (a ``stop_gradient``-ed teacher) costs nothing.
+* ``0 log 0 = 0`` is built in: terms whose weight is exactly 0 contribute 0 to the
+  value and the gradient even against a ``-inf`` log-probability.
+* The forward sums are written with arithmetic only (``max``/``min`` clamps, no
+  selects) and evaluated in one variadic reduction, so XLA:CPU reads bfloat16
+  inputs once, converts them inside the fused reduction and accumulates in
+  float32 without a float32 copy of the input.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jxent import _validation as v
+from jxent._categorical import Axis, _to_rows
+from jxent._reduction import reduce_loss
+from jxent._softmax import _finite_parts, _row_sums
+
+# --------------------------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------------------------
+
+
+def custom_jvp_loss(forward, tangent):
+    """A ``custom_jvp`` loss ``f(cfg, *arrays)`` from a forward and a tangent rule.
+
+    ``forward(cfg, *arrays) -> (loss, stats)``; ``tangent(cfg, arrays, stats, dots)``
+    is linear in ``dots`` (one per array, ``None`` where the input is not
+    perturbed). The tangent is checkpointed, so the transposed rule recomputes
+    what it needs from ``arrays`` and the per-row ``stats``.
+    """
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def f(cfg, *arrays):
+        return forward(cfg, *arrays)[0]
+
+    def jvp(cfg, primals, tangents):
+        loss, stats = forward(cfg, *primals)
+        dots = tuple(None if type(d) is SymbolicZero else d for d in tangents)
+        if all(d is None for d in dots):
+            return loss, jnp.zeros_like(loss)
+        out = jax.checkpoint(functools.partial(tangent, cfg))(primals, stats, dots)
+        return loss, out
+
+    f.defjvp(jvp, symbolic_zeros=True)
+    return f
+
+
+def _acc_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """float64 if any input is float64, else float32."""
+    dts = [v.accumulation_dtype(a.dtype) for a in arrays]
+    return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dts else jnp.dtype(jnp.float32)
+
+
+class _Shifted(NamedTuple):
+    z: jax.Array  # [..., K] scaled logits in the accumulation dtype
+    row_max: jax.Array  # [...] max over unmasked classes; 0 on rows without any
+    has_class: jax.Array  # [...] bool: the row has an unmasked finite logit
+    e: jax.Array  # [..., K] exp(z - row_max), exactly 0 on -inf and masked classes
+
+
+def _shifted_exp(x: jax.Array, class_mask, scale: float, acc) -> _Shifted:
+    """The shifted exponentials of a softmax over the last axis of ``scale * x``.
+
+    The row maximum is taken on the raw input (exact in any dtype, and ``scale > 0``
+    is monotone), so no converted copy of a bfloat16 ``x`` is needed for it.
+    """
+    masked = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1).astype(acc)
+    z = x.astype(acc)
+    if scale != 1.0:
+        row_max = row_max * scale
+        z = z * scale
+    has_class = row_max > -jnp.inf
+    row_max = lax.stop_gradient(jnp.where(has_class, row_max, jnp.zeros((), acc)))
+    e = jnp.exp(z - row_max[..., None])
+    if class_mask is not None:
+        e = jnp.where(class_mask, e, jnp.zeros((), acc))
+    return _Shifted(z, row_max, has_class, e)
+
+
+def _half_gap(s: _Shifted) -> jax.Array:
+    """``(row_max - z) / 2``, finite everywhere (``-inf`` logits clamp to the lowest float).
+
+    It is only ever multiplied by ``e``, which is 0 where the clamp applies; halving
+    keeps the difference from overflowing for logits near the float maximum.
+    """
+    _, z_floor = _finite_parts(s.z)
+    return 0.5 * s.row_max[..., None] - 0.5 * z_floor
+
+
+def _log_sum(sums: jax.Array, has_class: jax.Array) -> jax.Array:
+    return jnp.log(jnp.where(has_class, sums, jnp.ones((), sums.dtype)))
+
+
+def _floating_pair(name_a: str, a, name_b: str, b):
+    a = v.as_array(name_a, a)
+    b = v.as_array(name_b, b)
+    v.check_floating(name_a, a)
+    v.check_floating(name_b, b)
+    v.check_shape(name_b, b, a.shape, f"the shape of {name_a}")
+    return a, b
+
+
+def _keep(has_class, row_mask):
+    return has_class if row_mask is None else has_class & row_mask
+
+
+def _masked(x, class_mask, fill):
+    return x if class_mask is None else jnp.where(class_mask, x, jnp.asarray(fill, x.dtype))
+
+
+def _dot_last(g: jax.Array, dot: jax.Array | None) -> jax.Array | int:
+    """``sum_k g_k dot_k`` over the last axis (0 if the input is not perturbed)."""
+    if dot is None:
+        return 0
+    return jnp.sum(g * dot.astype(g.dtype), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# KL divergence from log-predictions and (log-)targets
+# --------------------------------------------------------------------------------------------
+
+
+class _KLStats(NamedTuple):
+    keep: jax.Array
+
+
+def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
+    acc = _acc_dtype(lp, t)
+    lp = lp.astype(acc)
+    t = t.astype(acc)
+    if class_mask is not None:
+        zero = jnp.zeros((), acc)
+        lp = jnp.where(class_mask, lp, zero)
+        t = jnp.where(class_mask, t, -jnp.inf if log_targets_given else zero)
+    lp_finite, lp_floor = _finite_parts(lp)
+    if log_targets_given:
+        weight = jnp.exp(t)  # exactly 0 for a -inf log-target
+        _, t_floor = _finite_parts(t)
+        # (log t - log p) / 2: halves so that neither clamp can overflow the difference.
+        term = weight * (0.5 * t_floor - 0.5 * lp_floor)
+        scale = 2.0
+    else:
+        weight = t
+        tiny = jnp.finfo(acc).tiny
+        # t log t with 0 log 0 = 0: log(max(t, tiny)) is finite, so t = 0 gives 0 exactly;
+        # for 0 < t < tiny it changes the term by less than 100 * tiny.
+        term = t * (jnp.log(jnp.maximum(t, tiny)) - lp_floor)
+        scale = 1.0
+    sums = _row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
+    loss = scale * sums["term"]
+    # Target mass on a -inf log-prediction is impossible under the prediction: +inf.
+    loss = jnp.where(sums["on_inf"] > 0, jnp.inf, loss)
+    keep = jnp.ones(loss.shape, jnp.bool_) if row_mask is None else row_mask
+    return jnp.where(keep, loss, jnp.zeros((), acc)), _KLStats(keep)
+
+
+def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
+    lp, t, class_mask, _ = arrays
+    lp_dot, t_dot = dots[0], dots[1]
+    acc = _acc_dtype(lp, t)
+    zero = jnp.zeros((), acc)
+    lp = lp.astype(acc)
+    t = t.astype(acc)
+    weight = jnp.exp(t) if log_targets_given else t
+    log_t = t if log_targets_given else jnp.log(t)
+    on = (weight > 0) & (lp > -jnp.inf)
+    if class_mask is not None:
+        weight = jnp.where(class_mask, weight, zero)
+        on = on & class_mask
+    out = -_dot_last(weight, lp_dot)
+    if t_dot is not None:
+        # d/dt [t (log t - log p)] = log t - log p + 1; with log-targets, times t.
+        # Taken as 0 where t = 0 or log p = -inf (the one-sided derivatives there are
+        # infinite), so that a zero tangent can never give 0 * inf = NaN.
+        g = jnp.where(on, log_t - jnp.where(on, lp, zero) + 1, zero)
+        if log_targets_given:
+            g = weight * g
+        out = out + _dot_last(g, t_dot)
+    return jnp.where(stats.keep, out, zero)
+
+
+_kl = custom_jvp_loss(_kl_forward, _kl_tangent)
+
+
+def _kl_public(log_targets_given, log_predictions, targets, axis, where, reduction):
+    t_name = "log_targets" if log_targets_given else "targets"
+    lp, t = _floating_pair("log_predictions", log_predictions, t_name, targets)
+    v.check_reduction(reduction)
+    axes = v.normalize_axes(axis, lp.ndim)
+    lp_rows, _, row_mask, class_mask = _to_rows(lp, axes, where)
+    t_rows, _, _, _ = _to_rows(t, axes, None)
+    loss = _kl(log_targets_given, lp_rows, t_rows, class_mask, row_mask)
+    return reduce_loss(loss, reduction, row_mask)
+
+
+def kl_divergence(
+    log_predictions: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Kullback-Leibler divergence of predictions from targets, with ``0 log 0 = 0``.
+
+    .. math::
+      \mathrm{KL}(t \,\|\, p) = \sum_k t_k \big(\log t_k - \log p_k\big),
+
+    where a term with :math:`t_k = 0` is exactly 0, in value and in gradient, even
+    where :math:`\log p_k = -\infty`. A positive target on a :math:`-\infty`
+    log-prediction gives :math:`+\infty` (the target is impossible under the
+    prediction). The predictions need not be normalised (the formula is applied
+    as written, as optax does).
+
+    Drop-in for :func:`optax.losses.kl_divergence`, which returns NaN for zero
+    targets on ``-inf`` log-predictions, e.g. ``kl_divergence(log([0, .5, .5]),
+    [0, .5, .5])``; this returns 0.
+
+    Gradients: :math:`\partial/\partial \log p_k = -t_k`;
+    :math:`\partial/\partial t_k = \log t_k - \log p_k + 1`, taken as 0 where
+    :math:`t_k = 0` or :math:`\log p_k = -\infty` (where the true one-sided
+    derivative is infinite), so a zero cotangent never makes NaN.
+
+    Args:
+      log_predictions: log-probabilities of the prediction, ``[..., num_classes]``
+        (e.g. ``jax.nn.log_softmax(logits)``; for logits use
+        :func:`softmax_kl_divergence`).
+      targets: target probabilities, same shape; non-negative (not checked: a
+        negative target gives a meaningless value).
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops rows) or of the inputs'
+        shape (drops classes from the sum).
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"`` (over the rows
+        that ``where`` keeps; 0 if none).
+
+    Returns:
+      The divergence, float32 for float32 or narrower inputs (float64 if either
+      input is float64); with ``reduction="none"`` it has the batch shape.
+
+    Raises:
+      TypeError: integer inputs, or a non-boolean ``where``.
+      ValueError: ``targets`` not of the shape of ``log_predictions``, an
+        out-of-range ``axis``, a ``where`` of neither shape, an unknown
+        ``reduction``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jxent
+      >>> t = jnp.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+      >>> log_p = jnp.log(jnp.array([[0.0, 0.5, 0.5], [0.1, 0.6, 0.3]]))
+      >>> print(np.round(np.asarray(jxent.kl_divergence(log_p, t)), 4))
+      [0.     0.1861]
+
+    References:
+      Kullback and Leibler, `On Information and Sufficiency
+      <https://www.jstor.org/stable/2236703>`_, 1951.
+    """
+    return _kl_public(False, log_predictions, targets, axis, where, reduction)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: jax.typing.ArrayLike,
+    log_targets: jax.typing.ArrayLike,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Kullback-Leibler divergence with the targets given as log-probabilities.
+
+    .. math::
+      \mathrm{KL}(t \,\|\, p) = \sum_k e^{\log t_k} \big(\log t_k - \log p_k\big),
+
+    with ``0 log 0 = 0``: a :math:`-\infty` log-target contributes exactly 0 to the
+    value and the gradient (optax returns NaN there), and a finite log-target on a
+    :math:`-\infty` log-prediction gives :math:`+\infty`.
+
+    Gradients: :math:`\partial/\partial \log p_k = -t_k`;
+    :math:`\partial/\partial \log t_k = t_k (\log t_k - \log p_k + 1)`, taken as 0
+    where :math:`\log p_k = -\infty`.
+
+    Drop-in for :func:`optax.losses.kl_divergence_with_log_targets`.
+
+    Args:
+      log_predictions: log-probabilities of the prediction, ``[..., num_classes]``.
+      log_targets: log-probabilities of the target, same shape.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops rows) or of the inputs'
+        shape (drops classes from the sum).
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"``.
+
+    Returns:
+      The divergence, float32 for float32 or narrower inputs.
+
+    Raises:
+      TypeError: integer inputs, or a non-boolean ``where``.
+      ValueError: mismatched shapes, an out-of-range ``axis``, a bad ``where`` or
+        ``reduction``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> log_t = jnp.log(jnp.array([0.0, 0.5, 0.5]))
+      >>> log_p = jnp.log(jnp.array([0.2, 0.4, 0.4]))
+      >>> print(f"{jxent.kl_divergence_with_log_targets(log_p, log_t):.4f}")  # log(1.25)
+      0.2231
+    """
+    return _kl_public(True, log_predictions, log_targets, axis, where, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation: KL(softmax(teacher / T) || softmax(student / T)) * T**2
+# --------------------------------------------------------------------------------------------
+
+
+class _DistillStats(NamedTuple):
+    lse_s: jax.Array  # log-sum-exp of student / T (0 on rows without a finite class)
+    lse_t: jax.Array  # log-sum-exp of teacher / T
+    kl: jax.Array  # the unscaled KL (may be +inf)
+    keep: jax.Array
+
+
+def _distill_forward(temperature: float, student, teacher, class_mask, row_mask):
+    acc = _acc_dtype(student, teacher)
+    zero = jnp.zeros((), acc)
+    inv_t = 1.0 / temperature
+    s = _shifted_exp(student, class_mask, inv_t, acc)
+    t = _shifted_exp(teacher, class_mask, inv_t, acc)
+    s_finite, _ = _finite_parts(s.z)
+    sums = _row_sums(
+        {
+            "t": t.e,
+            "s": s.e,
+            # sum_k e_t (a'_k - b'_k) / 2, with a', b' the shifted teacher/student logits.
+            "gap": t.e * (_half_gap(s) - _half_gap(t)),
+            "on_inf": t.e * (1 - s_finite),
+        }
+    )
+    log_st = _log_sum(sums["t"], t.has_class)
+    log_ss = _log_sum(sums["s"], s.has_class)
+    # KL = sum_k p_k (log p_k - log q_k) = sum_k p_k (a'_k - b'_k) - log S_t + log S_s.
+    kl = 2 * sums["gap"] / jnp.where(t.has_class, sums["t"], 1) + (log_ss - log_st)
+    # KL >= 0; rounding can leave a value a few ulps below 0.
+    kl = jnp.maximum(kl, zero)
+    kl = jnp.where(sums["on_inf"] > 0, jnp.inf, kl)
+    keep = _keep(t.has_class, row_mask)
+    loss = jnp.where(keep, (temperature * temperature) * kl, zero)
+    stats = _DistillStats(s.row_max + log_ss, t.row_max + log_st, kl, keep)
+    return loss, stats
+
+
+def _distill_tangent(temperature: float, arrays, stats: _DistillStats, dots):
+    student, teacher, class_mask, _ = arrays
+    s_dot, t_dot = dots[0], dots[1]
+    acc = stats.lse_s.dtype
+    zero = jnp.zeros((), acc)
+    inv_t = 1.0 / temperature
+    log_q = student.astype(acc) * inv_t - stats.lse_s[..., None]
+    log_p = teacher.astype(acc) * inv_t - stats.lse_t[..., None]
+    p = _masked(jnp.exp(log_p), class_mask, 0)
+    out = 0
+    if s_dot is not None:
+        q = _masked(jnp.exp(log_q), class_mask, 0)
+        # d (T^2 KL) / d student_k = T (q_k - p_k).
+        out = out + _dot_last(temperature * (q - p), s_dot)
+    if t_dot is not None:
+        # d (T^2 KL) / d teacher_k = T p_k (log p_k - log q_k - KL): 0 where p_k = 0, and
+        # 0 on rows whose KL is +inf (teacher mass on a class the student rules out).
+        ok = (p > 0) & jnp.isfinite(stats.kl)[..., None]
+        g = jnp.where(ok, log_p - jnp.where(ok, log_q, zero) - stats.kl[..., None], zero)
+        out = out + _dot_last(temperature * p * g, t_dot)
+    return jnp.where(stats.keep, out, zero)
+
+
+_distill = custom_jvp_loss(_distill_forward, _distill_tangent)
+
+
+def softmax_kl_divergence(
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Knowledge-distillation loss straight from logits (Hinton et al., 2015).
+
+    With :math:`p = \operatorname{softmax}(t / T)` (teacher) and
+    :math:`q = \operatorname{softmax}(s / T)` (student),
+
+    .. math::
+      \ell = T^2\, \mathrm{KL}(p \,\|\, q)
+           = T^2 \sum_k p_k \big(\log p_k - \log q_k\big),
+
+    computed in one fused, stable pass over both logit arrays (no softmax or
+    log-softmax array is formed). The :math:`T^2` factor keeps the gradient
+    scale independent of the temperature, as in the paper. Because
+    :math:`H(p, q) = H(p) + \mathrm{KL}(p \,\|\, q)`, at :math:`T = 1` this is
+    ``softmax_cross_entropy(s, softmax(t)) - entropy(t)``: the cross-entropy to
+    the teacher's soft labels minus a term that does not depend on the student.
+
+    Gradients flow to both inputs:
+    :math:`\partial \ell / \partial s_k = T (q_k - p_k)` and
+    :math:`\partial \ell / \partial t_k = T p_k (\log p_k - \log q_k -
+    \mathrm{KL})`. Wrap the teacher in ``jax.lax.stop_gradient`` (or do not
+    differentiate with respect to it) to train the student only; the rule then
+    does no work for the teacher.
+
+    Masking: a class that is ``-inf`` in both inputs (or dropped by a
+    logits-shaped ``where``) takes no part. A class the teacher rules out
+    (``-inf``) contributes 0. A class the student rules out but the teacher does
+    not makes the row's loss :math:`+\infty`; its student gradient stays
+    :math:`T (q - p)` and its teacher gradient is 0. A row whose teacher logits are
+    all ``-inf`` (or all masked) gives loss 0 and gradient 0.
+
+    Args:
+      student_logits: ``[..., num_classes]`` logits of the student.
+      teacher_logits: logits of the teacher, same shape (any floating dtype).
+      temperature: :math:`T > 0`, a static Python number.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops rows) or of the logits'
+        shape (drops classes from both softmaxes).
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"`` (over the rows
+        that ``where`` keeps).
+
+    Returns:
+      The loss, float32 for float32 or narrower logits (float64 if either input is
+      float64); gradients come back in each input's dtype.
+
+    Raises:
+      TypeError: integer logits, a non-static temperature.
+      ValueError: mismatched shapes, ``temperature <= 0``, a bad ``axis``,
+        ``where`` or ``reduction``.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jxent
+      >>> student = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+      >>> teacher = jnp.array([[2.0, 0.0, -2.0], [0.5, 0.5, 0.0]])
+      >>> loss = jxent.softmax_kl_divergence(student, teacher, temperature=2.0)
+      >>> print(np.round(np.asarray(loss), 4))
+      [0.2411 0.    ]
+      >>> # train the student only:
+      >>> grad = jax.grad(lambda s: jxent.softmax_kl_divergence(
+      ...     s, jax.lax.stop_gradient(teacher), temperature=2.0, reduction="mean"))
+      >>> print(np.round(np.asarray(grad(student)), 4))
+      [[-0.1588  0.0625  0.0963]
+       [ 0.      0.      0.    ]]
+      >>> # H(p, q) = H(p) + KL(p || q):
+      >>> ce = jxent.softmax_cross_entropy(student, jax.nn.softmax(teacher))
+      >>> kl = jxent.softmax_kl_divergence(student, teacher)
+      >>> bool(jnp.allclose(ce, jxent.entropy(teacher) + kl))
+      True
+
+    References:
+      Hinton, Vinyals & Dean, `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015.
+    """
+    student, teacher = _floating_pair(
+        "student_logits", student_logits, "teacher_logits", teacher_logits
+    )
+    temperature = v.static_number("temperature", temperature, lo=0.0, lo_open=True)
+    v.check_reduction(reduction)
+    axes = v.normalize_axes(axis, student.ndim)
+    s_rows, _, row_mask, class_mask = _to_rows(student, axes, where)
+    t_rows, _, _, _ = _to_rows(teacher, axes, None)
+    loss = _distill(temperature, s_rows, t_rows, class_mask, row_mask)
+    return reduce_loss(loss, reduction, row_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Entropy of a softmax
+# --------------------------------------------------------------------------------------------
+
+
+class _EntropyStats(NamedTuple):
+    lse: jax.Array
+    entropy: jax.Array
+    keep: jax.Array
+
+
+def _entropy_forward(_, x, class_mask, row_mask):
+    acc = v.accumulation_dtype(x.dtype)
+    zero = jnp.zeros((), acc)
+    s = _shifted_exp(x, class_mask, 1.0, acc)
+    sums = _row_sums({"s": s.e, "gap": s.e * _half_gap(s)})
+    log_s = _log_sum(sums["s"], s.has_class)
+    # H = lse - sum_k p_k z_k = log S + sum_k p_k (max - z_k): two non-negative terms.
+    h = log_s + 2 * sums["gap"] / jnp.where(s.has_class, sums["s"], 1)
+    keep = _keep(s.has_class, row_mask)
+    h = jnp.where(keep, h, zero)
+    return h, _EntropyStats(s.row_max + log_s, h, keep)
+
+
+def _entropy_tangent(_, arrays, stats: _EntropyStats, dots):
+    x, class_mask, _ = arrays
+    acc = stats.lse.dtype
+    zero = jnp.zeros((), acc)
+    z = x.astype(acc)
+    m = z > -jnp.inf
+    if class_mask is not None:
+        m = m & class_mask
+    neg_log_p = stats.lse[..., None] - jnp.where(m, z, zero)
+    p = jnp.exp(-neg_log_p)
+    # dH / dz_k = p_k (-log p_k - H), exactly 0 on -inf and masked classes, and where p_k
+    # underflows (-log p_k may then overflow to inf: 0 * inf must not give NaN).
+    g = jnp.where(m & (p > 0), p * (neg_log_p - stats.entropy[..., None]), zero)
+    return jnp.where(stats.keep, _dot_last(g, dots[0]), zero)
+
+
+_entropy = custom_jvp_loss(_entropy_forward, _entropy_tangent)
+
+
+def entropy(
+    logits: jax.typing.ArrayLike,
+    axis: Axis | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Shannon entropy (in nats) of the softmax distribution of ``logits``.
+
+    .. math::
+      H(p) = -\sum_k p_k \log p_k, \qquad p = \operatorname{softmax}(x),
+
+    computed stably from the logits as :math:`\log S + \sum_k p_k (m - x_k)` with
+    :math:`m` the row maximum and :math:`S = \sum_k e^{x_k - m}` (two
+    non-negative terms, no cancellation). ``-inf`` logits are classes of
+    probability 0 and contribute 0 (``0 log 0 = 0``) to the value and gradient.
+    Useful for confidence metrics and entropy regularisation; with
+    :func:`softmax_kl_divergence` it splits the cross-entropy to soft targets:
+    :math:`H(p, q) = H(p) + \mathrm{KL}(p \,\|\, q)`.
+
+    The gradient is :math:`\partial H / \partial x_k = -p_k (\log p_k + H)`.
+
+    Args:
+      logits: unnormalised log-probabilities, ``[..., num_classes]``.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      where: a boolean mask of the batch shape (drops rows) or of the logits'
+        shape (drops classes from the softmax).
+      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"`` (over the rows
+        that ``where`` keeps).
+
+    Returns:
+      The entropy, float32 for float32 or narrower logits. Rows with no finite
+      unmasked logit give 0.
+
+    Raises:
+      TypeError: integer logits, a non-boolean ``where``.
+      ValueError: a bad ``axis``, ``where`` or ``reduction``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jxent
+      >>> logits = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -jnp.inf, -jnp.inf]])
+      >>> print(np.round(np.asarray(jxent.entropy(logits)), 4))  # log 4 and log 2
+      [1.3863 0.6931]
+    """
+    x = v.as_array("logits", logits)
+    v.check_floating("logits", x)
+    v.check_reduction(reduction)
+    axes = v.normalize_axes(axis, x.ndim)
+    rows, _, row_mask, class_mask = _to_rows(x, axes, where)
+    loss = _entropy(None, rows, class_mask, row_mask)
+    return reduce_loss(loss, reduction, row_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# The PolyLoss term sum_k t_k (1 - p_k) (used by jxent._categorical.poly_loss_cross_entropy)
+# --------------------------------------------------------------------------------------------
+
+
+class _PolyStats(NamedTuple):
+    lse: jax.Array
+    pt: jax.Array  # sum_k t_k p_k
+    keep: jax.Array
+
+
+def _poly_forward(_, x, t, class_mask, row_mask):
+    acc = _acc_dtype(x, t)
+    zero = jnp.zeros((), acc)
+    # This pass runs next to the cross-entropy core's over the same logits: without the
+    # barrier XLA merges the two identical exp(x - max) and materialises the result.
+    x = lax.optimization_barrier(x)
+    s = _shifted_exp(x, class_mask, 1.0, acc)
+    t = _masked(t.astype(acc), class_mask, 0)
+    sums = _row_sums({"s": s.e, "te": t * s.e, "t": t})
+    log_s = _log_sum(sums["s"], s.has_class)
+    pt = sums["te"] / jnp.where(s.has_class, sums["s"], 1)
+    keep = _keep(s.has_class, row_mask)
+    term = jnp.where(keep, sums["t"] - pt, zero)
+    return term, _PolyStats(s.row_max + log_s, pt, keep)
+
+
+def _poly_tangent(_, arrays, stats: _PolyStats, dots):
+    x, t, class_mask, _ = arrays
+    x_dot, t_dot = dots[0], dots[1]
+    acc = stats.lse.dtype
+    zero = jnp.zeros((), acc)
+    p = _masked(jnp.exp(x.astype(acc) - stats.lse[..., None]), class_mask, 0)
+    out = 0
+    if x_dot is not None:
+        # d/dx_j sum_k t_k (1 - p_k) = p_j (sum_k t_k p_k - t_j).
+        tm = _masked(t.astype(acc), class_mask, 0)
+        out = out + _dot_last(p * (stats.pt[..., None] - tm), x_dot)
+    if t_dot is not None:
+        out = out + _dot_last(_masked(1 - p, class_mask, 0), t_dot)
+    return jnp.where(stats.keep, out, zero)
+
+
+_poly = custom_jvp_loss(_poly_forward, _poly_tangent)
+
+
+def poly1_term(x: jax.Array, t: jax.Array, class_mask, row_mask) -> jax.Array:
+    """Per-row ``sum_k t_k (1 - softmax(x)_k)`` over the last axis (validated rows).
+
+    Rows dropped by ``row_mask`` or without a finite unmasked logit give 0.
+    """
+    return _poly(None, x, t, class_mask, row_mask)
