@@ -6,6 +6,11 @@ split over it, the parameters are replicated), with a progress bar, periodic
 evaluation, orbax checkpoints and ``--resume``, and writes ``metrics.json``,
 ``curves.png`` and a summary table at the end. ``--help`` lists every option.
 
+Every batch is a pure function of the seed and the step, and the training state
+(parameters, optimizer state) is checkpointed whole, so a resumed run reproduces
+an uninterrupted one bit for bit where XLA is deterministic: always on CPU; on
+GPUs with ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``.
+
 Exit codes: 0 done, 1 training stopped on a non-finite loss, 2 bad flags or an
 unusable output directory, 130 interrupted (Ctrl-C) after saving a checkpoint.
 """
