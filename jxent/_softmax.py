@@ -44,6 +44,10 @@ class XentConfig(NamedTuple):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     soft_cap: float | None = None
+    # Where the classes are in the caller's arrays; None: the last axis. The arrays
+    # are brought to [*batch, classes] inside the rule, so that reverse mode saves the
+    # caller's logits, not a transposed copy.
+    class_axes: tuple[int, ...] | None = None
 
 
 _DEFAULT_CONFIG = XentConfig()
@@ -227,7 +231,19 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
     return lax.cond(ok, all_finite, masked_smoothing_sums)
 
 
+def to_rows(a: jax.Array | None, class_axes: tuple[int, ...] | None) -> jax.Array | None:
+    """Moves ``class_axes`` (in that order) last and flattens them: ``[*batch, classes]``."""
+    if a is None or class_axes is None:
+        return a
+    ndim = a.ndim
+    batch_axes = tuple(i for i in range(ndim) if i not in class_axes)
+    if class_axes != tuple(range(ndim - len(class_axes), ndim)):
+        a = jnp.transpose(a, batch_axes + class_axes)
+    return a.reshape(a.shape[: len(batch_axes)] + (-1,))
+
+
 def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_weights):
+    x, targets, class_mask = (to_rows(a, cfg.class_axes) for a in (x, targets, class_mask))
     acc = accumulation_dtype(x.dtype)
     a = cfg.label_smoothing
     zero = jnp.zeros((), acc)
@@ -238,7 +254,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     # need no mask: they never win the max and exp(-inf) = 0 below.
     masked_x = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
     row_max = _cap(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc)
-    has_class = row_max > -jnp.inf
+    has_class = row_max != -jnp.inf  # NaN logits keep the row (and make it NaN)
     row_max = lax.stop_gradient(jnp.where(has_class, row_max, zero))
     exp_shifted = jnp.exp(z - row_max[..., None])
     if class_mask is not None:
@@ -258,23 +274,32 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         if class_mask is not None:
             t = jnp.where(class_mask, t, zero)
         terms.update(t=t, t_gap=t * half_gap, t_on_inf=t * (1 - finite))
-    sums = _row_sums(terms)
     if a > 0:
         w = jnp.ones(x.shape[-1:], acc) if class_weights is None else class_weights.astype(acc)
+        w_rows = jnp.expand_dims(w, tuple(range(x.ndim - 1)))  # explicit rank broadcast
 
-        def masked_smoothing_sums():
-            # Converted here, inside the branch: a converted copy of x passed into
-            # the cond would be materialised.
-            finite, half_gap = finite_and_half_gap(_cap(x, cfg.soft_cap, acc))
-            w_rows = jnp.expand_dims(w, tuple(range(x.ndim - 1)))  # explicit rank broadcast
-            s = _row_sums({"n": finite, "w": finite * w_rows, "w_gap": w_rows * half_gap})
-            return s["n"], s["w"], s["w_gap"]
+        def smoothing_terms(z):
+            finite, half_gap = finite_and_half_gap(z)
+            return {"n": finite, "w": finite * w_rows, "w_gap": w_rows * half_gap}
 
         if labels is None or class_mask is not None or cfg.soft_cap is not None:
-            n, sum_w, w_gap = masked_smoothing_sums()
+            # In the same variadic reduction as the sum of exponentials: every sum reads
+            # the (converted, capped) logits in one pass.
+            terms.update(smoothing_terms(z))
+            sums = _row_sums(terms)
         else:
+            sums = _row_sums(terms)
+
+            def masked_smoothing_sums():
+                # Converted here, inside the branch: a converted copy of x passed into
+                # the cond would be materialised.
+                s = _row_sums(smoothing_terms(_cap(x, cfg.soft_cap, acc)))
+                return s["n"], s["w"], s["w_gap"]
+
             n, sum_w, w_gap = _smoothing_sums(x, row_max, w, masked_smoothing_sums)
-        sums.update(n=n, w=sum_w, w_gap=w_gap)
+            sums.update(n=n, w=sum_w, w_gap=w_gap)
+    else:
+        sums = _row_sums(terms)
 
     lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max, >= 0
     lse = row_max + lse_rel
@@ -329,6 +354,9 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     XLA performs in place on the softmax part (cheaper than a compare-select over
     every class).
     """
+    x, targets, class_mask, x_dot, t_dot = (
+        to_rows(a, cfg.class_axes) for a in (x, targets, class_mask, x_dot, t_dot)
+    )
     acc = stats.lse.dtype
     zero = jnp.zeros((), acc)
     z = _cap(x, cfg.soft_cap, acc)
@@ -405,11 +433,12 @@ def softmax_xent(
     class_weights: jax.Array | None = None,
     config: XentConfig = _DEFAULT_CONFIG,
 ) -> jax.Array:
-    """Per-row softmax cross-entropy over the last axis of ``x``.
+    """Per-row softmax cross-entropy over the class axes of ``x``.
 
     Arguments are assumed validated (see ``jxent._categorical``); exactly one of
-    ``targets`` (same shape as ``x``) or integer ``labels`` (shape ``x.shape[:-1]``)
-    is given. ``class_mask`` broadcasts against ``x``; ``row_mask`` has the batch
+    ``targets`` (same shape as ``x``) or integer ``labels`` (the batch shape) is
+    given. The classes are ``config.class_axes`` (flattened in that order), or the
+    last axis. ``class_mask`` broadcasts against ``x``; ``row_mask`` has the batch
     shape. Rows where ``row_mask`` is False, or with no unmasked class, give 0 with
     zero gradient. Returns float32 (float64 for float64 ``x``), shape ``x.shape[:-1]``.
     """

@@ -1,0 +1,31 @@
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+# float64 checks against the NumPy reference need x64; strict promotion and rank promotion
+# errors make sure the library never relies on implicit dtype/rank promotion.
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile(
+    "jxent",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=(HealthCheck.too_slow, HealthCheck.data_too_large),
+    print_blob=True,
+)
+settings.load_profile("jxent")
+
+
+def _identity_transform(fn):
+    return fn
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["eager", "jit"])
+def jit_mode(request):
+    """Wraps a function in ``jax.jit`` (param "jit") or leaves it as is (param "eager").
+
+    Session-scoped so that it can be used together with hypothesis' ``@given``.
+    """
+    return jax.jit if request.param else _identity_transform
