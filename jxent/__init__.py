@@ -21,6 +21,7 @@ from jxent._divergence import (
     kl_divergence_with_log_targets,
     softmax_kl_divergence,
 )
+from jxent.linear import linear_softmax_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_softmax_cross_entropy",
     "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",

@@ -1,0 +1,326 @@
+"""``linear_softmax_cross_entropy``: validation, block-size choice and dispatch."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+
+from jxent import _validation as v
+from jxent._categorical import _and, _config
+from jxent._reduction import reduce_loss
+from jxent._softmax import take_classes
+from jxent.linear import chunked
+
+MiB = 2**20
+#: Default size of each float32 panel a block works on: the logits block
+#: ``[token_block, vocab_block]``, its ``dx`` rows ``[token_block, D]`` and its ``dw``
+#: columns ``[D, vocab_block]``. On CPU, memory-lean panels cost nothing (the matrix
+#: products are as efficient at that size); a GPU or TPU runs larger blocks markedly
+#: faster (fewer, larger kernels), and has the memory for them.
+PANEL_BYTES = {"cpu": 32 * MiB}
+ACCELERATOR_PANEL_BYTES = 128 * MiB
+#: Largest float32 ``[D, V]`` weight-gradient accumulator the single-pass schedule may use.
+SINGLE_PASS_MAX_ACCUMULATOR = 256 * MiB
+#: Largest float32 logits block ``[token_block, V]`` of the single-pass schedule.
+SINGLE_PASS_MAX_BLOCK = 256 * MiB
+
+
+def _block_length(total: int, cap: int, align: int) -> int:
+    """A block length of at most about ``cap`` for ``total`` items.
+
+    Prefers a divisor of ``total`` (a multiple of 8) in ``[cap / 2, cap]``: a
+    shorter last block is compiled as a separate copy of the loop body, with buffers
+    of its own. Otherwise splits ``total`` into near-equal blocks, rounded up to a
+    multiple of ``align``.
+    """
+    cap = max(align, cap - cap % align)
+    if total <= cap:
+        return max(total, 1)
+    for size in range(cap - cap % 8, cap // 2 - 1, -8):
+        if total % size == 0:
+            return size
+    count = -(-total // cap)
+    size = -(-total // count)
+    return min(total, -(-size // align) * align)
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"chunk_size must be a positive int or a pair of them, got {value!r}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"chunk_size must be None, a positive int (vocabulary columns per block) or a "
+            f"pair (tokens, vocabulary columns) of positive ints; got {what} {value!r}."
+        ) from None
+    if value <= 0:
+        raise ValueError(f"chunk_size must be positive, got {what} {value}.")
+    return value
+
+
+def plan_blocks(
+    num_tokens: int,
+    hidden: int,
+    num_classes: int,
+    reduction: str,
+    chunk_size: int | tuple[int, int] | None,
+    acc_bytes: int = 4,
+    backend: str = "cpu",
+) -> tuple[int, int, bool]:
+    """``(token_block, vocab_block, single_pass)`` for a call (all static).
+
+    The rule for ``chunk_size=None``, with ``P`` the panel size (32 MiB on CPU,
+    128 MiB on GPU/TPU; sizes counted in float32):
+
+    * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
+      gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``
+      tokens (a logits block of at least ``P``, at most 256 MiB) spanning the whole
+      vocabulary. Three matrix products, as many as the unfused computation.
+    * Streaming otherwise (per-token losses, or a large ``D * V`` as in language
+      models): token blocks of at most ``P`` of ``dx`` rows (``P / 4D`` tokens)
+      and vocabulary blocks of at most ``P`` of logits and of ``dw`` columns.
+      Four matrix products; temporary memory ``O(N * D)`` plus a few panels,
+      whatever ``V``.
+
+    Block lengths prefer divisors of ``N`` and ``V`` (multiples of 8) within a
+    factor 2 of those caps, since a shorter last block is compiled separately.
+    An int ``chunk_size`` sets the vocabulary block (tokens blocked as above), a
+    pair sets both; a vocabulary block as wide as ``V`` with a summed or averaged
+    loss selects the single pass.
+    """
+    n, d, k = num_tokens, hidden, num_classes
+    summed = reduction != "none"
+    panel = PANEL_BYTES.get(backend, ACCELERATOR_PANEL_BYTES) // acc_bytes  # elements
+    if chunk_size is not None:
+        if isinstance(chunk_size, (tuple, list)):
+            if len(chunk_size) != 2:
+                raise ValueError(
+                    "chunk_size must be an int or a pair (tokens, vocabulary columns), got "
+                    f"{chunk_size!r}."
+                )
+            tb = _positive_int(chunk_size[0], "token block")
+            vb = _positive_int(chunk_size[1], "vocabulary block")
+        else:
+            vb = _positive_int(chunk_size, "vocabulary block")
+            tb = _block_length(n, panel // max(d, 1), 8)
+        tb, vb = min(tb, max(n, 1)), min(vb, k)
+        return tb, vb, summed and vb == k
+    rows_cap = panel // max(d, 1)
+    if summed and d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR:
+        # Token blocks of about 2 D rows: each block adds its x.T @ dz into the [D, V]
+        # accumulator, and an inner dimension of 2 D keeps that product efficient and
+        # the accumulator's traffic small beside it.
+        rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
+        return _block_length(n, max(rows, 1), 8), k, True
+    tb = _block_length(n, rows_cap, 8)
+    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128), False
+
+
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_soft_cap: float | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
+
+    Computes exactly
+    ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)``
+    (same options, same results to float32 round-off) for the output layer of a
+    language model, where the ``[tokens, V]`` logits are the largest array of the
+    whole training step. With :math:`z = x W + b` (soft-capped to
+    :math:`c \tanh(z / c)` if ``logit_soft_cap=c``), label :math:`y`, class weights
+    :math:`w` and label smoothing :math:`\alpha` over all :math:`V` classes,
+
+    .. math::
+      \ell = (1 - \alpha)\, w_y \big(\mathrm{lse}(z) - z_y\big)
+             + \frac{\alpha}{V} \sum_k w_k \big(\mathrm{lse}(z) - z_k\big)
+             + \lambda_z\, \mathrm{lse}(z)^2 .
+
+    The logits are formed one ``[token_block, vocab_block]`` block at a time, in
+    float32 (matrix products accumulate in float32 for bfloat16/float16 inputs), and
+    reduced on the spot under a ``jax.custom_vjp``:
+
+    * streaming (vocabulary blocks narrower than ``V``; the default for large
+      ``D * V`` as in language models, and for ``reduction="none"``): an online
+      log-sum-exp keeps a few numbers per token; the backward pass recomputes each
+      block's logits and writes its columns of the weight gradient. Temporary
+      memory does not grow with ``tokens * V``; four matrix products of the size
+      of ``x @ w`` instead of the unfused three;
+    * single pass (blocks spanning the whole vocabulary, with ``reduction="sum"``
+      or ``"mean"``): one pass over token blocks computes the loss and, when
+      differentiated, the gradients too, into a float32 ``[D, V]`` accumulator.
+      Three matrix products: the fastest schedule, chosen by default when that
+      accumulator takes at most 256 MiB. Force it with ``chunk_size=(t, V)``.
+
+    Gradients flow to ``x``, ``w`` and ``bias`` and come back in their dtypes; only
+    those being differentiated are computed. Composes with ``jit``, ``vmap``,
+    ``grad`` and ``jax.checkpoint``; forward-mode differentiation is not supported.
+
+    Args:
+      x: hidden states ``[..., D]``, floating.
+      w: the output projection ``[D, V]`` (a Flax ``Dense`` kernel; for tied
+        embeddings pass ``embedding.T``).
+      labels: integer class indices of shape ``x.shape[:-1]``.
+      bias: optional ``[V]`` bias.
+      ignore_index: tokens whose label equals it are dropped (e.g. ``-100``).
+      where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
+      z_loss: :math:`\lambda_z \ge 0`, a static Python number.
+      logit_soft_cap: :math:`c > 0` to soft-cap the logits (Gemma 2), or ``None``.
+      class_weights: ``[V]`` non-negative weights (PyTorch's ``weight``); constants.
+      reduction: ``"mean"`` (default: over the kept tokens, weighted by
+        :math:`w_y` with class weights; 0 if none), ``"sum"`` or ``"none"``.
+      chunk_size: ``None`` to choose from the shapes (see Notes); an int ``c``:
+        vocabulary blocks of ``c`` columns (tokens blocked as by default); a pair
+        ``(t, c)``: blocks of ``t`` tokens by ``c`` vocabulary columns. A block as
+        wide as the vocabulary with a summed/averaged loss selects the single pass.
+        Neither needs to divide the number of tokens or ``V``.
+
+    Returns:
+      The loss in float32 (float64 for float64 inputs): a scalar, or of shape
+      ``x.shape[:-1]`` with ``reduction="none"``. A token with a label outside
+      ``[0, V)`` that is not ``ignore_index`` gets a NaN loss.
+
+    Raises:
+      TypeError: non-floating ``x``/``w``/``bias``/``class_weights``, non-integer
+        ``labels``, a non-boolean ``where``, a ``chunk_size`` that is not an int.
+      ValueError: ``w`` not ``[x.shape[-1], V]``, ``bias`` or ``class_weights`` not
+        ``[V]``, ``labels`` or ``where`` not of shape ``x.shape[:-1]``, a
+        non-positive ``chunk_size``, an option out of range, an unknown reduction.
+
+    Notes:
+      Default blocks (``chunk_size=None``): the single pass when the loss is summed
+      or averaged and the float32 ``[D, V]`` accumulator is at most 256 MiB, with
+      token blocks of about ``2 D`` tokens; otherwise vocabulary streaming with
+      panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
+      CPU, 128 MiB on GPU/TPU. See :func:`jxent.linear.api.plan_blocks` for the
+      exact rule.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jxent
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8], [-1.2, 0.4]], dtype=jnp.float32)
+      >>> w = jnp.array([[0.5, -1.0, 0.2, 0.0], [1.5, 0.3, -0.7, 0.1]], dtype=jnp.float32)
+      >>> labels = jnp.array([1, 0, -100])
+      >>> loss = jxent.linear_softmax_cross_entropy(x, w, labels, ignore_index=-100)
+      >>> loss.round(4)
+      Array(1.4999, dtype=float32)
+      >>> logits = x @ w
+      >>> jxent.softmax_cross_entropy_with_integer_labels(
+      ...     logits, labels, ignore_index=-100, reduction="mean").round(4)
+      Array(1.4999, dtype=float32)
+      >>> dx, dw = jax.grad(jxent.linear_softmax_cross_entropy, argnums=(0, 1))(
+      ...     x, w, labels, ignore_index=-100)
+      >>> dx.shape, dw.shape
+      ((3, 2), (2, 4))
+
+    References:
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024 (Cut Cross-Entropy).
+      Hsu et al., `Liger Kernel: Efficient Triton Kernels for LLM Training
+      <https://arxiv.org/abs/2410.10989>`_, 2024 (fused linear cross-entropy).
+      Milakov & Gimelshein, `Online normalizer calculation for softmax
+      <https://arxiv.org/abs/1805.02867>`_, 2018.
+    """
+    x = v.as_array("x", x)
+    w = v.as_array("w", w)
+    labels = v.as_array("labels", labels)
+    v.check_floating("x", x)
+    v.check_floating("w", w)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D] (hidden states), got a scalar {x.shape}.")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"w must have shape (D, V) = ({x.shape[-1]}, num_classes) to multiply x of shape "
+            f"{x.shape}, got shape {w.shape} (for tied embeddings [V, D] pass embedding.T)."
+        )
+    num_classes = w.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"w must have at least one column (class), got shape {w.shape}.")
+    v.check_integer("labels", labels, " Labels are class indices.")
+    batch_shape = x.shape[:-1]
+    v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
+    if bias is not None:
+        bias = v.as_array("bias", bias)
+        v.check_floating("bias", bias)
+        v.check_shape("bias", bias, (num_classes,), "one bias per class, w.shape[1]")
+    if class_weights is not None:
+        class_weights = v.as_array("class_weights", class_weights)
+        v.check_floating("class_weights", class_weights)
+        v.check_shape("class_weights", class_weights, (num_classes,), "one weight per class")
+    row_mask = None
+    if where is not None:
+        where = v.as_array("where", where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+        v.check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
+        row_mask = where
+    v.check_reduction(reduction)
+    config = _config(label_smoothing, z_loss, logit_soft_cap)
+    if ignore_index is not None:
+        row_mask = _and(row_mask, labels != ignore_index)
+
+    n = labels.size
+    dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
+    try:
+        acc = v.accumulation_dtype(functools.reduce(jnp.promote_types, dtypes))
+    except jax.dtypes.TypePromotionError:
+        raise TypeError(
+            f"x, w and bias have dtypes {[str(d) for d in dtypes]}, which "
+            "jax_numpy_dtype_promotion='strict' does not promote: cast them to one dtype."
+        ) from None
+    token_block, vocab_block, single_pass = plan_blocks(
+        n,
+        x.shape[-1],
+        num_classes,
+        reduction,
+        chunk_size,
+        jnp.dtype(acc).itemsize,
+        jax.default_backend(),
+    )
+    spec = chunked.Spec(config, token_block, vocab_block)
+    args = (
+        x.reshape(n, x.shape[-1]),
+        w,
+        bias,
+        chunked.prepare_labels(labels.reshape(n), num_classes),
+        None if row_mask is None else row_mask.reshape(n),
+        None if class_weights is None else jax.lax.stop_gradient(class_weights),
+    )
+    if single_pass:
+        total = chunked.summed_loss(spec, *args)
+    else:
+        per_token = chunked.per_token_loss(spec, *args).reshape(batch_shape)
+        if reduction == "none":
+            return per_token
+        total = jnp.sum(per_token)
+    if reduction == "sum":
+        return total
+    weight = row_mask
+    if class_weights is not None:
+        safe = jnp.clip(labels, 0, num_classes - 1)
+        weight = take_classes(class_weights, safe).astype(total.dtype)
+        if row_mask is not None:
+            weight = jnp.where(row_mask, weight, jnp.zeros((), total.dtype))
+    return _mean(total, n, weight)
+
+
+def _mean(total: jax.Array, n: int, weight: jax.Array | None) -> jax.Array:
+    """``reduce_loss``'s mean for a total that is already summed."""
+    if weight is None:
+        return total / max(n, 1)
+    return reduce_loss(total[None], "mean", jnp.sum(weight.astype(total.dtype))[None])

@@ -1,0 +1,554 @@
+"""Blocked linear softmax cross-entropy: the logits ``x @ w + b`` never exist whole.
+
+The logits are produced one block of ``[token_block, vocab_block]`` at a time, in
+float32 (float64 for float64 inputs), and reduced on the spot. Two schedules, both
+under a ``jax.custom_vjp``:
+
+* **Streaming** (vocabulary blocks narrower than the vocabulary; Cut Cross-Entropy's
+  schedule). The forward pass keeps, per token, an online log-sum-exp (running
+  maximum ``m`` and ``sum exp(z - m)``), the label's logit and, with label
+  smoothing, ``sum_k w_k (m - z_k)``; it saves only these per-token numbers. The
+  backward pass recomputes each block's logits and forms its ``dloss/dlogits``
+  exactly as the core's tangent does, ``g * (scale * softmax - c)``; it adds the
+  block's contribution ``dz @ w_blk.T`` to a float32 ``dx`` and, once all token
+  blocks of a vocabulary block are done, writes that block's finished ``dw``
+  columns in place. Temporary memory is a float32 ``dx`` plus a few panels
+  (logits block, ``dx`` rows, ``dw`` columns): it does not grow with ``N * V``.
+  Four matrix products of the size of ``x @ w`` in all.
+* **Single pass** (a block spans the whole vocabulary, and the loss is summed over
+  tokens; Liger Kernel's schedule). Each token block's logits give that block's
+  exact softmax at once, so the forward pass under ``jax.vjp`` computes the
+  gradients of the summed loss too, accumulating ``dw`` over token blocks in a
+  float32 ``[D, V]`` buffer; the backward pass only scales them by the incoming
+  cotangent. Three matrix products in all, as many as the unfused ``x @ w`` plus
+  cross-entropy, at the price of the ``[D, V]`` accumulator. A call that is not
+  differentiated runs the forward loop alone.
+
+Per-token formulas (``a`` = label smoothing over all ``V`` classes, ``w`` = class
+weights, ``z`` = soft-capped logits): with ``C = (1 - a) w_y + (a / V) sum_k w_k``,
+
+    loss = C (lse - m) + (1 - a) w_y (m - z_y) + (a / V) sum_k w_k (m - z_k) + z_loss lse^2
+
+where every term is a sum of non-negative numbers (no cancellation, as in the core),
+and ``dloss/dz_k = (C + 2 z_loss lse) p_k - (1 - a) w_y [k = y] - (a / V) w_k``
+(times ``1 - tanh^2`` of the scaled logit with a soft cap).
+
+A shorter last block (``N`` or ``V`` not a multiple of the block) is a second,
+static copy of the loop body: nothing is padded, so ``x`` and ``w`` are never
+copied. XLA:CPU needs a few workarounds to keep bfloat16 blocks block-sized; see
+``_rows``, ``_put`` and ``_rows_t``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from jxent._softmax import XentConfig, _row_sums, take_classes
+from jxent._validation import accumulation_dtype
+
+
+class Spec(NamedTuple):
+    """Static choices of one call: the options and the logits block shape."""
+
+    config: XentConfig
+    token_block: int
+    vocab_block: int
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _for_blocks(total: int, size: int, body: Callable, carry):
+    """Runs ``carry = body(start, length, carry)`` over ``[0, total)`` in blocks of ``size``.
+
+    Full blocks run in a ``fori_loop`` (``start`` traced, one compiled body), a shorter
+    last block after it with a static ``start`` and ``length``: nothing is padded, so
+    neither ``x`` nor ``w`` is ever copied to a rounded-up size.
+    """
+    num_full, rest = divmod(total, size)
+    if num_full == 1:
+        carry = body(0, size, carry)
+    elif num_full > 1:
+        # int32 starts, whatever the loop counter's dtype (x64 or not).
+        step = lambda i, c: body(lax.convert_element_type(i, jnp.int32) * size, size, c)  # noqa: E731
+        carry = lax.fori_loop(0, num_full, step, carry)
+    if rest:
+        carry = body(num_full * size, rest, carry)
+    return carry
+
+
+def _narrow_float(a: jax.Array) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4
+
+
+def _rows(a: jax.Array | None, start, length: int, axis: int = 0) -> jax.Array | None:
+    """``length`` entries of ``a`` along ``axis`` from ``start`` (static or traced)."""
+    if a is None:
+        return None
+    if isinstance(start, int):
+        if start == 0 and length == a.shape[axis]:
+            return a
+        return lax.slice_in_dim(a, start, start + length, axis=axis)
+    take = lambda: lax.dynamic_slice_in_dim(a, start, length, axis)  # noqa: E731
+    if not _narrow_float(a):
+        return take()
+    # XLA:CPU slices a bfloat16/float16 array in float32: it converts the whole array,
+    # and inside a loop that conversion of a loop-invariant operand (or of its integer
+    # view) is hoisted out and materialised: a full-size copy of ``w``. A slice inside
+    # a conditional branch cannot be hoisted, and fuses into a copy of the block.
+    shape = a.shape[:axis] + (length,) + a.shape[axis + 1 :]
+    in_branch = lambda: lax.cond(start >= 0, take, lambda: jnp.zeros(shape, a.dtype))  # noqa: E731
+    return lax.platform_dependent(cpu=in_branch, default=take)
+
+
+def _put(a: jax.Array, update: jax.Array, start, axis: int = 0) -> jax.Array:
+    """``a`` with ``update`` written from ``start`` along ``axis``, in place.
+
+    A bfloat16/float16 update is written through the arrays' unsigned-integer views:
+    XLA:CPU would otherwise convert the whole destination to float32 and back.
+    """
+    if isinstance(start, int) and start == 0 and update.shape == a.shape:
+        return update
+    if not _narrow_float(a):
+        return lax.dynamic_update_slice_in_dim(a, update, start, axis)
+    bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+    view = lambda t: lax.bitcast_convert_type(t, bits)  # noqa: E731
+    out = lax.dynamic_update_slice_in_dim(view(a), view(update), start, axis)
+    return lax.bitcast_convert_type(out, a.dtype)
+
+
+class _Inputs(NamedTuple):
+    """The flattened operands: x [N, D], w [D, V], optional bias and class weights [V]."""
+
+    x: jax.Array
+    w: jax.Array
+    bias: jax.Array | None
+    labels: jax.Array  # int32 [N]; -1 for a label outside [0, V)
+    class_weights: jax.Array | None
+
+
+def _compute_dtype(inp: _Inputs):
+    dtypes = [inp.x.dtype, inp.w.dtype] + ([] if inp.bias is None else [inp.bias.dtype])
+    return functools.reduce(jnp.promote_types, dtypes)
+
+
+def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk):
+    """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
+    cdt = _compute_dtype(inp)
+    acc = accumulation_dtype(cdt)
+    logits = jnp.matmul(x_blk.astype(cdt), w_blk.astype(cdt), preferred_element_type=acc)
+    if b_blk is not None:
+        logits = logits + b_blk.astype(acc)[None, :]
+    if cfg.soft_cap is None:
+        return logits, None
+    t = jnp.tanh(logits / cfg.soft_cap)
+    return cfg.soft_cap * t, 1 - t * t
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: online per-token statistics
+# --------------------------------------------------------------------------------------------
+
+
+class _Running(NamedTuple):
+    """Per-token running statistics over the vocabulary blocks seen so far, all [N]."""
+
+    m: jax.Array  # running maximum of z
+    s: jax.Array  # sum_k exp(z_k - m)
+    gap: jax.Array | None  # sum_k w_k (m - z_k), label smoothing only
+    z_label: jax.Array  # the label's logit once its block is seen (0 before)
+
+
+def _init_running(n: int, acc, smoothing: bool) -> _Running:
+    zeros = jnp.zeros((n,), acc)
+    return _Running(jnp.full((n,), -jnp.inf, acc), zeros, zeros if smoothing else None, zeros)
+
+
+def _merge_block(run: _Running, z, labels_blk, v_start, cw_blk, seen_weight) -> _Running:
+    """Folds one logits block ``z`` [n, vb] (columns from ``v_start``) into ``run``."""
+    acc = z.dtype
+    m_blk = jnp.max(z, axis=-1)
+    terms = {"s": jnp.exp(z - m_blk[:, None])}
+    if run.gap is not None:
+        gap = m_blk[:, None] - z
+        terms["gap"] = gap if cw_blk is None else gap * cw_blk[None, :]
+    sums = _row_sums(terms)
+    m = jnp.maximum(run.m, m_blk)
+    s = run.s * jnp.exp(run.m - m) + sums["s"] * jnp.exp(m_blk - m)
+    gap = None
+    if run.gap is not None:
+        blk_weight = z.shape[-1] if cw_blk is None else jnp.sum(cw_blk)
+        # Re-centre both sums on the new maximum: only non-negative terms are added.
+        # Before the first block the running maximum is -inf and no weight was seen.
+        shift_old = jnp.where(run.m > -jnp.inf, (m - run.m) * seen_weight, jnp.zeros((), acc))
+        gap = run.gap + shift_old + sums["gap"] + (m - m_blk) * blk_weight
+    # The label's logit: a gather of one element per row (no [n, vb] compare-select).
+    index = labels_blk - v_start
+    here = (index >= 0) & (index < z.shape[-1])
+    picked = jnp.take_along_axis(z, jnp.clip(index, 0, z.shape[-1] - 1)[:, None], axis=-1)
+    z_label = jnp.where(here, picked[:, 0], run.z_label)
+    return _Running(m, s, gap, z_label)
+
+
+class _Coefficients(NamedTuple):
+    """Per-token coefficients of ``dloss/dz = scale * p - label_coef [k=y] - smooth * w_k``."""
+
+    lse: jax.Array
+    scale: jax.Array
+    label_coef: jax.Array
+    smooth: jax.Array | None
+
+
+def _finish(cfg: XentConfig, run: _Running, labels, valid, num_classes, class_weights, keep):
+    """Per-token losses and gradient coefficients from the final running statistics."""
+    acc = run.m.dtype
+    zero = jnp.zeros((), acc)
+    a = cfg.label_smoothing
+    lse_rel = jnp.log(run.s)  # lse - m >= 0
+    lse = run.m + lse_rel
+    if class_weights is None:
+        w_label = jnp.ones(labels.shape, acc)
+    else:
+        w_label = take_classes(class_weights, jnp.where(valid, labels, 0))
+    # An out-of-range label has no logit: its loss is NaN, never a plausible number.
+    w_label = jnp.where(valid, w_label, jnp.nan)
+    label_coef = (1 - a) * w_label
+    big_c = label_coef
+    loss = jnp.where(label_coef != 0, label_coef * (run.m - run.z_label), zero)
+    smooth = None
+    if a > 0:
+        total_weight = num_classes if class_weights is None else jnp.sum(class_weights)
+        smooth = jnp.full(labels.shape, a / num_classes, acc)
+        big_c = big_c + smooth * total_weight
+        loss = loss + smooth * run.gap
+    loss = loss + big_c * lse_rel
+    scale = big_c
+    if cfg.z_loss > 0:
+        loss = loss + cfg.z_loss * lse * lse
+        scale = scale + 2 * cfg.z_loss * lse
+    if keep is not None:
+        # Dropped rows: loss and every coefficient exactly 0 (selected, since an
+        # ignore_index label is out of range and its coefficients are NaN).
+        loss = jnp.where(keep, loss, zero)
+        scale = jnp.where(keep, scale, zero)
+        label_coef = jnp.where(keep, label_coef, zero)
+        if smooth is not None:
+            smooth = jnp.where(keep, smooth, zero)
+    return loss, _Coefficients(lse, scale, label_coef, smooth)
+
+
+def _forward(spec: Spec, inp: _Inputs, keep):
+    """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
+    cfg = spec.config
+    n, v = inp.x.shape[0], inp.w.shape[1]
+    acc = accumulation_dtype(_compute_dtype(inp))
+    smoothing = cfg.label_smoothing > 0
+    cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+
+    def vocab_step(v0, vb, carry):
+        run, seen_weight = carry
+        w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
+
+        def token_step(r0, nb, run):
+            z, _ = _logits(inp, cfg, _rows(inp.x, r0, nb), w_blk, b_blk)
+            rows = _Running(*(_rows(f, r0, nb) for f in run))
+            rows = _merge_block(rows, z, _rows(inp.labels, r0, nb), v0, cw_blk, seen_weight)
+            updated = zip(run, rows, strict=True)
+            return _Running(*(None if f is None else _put(a, f, r0) for a, f in updated))
+
+        run = _for_blocks(n, spec.token_block, token_step, run)
+        if smoothing:
+            seen_weight = seen_weight + (vb if cw_blk is None else jnp.sum(cw_blk))
+        return run, seen_weight
+
+    carry = (_init_running(n, acc, smoothing), jnp.zeros((), acc))
+    run, _ = _for_blocks(v, spec.vocab_block, vocab_step, carry)
+    valid = inp.labels >= 0
+    return _finish(cfg, run, inp.labels, valid, v, cw, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients: one block's dloss/dlogits and its products
+# --------------------------------------------------------------------------------------------
+
+
+def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, labels_blk, v_start, cw_blk):
+    """``dloss/dlogits`` of one block, already multiplied by each row's cotangent."""
+    acc = z.dtype
+    zero = jnp.zeros((), acc)
+    p = jnp.exp(z - coefs.lse[:, None])
+    dz = coefs.scale[:, None] * p
+    if coefs.smooth is not None:
+        w_cols = jnp.ones((1, z.shape[-1]), acc) if cw_blk is None else cw_blk[None, :]
+        dz = dz - coefs.smooth[:, None] * w_cols
+    # A compare-select inside the elementwise pass that builds the block anyway.
+    iota = lax.broadcasted_iota(labels_blk.dtype, z.shape, 1)
+    is_label = iota == (labels_blk - v_start)[:, None]
+    dz = dz - jnp.where(is_label, coefs.label_coef[:, None], zero)
+    if dcap is not None:
+        dz = dz * dcap
+    return dz
+
+
+def _scaled(coefs: _Coefficients, g: jax.Array) -> _Coefficients:
+    """Coefficients times each row's cotangent ``g``."""
+    smooth = None if coefs.smooth is None else coefs.smooth * g
+    return _Coefficients(coefs.lse, coefs.scale * g, coefs.label_coef * g, smooth)
+
+
+class _Wanted(NamedTuple):
+    """Which gradients to compute (static)."""
+
+    x: bool
+    w: bool
+    bias: bool
+
+
+def _rows_t(a: jax.Array, start, length: int) -> jax.Array:
+    """``a[start : start + length].T``, laid out row-major, for the ``x.T @ dz`` products.
+
+    XLA:CPU runs a bfloat16 matrix product in bfloat16 (YNNPACK) only when its left
+    operand is row-major; the transpose of a row-major block is a column-major view,
+    so ``x.T @ dz`` would convert both operands to float32 (full copies) and multiply
+    in float32, several times slower. A transpose inside a conditional branch is
+    materialised row-major instead, block by block (a copy of ``length * D``
+    elements, negligible beside the product). Other backends (and wider dtypes)
+    take the plain transpose, which their matrix products read directly.
+    """
+    if not _narrow_float(a):
+        return _rows(a, start, length).T
+
+    def row_major():
+        if isinstance(start, int):
+            # The barrier keeps XLA from folding the always-true predicate (and
+            # inlining the branch, which would bring back the column-major view).
+            pred = lax.optimization_barrier(jnp.bool_(True))
+        else:
+            pred = start >= 0
+        t_shape = (a.shape[1], length)
+        block_t = lambda: _rows(a, start, length).T  # noqa: E731
+        return lax.cond(pred, block_t, lambda: jnp.zeros(t_shape, a.dtype))
+
+    return lax.platform_dependent(cpu=row_major, default=lambda: _rows(a, start, length).T)
+
+
+def _block_grads(inp: _Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
+    """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype.
+
+    ``dz`` is rounded to the inputs' dtype for the products, as the unfused
+    computation's gradient of bfloat16 logits would be.
+    """
+    cdt = _compute_dtype(inp)
+    acc = dz.dtype
+    dzc = dz.astype(cdt)
+    dx = dw = None
+    if wanted.x:
+        dims = (((1,), (1,)), ((), ()))
+        dx = lax.dot_general(dzc, w_blk.astype(cdt), dims, preferred_element_type=acc)
+    if wanted.w:
+        dw = jnp.matmul(xt_blk.astype(cdt), dzc, preferred_element_type=acc)
+    return dx, dw
+
+
+def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wanted):
+    """``(dx, dw, dbias)`` of ``sum_n loss_n * g_n`` (``g`` folded into ``coefs``)."""
+    cfg = spec.config
+    (n, d), v = inp.x.shape, inp.w.shape[1]
+    acc = coefs.lse.dtype
+    cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+
+    def vocab_step(v0, vb, carry):
+        dx, dw, db = carry
+        w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
+
+        def token_step(r0, nb, inner):
+            dx, dw_blk, db_blk = inner
+            x_blk = _rows(inp.x, r0, nb)
+            z, dcap = _logits(inp, cfg, x_blk, w_blk, b_blk)
+            rows = _Coefficients(*(_rows(f, r0, nb) for f in coefs))
+            dz = _dlogits(cfg, z, dcap, rows, _rows(inp.labels, r0, nb), v0, cw_blk)
+            xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
+            dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_blk, wanted)
+            if wanted.x:
+                dx = _put(dx, _rows(dx, r0, nb) + dx_part, r0)
+            if wanted.w:
+                dw_blk = dw_blk + dw_part
+            if wanted.bias:
+                db_blk = db_blk + jnp.sum(dz, axis=0)
+            return dx, dw_blk, db_blk
+
+        inner = (
+            dx,
+            jnp.zeros((d, vb), acc) if wanted.w else None,
+            jnp.zeros((vb,), acc) if wanted.bias else None,
+        )
+        dx, dw_blk, db_blk = _for_blocks(n, spec.token_block, token_step, inner)
+        if wanted.w:
+            dw = _put(dw, dw_blk.astype(dw.dtype), v0, axis=1)
+        if wanted.bias:
+            db = _put(db, db_blk.astype(db.dtype), v0)
+        return dx, dw, db
+
+    carry = (
+        jnp.zeros((n, d), acc) if wanted.x else None,
+        jnp.zeros(inp.w.shape, inp.w.dtype) if wanted.w else None,
+        jnp.zeros(inp.bias.shape, inp.bias.dtype) if wanted.bias else None,
+    )
+    dx, dw, db = _for_blocks(v, spec.vocab_block, vocab_step, carry)
+    return (None if dx is None else dx.astype(inp.x.dtype)), dw, db
+
+
+def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
+    """Sum of the per-token losses and its gradients, one pass over token blocks.
+
+    Every block spans the whole vocabulary, so its softmax is final as soon as its
+    logits exist: ``dx`` rows are written per block, ``dw`` and ``dbias`` are summed
+    over the blocks in the accumulation dtype. Returns them unscaled, in that dtype.
+    """
+    cfg = spec.config
+    (n, d), v = inp.x.shape, inp.w.shape[1]
+    acc = accumulation_dtype(_compute_dtype(inp))
+    cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+    smoothing = cfg.label_smoothing > 0
+
+    def token_step(r0, nb, carry):
+        total, dx, dw, db = carry
+        x_blk = _rows(inp.x, r0, nb)
+        labels_blk = _rows(inp.labels, r0, nb)
+        z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias)
+        run = _merge_block(
+            _init_running(nb, acc, smoothing), z, labels_blk, 0, cw, jnp.zeros((), acc)
+        )
+        loss, coefs = _finish(cfg, run, labels_blk, labels_blk >= 0, v, cw, _rows(keep, r0, nb))
+        dz = _dlogits(cfg, z, dcap, coefs, labels_blk, 0, cw)
+        xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
+        dx_part, dw_part = _block_grads(inp, dz, xt_blk, inp.w, wanted)
+        if wanted.x:
+            dx = _put(dx, dx_part, r0)
+        if wanted.w:
+            dw = dw + dw_part
+        if wanted.bias:
+            db = db + jnp.sum(dz, axis=0)
+        return total + jnp.sum(loss), dx, dw, db
+
+    carry = (
+        jnp.zeros((), acc),
+        jnp.zeros((n, d), acc) if wanted.x else None,
+        jnp.zeros((d, v), acc) if wanted.w else None,
+        jnp.zeros((v,), acc) if wanted.bias else None,
+    )
+    return _for_blocks(n, spec.token_block, token_step, carry)
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(args):
+    """``(values, perturbed flags)`` of the ``CustomVJPPrimal`` arguments of a fwd rule."""
+    is_primal = lambda a: isinstance(a, CustomVJPPrimal)  # noqa: E731
+    values = jax.tree.map(lambda a: a.value, args, is_leaf=is_primal)
+    perturbed = jax.tree.map(lambda a: a.perturbed, args, is_leaf=is_primal)
+    return values, perturbed
+
+
+def _wanted(inp: _Inputs, perturbed) -> _Wanted:
+    px, pw, pb = perturbed[:3]
+    return _Wanted(bool(px), bool(pw), inp.bias is not None and bool(pb))
+
+
+def _zero_cotangents(inp: _Inputs):
+    return (
+        jnp.zeros_like(inp.x),
+        jnp.zeros_like(inp.w),
+        None if inp.bias is None else jnp.zeros_like(inp.bias),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_token(spec, x, w, bias, labels, keep, class_weights):
+    inp = _Inputs(x, w, bias, labels, class_weights)
+    return _forward(spec, inp, keep)[0]
+
+
+def _per_token_fwd(spec, *args):
+    values, perturbed = _unwrap(args)
+    x, w, bias, labels, keep, class_weights = values
+    inp = _Inputs(x, w, bias, labels, class_weights)
+    loss, coefs = _forward(spec, inp, keep)
+    return loss, (inp, coefs, _wanted(inp, perturbed))
+
+
+def _per_token_bwd(spec, res, g):
+    inp, coefs, wanted = res
+    if isinstance(g, SymbolicZero):
+        return (*_zero_cotangents(inp), None, None, None)
+    dx, dw, db = _streaming_grads(spec, inp, _scaled(coefs, g.astype(coefs.lse.dtype)), wanted)
+    return (*_fill(inp, (dx, dw, db)), None, None, None)
+
+
+def _fill(inp: _Inputs, grads):
+    """Zeros of the right type for the gradients that were not wanted."""
+    return tuple(
+        z if gr is None else gr for gr, z in zip(grads, _zero_cotangents(inp), strict=True)
+    )
+
+
+_per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _summed(spec, x, w, bias, labels, keep, class_weights):
+    inp = _Inputs(x, w, bias, labels, class_weights)
+    return jnp.sum(_forward(spec, inp, keep)[0])
+
+
+def _summed_fwd(spec, *args):
+    values, perturbed = _unwrap(args)
+    x, w, bias, labels, keep, class_weights = values
+    inp = _Inputs(x, w, bias, labels, class_weights)
+    total, dx, dw, db = _single_pass(spec, inp, keep, _wanted(inp, perturbed))
+    return total, (inp, dx, dw, db)
+
+
+def _summed_bwd(spec, res, g):
+    inp, dx, dw, db = res
+    if isinstance(g, SymbolicZero):
+        return (*_zero_cotangents(inp), None, None, None)
+    grads = tuple(
+        None if gr is None else (g.astype(gr.dtype) * gr).astype(like.dtype)
+        for gr, like in zip((dx, dw, db), (inp.x, inp.w, inp.bias), strict=True)
+    )
+    return (*_fill(inp, grads), None, None, None)
+
+
+_summed.defvjp(_summed_fwd, _summed_bwd, symbolic_zeros=True)
+
+
+def prepare_labels(labels: jax.Array, num_classes: int) -> jax.Array:
+    """int32 labels with every label outside ``[0, num_classes)`` replaced by -1.
+
+    Range is checked in the labels' own dtype, so a wide label cannot wrap into range.
+    """
+    valid = (labels >= 0) & (labels < num_classes)
+    return jnp.where(valid, labels, -1).astype(jnp.int32)
+
+
+def per_token_loss(spec: Spec, x, w, bias, labels, keep, class_weights) -> jax.Array:
+    """Per-token losses [N] (streaming schedule for the gradients). ``labels`` prepared."""
+    return _per_token(spec, x, w, bias, labels, keep, class_weights)
+
+
+def summed_loss(spec: Spec, x, w, bias, labels, keep, class_weights) -> jax.Array:
+    """``sum_n loss_n`` with the single-pass schedule (``spec.vocab_block >= V``)."""
+    return _summed(spec, x, w, bias, labels, keep, class_weights)

@@ -1,0 +1,493 @@
+"""Values and gradients of the blocked linear cross-entropy (jxent/linear/chunked.py).
+
+Expectations come from two places, never from the code under test:
+
+* the independent float64 NumPy reference ``tests/reference_linear.py`` (the loss
+  and its gradients w.r.t. ``x``, ``w`` and ``b``, row by row): float64 inputs,
+  tight tolerances;
+* the unfused oracle ``jxent.linear.reference`` (the categorical loss of the whole
+  logits array) for float32/bfloat16 inputs: agreement to float32 round-off.
+
+Every schedule is exercised: vocabulary streaming (a vocabulary block narrower than
+V) and the single pass (a block spanning V with a summed/averaged loss), with block
+sizes that do and do not divide N and V.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+import reference_linear as ref
+
+from jxent.linear import linear_softmax_cross_entropy as LINEAR
+from jxent.linear.reference import linear_softmax_cross_entropy_reference as ORACLE
+
+# float64 comparisons need x64 (tests/conftest.py enables it for the whole suite too).
+jax.config.update("jax_enable_x64", True)
+
+N, D, V = 13, 6, 37
+REDUCTIONS = ("none", "sum", "mean")
+# (token block, vocabulary block): streaming with and without token blocks, blocks
+# that divide neither N nor V, one vocabulary block, and single-pass token blocks.
+CHUNKS = {
+    "auto": None,
+    "vocab7": 7,
+    "tok5_vocab11": (5, 11),
+    "tok13_vocab37": (13, 37),
+    "tok4_vocabV": (4, V),
+    "tok6_vocab8": (6, 8),
+}
+
+
+def assert_close(actual, expected, rtol=1e-9, atol=1e-9):
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol, atol
+    )
+
+
+def assert_no_nan(*arrays):
+    for a in arrays:
+        assert not np.any(np.isnan(np.asarray(a, dtype=np.float64)))
+
+
+def make_case(seed=0, batch=(N,), d=D, v=V, dtype=np.float64, scale=1.5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=batch + (d,)) * scale
+    w = rng.normal(size=(d, v))
+    b = rng.normal(size=(v,)) * 0.5
+    y = rng.integers(0, v, size=batch)
+    return x.astype(dtype), w.astype(dtype), b.astype(dtype), y.astype(np.int32)
+
+
+def full_options(seed, batch, v, ignore=True):
+    """Every option at once: ignore_index, where, smoothing, z-loss, soft cap, weights."""
+    rng = np.random.default_rng(seed + 100)
+    opts = {
+        "where": rng.random(batch) < 0.8,
+        "label_smoothing": 0.2,
+        "z_loss": 1e-2,
+        "logit_soft_cap": 4.0,
+        "class_weights": rng.uniform(0.5, 2.0, size=(v,)),
+    }
+    if ignore:
+        opts["ignore_index"] = -100
+    return opts
+
+
+def numpy_expected(x, w, b, y, *, reduction, cotangent=None, **opts):
+    """(loss, dx, dw, db) in float64 from tests/reference_linear.py."""
+    r = ref.linear_softmax_cross_entropy(
+        x, w, np.asarray(y), bias=b, reduction=reduction, cotangent=cotangent, **opts
+    )
+    return r.loss, r.grad_x, r.grad_w, r.grad_bias
+
+
+def value_and_grads(fn, x, w, b, cotangent):
+    """Loss and the gradients of ``sum(cotangent * loss)`` w.r.t. (x, w, b), under jit."""
+
+    @jax.jit
+    def run(x, w, b, ct):
+        out, vjp = jax.vjp(fn, x, w, b)
+        return out, vjp(ct.astype(out.dtype))
+
+    return run(x, w, b, jnp.asarray(cotangent))
+
+
+def _jax_opts(opts):
+    out = dict(opts)
+    for k in ("where", "class_weights"):
+        if k in out:
+            out[k] = jnp.asarray(out[k])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# float64 against the NumPy reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk", list(CHUNKS), ids=list(CHUNKS))
+def test_all_options_match_numpy_reference(chunk, reduction):
+    x, w, b, y = make_case(seed=1)
+    y[2] = -100  # ignored
+    opts = full_options(1, (N,), V)
+    rng = np.random.default_rng(2)
+    ct = rng.normal(size=(N,)) if reduction == "none" else np.float64(0.7)
+    chunk_size = CHUNKS[chunk]
+
+    def f(x, w, b):
+        return LINEAR(
+            x,
+            w,
+            jnp.asarray(y),
+            bias=b,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            **_jax_opts(opts),
+        )
+
+    out, (gx, gw, gb) = value_and_grads(f, x, w, b, ct)
+    loss, dx, dw, db = numpy_expected(x, w, b, y, reduction=reduction, cotangent=ct, **opts)
+    assert out.dtype == jnp.float64
+    assert_close(out, loss)
+    assert_close(gx, dx)
+    assert_close(gw, dw)
+    assert_close(gb, db)
+
+
+@pytest.mark.parametrize("chunk", ["auto", "vocab7", "tok5_vocab11"])
+def test_plain_matches_numpy_reference(chunk):
+    x, w, _, y = make_case(seed=3)
+    for reduction in ("mean", "none"):
+        ct = np.ones((N,)) if reduction == "none" else np.float64(1.0)
+
+        def f(x, w, b, reduction=reduction):
+            return LINEAR(x, w, jnp.asarray(y), reduction=reduction, chunk_size=CHUNKS[chunk])
+
+        out, (gx, gw, gb) = value_and_grads(f, x, w, jnp.zeros(()), ct)
+        loss, dx, dw, _ = numpy_expected(x, w, None, y, reduction=reduction, cotangent=ct)
+        assert_close(out, loss)
+        assert_close(gx, dx)
+        assert_close(gw, dw)
+        assert float(gb) == 0.0
+
+
+def test_large_logits_stay_exact():
+    """Logits of order 1e4 with a common offset: the stable sums lose no digits."""
+    x, w, b, y = make_case(seed=4, scale=1.0)
+    b = b + 1e4
+    opts = {"label_smoothing": 0.3, "z_loss": 1e-6}
+    for chunk in (7, (4, V)):
+
+        def f(x, w, b, chunk=chunk):
+            return LINEAR(x, w, jnp.asarray(y), bias=b, chunk_size=chunk, **opts)
+
+        out, grads = value_and_grads(f, x, w, b, np.float64(1.0))
+        loss, *expected = numpy_expected(x, w, b, y, reduction="mean", **opts)
+        assert_close(out, loss)
+        for g, e in zip(grads, expected, strict=True):
+            assert_close(g, e, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [(5, 11), (4, V)], ids=["streaming", "single_pass"])
+def test_check_grads_float64(chunk):
+    x, w, b, y = make_case(seed=5, batch=(7,), d=3, v=12)
+    opts = _jax_opts(full_options(5, (7,), 12, ignore=False))
+    chunk = chunk if chunk[1] != V else (4, 12)
+
+    def f(x, w, b):
+        return LINEAR(x, w, jnp.asarray(y), bias=b, chunk_size=chunk, reduction="sum", **opts)
+
+    jax.test_util.check_grads(f, (x, w, b), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# float32 / bfloat16 against the unfused oracle
+# --------------------------------------------------------------------------------------------
+
+SINGLE_OPTIONS = {
+    "plain": {},
+    "bias": {"bias": True},
+    "ignore_index": {"ignore_index": 0},
+    "where": {"where": True},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "logit_soft_cap": {"logit_soft_cap": 5.0},
+    "class_weights": {"class_weights": True},
+}
+
+
+def _concrete(opts, batch, v, b, seed=0):
+    rng = np.random.default_rng(seed + 7)
+    out = {}
+    for k, val in opts.items():
+        if k == "bias":
+            out["bias"] = jnp.asarray(b)
+        elif k == "where":
+            out["where"] = jnp.asarray(rng.random(batch) < 0.7)
+        elif k == "class_weights":
+            out["class_weights"] = jnp.asarray(rng.uniform(0.5, 2.0, (v,)).astype(np.float32))
+        else:
+            out[k] = val
+    return out
+
+
+@pytest.mark.parametrize("name", list(SINGLE_OPTIONS))
+def test_each_option_matches_oracle_float32(name):
+    x, w, b, y = make_case(seed=6, dtype=np.float32)
+    opts = _concrete(SINGLE_OPTIONS[name], (N,), V, b)
+    bias = opts.pop("bias", None)
+    yj = jnp.asarray(y)
+
+    def step(fn, **kw):
+        loss = lambda x, w, b: fn(x, w, yj, bias=b, **opts, **kw)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, bias)
+
+    want, (wx, ww, wb) = step(ORACLE)
+    for chunk in (7, (5, V)):
+        got, (gx, gw, gb) = step(LINEAR, chunk_size=chunk)
+        assert got.dtype == jnp.float32 and gx.dtype == jnp.float32
+        assert_close(got, want, rtol=2e-6, atol=2e-6)
+        assert_close(gx, wx, rtol=1e-5, atol=2e-6)
+        assert_close(gw, ww, rtol=1e-5, atol=2e-6)
+        if bias is not None:
+            assert_close(gb, wb, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, (8, V)], ids=["streaming", "single_pass"])
+def test_bfloat16_inputs(chunk):
+    x, w, b, y = make_case(seed=8, d=16, v=V, dtype=np.float32, scale=0.5)
+    xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, b))
+    yj = jnp.asarray(y)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 8.0}
+
+    def f(fn):
+        return jax.jit(
+            jax.value_and_grad(
+                lambda x, w, b: fn(x, w, yj, bias=b, chunk_size=chunk, **opts), argnums=(0, 1, 2)
+            )
+        )
+
+    got, grads = f(LINEAR)(xb, wb, bb)
+    want, wgrads = f(ORACLE)(xb, wb, bb)
+    assert got.dtype == jnp.float32
+    for g, a in zip(grads, (xb, wb, bb), strict=True):
+        assert g.dtype == jnp.bfloat16 == a.dtype
+    # Same bfloat16 operands and float32 logits on both sides: the loss agrees to
+    # float32 round-off; gradients differ by the rounding of dlogits to bfloat16.
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, wgrads, strict=True):
+        assert_close(g, e, rtol=2e-2, atol=2e-3)
+
+
+def test_mixed_dtypes_return_gradients_in_input_dtypes():
+    x, w, b, y = make_case(seed=9, dtype=np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    fn = jax.jit(
+        jax.grad(lambda x, w, b: LINEAR(x, w, jnp.asarray(y), bias=b, chunk_size=7), (0, 1, 2))
+    )
+    with jax.numpy_dtype_promotion("standard"):
+        gx, gw, gb = fn(xb, w, jnp.asarray(b, jnp.float16))
+    assert (gx.dtype, gw.dtype, gb.dtype) == (jnp.bfloat16, jnp.float32, jnp.float16)
+    assert_no_nan(gx, gw, gb)
+    with pytest.raises(TypeError, match="x, w and bias"):
+        LINEAR(xb, w, jnp.asarray(y))
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and edge cases
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [None, 7, (5, V)])
+def test_ragged_batch_shape(chunk):
+    """x [B, T, D] with padding positions masked by `where` and by ignore_index."""
+    b_, t_ = 3, 5
+    x, w, b, y = make_case(seed=10, batch=(b_, t_))
+    lengths = np.array([5, 2, 4])
+    valid = np.arange(t_)[None, :] < lengths[:, None]
+    y = np.where(valid, y, -100).astype(np.int32)
+    where = np.ones((b_, t_), bool)
+    where[0, 1] = False
+    for reduction in ("mean", "none"):
+        ct = np.ones((b_, t_)) if reduction == "none" else np.float64(1.0)
+
+        def f(x, w, b, reduction=reduction):
+            return LINEAR(
+                x,
+                w,
+                jnp.asarray(y),
+                bias=b,
+                where=jnp.asarray(where),
+                ignore_index=-100,
+                reduction=reduction,
+                chunk_size=chunk,
+            )
+
+        out, (gx, gw, gb) = value_and_grads(f, x, w, b, ct)
+        loss, dx, dw, db = numpy_expected(
+            x, w, b, y, reduction=reduction, cotangent=ct, where=where, ignore_index=-100
+        )
+        assert out.shape == (() if reduction == "mean" else (b_, t_))
+        assert_close(out, loss)
+        assert_close(gx, dx)
+        assert_close(gw, dw)
+        assert_close(gb, db)
+        assert np.all(np.asarray(gx)[~(valid & where)] == 0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk", [7, (5, V)], ids=["streaming", "single_pass"])
+def test_all_tokens_ignored(chunk, reduction):
+    x, w, b, y = make_case(seed=11, dtype=np.float32)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "class_weights": jnp.ones((V,))}
+    ignored = jnp.full((N,), -100, jnp.int32)
+    fn = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: jnp.sum(
+                LINEAR(
+                    x,
+                    w,
+                    ignored,
+                    bias=b,
+                    ignore_index=-100,
+                    reduction=reduction,
+                    chunk_size=chunk,
+                    **opts,
+                )
+            ),
+            argnums=(0, 1, 2),
+        )
+    )
+    out, grads = fn(x, w, b)
+    assert float(out) == 0.0
+    for g in grads:
+        assert_no_nan(g)
+        assert np.all(np.asarray(g) == 0)
+    where_none = LINEAR(x, w, jnp.asarray(y), where=jnp.zeros((N,), bool), chunk_size=chunk)
+    assert float(where_none) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [7, (5, V)], ids=["streaming", "single_pass"])
+def test_out_of_range_label_is_nan(chunk):
+    x, w, _, y = make_case(seed=12)
+    y[3], y[5] = V, -1
+    per_token = LINEAR(x, w, jnp.asarray(y), reduction="none", chunk_size=chunk)
+    expected = ref.linear_softmax_cross_entropy(x, w, y, reduction="none").loss
+    assert np.isnan(per_token[3]) and np.isnan(per_token[5])
+    assert_close(per_token, expected)  # NaN where expected is NaN
+    assert np.isnan(float(LINEAR(x, w, jnp.asarray(y), chunk_size=chunk)))
+    # A wide label that would wrap into range as int32 is still out of range.
+    y64 = jnp.asarray(y, jnp.int64).at[0].set(2**32 + 1)
+    assert np.isnan(LINEAR(x, w, y64, reduction="none", chunk_size=chunk)[0])
+
+
+def test_label_smoothing_one_and_zero_weights():
+    x, w, b, y = make_case(seed=13)
+    cw = np.ones(V)
+    cw[y[0]] = 0.0
+    for opts in ({"label_smoothing": 1.0}, {"class_weights": cw}):
+        for chunk in (7, (4, V)):
+            out, grads = value_and_grads(
+                lambda x, w, b, o=opts, c=chunk: LINEAR(
+                    x, w, jnp.asarray(y), bias=b, chunk_size=c, **_jax_opts(o)
+                ),
+                x,
+                w,
+                b,
+                np.float64(1.0),
+            )
+            loss, *expected = numpy_expected(x, w, b, y, reduction="mean", **opts)
+            assert_close(out, loss)
+            for g, e in zip(grads, expected, strict=True):
+                assert_close(g, e)
+
+
+def test_empty_batch():
+    _, w, b, _ = make_case(seed=14)
+    x = jnp.zeros((0, D))
+    y = jnp.zeros((0,), jnp.int32)
+    assert float(LINEAR(x, w, y)) == 0.0
+    assert LINEAR(x, w, y, reduction="none").shape == (0,)
+    gx, gw = jax.grad(lambda x, w: LINEAR(x, w, y, chunk_size=7), (0, 1))(x, w)
+    assert gx.shape == (0, D) and np.all(np.asarray(gw) == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformations
+# --------------------------------------------------------------------------------------------
+
+
+def test_partial_gradients_match_full():
+    """Only the gradients asked for are computed (symbolic zeros); they are the same."""
+    x, w, b, y = make_case(seed=15)
+    yj = jnp.asarray(y)
+    for chunk, reduction in ((7, "none"), ((5, V), "mean")):
+
+        def f(x, w, b, chunk=chunk, reduction=reduction):
+            return jnp.sum(LINEAR(x, w, yj, bias=b, chunk_size=chunk, reduction=reduction))
+
+        full = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
+        for i in range(3):
+            part = jax.jit(jax.grad(f, argnums=i))(x, w, b)
+            assert_close(part, full[i], rtol=1e-12, atol=1e-12)
+
+
+def test_eager_matches_jit():
+    x, w, b, y = make_case(seed=16)
+    f = lambda x, w, b: LINEAR(x, w, jnp.asarray(y), bias=b, chunk_size=(5, 11))  # noqa: E731
+    eager = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
+    jitted = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b)
+    for a, e in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [7, (5, V)], ids=["streaming", "single_pass"])
+def test_vmap(chunk):
+    x, w, b, y = make_case(seed=17)
+    x3 = np.stack([x, -x, 0.5 * x])
+    y3 = np.stack([y, (y + 1) % V, y])
+    w3 = np.stack([w, 2 * w, -w])
+
+    def loss(x, w, y):
+        return LINEAR(x, w, y, bias=jnp.asarray(b), chunk_size=chunk, label_smoothing=0.1)
+
+    # Batched x and labels with a shared w, then everything batched, under grad.
+    shared = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1)), in_axes=(0, None, 0)))
+    out, (gx, gw) = shared(x3, w, y3)
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1))))
+    out_b, (gx_b, gw_b) = batched(x3, w3, y3)
+    for i in range(3):
+        loss_i, dx, dw, _ = numpy_expected(
+            x3[i], w, b, y3[i], reduction="mean", label_smoothing=0.1
+        )
+        assert_close(out[i], loss_i)
+        assert_close(gx[i], dx)
+        assert_close(gw[i], dw)
+        loss_i, dx, dw, _ = numpy_expected(
+            x3[i], w3[i], b, y3[i], reduction="mean", label_smoothing=0.1
+        )
+        assert_close(out_b[i], loss_i)
+        assert_close(gx_b[i], dx)
+        assert_close(gw_b[i], dw)
+
+
+@pytest.mark.parametrize("chunk", [7, (5, V)], ids=["streaming", "single_pass"])
+def test_checkpoint_and_grad_of_composite(chunk):
+    """Inside jax.checkpoint, after a layer whose output is x, summed with another term."""
+    x, w, b, y = make_case(seed=18)
+    rng = np.random.default_rng(19)
+    proj = rng.normal(size=(D, D)) / np.sqrt(D)
+    yj = jnp.asarray(y)
+
+    def model(p, w, b, x):
+        h = jnp.tanh(x @ p)
+        loss = LINEAR(h, w, yj, bias=b, chunk_size=chunk, z_loss=1e-3)
+        return loss + 0.1 * jnp.sum(w * w)
+
+    g_plain = jax.jit(jax.grad(model, argnums=(0, 1, 2)))(proj, w, b, x)
+    g_ckpt = jax.jit(jax.grad(jax.checkpoint(model), argnums=(0, 1, 2)))(proj, w, b, x)
+    h = np.tanh(x @ proj)
+    _, dh, dw, db = numpy_expected(h, w, b, y, reduction="mean", z_loss=1e-3)
+    dproj = x.T @ (dh * (1 - h * h))
+    for g in (g_plain, g_ckpt):
+        assert_close(g[0], dproj)
+        assert_close(g[1], dw + 0.2 * w)
+        assert_close(g[2], db)
+
+
+def test_value_without_gradient_matches():
+    """Not differentiated, the single-pass schedule runs its forward loop alone."""
+    x, w, b, y = make_case(seed=20)
+    want = numpy_expected(x, w, b, y, reduction="sum")[0]
+    for chunk in (7, (4, V), (13, V)):
+        got = jax.jit(
+            lambda x, w, b, c=chunk: LINEAR(
+                x, w, jnp.asarray(y), bias=b, chunk_size=c, reduction="sum"
+            )
+        )(x, w, b)
+        assert_close(got, want)
