@@ -164,9 +164,9 @@ assert per_token[unfused] > 8 * per_token[fused]
 # %% [markdown]
 # The unfused loss grows in proportion to `tokens x V`: each extra token costs float32
 # rows of logits, hundreds of kilobytes at these vocabularies. The fused loss grows
-# with `tokens x D` instead, a few float32 rows of hidden size per token (its float32
-# accumulator for the gradient of `x`, among others), plus the working set of one
-# block of logits. With V some thirty to a hundred times D, the memory saved can go
+# with `tokens x D` instead, about a float32 row of hidden size per token (such as a
+# float32 accumulator for the gradient of `x`), plus the working set of one block of
+# logits. With V some thirty to a hundred times D, the memory saved can go
 # to a longer sequence or a larger batch.
 #
 # How it works, in brief: the forward pass visits blocks of the vocabulary, computes
