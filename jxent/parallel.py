@@ -6,7 +6,7 @@ vocabulary on a model axis and the batch on a data axis, and XLA reduces max and
 sum-exp across shards without gathering the logits. This module is for code that
 is *already* inside ``jax.shard_map`` and holds only its own slice of the
 vocabulary (Megatron-style tensor parallelism): each function takes the
-device-local logits and the name of the mesh axis the
+device-local logits (or output-weight columns) and the name of the mesh axis the
 vocabulary is split over, and does the cross-shard reductions itself with
 ``lax.pmax``/``lax.psum`` on per-row numbers.
 
@@ -16,8 +16,10 @@ Layout on a 2-D ``("data", "model")`` mesh:
 array                  global shape                ``in_specs``
 =====================  ==========================  ===============================
 logits                 ``[tokens, V]``             ``P("data", "model")``
+hidden states ``x``    ``[tokens, D]``             ``P("data", None)``
+output weight ``w``    ``[D, V]``                  ``P(None, "model")``
 labels                 ``[tokens]`` (global ids)   ``P("data")``
-class weights          ``[V]``                     ``P("model")``
+bias, class weights    ``[V]``                     ``P("model")``
 =====================  ==========================  ===============================
 
 Shard ``s`` of ``n`` (its index along ``axis_name``) holds the classes
@@ -29,9 +31,11 @@ over the whole batch (the sum of the per-device sums over the sum of the
 per-device counts).
 
 Communication: the forward pass does one ``pmax`` and one ``psum`` of a few
-``[rows]`` arrays over ``axis_name``. The backward pass does none (each shard's
-gradient needs only the per-row log-sum-exp and coefficients it already holds).
-It needs ``shard_map``'s default ``check_vma=True``.
+``[rows]`` arrays over ``axis_name``. The backward pass of the logits form does
+none (each shard's gradient needs only the per-row log-sum-exp and coefficients
+it already holds); that of the linear form sums ``dx`` over ``axis_name`` (``x``
+feeds every shard's logits) and, as any data-parallel weight, ``dw`` over the
+data axes. Both need ``shard_map``'s default ``check_vma=True``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
 from jxent import _validation as v
 from jxent._categorical import _config
@@ -53,13 +59,14 @@ from jxent._softmax import (
     _finite_parts,
     _gather_last,
     _row_sums,
-    _smoothing_sums,
     take_classes,
 )
+from jxent.linear import chunked
+from jxent.linear.api import plan_blocks
 
 AxisName = str | tuple[str, ...]
 
-__all__ = ["softmax_cross_entropy_with_integer_labels"]
+__all__ = ["linear_softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
 
 class _Layout(NamedTuple):
@@ -205,25 +212,13 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
     if a > 0:
         w = jnp.ones(x.shape[-1:], acc) if class_weights is None else class_weights.astype(acc)
 
-        def smoothing_terms(z):
-            finite, z_floor = _finite_parts(z)
-            w_rows = _rows(w, x.ndim)
-            # (max - z) / 2 on finite classes: >= 0, never overflows, 0 on -inf logits.
-            half_gap = finite * (0.5 * row_max[..., None] - 0.5 * z_floor)
-            return {"n": finite, "w": finite * w_rows, "w_gap": 2 * w_rows * half_gap}
-
-        if bias is None and cfg.soft_cap is None:
-            # Every logit finite (the usual case): the core's matrix-product sums.
-            def masked():
-                s = _row_sums(smoothing_terms(_cap(x, None, acc)))
-                return s["n"], s["w"], s["w_gap"]
-
-            sums = _row_sums(terms)
-            sums["n"], sums["w"], sums["w_gap"] = _smoothing_sums(x, row_max, w, masked)
-        else:
-            sums = _row_sums({**terms, **smoothing_terms(z)})
-    else:
-        sums = _row_sums(terms)
+        finite, z_floor = _finite_parts(z)
+        w_rows = _rows(w, x.ndim)
+        # (max - z) / 2 on finite classes: >= 0, never overflows, 0 on -inf logits.
+        half_gap = finite * (0.5 * row_max[..., None] - 0.5 * z_floor)
+        terms.update(n=finite, w=finite * w_rows, w_half_gap=w_rows * half_gap)
+    # One variadic reduction: the logits are read once (see the core's _row_sums).
+    sums = _row_sums(terms)
 
     # The label's logit and weight live on one shard: pick them there, 0 elsewhere.
     local = labels - _shard_offset(layout, labels.dtype)
@@ -257,8 +252,9 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
 
     ``sums`` holds, summed over the shards and relative to the global ``row_max``:
     ``sum_exp``; ``z_label`` (the label's soft-capped logit); ``w_label`` with class
-    weights; with label smoothing ``n`` (classes), ``w`` (sum of weights) and ``w_gap``
-    (sum_k w_k (row_max - z_k), a sum of non-negative terms).
+    weights; with label smoothing ``n`` (classes), ``w`` (sum of weights) and
+    ``w_half_gap`` (sum_k w_k (row_max - z_k) / 2, a sum of non-negative terms, halved
+    so that it cannot overflow).
     """
     acc = row_max.dtype
     zero = jnp.zeros((), acc)
@@ -274,7 +270,7 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
     if a > 0:
         smooth_coef = a / jnp.where(has_class, sums["n"], 1)
         big_c = big_c + smooth_coef * sums["w"]
-        dist = dist + smooth_coef * sums["w_gap"]
+        dist = dist + (2 * smooth_coef) * sums["w_half_gap"]
     loss = lse_rel * big_c + dist
     scale = big_c
     if cfg.z_loss > 0:
@@ -497,3 +493,380 @@ def _mean_weight(layout, labels, row_mask, class_weights, reduction, acc):
         _local_pick(class_weights.astype(acc), local, in_shard, zero), layout.axis_name
     )
     return weight if row_mask is None else jnp.where(row_mask, weight, zero)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused linear loss with a vocabulary-sharded weight
+# ------------------------------------------------------------------------------------------
+
+
+class _LinearSpec(NamedTuple):
+    layout: _Layout
+    blocks: chunked.Spec
+
+
+def _column_bias(layout: _Layout, acc) -> jax.Array | None:
+    """[V_local] added to the soft-capped logits: 0, or a large negative number on padding.
+
+    Finite (a quarter of the largest float, not -inf): the blocked loss's online
+    log-sum-exp and smoothing sums stay NaN-free, and ``exp`` of it is exactly 0.
+    """
+    if not layout.padded:
+        return None
+    index = _shard_offset(layout, jnp.int32) + jnp.arange(layout.local_classes, dtype=jnp.int32)
+    return jnp.where(index < layout.num_classes, 0, -jnp.finfo(acc).max / 4).astype(acc)
+
+
+def _local_labels(layout: _Layout, labels: jax.Array):
+    """``(int32 label index on this shard or -1, bool label on this shard)``."""
+    local = labels - _shard_offset(layout, labels.dtype)
+    here = (local >= 0) & (local < layout.local_classes) & (labels < layout.num_classes)
+    return jnp.where(here, local, -1).astype(jnp.int32), here
+
+
+def _linear_forward(spec: _LinearSpec, inp: chunked._Inputs, labels, class_weights, keep):
+    """Per-token losses and gradient coefficients: local blocked statistics, then one
+    ``pmax`` and one ``psum`` of per-token numbers."""
+    layout, cfg = spec.layout, spec.blocks.config
+    axis = layout.axis_name
+    run = chunked._statistics(spec.blocks, inp)
+    acc = run.m.dtype
+    zero = jnp.zeros((), acc)
+    # Each shard holds at least one real class, so every local maximum is finite.
+    row_max = lax.pmax(run.m, axis)
+    sums = {"sum_exp": run.s * jnp.exp(run.m - row_max), "z_label": run.z_label}
+    if class_weights is not None:
+        local, here = _local_labels(layout, labels)
+        sums["w_label"] = _local_pick(class_weights.astype(acc), local, here, zero)
+    if run.gap is not None:
+        # The blocked sum is over this shard's classes relative to its own maximum.
+        if inp.class_weights is None:
+            local_weight = jnp.asarray(layout.local_classes, acc)
+        else:
+            local_weight = jnp.sum(inp.class_weights.astype(acc))
+        sums["w_half_gap"] = 0.5 * run.gap + (0.5 * row_max - 0.5 * run.m) * local_weight
+        sums["w"] = jnp.zeros_like(row_max) + local_weight
+    sums = lax.psum(sums, axis)
+    if run.gap is not None:
+        sums["n"] = jnp.full_like(row_max, layout.num_classes)  # every logit is finite
+    valid = (labels >= 0) & (labels < layout.num_classes)
+    has_class = jnp.ones(valid.shape, bool)
+    loss, stats = _combine(cfg, row_max, has_class, sums, valid, keep)
+    coefs = chunked._Coefficients(stats.lse, stats.scale, stats.label_coef, stats.smooth_coef)
+    return loss, coefs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(spec, x, w, bias, local_labels, labels, keep, class_weights, cw_eff, column_bias):
+    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, column_bias)
+    return _linear_forward(spec, inp, labels, class_weights, keep)[0]
+
+
+def _linear_fwd(spec, *args):
+    values, perturbed = chunked._unwrap(args)
+    x, w, bias, local_labels, labels, keep, class_weights, cw_eff, column_bias = values
+    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, column_bias)
+    loss, coefs = _linear_forward(spec, inp, labels, class_weights, keep)
+    return loss, (inp, coefs, chunked._wanted(inp, perturbed))
+
+
+def _linear_bwd(spec, res, g):
+    """The blocked loss's streaming backward pass on this shard's columns. ``dx`` is summed
+    over the vocabulary shards (the one collective the math needs: ``x`` feeds every
+    shard's logits) and ``dw`` over the data shards (as for any data-parallel weight)."""
+    inp, coefs, wanted = res
+    if isinstance(g, SymbolicZero):
+        grads = chunked._zero_cotangents(inp)
+    else:
+        scaled = chunked._scaled(coefs, g.astype(coefs.lse.dtype))
+        grads = chunked._streaming_grads(spec.blocks, inp, scaled, wanted)
+        grads = chunked._fill(inp, grads)  # summed over the axes their primals do not vary over
+    return (*grads, None, None, None, None, None, None)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
+
+
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_soft_cap: float | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    num_classes: int | None = None,
+    batch_axis_name: AxisName | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r"""The fused linear softmax cross-entropy with the output weight split over devices.
+
+    Call it inside ``jax.shard_map``. It computes
+    :func:`jxent.linear_softmax_cross_entropy` ``(x, w, labels, ...)`` where ``w`` is
+    the concatenation of every shard's ``local_w`` along its columns: each shard forms
+    its own logits ``x @ local_w`` block by block (never the whole ``[tokens, V_local]``
+    array) with the blocked loss's streaming schedule, then the shards combine per-token
+    numbers: one ``pmax`` of the maxima and one ``psum`` of the sum-exp, the label's
+    logit (found on the shard that owns it) and the smoothing sums. The backward pass
+    recomputes each block's logits, keeps ``d local_w`` on its shard and sums
+    ``dx`` over the shards: a ``[tokens, D]`` all-reduce, the one collective that the
+    math needs (``x`` feeds every shard's logits). Reverse mode only.
+
+    Layout on a 2-D ``("data", "model")`` mesh: ``x`` in ``P("data", None)`` (tokens
+    split over ``data``, hidden size whole), ``local_w`` from ``w`` in
+    ``P(None, "model")`` (vocabulary columns split over ``model``), ``labels`` in
+    ``P("data")`` (global class indices), ``bias`` and ``class_weights`` in
+    ``P("model")``. Shard ``s`` owns the classes ``[s * V_local, (s + 1) * V_local)``.
+    If ``V`` is not a multiple of the model-axis size ``n``, pad ``w`` (and ``bias``,
+    ``class_weights``) with columns at the end to ``n * ceil(V / n)`` (any values) and
+    pass ``num_classes=V``: the padding takes no part and its gradient is 0.
+
+    Args:
+      x: hidden states ``[..., D]``, the same on every shard of ``axis_name``.
+      local_w: this device's ``[D, V_local]`` columns of the output projection.
+      labels: integer global class indices of shape ``x.shape[:-1]``.
+      axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
+      bias: this device's ``[V_local]`` slice of the bias, or ``None``.
+      ignore_index: tokens whose label equals it are dropped.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      label_smoothing: :math:`\alpha \in [0, 1]` over the ``V`` real classes.
+      z_loss: :math:`\lambda_z \ge 0`.
+      logit_soft_cap: :math:`c > 0` to use :math:`c \tanh(z / c)`, or ``None``.
+      class_weights: this device's ``[V_local]`` slice of the class weights.
+      reduction: ``"mean"`` (default, as :func:`jxent.linear_softmax_cross_entropy`),
+        ``"sum"`` or ``"none"``; over this device's tokens, or over every device of
+        ``batch_axis_name`` if given.
+      num_classes: the true vocabulary size ``V`` when the last shard is padded.
+      batch_axis_name: the data-parallel mesh axis (or axes) for a global
+        ``"sum"``/``"mean"``.
+      chunk_size: vocabulary columns per block on each shard, or a pair (tokens,
+        columns); ``None`` chooses as :func:`jxent.linear_softmax_cross_entropy`
+        does for per-token losses (its streaming schedule).
+
+    Returns:
+      float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
+      ``"none"``, else a scalar; equal on every device of ``axis_name``.
+
+    Raises:
+      TypeError: non-floating ``x``/``local_w``/``bias``/``class_weights``,
+        non-integer labels, a non-boolean ``where``, a bad ``axis_name``.
+      ValueError: ``axis_name`` not bound by an enclosing ``shard_map``, shapes that
+        do not match, ``num_classes`` out of range, an option out of range.
+
+    Example:
+      A 1 x 1 mesh so that it runs anywhere (e.g. ``(2, 4)`` on 8 devices); the
+      vocabulary of 3 classes is padded to 4 columns.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8], [-1.2, 0.4]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> labels = jnp.array([1, 0, 2])
+      >>> w_padded = jnp.pad(w, ((0, 0), (0, 1)))  # V = 3 -> 4 columns
+      >>> def loss_fn(x, local_w, labels):
+      ...     return jxent.parallel.linear_softmax_cross_entropy(
+      ...         x, local_w, labels, axis_name="model", num_classes=3,
+      ...         batch_axis_name="data")
+      >>> sharded = jax.shard_map(
+      ...     loss_fn, mesh=mesh, in_specs=(P("data", None), P(None, "model"), P("data")),
+      ...     out_specs=P())
+      >>> args = put(x, "data", None), put(w_padded, None, "model"), put(labels, "data")
+      >>> jax.jit(sharded)(*args).round(4)
+      Array(1.574, dtype=float32)
+      >>> jxent.linear_softmax_cross_entropy(x, w, labels).round(4)
+      Array(1.574, dtype=float32)
+
+    References:
+      Shoeybi et al., `Megatron-LM <https://arxiv.org/abs/1909.08053>`_, 2019.
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024.
+    """
+    x = v.as_array("x", x)
+    w = v.as_array("local_w", local_w)
+    labels = v.as_array("labels", labels)
+    v.check_floating("x", x)
+    v.check_floating("local_w", w)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D] (hidden states), got shape {x.shape}.")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
+        raise ValueError(
+            f"local_w must have shape (D, V_local) = ({x.shape[-1]}, columns on this shard) "
+            f"to multiply x of shape {x.shape}, got shape {w.shape}."
+        )
+    v.check_integer("labels", labels, " Labels are class indices.")
+    batch_shape = x.shape[:-1]
+    v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
+    v.check_reduction(reduction)
+    cfg = _config(label_smoothing, z_loss, logit_soft_cap)
+    layout = _layout(axis_name, w.shape[1], num_classes)
+    local_cols = (w.shape[1],)
+    if bias is not None:
+        bias = v.as_array("bias", bias)
+        v.check_floating("bias", bias)
+        v.check_shape("bias", bias, local_cols, "this shard's slice: one per local column")
+    if class_weights is not None:
+        class_weights = v.as_array("class_weights", class_weights)
+        v.check_floating("class_weights", class_weights)
+        v.check_shape(
+            "class_weights", class_weights, local_cols, "this shard's slice: one per column"
+        )
+        class_weights = lax.stop_gradient(class_weights)
+    row_mask = None
+    if where is not None:
+        where = v.as_array("where", where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+        v.check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
+        row_mask = where
+    if ignore_index is not None:
+        ignored = labels != ignore_index
+        row_mask = ignored if row_mask is None else row_mask & ignored
+
+    _check_split("local_w", w, layout)
+    n = labels.size
+    dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
+    acc = v.accumulation_dtype(functools.reduce(jnp.promote_types, dtypes))
+    token_block, vocab_block, _ = plan_blocks(
+        n,
+        x.shape[-1],
+        w.shape[1],
+        "none",
+        chunk_size,
+        jnp.dtype(acc).itemsize,
+        jax.default_backend(),
+    )
+    spec = _LinearSpec(layout, chunked.Spec(cfg, token_block, vocab_block))
+    flat_labels = labels.reshape(n)
+    if flat_labels.dtype != jnp.int64:
+        flat_labels = flat_labels.astype(jnp.int32)
+    local_labels, _ = _local_labels(layout, flat_labels)
+    column_bias = _column_bias(layout, acc)
+    cw_eff = class_weights
+    if layout.padded and cfg.label_smoothing > 0:
+        # Smoothing sums run over every column: give the padding weight 0 there.
+        real = (column_bias == 0).astype(acc)
+        cw_eff = real if class_weights is None else class_weights.astype(acc) * real
+    keep = None if row_mask is None else row_mask.reshape(n)
+    loss = _linear(
+        spec,
+        x.reshape(n, x.shape[-1]),
+        w,
+        bias,
+        local_labels,
+        flat_labels,
+        keep,
+        class_weights,
+        cw_eff,
+        column_bias,
+    ).reshape(batch_shape)
+    weight = _mean_weight(layout, labels, row_mask, class_weights, reduction, loss.dtype)
+    return _reduce(loss, reduction, weight, batch_axis_name)
+
+
+# ------------------------------------------------------------------------------------------
+# jxent.linear_softmax_cross_entropy under jit with Explicit mesh axes
+# ------------------------------------------------------------------------------------------
+
+
+def _names(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _explicit_spec(a: jax.Array) -> tuple:
+    """The array's PartitionSpec entries (one per dimension) when typed with Explicit axes."""
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
+    if spec is None:
+        return (None,) * a.ndim
+    return tuple(spec) + (None,) * (a.ndim - len(spec))
+
+
+def explicitly_sharded(*arrays) -> bool:
+    """Whether any array's type names a mesh axis (``Explicit`` axes, outside shard_map)."""
+    return any(any(_names(e) for e in _explicit_spec(a)) for a in arrays if a is not None)
+
+
+def linear_from_explicit_sharding(x, w, labels, *, reduction, chunk_size, **options):
+    """:func:`jxent.linear_softmax_cross_entropy` of arrays sharded with ``Explicit`` axes.
+
+    A loop over vocabulary blocks of a ``w`` sharded over its columns has no typed
+    sharded form, so the loss runs under ``shard_map`` over the arrays' mesh: tokens
+    split as ``x``'s batch dimensions are (over the axes that do not split the
+    vocabulary), vocabulary columns as ``w``'s are. With the vocabulary split, each
+    device runs :func:`linear_softmax_cross_entropy` of this module on its columns;
+    otherwise the blocked loss on its tokens. Arguments are validated already.
+    """
+    from jxent.linear.api import linear_softmax_cross_entropy as blocked
+
+    vocab = _names(_explicit_spec(w)[1])
+    batch_spec = tuple(
+        tuple(n for n in _names(e) if n not in vocab) or None for e in _explicit_spec(x)[:-1]
+    )
+    batch_names = tuple(n for e in batch_spec for n in _names(e)) or None
+    sharded = [a for a in (w, x, labels) if explicitly_sharded(a)]
+    mesh = jax.typeof(sharded[0]).sharding.mesh
+    vocab_entry = (vocab if len(vocab) > 1 else vocab[0]) if vocab else None
+    token = P(*batch_spec)
+    specs = {"x": P(*batch_spec, None), "w": P(None, vocab_entry), "labels": token}
+    for name, spec in (("bias", P(vocab_entry)), ("class_weights", P(vocab_entry))):
+        if options.get(name) is not None:
+            specs[name] = spec
+    if options.get("where") is not None:
+        specs["where"] = token
+    arrays = {"x": x, "w": w, "labels": labels, **{k: options[k] for k in specs if k in options}}
+    arrays = {k: jax.sharding.reshard(a, specs[k]) for k, a in arrays.items()}
+    static = {k: val for k, val in options.items() if k not in arrays}
+
+    def local(arrays):
+        kw = {k: a for k, a in arrays.items() if k not in ("x", "w", "labels")}
+        if vocab:
+            return linear_softmax_cross_entropy(
+                arrays["x"],
+                arrays["w"],
+                arrays["labels"],
+                axis_name=vocab_entry,
+                reduction=reduction,
+                batch_axis_name=batch_names,
+                chunk_size=chunk_size,
+                **kw,
+                **static,
+            )
+        loss = blocked(
+            arrays["x"],
+            arrays["w"],
+            arrays["labels"],
+            reduction="none",
+            chunk_size=chunk_size,
+            **kw,
+            **static,
+        )
+        return _reduce(
+            loss, reduction, _token_weight(arrays, static, reduction, loss.dtype), batch_names
+        )
+
+    out = token if reduction == "none" else P()
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out)(arrays)
+
+
+def _token_weight(arrays, static, reduction, acc):
+    """The mean's per-token weight without a vocabulary split: kept tokens, times ``w_y``."""
+    labels = arrays["labels"]
+    keep = arrays.get("where")
+    if static.get("ignore_index") is not None:
+        kept = labels != static["ignore_index"]
+        keep = kept if keep is None else keep & kept
+    cw = arrays.get("class_weights")
+    if cw is None or reduction != "mean":
+        return keep
+    weight = take_classes(cw.astype(acc), jnp.clip(labels, 0, cw.shape[0] - 1))
+    return weight if keep is None else jnp.where(keep, weight, jnp.zeros((), acc))

@@ -380,6 +380,163 @@ def group_shard_map():
 
 
 # ------------------------------------------------------------------------------------------
+# Group "linear": jxent.parallel.linear_softmax_cross_entropy (vocabulary-sharded w)
+# ------------------------------------------------------------------------------------------
+
+HIDDEN = 8
+
+
+def make_linear_data(num_classes, seed, opts):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((ROWS, HIDDEN))
+    w = 0.7 * rng.standard_normal((HIDDEN, num_classes))
+    b = 0.3 * rng.standard_normal(num_classes)
+    y = rng.integers(0, num_classes, ROWS)
+    if opts.get("ignore_index") is not None:
+        y[3] = IGNORE
+        y[ROWS - 2] = IGNORE
+    cw = rng.integers(4, 17, num_classes) / 8.0
+    return x, w, b, y, cw
+
+
+def reference_linear(x, w, b, y, cw, opts, reduction):
+    """float64 ``(value, dx, dw, db)`` of ``objective`` through the categorical reference."""
+    f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float64))  # noqa: E731
+    x, w, b = f64(x), f64(w), f64(b)
+    value, g = reference_integer(x @ w + b, y, cw, opts, reduction)
+    return value, g @ w.T, x.T @ g, g.sum(axis=0)
+
+
+def linear_case(mesh_shape, kind, opts_name, opts, dtype, num_classes, reduction, chunk):
+    mesh = make_mesh(mesh_shape, kind)
+    vp = padded_size(num_classes, mesh_shape[1])
+    x, w, b, y, cw = make_linear_data(num_classes, seed=4, opts=opts)
+    x, w, b = (jnp.asarray(a, dtype) for a in (x, w, b))
+    # Padding rule of jxent.parallel: columns with any values, and num_classes=V.
+    wp = jnp.pad(w, ((0, 0), (0, vp - num_classes)), constant_values=0.5)
+    bp = jnp.pad(b, (0, vp - num_classes), constant_values=3.0)
+    cwp = np.pad(cw, (0, vp - num_classes), constant_values=2.0)
+    kw = dict(opts)
+    use_cw = kw.pop("class_weights", False)
+
+    def local(xl, wl, bl, yl, cwl):
+        return jxent.parallel.linear_softmax_cross_entropy(
+            xl,
+            wl,
+            yl,
+            axis_name="model",
+            bias=bl,
+            num_classes=num_classes,
+            class_weights=cwl if use_cw else None,
+            reduction=reduction,
+            batch_axis_name="data",
+            chunk_size=chunk,
+            **kw,
+        )
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data", None), P(None, "model"), P("model"), P("data"), P("model")),
+        out_specs=P("data") if reduction == "none" else P(),
+    )
+
+    def single(x, w, b, y):
+        return jxent.linear_softmax_cross_entropy(
+            x, w, y, bias=b, class_weights=cw if use_cw else None, reduction=reduction, **kw
+        )
+
+    obj1, obj0 = objective(sharded, reduction), objective(single, reduction)
+    args = (
+        put(mesh, x, "data", None),
+        put(mesh, wp, None, "model"),
+        put(mesh, bp, "model"),
+        put(mesh, y, "data"),
+        put(mesh, cwp, "model"),
+    )
+    v1, g1 = jax.jit(jax.value_and_grad(obj1, argnums=(0, 1, 2)))(*args)
+    key = ("linear", opts_name, dtype, num_classes, reduction)
+    if key not in _SINGLE_DEVICE:
+        v0, g0 = jax.jit(jax.value_and_grad(obj0, argnums=(0, 1, 2)))(x, w, b, y)
+        _SINGLE_DEVICE[key] = _f64(v0), [_f64(g) for g in g0]
+    v0, g0 = _SINGLE_DEVICE[key]
+    g1 = [_f64(g) for g in g1]
+    rv, *rg = reference_linear(x, w, b, y, cw, opts, reduction)
+    checks = {}
+    for name, a1, a0, ar in zip(("x", "w", "bias"), g1, g0, rg, strict=True):
+        part = compare(dtype, v1, a1, v0, a0, a0.shape[-1], rv, ar)
+        checks.update({f"{k} d{name}" if k != "value" else k: c for k, c in part.items()})
+    return {
+        "case": f"linear {kind} {mesh_shape} {opts_name} {jnp.dtype(dtype).name} "
+        f"V={num_classes} {reduction} chunk={chunk}",
+        "checks": checks,
+    }
+
+
+def linear_jit_case(mesh_shape, opts_name, opts, dtype, reduction, chunk, w_spec=("model",)):
+    """jxent.linear_softmax_cross_entropy itself under jit, arrays typed with Explicit axes."""
+    mesh = make_mesh(mesh_shape, "explicit")
+    num_classes = 64
+    x, w, b, y, cw = make_linear_data(num_classes, seed=5, opts=opts)
+    x, w, b = (jnp.asarray(a, dtype) for a in (x, w, b))
+    kw = dict(opts)
+    use_cw = kw.pop("class_weights", False)
+
+    def loss(x, w, b, y, c):
+        return jxent.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b,
+            class_weights=c if use_cw else None,
+            reduction=reduction,
+            chunk_size=chunk,
+            **kw,
+        )
+
+    obj = objective(loss, reduction)
+    args = (
+        put(mesh, x, "data", None),
+        put(mesh, w, None, *w_spec),
+        put(mesh, b, *w_spec),
+        put(mesh, y, "data"),
+        put(mesh, cw, *w_spec),
+    )
+    with jax.set_mesh(mesh):
+        v1, g1 = jax.jit(jax.value_and_grad(obj, argnums=(0, 1, 2)))(*args)
+    v0, g0 = jax.jit(jax.value_and_grad(obj, argnums=(0, 1, 2)))(x, w, b, y, cw)
+    rv, *rg = reference_linear(x, w, b, y, cw, opts, reduction)
+    checks = {}
+    for name, a1, a0, ar in zip(("x", "w", "bias"), g1, g0, rg, strict=True):
+        part = compare(dtype, _f64(v1), _f64(a1), _f64(v0), _f64(a0), a0.shape[-1], rv, ar)
+        checks.update({f"{k} d{name}" if k != "value" else k: c for k, c in part.items()})
+    return {
+        "case": f"linear jit explicit {mesh_shape} w{w_spec} {opts_name} "
+        f"{jnp.dtype(dtype).name} {reduction} chunk={chunk}",
+        "checks": checks,
+    }
+
+
+def group_linear():
+    out = [linear_case((2, 4), "explicit", "plain", {}, jnp.float32, 64, "mean", 6)]
+    for i, shape in enumerate(MESHES):
+        kind = ("explicit", "auto")[i % 2]
+        out.append(linear_case(shape, kind, "all", ALL_OPTIONS, jnp.float32, 61, "none", (8, 6)))
+        num_classes = (64, 61)[i % 2]
+        out.append(
+            linear_case(shape, kind, "all", ALL_OPTIONS, jnp.bfloat16, num_classes, "mean", None)
+        )
+    for name in ("smoothing", "soft_cap", "class_weights"):
+        out.append(
+            linear_case((2, 4), "explicit", name, SINGLE_OPTIONS[name], jnp.float32, 61, "mean", 5)
+        )
+    out.append(linear_jit_case((2, 4), "all", ALL_OPTIONS, jnp.float32, "none", 8))
+    out.append(linear_jit_case((1, 8), "all", ALL_OPTIONS, jnp.bfloat16, "mean", None))
+    out.append(linear_jit_case((4, 2), "plain", {}, jnp.float32, "sum", (8, 16), w_spec=()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Group "hlo": no vocabulary-sized collective in the compiled programs
 # ------------------------------------------------------------------------------------------
 
@@ -492,10 +649,56 @@ def group_hlo():
     return out
 
 
+def group_hlo_linear():
+    """The fused linear loss with w sharded over the vocabulary: no w-sized collective."""
+    tokens, hidden, vocab = 64, 64, 8192
+    local_classes = vocab // 4
+    out = []
+    mesh = make_mesh((2, 4))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = put(mesh, jnp.zeros((tokens, hidden), dtype), "data", None)
+        w = put(mesh, jnp.zeros((hidden, vocab), dtype), None, "model")
+        y = put(mesh, jnp.zeros((tokens,), jnp.int32), "data")
+        opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=30.0, ignore_index=IGNORE)
+
+        def local(x, w, y, opts=opts):
+            return jxent.parallel.linear_softmax_cross_entropy(
+                x, w, y, axis_name="model", batch_axis_name="data", chunk_size=512, **opts
+            )
+
+        sharded = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data", None), P(None, "model"), P("data")),
+            out_specs=P(),
+        )
+
+        def plain(x, w, y, opts=opts):
+            return jxent.linear_softmax_cross_entropy(x, w, y, chunk_size=512, **opts)
+
+        for name, fn in (("shard_map", sharded), ("jit explicit", plain)):
+            with jax.set_mesh(mesh):
+                step = jax.value_and_grad(fn, argnums=(0, 1))
+                text = jax.jit(step).lower(x, w, y).compile().as_text()
+            # The largest allowed is dw's all-reduce over the data axis, of w's local
+            # columns (hidden * V_local, as for any data-parallel weight); a gathered w
+            # (hidden * V) or a row block of full logits (tokens / 2 * V) is larger.
+            out.append(
+                hlo_record(
+                    f"hlo linear {name} {jnp.dtype(dtype).name}",
+                    text,
+                    hidden * local_classes + 1,
+                    expect_no_all_gather=True,
+                )
+            )
+    return out
+
+
 GROUPS = {
     "jit": group_jit,
     "shard_map": group_shard_map,
-    "hlo": group_hlo,
+    "linear": group_linear,
+    "hlo": lambda: group_hlo() + group_hlo_linear(),
 }
 
 

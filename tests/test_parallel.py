@@ -29,7 +29,7 @@ import jxent
 import jxent.parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ("jit", "shard_map", "hlo")
+GROUPS = ("jit", "shard_map", "linear", "hlo")
 
 
 def run_group(group: str) -> list[dict]:
@@ -190,6 +190,100 @@ def test_out_of_range_label_is_nan():
     y = np.array([0, 3, 7])  # 3 is on the padding (num_classes=3), 7 out of range
     out = jax.jit(one_device(dict(num_classes=3)))(x, y)
     assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isnan(out[2])
+
+
+@settings(max_examples=8)
+@given(parallel_cases(), st.sampled_from([None, 3, (2, 3)]))
+def test_one_device_linear_matches_reference(case, chunk):
+    rows, num_classes, pad, seed, opts, weighted, reduction = case
+    rng = np.random.default_rng(seed)
+    hidden = 3
+    x = rng.standard_normal((rows, hidden))
+    w = rng.standard_normal((hidden, num_classes))
+    b = 0.3 * rng.standard_normal(num_classes)
+    y = rng.integers(0, num_classes, rows)
+    if "ignore_index" in opts and rows > 1:
+        y[0] = -1
+    cw = rng.uniform(0.5, 2.0, num_classes) if weighted else None
+    wp = np.pad(w, ((0, 0), (0, pad)), constant_values=2.0)  # padding: any value
+    bp = np.pad(b, (0, pad), constant_values=4.0)
+    cwp = None if cw is None else np.pad(cw, (0, pad), constant_values=5.0)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))  # noqa: E731
+
+    def local(x, w, b, y, c):
+        return jxent.parallel.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            axis_name="model",
+            bias=b,
+            class_weights=c,
+            reduction=reduction,
+            num_classes=num_classes,
+            batch_axis_name="data",
+            chunk_size=chunk,
+            **opts,
+        )
+
+    out = P("data") if reduction == "none" else P()
+    specs = (P("data", None), P(None, "model"), P("model"), P("data"), P("model"))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out)
+    cot = rng.uniform(0.5, 1.5, rows) if reduction == "none" else 1.0
+
+    def objective(x, w, b):
+        loss = fn(x, w, b, put(y, "data"), None if cwp is None else put(cwp, "model"))
+        return jnp.sum(loss * cot) if reduction == "none" else loss
+
+    args = (put(x, "data", None), put(wp, None, "model"), put(bp, "model"))
+    value, (dx, dw, db) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(*args)
+    expect = ref.softmax_cross_entropy_with_integer_labels(
+        x @ w + b, y, class_weights=cw, reduction=reduction, cotangent=cot, **opts
+    )
+    g = expect.grad_logits
+    expect_value = np.sum(expect.loss * cot) if reduction == "none" else expect.loss
+    tol = dict(rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(value, expect_value, **tol)
+    np.testing.assert_allclose(dx, g @ w.T, **tol)
+    np.testing.assert_allclose(dw[:, :num_classes], x.T @ g, **tol)
+    np.testing.assert_allclose(db[:num_classes], g.sum(axis=0), **tol)
+    np.testing.assert_array_equal(dw[:, num_classes:], 0.0)
+    np.testing.assert_array_equal(db[num_classes:], 0.0)
+
+
+def test_linear_bad_inputs_raise():
+    mesh = jax.make_mesh((1,), ("model",))
+    x, y = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)
+    w = jax.device_put(jnp.zeros((3, 4)), NamedSharding(mesh, P(None, "model")))
+
+    def call(w, **kw):
+        def local(w):
+            return jxent.parallel.linear_softmax_cross_entropy(x, w, y, axis_name="model", **kw)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=P(None, "model"), out_specs=P())(w)
+
+    with pytest.raises(ValueError, match="local_w"):
+        call(jax.device_put(jnp.zeros((5, 4)), NamedSharding(mesh, P(None, "model"))))
+    with pytest.raises(ValueError, match="bias"):
+        call(w, bias=jnp.zeros(3))
+    with pytest.raises(ValueError, match="num_classes"):
+        call(w, num_classes=9)
+    with pytest.raises(TypeError, match="labels"):
+        jax.shard_map(
+            lambda w: jxent.parallel.linear_softmax_cross_entropy(
+                x, w, jnp.zeros(2), axis_name="model"
+            ),
+            mesh=mesh,
+            in_specs=P(None, "model"),
+            out_specs=P(),
+        )(w)
+    with pytest.raises(ValueError, match="local_w must be split over axis_name"):
+        jax.shard_map(
+            lambda w: jxent.parallel.linear_softmax_cross_entropy(x, w, y, axis_name="model"),
+            mesh=mesh,
+            in_specs=P(),
+            out_specs=P(),
+        )(jnp.zeros((3, 4)))
 
 
 def _bad_calls():

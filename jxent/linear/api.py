@@ -271,6 +271,25 @@ def linear_softmax_cross_entropy(
         row_mask = where
     v.check_reduction(reduction)
     config = _config(label_smoothing, z_loss, logit_soft_cap)
+    from jxent import parallel  # here: jxent.parallel builds on this module
+
+    if parallel.explicitly_sharded(x, w, labels):
+        # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
+        # no typed sharded form; jxent.parallel runs the loss per device in shard_map.
+        return parallel.linear_from_explicit_sharding(
+            x,
+            w,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            where=where,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_soft_cap=logit_soft_cap,
+            class_weights=class_weights,
+            reduction=reduction,
+            chunk_size=chunk_size,
+        )
     if ignore_index is not None:
         row_mask = _and(row_mask, labels != ignore_index)
 

@@ -80,10 +80,41 @@ def _for_blocks(total: int, size: int, body: Callable, carry):
     elif num_full > 1:
         # int32 starts, whatever the loop counter's dtype (x64 or not).
         step = lambda i, c: body(lax.convert_element_type(i, jnp.int32) * size, size, c)  # noqa: E731
+        carry = _vary_like(carry, jax.eval_shape(functools.partial(step, 0), carry))
         carry = lax.fori_loop(0, num_full, step, carry)
     if rest:
         carry = body(num_full * size, rest, carry)
     return carry
+
+
+def _varying(aval) -> frozenset:
+    """The mesh axes a value of type ``aval`` varies over inside ``shard_map``."""
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def _vary_like(carry, out):
+    """The loop's initial carry, varying over every mesh axis its body's results vary over.
+
+    Inside ``shard_map`` a ``fori_loop`` needs carries of equal types, and zeros made
+    here vary over no axis while the body's results vary with ``x`` and ``w``.
+    """
+
+    def cast(c, o):
+        missing = tuple(sorted(_varying(o) - _varying(jax.typeof(c))))
+        return lax.pcast(c, missing, to="varying") if missing else c
+
+    return jax.tree.map(cast, carry, out)
+
+
+def _sum_to_type(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the mesh axes it varies over and its primal does not.
+
+    Inside ``shard_map``, a ``w`` replicated over a data axis meets every data shard's
+    tokens: its gradient is the sum over them (what autodiff inserts for ``x @ w``).
+    """
+    extra = tuple(sorted(_varying(jax.typeof(ct)) - _varying(jax.typeof(primal))))
+    return lax.psum(ct, extra) if extra else ct
 
 
 def _narrow_float(a: jax.Array) -> bool:
@@ -106,7 +137,7 @@ def _rows(a: jax.Array | None, start, length: int, axis: int = 0) -> jax.Array |
     # view) is hoisted out and materialised: a full-size copy of ``w``. A slice inside
     # a conditional branch cannot be hoisted, and fuses into a copy of the block.
     shape = a.shape[:axis] + (length,) + a.shape[axis + 1 :]
-    in_branch = lambda: lax.cond(start >= 0, take, lambda: jnp.zeros(shape, a.dtype))  # noqa: E731
+    in_branch = lambda: lax.cond(start >= 0, take, lambda: jnp.zeros_like(a, shape=shape))  # noqa: E731
     return lax.platform_dependent(cpu=in_branch, default=take)
 
 
@@ -134,6 +165,9 @@ class _Inputs(NamedTuple):
     bias: jax.Array | None
     labels: jax.Array  # int32 [N]; -1 for a label outside [0, V)
     class_weights: jax.Array | None
+    # [V] added to the soft-capped logits: 0, or a large negative number for columns
+    # that are not classes (jxent.parallel's vocabulary padding).
+    column_bias: jax.Array | None = None
 
 
 def _compute_dtype(inp: _Inputs):
@@ -141,17 +175,20 @@ def _compute_dtype(inp: _Inputs):
     return functools.reduce(jnp.promote_types, dtypes)
 
 
-def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk):
+def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk, c_blk=None):
     """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
     cdt = _compute_dtype(inp)
     acc = accumulation_dtype(cdt)
     logits = jnp.matmul(x_blk.astype(cdt), w_blk.astype(cdt), preferred_element_type=acc)
     if b_blk is not None:
         logits = logits + b_blk.astype(acc)[None, :]
-    if cfg.soft_cap is None:
-        return logits, None
-    t = jnp.tanh(logits / cfg.soft_cap)
-    return cfg.soft_cap * t, 1 - t * t
+    dcap = None
+    if cfg.soft_cap is not None:
+        t = jnp.tanh(logits / cfg.soft_cap)
+        logits, dcap = cfg.soft_cap * t, 1 - t * t
+    if c_blk is not None:
+        logits = logits + c_blk.astype(logits.dtype)[None, :]
+    return logits, dcap
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +283,8 @@ def _finish(cfg: XentConfig, run: _Running, labels, valid, num_classes, class_we
     return loss, _Coefficients(lse, scale, label_coef, smooth)
 
 
-def _forward(spec: Spec, inp: _Inputs, keep):
-    """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
+def _statistics(spec: Spec, inp: _Inputs) -> _Running:
+    """Per-token running statistics over every vocabulary block (streaming)."""
     cfg = spec.config
     n, v = inp.x.shape[0], inp.w.shape[1]
     acc = accumulation_dtype(_compute_dtype(inp))
@@ -257,9 +294,10 @@ def _forward(spec: Spec, inp: _Inputs, keep):
     def vocab_step(v0, vb, carry):
         run, seen_weight = carry
         w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
+        c_blk = _rows(inp.column_bias, v0, vb)
 
         def token_step(r0, nb, run):
-            z, _ = _logits(inp, cfg, _rows(inp.x, r0, nb), w_blk, b_blk)
+            z, _ = _logits(inp, cfg, _rows(inp.x, r0, nb), w_blk, b_blk, c_blk)
             rows = _Running(*(_rows(f, r0, nb) for f in run))
             rows = _merge_block(rows, z, _rows(inp.labels, r0, nb), v0, cw_blk, seen_weight)
             updated = zip(run, rows, strict=True)
@@ -272,8 +310,16 @@ def _forward(spec: Spec, inp: _Inputs, keep):
 
     carry = (_init_running(n, acc, smoothing), jnp.zeros((), acc))
     run, _ = _for_blocks(v, spec.vocab_block, vocab_step, carry)
+    return run
+
+
+def _forward(spec: Spec, inp: _Inputs, keep):
+    """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
+    acc = accumulation_dtype(_compute_dtype(inp))
+    cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+    run = _statistics(spec, inp)
     valid = inp.labels >= 0
-    return _finish(cfg, run, inp.labels, valid, v, cw, keep)
+    return _finish(spec.config, run, inp.labels, valid, inp.w.shape[1], cw, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +382,7 @@ def _rows_t(a: jax.Array, start, length: int) -> jax.Array:
             pred = start >= 0
         t_shape = (a.shape[1], length)
         block_t = lambda: _rows(a, start, length).T  # noqa: E731
-        return lax.cond(pred, block_t, lambda: jnp.zeros(t_shape, a.dtype))
+        return lax.cond(pred, block_t, lambda: jnp.zeros_like(a, shape=t_shape))
 
     return lax.platform_dependent(cpu=row_major, default=lambda: _rows(a, start, length).T)
 
@@ -369,11 +415,12 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
         w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
+        c_blk = _rows(inp.column_bias, v0, vb)
 
         def token_step(r0, nb, inner):
             dx, dw_blk, db_blk = inner
             x_blk = _rows(inp.x, r0, nb)
-            z, dcap = _logits(inp, cfg, x_blk, w_blk, b_blk)
+            z, dcap = _logits(inp, cfg, x_blk, w_blk, b_blk, c_blk)
             rows = _Coefficients(*(_rows(f, r0, nb) for f in coefs))
             dz = _dlogits(cfg, z, dcap, rows, _rows(inp.labels, r0, nb), v0, cw_blk)
             xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
@@ -424,7 +471,7 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
         total, dx, dw, db = carry
         x_blk = _rows(inp.x, r0, nb)
         labels_blk = _rows(inp.labels, r0, nb)
-        z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias)
+        z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias, inp.column_bias)
         run = _merge_block(
             _init_running(nb, acc, smoothing), z, labels_blk, 0, cw, jnp.zeros((), acc)
         )
@@ -499,8 +546,10 @@ def _per_token_bwd(spec, res, g):
 
 def _fill(inp: _Inputs, grads):
     """Zeros of the right type for the gradients that were not wanted."""
+    primals = (inp.x, inp.w, inp.bias)
     return tuple(
-        z if gr is None else gr for gr, z in zip(grads, _zero_cotangents(inp), strict=True)
+        z if gr is None else _sum_to_type(gr, p)
+        for gr, z, p in zip(grads, _zero_cotangents(inp), primals, strict=True)
     )
 
 
