@@ -333,8 +333,8 @@ def smooth_labels(
     Example:
       >>> import jax.numpy as jnp
       >>> import jxent
-      >>> jxent.smooth_labels(jnp.array([0.0, 1.0, 0.0, 0.0]), 0.2)
-      Array([0.05, 0.85, 0.05, 0.05], dtype=float32)
+      >>> print(jxent.smooth_labels(jnp.array([0.0, 1.0, 0.0, 0.0]), 0.2))
+      [0.05 0.85 0.05 0.05]
 
     References:
       Müller, Kornblith & Hinton, `When does label smoothing help?

@@ -8,6 +8,10 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# parallel_checks.py is a script run in a subprocess with 8 simulated devices: importing it
+# here (doctest collection) would set XLA_FLAGS for this process.
+collect_ignore = ["parallel_checks.py"]
+
 settings.register_profile(
     "jxent",
     max_examples=25,
