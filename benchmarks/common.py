@@ -85,7 +85,11 @@ class Row:
         return self.jxent_temp_mib / max(self.baseline_temp_mib, 1e-9)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "speedup": self.speedup, "memory_ratio": self.memory_ratio}
+        return {
+            **dataclasses.asdict(self),
+            "speedup": self.speedup,
+            "memory_ratio": self.memory_ratio,
+        }
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

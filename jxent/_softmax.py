@@ -56,7 +56,10 @@ _DEFAULT_CONFIG = XentConfig()
 class _RowStats(NamedTuple):
     """Per-row scalars the tangent rule needs: all of shape ``x.shape[:-1]``."""
 
-    lse: jax.Array  # log-sum-exp over the unmasked classes (0 on empty rows)
+    # lse = row_max + lse_rel, kept apart: exp((z - row_max) - lse_rel) is accurate
+    # for logits of any magnitude, where exp(z - lse) inherits lse's rounding.
+    row_max: jax.Array  # the row's largest unmasked logit (0 on empty rows)
+    lse_rel: jax.Array  # log sum exp(z - row_max), >= 0 (0 on empty rows)
     scale: jax.Array  # C + 2 * z_loss * lse: the coefficient of softmax in the gradient
     label_coef: jax.Array | None  # (1 - a) * w_y, integer labels only
     smooth_coef: jax.Array | None  # a / K_eff (label smoothing only)
@@ -336,14 +339,14 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
 
     keep = has_class if row_mask is None else has_class & row_mask
     loss = jnp.where(keep, loss, zero)
-    lse = jnp.where(has_class, lse, zero)
+    lse_rel = jnp.where(has_class, lse_rel, zero)
     # A dropped row's label coefficient is NaN when its label is out of range (an
     # ignore_index): the transposed tangent multiplies the coefficients by the row's
     # zero cotangent, so they are zeroed here rather than selected away after.
     scale = jnp.where(keep, scale, zero)
     if label_coef is not None:
         label_coef = jnp.where(keep, label_coef, zero)
-    return loss, _RowStats(lse, scale, label_coef, smooth_coef, keep)
+    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep)
 
 
 def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t_dot):
@@ -357,10 +360,10 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     x, targets, class_mask, x_dot, t_dot = (
         to_rows(a, cfg.class_axes) for a in (x, targets, class_mask, x_dot, t_dot)
     )
-    acc = stats.lse.dtype
+    acc = stats.lse_rel.dtype
     zero = jnp.zeros((), acc)
     z = _cap(x, cfg.soft_cap, acc)
-    log_p = z - stats.lse[..., None]
+    log_p = (z - stats.row_max[..., None]) - stats.lse_rel[..., None]
     p = jnp.exp(log_p)  # exactly 0 on -inf logits
     if class_mask is not None:
         p = jnp.where(class_mask, p, zero)
