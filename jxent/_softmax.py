@@ -305,7 +305,6 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         sums = _row_sums(terms)
 
     lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max, >= 0
-    lse = row_max + lse_rel
     if labels is not None:
         z_label, valid = _pick(x, labels)
         z_label = _cap(z_label, cfg.soft_cap, acc)
@@ -325,28 +324,48 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         # Target mass on a -inf logit is impossible under the model: the loss is +inf.
         dist = jnp.where(sums["t_on_inf"] > 0, jnp.inf, dist)
 
-    smooth_coef = None
-    if a > 0:
-        smooth_coef = a / jnp.where(has_class, sums["n"], 1)
-        big_c = big_c + smooth_coef * sums["w"]
-        dist = dist + (2 * smooth_coef) * sums["w_gap"]
+    smoothing = (sums["n"], sums["w"], sums["w_gap"]) if a > 0 else None
+    loss, keep, scale, label_coef, smooth_coef = finish_rows(
+        cfg, row_max, lse_rel, has_class, big_c, dist, label_coef, smoothing, row_mask
+    )
+    lse_rel = jnp.where(has_class, lse_rel, zero)
+    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep)
 
+
+def finish_rows(
+    cfg: XentConfig, row_max, lse_rel, has_class, big_c, dist, label_coef, smoothing, row_mask
+):
+    """Per-row loss and gradient coefficients from the row sums (the core and jxent.parallel).
+
+    ``big_c`` and ``dist`` are the target's ``C = sum_k c_k`` and ``sum_k c_k (max - z_k)``
+    before smoothing; ``smoothing`` is ``(n, sum_k w_k, sum_k w_k (max - z_k) / 2)`` over
+    the finite classes when label smoothing is on. Returns the loss, which rows count,
+    and the coefficients of the gradient ``scale * softmax - c``. A dropped row's label
+    coefficient is NaN when its label is out of range (an ignore_index): the transposed
+    rule multiplies the coefficients by the row's zero cotangent, so they are zeroed here
+    rather than selected away after.
+    """
+    zero = jnp.zeros((), row_max.dtype)
+    smooth_coef = None
+    if smoothing is not None:
+        n, sum_w, w_half_gap = smoothing
+        smooth_coef = cfg.label_smoothing / jnp.where(has_class, n, 1)
+        big_c = big_c + smooth_coef * sum_w
+        dist = dist + (2 * smooth_coef) * w_half_gap
+    lse = row_max + lse_rel
     loss = lse_rel * big_c + dist
     scale = big_c
     if cfg.z_loss > 0:
         loss = loss + cfg.z_loss * lse * lse
         scale = scale + 2 * cfg.z_loss * lse
-
     keep = has_class if row_mask is None else has_class & row_mask
     loss = jnp.where(keep, loss, zero)
-    lse_rel = jnp.where(has_class, lse_rel, zero)
-    # A dropped row's label coefficient is NaN when its label is out of range (an
-    # ignore_index): the transposed tangent multiplies the coefficients by the row's
-    # zero cotangent, so they are zeroed here rather than selected away after.
     scale = jnp.where(keep, scale, zero)
     if label_coef is not None:
         label_coef = jnp.where(keep, label_coef, zero)
-    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep)
+    if smooth_coef is not None:
+        smooth_coef = jnp.where(keep, smooth_coef, zero)
+    return loss, keep, scale, label_coef, smooth_coef
 
 
 def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t_dot):

@@ -59,6 +59,7 @@ from jxent._softmax import (
     _finite_parts,
     _gather_last,
     _row_sums,
+    finish_rows,
     take_classes,
 )
 from jxent.linear import chunked
@@ -264,26 +265,11 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
     w_label = sums.get("w_label", jnp.ones(valid.shape, acc))
     # An out-of-range label (or one on the padding) has no logit: a NaN loss.
     label_coef = (1 - a) * jnp.where(valid, w_label, jnp.nan)
-    big_c = label_coef
     dist = jnp.where(label_coef != 0, label_coef * (row_max - sums["z_label"]), zero)
-    smooth_coef = None
-    if a > 0:
-        smooth_coef = a / jnp.where(has_class, sums["n"], 1)
-        big_c = big_c + smooth_coef * sums["w"]
-        dist = dist + (2 * smooth_coef) * sums["w_half_gap"]
-    loss = lse_rel * big_c + dist
-    scale = big_c
-    if cfg.z_loss > 0:
-        loss = loss + cfg.z_loss * lse * lse
-        scale = scale + 2 * cfg.z_loss * lse
-    keep = has_class if row_mask is None else has_class & row_mask
-    # Dropped rows: loss and coefficients exactly 0 (an ignore_index label is out of
-    # range, so its coefficients are NaN: selected away, per row).
-    loss = jnp.where(keep, loss, zero)
-    scale = jnp.where(keep, scale, zero)
-    label_coef = jnp.where(keep, label_coef, zero)
-    if smooth_coef is not None:
-        smooth_coef = jnp.where(keep, smooth_coef, zero)
+    smoothing = (sums["n"], sums["w"], sums["w_half_gap"]) if a > 0 else None
+    loss, keep, scale, label_coef, smooth_coef = finish_rows(
+        cfg, row_max, lse_rel, has_class, label_coef, dist, label_coef, smoothing, row_mask
+    )
     return loss, _RowStats(keep, lse, scale, label_coef, smooth_coef)
 
 
