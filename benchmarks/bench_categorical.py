@@ -9,14 +9,12 @@ and for integer labels with label smoothing 0.1 (optax: ``smooth_labels(one_hot)
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
 
 import jxent
-from benchmarks.common import Row, compare, environment, markdown_table
+from benchmarks.common import Row, compare, suite_main
 
 
 def _cases(num_classes: int):
@@ -73,13 +71,7 @@ def run(rows: int = 4096, classes: int = 32000, repeats: int = 7, progress=None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    print(environment())
-    print(markdown_table(run(args.rows, args.classes, args.repeats)))
+    suite_main(run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ memory, jxent beside its baseline in the same run.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import jxent
-from benchmarks.common import Row, compare, environment, markdown_table
+from benchmarks.common import Row, compare, suite_main
 
 
 def _cases() -> dict[str, tuple[Callable, Callable, str, str]]:
@@ -143,13 +142,7 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    print(environment())
-    print(markdown_table(run(args.rows, args.classes, args.repeats)))
+    suite_main(run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

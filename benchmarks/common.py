@@ -7,6 +7,7 @@ ratios are taken under the same machine load. Memory is XLA's compiled
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import platform
 import time
@@ -130,3 +131,14 @@ def compare(
         baseline_temp_mib=compiled_temp_bytes(baseline_fn, *specs) / MiB,
         baseline=baseline,
     )
+
+
+def suite_main(run: Callable[..., Sequence[Row]], description: str) -> None:
+    """The command line of a single suite: ``--rows``, ``--classes``, ``--repeats``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--classes", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print(environment())
+    print(markdown_table(run(args.rows, args.classes, args.repeats)))
