@@ -64,6 +64,9 @@ class _RowStats(NamedTuple):
     label_coef: jax.Array | None  # (1 - a) * w_y, integer labels only
     smooth_coef: jax.Array | None  # a / K_eff (label smoothing only)
     keep: jax.Array  # bool: the row contributes (included and has an unmasked class)
+    # Scalar bool: every logit of the batch is finite, so the smoothing term of the
+    # gradient needs no -inf mask. None where the forward did not check.
+    all_finite: jax.Array | None = None
 
 
 def _cap(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array:
@@ -199,7 +202,8 @@ def _sum_last_axis_jvp(primals, tangents):
 
 
 def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
-    """``(n, sum_k w_k, sum_k w_k (max - x_k) / 2)`` over the finite classes of each row.
+    """``(n, sum_k w_k, sum_k w_k (max - x_k) / 2)`` over the finite classes of each row,
+    and whether every logit of the batch is finite.
 
     The common case, every logit finite, needs only ``x @ [1, w]``: a matrix product
     that reads the logits once at full speed, with no elementwise producer. A batch
@@ -220,7 +224,7 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
     )
     sum_x, sum_wx = sums[..., 0], sums[..., 1]
 
-    def all_finite():
+    def unmasked_sums():
         # Built from a sum over x so both branches have its type, sharding included
         # (and, inside shard_map, the same varying mesh axes).
         n = jnp.full_like(sum_x, x.shape[-1])
@@ -231,7 +235,7 @@ def _smoothing_sums(x, row_max, w, masked_smoothing_sums):
     # logit makes sum_x -inf and so the candidate non-finite.
     half_gap = 0.5 * row_max * (jnp.zeros_like(sum_x) + jnp.sum(w)) - 0.5 * sum_wx
     ok = jnp.all(jnp.isfinite(half_gap) & jnp.isfinite(sum_x))
-    return lax.cond(ok, all_finite, masked_smoothing_sums)
+    return lax.cond(ok, unmasked_sums, masked_smoothing_sums), ok
 
 
 def to_rows(a: jax.Array | None, class_axes: tuple[int, ...] | None) -> jax.Array | None:
@@ -251,6 +255,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     a = cfg.label_smoothing
     zero = jnp.zeros((), acc)
     z = _cap(x, cfg.soft_cap, acc)
+    all_finite = None
 
     # The row maximum is taken on the raw logits: max is exact in any dtype and the
     # soft cap is monotone, so no converted copy of x is needed for it. -inf logits
@@ -299,7 +304,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
                 s = _row_sums(smoothing_terms(_cap(x, cfg.soft_cap, acc)))
                 return s["n"], s["w"], s["w_gap"]
 
-            n, sum_w, w_gap = _smoothing_sums(x, row_max, w, masked_smoothing_sums)
+            (n, sum_w, w_gap), all_finite = _smoothing_sums(x, row_max, w, masked_smoothing_sums)
             sums.update(n=n, w=sum_w, w_gap=w_gap)
     else:
         sums = _row_sums(terms)
@@ -329,7 +334,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         cfg, row_max, lse_rel, has_class, big_c, dist, label_coef, smoothing, row_mask
     )
     lse_rel = jnp.where(has_class, lse_rel, zero)
-    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep)
+    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep, all_finite)
 
 
 def finish_rows(
@@ -381,22 +386,35 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     )
     acc = stats.lse_rel.dtype
     zero = jnp.zeros((), acc)
+
+    # The gradient is scale * softmax - c. It is computed as sign * (exp(log_softmax +
+    # log|scale|) - sign * c) with the row's sign and cotangent multiplied after the
+    # class sum: the transposed pass then reads just four per-row numbers (max,
+    # shifted log-sum, c's row factor, cotangent), and XLA:CPU keeps a loop with so
+    # few live values unrolled, 1.5x faster than with one more (measured).
+    scale = stats.scale
+    sign = jnp.where(scale < 0, -1, 1).astype(acc)
+    log_scale = jnp.log(jnp.where(scale != 0, jnp.abs(scale), 1))
+    lse_rel = jnp.where(scale != 0, stats.lse_rel - log_scale, jnp.inf)
     z = _cap(x, cfg.soft_cap, acc)
-    log_p = (z - stats.row_max[..., None]) - stats.lse_rel[..., None]
-    p = jnp.exp(log_p)  # exactly 0 on -inf logits
+    grad = jnp.exp((z - stats.row_max[..., None]) - lse_rel[..., None])  # 0 on -inf logits
     if class_mask is not None:
-        p = jnp.where(class_mask, p, zero)
-    grad = stats.scale[..., None] * p  # d loss / d z, without the label's term
+        grad = jnp.where(class_mask, grad, zero)
     if labels is None:
         t = targets.astype(acc)
         if class_mask is not None:
             t = jnp.where(class_mask, t, zero)
-        grad = grad - (1 - cfg.label_smoothing) * t
+        grad = grad - ((1 - cfg.label_smoothing) * sign)[..., None] * t
     if stats.smooth_coef is not None:
-        w = jnp.ones((), acc) if class_weights is None else class_weights.astype(acc)
-        w = jnp.expand_dims(w, tuple(range(x.ndim - w.ndim)))  # explicit rank broadcast
-        m = _class_mask(x, class_mask)
-        grad = grad - jnp.where(m, stats.smooth_coef[..., None] * w, zero)
+        smooth = (sign * stats.smooth_coef)[..., None]
+        if class_weights is not None:
+            smooth = smooth * jnp.expand_dims(class_weights.astype(acc), tuple(range(x.ndim - 1)))
+        # No smoothing mass on -inf logits. all_finite is one flag for the whole batch:
+        # the select then costs nothing in the common case (the loop is unswitched).
+        finite = _class_mask(x, class_mask)
+        if stats.all_finite is not None:
+            finite = stats.all_finite | finite
+        grad = grad - jnp.where(finite, smooth, zero)
     # XLA:CPU upcasts a scatter into a 16-bit gradient to float32 (a full copy), so
     # for bfloat16/float16 the label's term is a compare-select in the same
     # elementwise pass instead.
@@ -405,11 +423,12 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
         # Laid out like x: an iota with no sharding would not match an explicitly sharded x.
         sharding = jax.typeof(x).sharding if _class_axis_sharded(x) else None
         iota = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1, out_sharding=sharding)
-        grad = grad - jnp.where(iota == labels[..., None], stats.label_coef[..., None], zero)
+        label = (sign * stats.label_coef)[..., None]
+        grad = grad - jnp.where(iota == labels[..., None], label, zero)
     dz = _cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz
-    out = jnp.sum(grad * x_dot.astype(acc), axis=-1)
+    out = sign * jnp.sum(grad * x_dot.astype(acc), axis=-1)
     if labels is not None and not label_in_pass:
         index = jnp.clip(labels, 0, x.shape[-1] - 1)
         x_dot_label = _take_last(_take_along_last, x_dot, index)
@@ -421,6 +440,7 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     if t_dot is not None:
         # d loss / d t_k = (1 - a) (lse - z_k). On a -inf logit the true derivative is
         # +inf; it is taken as 0 there so a zero tangent cannot make 0 * inf = NaN.
+        log_p = (z - stats.row_max[..., None]) - stats.lse_rel[..., None]
         target_grad = jnp.where(_class_mask(x, class_mask), -log_p, zero)
         out = out + (1 - cfg.label_smoothing) * jnp.sum(target_grad * t_dot.astype(acc), axis=-1)
     return jnp.where(stats.keep, out, zero)
