@@ -14,7 +14,7 @@ Why it is written this way:
   when JAX linearises and transposes it for reverse mode, the only residuals are the
   rule's inputs (the logits, which the caller holds anyway) and a few per-row
   scalars; the softmax is recomputed in the backward pass as one fused elementwise
-  expression ``scale * exp(z - lse) - c``, never stored.
+  expression ``exp((z - max) - (lse_rel - log scale)) - c``, never stored.
 * Everything is written as ``(lse - max) * C + sum_k c_k * (max - z_k)``: both terms
   are sums of non-negative numbers, so there is no cancellation for large logits,
   and a zero coefficient on a ``-inf`` logit is selected away instead of giving
