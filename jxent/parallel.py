@@ -185,7 +185,8 @@ class _Residuals(NamedTuple):
     labels: jax.Array
     class_weights: jax.Array | None
     keep: jax.Array
-    lse: jax.Array
+    row_max: jax.Array
+    lse_rel: jax.Array
     scale: jax.Array
     label_coef: jax.Array
     smooth_coef: jax.Array | None
@@ -242,7 +243,11 @@ class _RowStats(NamedTuple):
     """Per-row results of the cross-shard reduction: equal on every shard."""
 
     keep: jax.Array  # the row contributes (kept and has a class)
-    lse: jax.Array
+    # lse = row_max + lse_rel, kept apart as in the core: the backward pass's
+    # exp((z - row_max) - lse_rel) is accurate for logits of any magnitude, where
+    # exp(z - lse) inherits lse's rounding (3e-5 relative for float32 logits near 1000).
+    row_max: jax.Array  # the global row maximum (0 on rows without a class)
+    lse_rel: jax.Array  # log sum_k exp(z_k - row_max) >= 0
     scale: jax.Array  # C + 2 z_loss lse: the coefficient of the softmax in the gradient
     label_coef: jax.Array  # (1 - a) w_y
     smooth_coef: jax.Array | None  # a / K (label smoothing only)
@@ -261,7 +266,6 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
     zero = jnp.zeros((), acc)
     a = cfg.label_smoothing
     lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max >= 0
-    lse = row_max + lse_rel
     w_label = sums.get("w_label", jnp.ones(valid.shape, acc))
     # An out-of-range label (or one on the padding) has no logit: a NaN loss.
     label_coef = (1 - a) * jnp.where(valid, w_label, jnp.nan)
@@ -270,7 +274,7 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
     loss, keep, scale, label_coef, smooth_coef = finish_rows(
         cfg, row_max, lse_rel, has_class, label_coef, dist, label_coef, smoothing, row_mask
     )
-    return loss, _RowStats(keep, lse, scale, label_coef, smooth_coef)
+    return loss, _RowStats(keep, row_max, lse_rel, scale, label_coef, smooth_coef)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -285,7 +289,7 @@ def _xent_fwd(layout, cfg, x, labels, row_mask, class_weights):
 def _xent_bwd(layout, cfg, res: _Residuals, g):
     """d loss / d x on this shard: ``g (scale p - c) dz``, with no communication."""
     x = res.x
-    acc = res.lse.dtype
+    acc = res.lse_rel.dtype
     zero = jnp.zeros((), acc)
     bias = _padding_bias(layout, acc)
     z = _cap(x, cfg.soft_cap, acc)
@@ -297,7 +301,7 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     def row_coef(c):
         return (g * c)[..., None]
 
-    grad = row_coef(res.scale) * jnp.exp(z - res.lse[..., None])
+    grad = row_coef(res.scale) * jnp.exp((z - res.row_max[..., None]) - res.lse_rel[..., None])
     if res.smooth_coef is not None:
         finite = _finite_parts(z)[0]
         w = jnp.ones((), acc) if res.class_weights is None else res.class_weights.astype(acc)
@@ -540,7 +544,9 @@ def _linear_forward(spec: _LinearSpec, inp: chunked._Inputs, labels, class_weigh
     valid = (labels >= 0) & (labels < layout.num_classes)
     has_class = jnp.ones(valid.shape, bool)
     loss, stats = _combine(cfg, row_max, has_class, sums, valid, keep)
-    coefs = chunked._Coefficients(stats.lse, stats.scale, stats.label_coef, stats.smooth_coef)
+    coefs = chunked._Coefficients(
+        stats.row_max, stats.lse_rel, stats.scale, stats.label_coef, stats.smooth_coef
+    )
     return loss, coefs
 
 
@@ -566,7 +572,7 @@ def _linear_bwd(spec, res, g):
     if isinstance(g, SymbolicZero):
         grads = chunked._zero_cotangents(inp)
     else:
-        scaled = chunked._scaled(coefs, g.astype(coefs.lse.dtype))
+        scaled = chunked._scaled(coefs, g.astype(coefs.lse_rel.dtype))
         grads = chunked._streaming_grads(spec.blocks, inp, scaled, wanted)
         grads = chunked._fill(inp, grads)  # summed over the axes their primals do not vary over
     return (*grads, None, None, None, None, None, None)

@@ -173,6 +173,66 @@ def test_large_logits_stay_exact():
             assert_close(g, e, rtol=1e-7, atol=1e-7)
 
 
+def large_logits_float32(seed, n=16, d=4, v=V):
+    """float32 ``x``, ``w`` whose logits ``x @ w`` are about 1000 (std ~5), exact in float32.
+
+    Integers times multiples of 1/512: every product and partial sum is exact, so the
+    float64 reference sees the very logits the float32 code does, and what differs is
+    the softmax alone.
+    """
+    rng = np.random.default_rng(seed)
+    x = (250 + rng.integers(-2, 3, size=(n, d))).astype(np.float32)
+    w = (1 + rng.integers(-8, 9, size=(d, v)) / 512).astype(np.float32)
+    y = rng.integers(0, v, size=n).astype(np.int32)
+    return x, w, y
+
+
+@pytest.mark.parametrize("chunk", [7, (5, V)], ids=["streaming", "single_pass"])
+def test_float32_gradients_at_logits_near_1000(chunk):
+    """The gradient's softmax is ``exp((z - max) - log sum exp(z - max))``: float32 to ~1e-6.
+
+    ``exp(z - lse)`` with a float32 ``lse`` near 1000 (one ulp is 6e-5) is off by up to
+    3e-5 relative, for every class of the row alike.
+    """
+    x, w, y = large_logits_float32(seed=21)
+    z = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.all(z.astype(np.float32) == z) and 900 < z.min() and z.max() < 1100
+    b = np.zeros(V, np.float32)
+    wj, yj = jnp.asarray(w), jnp.asarray(y)
+    # dloss_n/dlogits of each token: the gradient w.r.t. the bias of a one-token call.
+    one = lambda xr, yr, b: LINEAR(xr[None], wj, yr[None], bias=b, chunk_size=chunk)  # noqa: E731
+    dz = jax.jit(jax.vmap(jax.grad(one, argnums=2), in_axes=(0, 0, None)))(x, yj, b)
+    want = np.stack(
+        [
+            ref.linear_softmax_cross_entropy(x[i : i + 1], w, y[i : i + 1]).grad_bias
+            for i in range(16)
+        ]
+    )
+    np.testing.assert_allclose(np.asarray(dz, np.float64), want, rtol=3e-6, atol=0)
+    for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-4}):
+
+        def f(x, w, b, opts=opts):
+            return LINEAR(x, w, yj, bias=b, chunk_size=chunk, reduction="sum", **opts)
+
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
+        r = ref.linear_softmax_cross_entropy(x, w, y, bias=b, reduction="sum", **opts)
+        # Each gradient is a sum of terms dz * (w or x): its error relative to the sum of
+        # their magnitudes (float64, from the reference's dz of each token).
+        dz_ref = np.stack(
+            [
+                ref.linear_softmax_cross_entropy(
+                    x[i : i + 1], w, y[i : i + 1], bias=b, reduction="sum", **opts
+                ).grad_bias
+                for i in range(len(y))
+            ]
+        )
+        size = np.abs(dz_ref)
+        bounds = (size @ np.abs(w.T), np.abs(x.T) @ size, size.sum(axis=0))
+        for g, e, bound in zip(grads, (r.grad_x, r.grad_w, r.grad_bias), bounds, strict=True):
+            err = np.abs(np.asarray(g, np.float64) - e)
+            assert np.all(err <= 1e-6 * bound), float(np.max(err / bound))
+
+
 @pytest.mark.parametrize("chunk", [(5, 11), (4, V)], ids=["streaming", "single_pass"])
 def test_check_grads_float64(chunk):
     x, w, b, y = make_case(seed=5, batch=(7,), d=3, v=12)

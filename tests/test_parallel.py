@@ -185,6 +185,66 @@ def test_one_device_neg_inf_and_bfloat16():
         np.testing.assert_array_equal(np.asarray(grad[:, 3:].astype(jnp.float32)), 0.0)
 
 
+def test_float32_gradient_at_logits_near_1000():
+    """The backward pass's softmax is ``exp((x - max) - log sum exp(x - max))``, float32 to
+    ~1e-6 relative; ``exp(x - lse)`` with a float32 ``lse`` near 1000 is off by up to 3e-5."""
+    rng = np.random.default_rng(7)
+    # Multiples of 1/8 near 1000 (std ~5): exact in float32, so the float64 reference sees
+    # the same logits and only the softmax differs.
+    x = (1000 + rng.integers(-40, 41, size=(16, 40)) / 8).astype(np.float32)
+    y = rng.integers(0, 37, 16)
+    loss = one_device(dict(num_classes=37))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(loss(x, y))))(x)
+    expect = ref.softmax_cross_entropy_with_integer_labels(x[:, :37].astype(np.float64), y)
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(grad[:, :37], np.float64), expect.grad_logits, rtol=3e-6)
+    np.testing.assert_array_equal(grad[:, 37:], 0.0)
+
+
+def test_linear_float32_gradients_at_logits_near_1000():
+    """As above for the linear form: logits x @ w of about 1000 (std ~5), exact in float32
+    (integers times multiples of 1/512). Each gradient is a sum of terms dz * (w or x); its
+    error is compared with the sum of their magnitudes."""
+    rng = np.random.default_rng(8)
+    rows, hidden, num_classes, pad = 16, 4, 37, 3
+    x = (250 + rng.integers(-2, 3, size=(rows, hidden))).astype(np.float32)
+    w = (1 + rng.integers(-8, 9, size=(hidden, num_classes)) / 512).astype(np.float32)
+    b = np.zeros(num_classes, np.float32)
+    y = rng.integers(0, num_classes, rows)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))  # noqa: E731
+
+    def local(x, w, b, y):
+        return jxent.parallel.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            axis_name="model",
+            bias=b,
+            reduction="sum",
+            num_classes=num_classes,
+            batch_axis_name="data",
+            chunk_size=(5, 11),
+        )
+
+    specs = (P("data", None), P(None, "model"), P("model"), P("data"))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+    wp = np.pad(w, ((0, 0), (0, pad)), constant_values=1.0)
+    bp = np.pad(b, (0, pad))
+    args = (put(x, "data", None), put(wp, None, "model"), put(bp, "model"))
+    grads = jax.jit(jax.grad(lambda *a: fn(*a, put(y, "data")), argnums=(0, 1, 2)))(*args)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    expect = ref.softmax_cross_entropy_with_integer_labels(x64 @ w64, y, reduction="sum")
+    dz = expect.grad_logits
+    size = np.abs(dz)
+    wanted = (dz @ w64.T, x64.T @ dz, dz.sum(axis=0))
+    bounds = (size @ np.abs(w64.T), np.abs(x64.T) @ size, size.sum(axis=0))
+    for g, e, bound in zip(grads, wanted, bounds, strict=True):
+        g = np.asarray(g, np.float64)[..., : e.shape[-1]]
+        err = np.abs(g - e)
+        assert np.all(err <= 1e-6 * bound), float(np.max(err / bound))
+
+
 def test_out_of_range_label_is_nan():
     x = np.zeros((3, 4))
     y = np.array([0, 3, 7])  # 3 is on the padding (num_classes=3), 7 out of range

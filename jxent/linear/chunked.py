@@ -237,9 +237,16 @@ def _merge_block(run: _Running, z, labels_blk, v_start, cw_blk, seen_weight) -> 
 
 
 class _Coefficients(NamedTuple):
-    """Per-token coefficients of ``dloss/dz = scale * p - label_coef [k=y] - smooth * w_k``."""
+    """Per-token coefficients of ``dloss/dz = scale * p - label_coef [k=y] - smooth * w_k``.
 
-    lse: jax.Array
+    ``lse = row_max + lse_rel`` is kept in its two parts: the softmax is computed as
+    ``exp((z - row_max) - lse_rel)``, accurate for logits of any magnitude, where
+    ``exp(z - lse)`` inherits the rounding of ``lse`` (about 3e-5 relative for float32
+    logits near 1000).
+    """
+
+    row_max: jax.Array  # the row's largest logit
+    lse_rel: jax.Array  # log sum_k exp(z_k - row_max) >= 0
     scale: jax.Array
     label_coef: jax.Array
     smooth: jax.Array | None
@@ -280,7 +287,7 @@ def _finish(cfg: XentConfig, run: _Running, labels, valid, num_classes, class_we
         label_coef = jnp.where(keep, label_coef, zero)
         if smooth is not None:
             smooth = jnp.where(keep, smooth, zero)
-    return loss, _Coefficients(lse, scale, label_coef, smooth)
+    return loss, _Coefficients(run.m, lse_rel, scale, label_coef, smooth)
 
 
 def _statistics(spec: Spec, inp: _Inputs) -> _Running:
@@ -331,7 +338,7 @@ def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, labels_blk, v_start
     """``dloss/dlogits`` of one block, already multiplied by each row's cotangent."""
     acc = z.dtype
     zero = jnp.zeros((), acc)
-    p = jnp.exp(z - coefs.lse[:, None])
+    p = jnp.exp((z - coefs.row_max[:, None]) - coefs.lse_rel[:, None])
     dz = coefs.scale[:, None] * p
     if coefs.smooth is not None:
         w_cols = jnp.ones((1, z.shape[-1]), acc) if cw_blk is None else cw_blk[None, :]
@@ -348,7 +355,9 @@ def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, labels_blk, v_start
 def _scaled(coefs: _Coefficients, g: jax.Array) -> _Coefficients:
     """Coefficients times each row's cotangent ``g``."""
     smooth = None if coefs.smooth is None else coefs.smooth * g
-    return _Coefficients(coefs.lse, coefs.scale * g, coefs.label_coef * g, smooth)
+    return _Coefficients(
+        coefs.row_max, coefs.lse_rel, coefs.scale * g, coefs.label_coef * g, smooth
+    )
 
 
 class _Wanted(NamedTuple):
@@ -409,7 +418,7 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
     """``(dx, dw, dbias)`` of ``sum_n loss_n * g_n`` (``g`` folded into ``coefs``)."""
     cfg = spec.config
     (n, d), v = inp.x.shape, inp.w.shape[1]
-    acc = coefs.lse.dtype
+    acc = coefs.lse_rel.dtype
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
 
     def vocab_step(v0, vb, carry):
@@ -540,7 +549,7 @@ def _per_token_bwd(spec, res, g):
     inp, coefs, wanted = res
     if isinstance(g, SymbolicZero):
         return (*_zero_cotangents(inp), None, None, None)
-    dx, dw, db = _streaming_grads(spec, inp, _scaled(coefs, g.astype(coefs.lse.dtype)), wanted)
+    dx, dw, db = _streaming_grads(spec, inp, _scaled(coefs, g.astype(coefs.lse_rel.dtype)), wanted)
     return (*_fill(inp, (dx, dw, db)), None, None, None)
 
 
