@@ -6,7 +6,6 @@ identity H(p, q) = H(p) + KL(p || q) against jxent's categorical cross-entropy.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 import reference_divergence as ref
+from checks import assert_close, assert_no_nan, large_residuals, standard_promotion
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax._src.ad_checkpoint import saved_residuals
 
 import jxent
 
@@ -25,22 +24,6 @@ KL = jxent.kl_divergence
 KL_LOG = jxent.kl_divergence_with_log_targets
 DISTILL = jxent.softmax_kl_divergence
 ENTROPY = jxent.entropy
-F64 = {"rtol": 1e-9, "atol": 1e-12}
-
-
-def assert_close(actual, expected, **tol):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **{**F64, **tol}
-    )
-
-
-def assert_no_nan(*arrays):
-    for a in arrays:
-        assert not np.any(np.isnan(np.asarray(a, np.float64))), a
-
-
-def standard_promotion():
-    return jax.numpy_dtype_promotion("standard")
 
 
 def log_softmax64(x, axis=-1):
@@ -448,14 +431,8 @@ def test_compiled_temp_memory(name, dtype):
 @pytest.mark.parametrize("name", list(MEM_FUNCS))
 def test_no_full_size_residuals(name):
     x = jnp.zeros((16, 24), jnp.bfloat16)
-    residuals = saved_residuals(MEM_FUNCS[name], x, x)
-    offenders = [
-        (aval, desc)
-        for aval, desc in residuals
-        if math.prod(aval.shape) >= x.size
-        and "from the argument" not in desc
-        and "stop_gradient" not in desc  # the teacher itself, not a copy
-    ]
+    # "stop_gradient": the teacher itself, not a copy.
+    offenders = large_residuals(MEM_FUNCS[name], x, x, allowed=("stop_gradient",))
     assert not offenders, offenders
 
 
