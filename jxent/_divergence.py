@@ -144,12 +144,18 @@ class _KLStats(NamedTuple):
     keep: jax.Array
 
 
-def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
+def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
+    """Per row: ``sum_k t_k (log t_k - lp_k)`` and the target mass on ``-inf`` log-predictions.
+
+    With ``count_inf=False`` the mass is taken as 0 (the caller knows there is no
+    ``-inf``) and the sum is one reduction, which XLA:CPU runs vectorised; two sums
+    over the same inputs become one variadic loop that is 5x slower (measured).
+    """
     acc = _acc_dtype(lp, t)
+    zero = jnp.zeros((), acc)
     lp = lp.astype(acc)
     t = t.astype(acc)
     if class_mask is not None:
-        zero = jnp.zeros((), acc)
         lp = jnp.where(class_mask, lp, zero)
         t = jnp.where(class_mask, t, -jnp.inf if log_targets_given else zero)
     lp_finite, lp_floor = _finite_parts(lp)
@@ -157,21 +163,33 @@ def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
         weight = jnp.exp(t)  # exactly 0 for a -inf log-target
         _, t_floor = _finite_parts(t)
         # (log t - log p) / 2: halves so that neither clamp can overflow the difference.
-        term = weight * (0.5 * t_floor - 0.5 * lp_floor)
-        scale = 2.0
+        term = 2 * weight * (0.5 * t_floor - 0.5 * lp_floor)
     else:
         weight = t
         tiny = jnp.finfo(acc).tiny
         # t log t with 0 log 0 = 0: log(max(t, tiny)) is finite, so t = 0 gives 0 exactly;
         # for 0 < t < tiny it changes the term by less than 100 * tiny.
         term = t * (jnp.log(jnp.maximum(t, tiny)) - lp_floor)
-        scale = 1.0
+    if not count_inf:
+        kl = jnp.sum(term, axis=-1)
+        return kl, jnp.zeros_like(kl)
     sums = _row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
-    loss = scale * sums["term"]
+    return sums["term"], sums["on_inf"]
+
+
+def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
+    sums = functools.partial(_kl_sums, log_targets_given, lp, t, class_mask)
+    if class_mask is None:
+        # The -inf bookkeeping only for a batch that has a -inf log-prediction. Both
+        # branches start from the caller's arrays: arrays computed outside a cond
+        # would be materialised as its operands.
+        kl, on_inf = lax.cond(jnp.min(lp) > -jnp.inf, lambda: sums(False), lambda: sums(True))
+    else:
+        kl, on_inf = sums(True)
     # Target mass on a -inf log-prediction is impossible under the prediction: +inf.
-    loss = jnp.where(sums["on_inf"] > 0, jnp.inf, loss)
+    loss = jnp.where(on_inf > 0, jnp.inf, kl)
     keep = jnp.ones(loss.shape, jnp.bool_) if row_mask is None else row_mask
-    return jnp.where(keep, loss, jnp.zeros((), acc)), _KLStats(keep)
+    return jnp.where(keep, loss, jnp.zeros((), loss.dtype)), _KLStats(keep)
 
 
 def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
