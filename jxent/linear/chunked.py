@@ -485,6 +485,9 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
             _init_running(nb, acc, smoothing), z, labels_blk, 0, cw, jnp.zeros((), acc)
         )
         loss, coefs = _finish(cfg, run, labels_blk, labels_blk >= 0, v, cw, _rows(keep, r0, nb))
+        # The block's maximum behind a barrier: otherwise XLA shares z - max between the
+        # sum of exponentials above and the softmax below, and materialises it.
+        coefs = coefs._replace(row_max=lax.optimization_barrier(coefs.row_max))
         dz = _dlogits(cfg, z, dcap, coefs, labels_blk, 0, cw)
         xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
         dx_part, dw_part = _block_grads(inp, dz, xt_blk, inp.w, wanted)
