@@ -56,8 +56,8 @@ _DEFAULT_CONFIG = XentConfig()
 class _RowStats(NamedTuple):
     """Per-row scalars the tangent rule needs: all of shape ``x.shape[:-1]``."""
 
-    # lse = row_max + lse_rel, kept apart: exp((z - row_max) - lse_rel) is accurate
-    # for logits of any magnitude, where exp(z - lse) inherits lse's rounding.
+    # lse = row_max + lse_rel, kept apart: the softmax exp(z - row_max) * exp(-lse_rel)
+    # is accurate for logits of any magnitude, where exp(z - lse) inherits lse's rounding.
     row_max: jax.Array  # the row's largest unmasked logit (0 on empty rows)
     lse_rel: jax.Array  # log sum exp(z - row_max), >= 0 (0 on empty rows)
     scale: jax.Array  # C + 2 * z_loss * lse: the coefficient of softmax in the gradient

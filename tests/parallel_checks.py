@@ -14,6 +14,7 @@ criterion: equal to float32 round-off) and from the float64 NumPy reference
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -517,6 +518,66 @@ def linear_jit_case(mesh_shape, opts_name, opts, dtype, reduction, chunk, w_spec
     }
 
 
+def linear_padded_case(mesh_shape, opts_name, opts, dtype, num_classes, reduction, chunk, kind):
+    """jxent.linear_softmax_cross_entropy under jit, w sharded over the vocabulary, x and the
+    labels over the tokens: on Auto axes (plain NamedSharding inputs, GSPMD, no mesh set) or
+    Explicit ones. Padding rule: pad w (bias, class weights) with columns at the end to a
+    multiple of the model-axis size and pass num_classes=V."""
+    mesh = make_mesh(mesh_shape, kind)
+    vp = padded_size(num_classes, mesh_shape[1])
+    x, w, b, y, cw = make_linear_data(num_classes, seed=6, opts=opts)
+    x, w, b = (jnp.asarray(a, dtype) for a in (x, w, b))
+    wp = jnp.pad(w, ((0, 0), (0, vp - num_classes)), constant_values=0.5)
+    bp = jnp.pad(b, (0, vp - num_classes), constant_values=3.0)
+    cwp = np.pad(cw, (0, vp - num_classes), constant_values=2.0)
+    kw = dict(opts)
+    use_cw = kw.pop("class_weights", False)
+
+    def loss(x, w, b, y, c, num_classes=None):
+        return jxent.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b,
+            class_weights=c if use_cw else None,
+            reduction=reduction,
+            chunk_size=chunk,
+            num_classes=num_classes,
+            **kw,
+        )
+
+    obj = objective(functools.partial(loss, num_classes=num_classes), reduction)
+    args = (
+        put(mesh, x, "data", None),
+        put(mesh, wp, None, "model"),
+        put(mesh, bp, "model"),
+        put(mesh, y, "data"),
+        put(mesh, cwp, "model"),
+    )
+    step = jax.jit(jax.value_and_grad(obj, argnums=(0, 1, 2)))
+    if kind == "auto":
+        v1, g1 = step(*args)
+    else:
+        with jax.set_mesh(mesh):
+            v1, g1 = step(*args)
+    key = ("linear padded", opts_name, dtype, num_classes, reduction, chunk)
+    if key not in _SINGLE_DEVICE:
+        single = objective(loss, reduction)
+        v0, g0 = jax.jit(jax.value_and_grad(single, argnums=(0, 1, 2)))(x, w, b, y, cw)
+        _SINGLE_DEVICE[key] = _f64(v0), [_f64(g) for g in g0]
+    v0, g0 = _SINGLE_DEVICE[key]
+    rv, *rg = reference_linear(x, w, b, y, cw, opts, reduction)
+    checks = {}
+    for name, a1, a0, ar in zip(("x", "w", "bias"), g1, g0, rg, strict=True):
+        part = compare(dtype, _f64(v1), _f64(a1), v0, a0, a0.shape[-1], rv, ar)
+        checks.update({f"{k} d{name}" if k != "value" else k: c for k, c in part.items()})
+    return {
+        "case": f"linear jit {kind} {mesh_shape} {opts_name} {jnp.dtype(dtype).name} "
+        f"V={num_classes} (w padded to {vp}) {reduction} chunk={chunk}",
+        "checks": checks,
+    }
+
+
 def group_linear():
     out = [linear_case((2, 4), "explicit", "plain", {}, jnp.float32, 64, "mean", 6)]
     for i, shape in enumerate(MESHES):
@@ -533,6 +594,29 @@ def group_linear():
     out.append(linear_jit_case((2, 4), "all", ALL_OPTIONS, jnp.float32, "none", 8))
     out.append(linear_jit_case((1, 8), "all", ALL_OPTIONS, jnp.bfloat16, "mean", None))
     out.append(linear_jit_case((4, 2), "plain", {}, jnp.float32, "sum", (8, 16), w_spec=()))
+    # Auto axes: vocabulary blocks of 16 (and 24: a shorter last block) and token blocks of 8
+    # slice 16 (8) groups of the vocabulary and 8 of the tokens, so up to 8 shards each.
+    for i, shape in enumerate(MESHES):
+        for num_classes in (64, 61):
+            out.append(
+                linear_padded_case(
+                    shape, "all", ALL_OPTIONS, jnp.float32, num_classes, "none", (8, 16), "auto"
+                )
+            )
+        num_classes = (64, 61)[i % 2]
+        out.append(
+            linear_padded_case(
+                shape, "all", ALL_OPTIONS, jnp.bfloat16, num_classes, "mean", (8, 24), "auto"
+            )
+        )
+        out.append(linear_padded_case(shape, "plain", {}, jnp.float32, 61, "mean", None, "auto"))
+    # Explicit axes with the same padding rule (jxent.parallel under the hood).
+    out.append(
+        linear_padded_case((2, 4), "all", ALL_OPTIONS, jnp.float32, 61, "none", (8, 16), "explicit")
+    )
+    out.append(
+        linear_padded_case((1, 8), "all", ALL_OPTIONS, jnp.bfloat16, 61, "mean", None, "explicit")
+    )
     return out
 
 
@@ -559,7 +643,9 @@ def collectives(hlo_text):
     return out
 
 
-def hlo_record(case, text, local_classes, expect_no_all_gather=False):
+def hlo_record(case, text, local_classes, expect_no_all_gather=False, max_gather=None):
+    """Checks of the compiled HLO: no collective result of ``local_classes`` elements or more;
+    no all-gather at all, or (``max_gather``) none of more than that many elements."""
     ops = collectives(text)
     biggest = max((n for _, n in ops), default=0)
     gathers = [n for op, n in ops if op == "all-gather"]
@@ -572,6 +658,11 @@ def hlo_record(case, text, local_classes, expect_no_all_gather=False):
     }
     if expect_no_all_gather:
         checks["no all-gather"] = (0.0 if not gathers else 2.0, f"all-gathers: {gathers}")
+    if max_gather is not None:
+        checks[f"all-gathers of at most {max_gather} elements"] = (
+            0.0 if max(gathers, default=0) <= max_gather else 2.0,
+            f"all-gathers: {gathers}",
+        )
     return {"case": case, "checks": {k: [float(r), d] for k, (r, d) in checks.items()}}
 
 
@@ -653,7 +744,7 @@ def group_hlo_linear():
     """The fused linear loss with w sharded over the vocabulary: no w-sized collective."""
     tokens, hidden, vocab = 64, 64, 8192
     local_classes = vocab // 4
-    out = []
+    out = group_hlo_linear_auto()
     mesh = make_mesh((2, 4))
     for dtype in (jnp.float32, jnp.bfloat16):
         x = put(mesh, jnp.zeros((tokens, hidden), dtype), "data", None)
@@ -690,6 +781,38 @@ def group_hlo_linear():
                     hidden * local_classes + 1,
                     expect_no_all_gather=True,
                 )
+            )
+    return out
+
+
+def group_hlo_linear_auto():
+    """jxent.linear_softmax_cross_entropy under jit on Auto axes (plain NamedSharding inputs,
+    GSPMD), streaming over vocabulary and token blocks: no collective larger than dw's
+    data-axis all-reduce of w's local columns, and no all-gather of w or x (the only ones:
+    per-token partial sums from each vocabulary shard, [tokens, model shards] at most, where
+    GSPMD combines a variadic row reduction). V = 8192 divides every model-axis size;
+    V = 8190 is padded to 8192 and passed as num_classes."""
+    tokens, hidden, padded = 64, 64, 8192
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=30.0, ignore_index=IGNORE)
+    out = []
+    for shape in MESHES:
+        mesh = make_mesh(shape, "auto")
+        local_classes = padded // shape[1]
+        for dtype, num_classes in ((jnp.float32, 8192), (jnp.bfloat16, 8190)):
+            x = put(mesh, jnp.zeros((tokens, hidden), dtype), "data", None)
+            w = put(mesh, jnp.zeros((hidden, padded), dtype), None, "model")
+            y = put(mesh, jnp.zeros((tokens,), jnp.int32), "data")
+
+            def loss(x, w, y, num_classes=num_classes):
+                return jxent.linear_softmax_cross_entropy(
+                    x, w, y, chunk_size=(16, 512), num_classes=num_classes, **opts
+                )
+
+            step = jax.value_and_grad(loss, argnums=(0, 1))
+            text = jax.jit(step).lower(x, w, y).compile().as_text()
+            name = f"hlo linear jit auto {shape} {jnp.dtype(dtype).name} V={num_classes}"
+            out.append(
+                hlo_record(name, text, hidden * local_classes + 1, max_gather=tokens * shape[1])
             )
     return out
 

@@ -62,6 +62,16 @@ BAD_INPUTS = [
     ("chunk_bool", dict(chunk_size=True), TypeError, "chunk_size"),
     ("chunk_string", dict(chunk_size="64"), TypeError, "chunk_size"),
     ("chunk_triple", dict(chunk_size=(1, 2, 3)), ValueError, "chunk_size"),
+    ("num_classes_zero", dict(num_classes=0), ValueError, r"num_classes must be in \[1, 10\]"),
+    ("num_classes_above_v", dict(num_classes=V + 1), ValueError, "num_classes must be in"),
+    ("num_classes_float", dict(num_classes=4.0), TypeError, "num_classes must be a positive"),
+    ("num_classes_bool", dict(num_classes=True), TypeError, "num_classes must be a positive"),
+    (
+        "bias_for_classes_not_columns",
+        dict(bias=jnp.ones((V - 2,)), num_classes=V - 2),
+        ValueError,
+        "bias must have shape",
+    ),
 ]
 
 
@@ -110,6 +120,16 @@ def test_explicit_chunk_sizes():
     tb, vb, single = api.plan_blocks(100, 8, 50, "mean", 16)
     assert (vb, single) == (16, False) and 1 <= tb <= 100
     assert api.plan_blocks(0, 8, 50, "mean", None)[0] == 1
+
+
+def test_block_groups():
+    """The power of two (at most 64) dividing both the axis and the block; 1 without a loop."""
+    assert api.block_groups(8192, 512) == api.MAX_GROUPS == 64
+    assert api.block_groups(32000, 2048) == 64
+    assert api.block_groups(128256, 1336) == 8
+    assert api.block_groups(48, 20) == 4
+    assert api.block_groups(61, 16) == 1
+    assert api.block_groups(64, 64) == api.block_groups(64, 100) == api.block_groups(0, 1) == 1
 
 
 # --------------------------------------------------------------------------------------------

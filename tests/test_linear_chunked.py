@@ -23,6 +23,7 @@ import pytest
 import reference_linear as ref
 
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
+from jxent.linear.api import block_groups
 from jxent.linear.reference import linear_softmax_cross_entropy_reference as ORACLE
 
 # float64 comparisons need x64 (tests/conftest.py enables it for the whole suite too).
@@ -171,6 +172,112 @@ def test_large_logits_stay_exact():
         assert_close(out, loss)
         for g, e in zip(grads, expected, strict=True):
             assert_close(g, e, rtol=1e-7, atol=1e-7)
+
+
+# Blocks over groups of the tokens and of the vocabulary (jxent.linear.chunked's module
+# docstring): N = 16 and V = 48 give (token groups, vocabulary groups) of (4, 8) with one
+# row/column of each group per block, (2, 4) with shorter last blocks, and 8 token groups
+# in the single pass.
+GN, GV = 16, 48
+GROUPED_CHUNKS = {"tok4_vocab8": (4, 8), "tok6_vocab20": (6, 20), "tok8_vocabV": (8, GV)}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk", list(GROUPED_CHUNKS), ids=list(GROUPED_CHUNKS))
+def test_grouped_blocks_match_numpy_reference(chunk, reduction):
+    tb, vb = GROUPED_CHUNKS[chunk]
+    assert block_groups(GN, tb) > 1 and (vb == GV or block_groups(GV, vb) > 1)
+    x, w, b, y = make_case(seed=22, batch=(GN,), v=GV)
+    y[5] = -100
+    opts = full_options(22, (GN,), GV)
+    ct = np.random.default_rng(23).normal(size=(GN,)) if reduction == "none" else np.float64(0.6)
+
+    def f(x, w, b):
+        return LINEAR(
+            x,
+            w,
+            jnp.asarray(y),
+            bias=b,
+            reduction=reduction,
+            chunk_size=(tb, vb),
+            **_jax_opts(opts),
+        )
+
+    out, grads = value_and_grads(f, x, w, b, ct)
+    loss, *expected = numpy_expected(x, w, b, y, reduction=reduction, cotangent=ct, **opts)
+    assert_close(out, loss)
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("chunk", list(GROUPED_CHUNKS), ids=list(GROUPED_CHUNKS))
+def test_grouped_blocks_bfloat16(chunk):
+    """bfloat16 blocks sliced from the groups (XLA:CPU's slices run in conditionals)."""
+    x, w, b, y = make_case(seed=24, batch=(GN,), d=16, v=GV, dtype=np.float32, scale=0.5)
+    xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, b))
+    yj = jnp.asarray(y)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 8.0}
+
+    def f(fn, **kw):
+        loss = lambda x, w, b: fn(x, w, yj, bias=b, reduction="sum", **opts, **kw)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(xb, wb, bb)
+
+    got, grads = f(LINEAR, chunk_size=GROUPED_CHUNKS[chunk])
+    want, wgrads = f(ORACLE)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, wgrads, strict=True):
+        assert g.dtype == jnp.bfloat16
+        assert_close(g, e, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk", [7, (5, 11), (6, 20), (4, GV)])
+def test_num_classes_padding(chunk, reduction):
+    """w, bias and class weights padded with columns (any values) past num_classes: the loss
+    and gradients of the unpadded problem; exactly zero gradient on the padding."""
+    pad = 11
+    x, w, b, y = make_case(seed=25, batch=(GN,), v=GV - pad)
+    y[5] = -100
+    opts = full_options(25, (GN,), GV - pad)
+    rng = np.random.default_rng(26)
+    wp = np.concatenate([w, 3.0 * rng.normal(size=(D, pad))], axis=1)
+    bp = np.concatenate([b, np.full(pad, 50.0)])
+    jopts = _jax_opts(opts)
+    jopts["class_weights"] = jnp.concatenate([jopts["class_weights"], jnp.full((pad,), 7.0)])
+    ct = rng.normal(size=(GN,)) if reduction == "none" else np.float64(0.8)
+
+    def f(x, w, b):
+        return LINEAR(
+            x,
+            w,
+            jnp.asarray(y),
+            bias=b,
+            reduction=reduction,
+            chunk_size=chunk,
+            num_classes=GV - pad,
+            **jopts,
+        )
+
+    out, (gx, gw, gb) = value_and_grads(f, x, wp, bp, ct)
+    loss, dx, dw, db = numpy_expected(x, w, b, y, reduction=reduction, cotangent=ct, **opts)
+    assert_close(out, loss)
+    assert_close(gx, dx)
+    assert_close(gw[:, : GV - pad], dw)
+    assert_close(gb[: GV - pad], db)
+    assert np.all(np.asarray(gw)[:, GV - pad :] == 0) and np.all(np.asarray(gb)[GV - pad :] == 0)
+    # A label on the padding is out of range: NaN, as any label >= num_classes.
+    y_pad = jnp.asarray(y).at[0].set(GV - 1)
+    per_token = LINEAR(
+        x,
+        wp,
+        y_pad,
+        bias=bp,
+        ignore_index=-100,
+        reduction="none",
+        chunk_size=chunk,
+        num_classes=GV - pad,
+    )
+    assert np.isnan(per_token[0]) and not np.any(np.isnan(np.asarray(per_token[1:])))
 
 
 def large_logits_float32(seed, n=16, d=4, v=V):

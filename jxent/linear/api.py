@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import jax
@@ -26,6 +27,10 @@ ACCELERATOR_PANEL_BYTES = 128 * MiB
 SINGLE_PASS_MAX_ACCUMULATOR = 256 * MiB
 #: Largest float32 logits block ``[token_block, V]`` of the single-pass schedule.
 SINGLE_PASS_MAX_BLOCK = 256 * MiB
+#: Most groups a blocked axis is split into (see ``jxent.linear.chunked``): every block
+#: takes a slice of each group, so that under ``jax.jit`` with ``w`` (or ``x``) sharded
+#: along the blocked axis over ``Auto`` mesh axes, each device slices its own part.
+MAX_GROUPS = 64
 
 
 def _block_length(total: int, cap: int, align: int) -> int:
@@ -45,6 +50,19 @@ def _block_length(total: int, cap: int, align: int) -> int:
     count = -(-total // cap)
     size = -(-total // count)
     return min(total, -(-size // align) * align)
+
+
+def block_groups(total: int, block: int) -> int:
+    """Groups of a blocked axis of length ``total`` with blocks of ``block`` (static).
+
+    The largest power of two, at most ``MAX_GROUPS``, that divides both; 1 for a single
+    block. A sharding of the axis over ``S`` devices (``Auto`` mesh axes, GSPMD) stays
+    local to each device through the block loop when ``S`` divides this number.
+    """
+    if block >= total:
+        return 1
+    common = math.gcd(total, block)
+    return min(common & -common, MAX_GROUPS)
 
 
 def _positive_int(value, what: str) -> int:
@@ -134,6 +152,7 @@ def linear_softmax_cross_entropy(
     class_weights: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
     chunk_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
@@ -175,13 +194,14 @@ def linear_softmax_cross_entropy(
       w: the output projection ``[D, V]`` (a Flax ``Dense`` kernel; for tied
         embeddings pass ``embedding.T``).
       labels: integer class indices of shape ``x.shape[:-1]``.
-      bias: optional ``[V]`` bias.
+      bias: optional ``[V]`` bias (one per column of ``w``, padding included).
       ignore_index: tokens whose label equals it are dropped (e.g. ``-100``).
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
       label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
       z_loss: :math:`\lambda_z \ge 0`, a static Python number.
       logit_soft_cap: :math:`c > 0` to soft-cap the logits (Gemma 2), or ``None``.
-      class_weights: ``[V]`` non-negative weights (PyTorch's ``weight``); constants.
+      class_weights: ``[V]`` non-negative weights (PyTorch's ``weight``), one per column
+        of ``w``; constants.
       reduction: ``"mean"`` (default: over the kept tokens, weighted by
         :math:`w_y` with class weights; 0 if none), ``"sum"`` or ``"none"``.
       chunk_size: ``None`` to choose from the shapes (see Notes); an int ``c``:
@@ -189,6 +209,10 @@ def linear_softmax_cross_entropy(
         ``(t, c)``: blocks of ``t`` tokens by ``c`` vocabulary columns. A block as
         wide as the vocabulary with a summed/averaged loss selects the single pass.
         Neither needs to divide the number of tokens or ``V``.
+      num_classes: the number of classes when ``w`` has padding columns after them
+        (any values; e.g. ``V`` padded to a multiple of the devices the vocabulary is
+        sharded over): they take no part in the loss and get zero gradient; a label
+        ``>= num_classes`` is out of range. ``None`` (default): every column is a class.
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
@@ -197,10 +221,12 @@ def linear_softmax_cross_entropy(
 
     Raises:
       TypeError: non-floating ``x``/``w``/``bias``/``class_weights``, non-integer
-        ``labels``, a non-boolean ``where``, a ``chunk_size`` that is not an int.
+        ``labels``, a non-boolean ``where``, a ``chunk_size`` or ``num_classes`` that
+        is not an int.
       ValueError: ``w`` not ``[x.shape[-1], V]``, ``bias`` or ``class_weights`` not
         ``[V]``, ``labels`` or ``where`` not of shape ``x.shape[:-1]``, a
-        non-positive ``chunk_size``, an option out of range, an unknown reduction.
+        non-positive ``chunk_size``, ``num_classes`` not in ``[1, V]``, an option out
+        of range, an unknown reduction.
 
     Notes:
       Default blocks (``chunk_size=None``): the single pass when the loss is summed
@@ -209,6 +235,20 @@ def linear_softmax_cross_entropy(
       panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
       CPU, 128 MiB on GPU/TPU. See :func:`jxent.linear.api.plan_blocks` for the
       exact rule.
+
+      Sharded arrays: under ``jax.jit`` with ``w`` sharded over its columns (the
+      vocabulary) and ``x`` over its tokens on ``Auto`` mesh axes (a plain
+      ``NamedSharding``, GSPMD), each device computes its own columns and tokens of
+      every block; only per-token numbers and partial sums of ``dx``/``dw`` cross
+      devices. Each block takes a slice of every one of ``G`` groups of the vocabulary
+      (and of the tokens), ``G`` the largest power of two up to 64 dividing both the
+      axis and its block (:func:`jxent.linear.api.block_groups`): a shard count that
+      divides ``G`` (or an axis not looped over) never gathers ``w`` or ``x``; another
+      one gathers them, with the same results. With ``Explicit`` mesh axes the loss
+      runs per device under ``jax.shard_map``
+      (:func:`jxent.parallel.linear_softmax_cross_entropy`). When ``V`` does not
+      divide by the shard count, pad ``w`` (and ``bias``, ``class_weights``) with
+      columns at the end to a multiple of it and pass ``num_classes=V``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -248,20 +288,23 @@ def linear_softmax_cross_entropy(
             f"w must have shape (D, V) = ({x.shape[-1]}, num_classes) to multiply x of shape "
             f"{x.shape}, got shape {w.shape} (for tied embeddings [V, D] pass embedding.T)."
         )
-    num_classes = w.shape[1]
-    if num_classes == 0:
+    columns = w.shape[1]
+    if columns == 0:
         raise ValueError(f"w must have at least one column (class), got shape {w.shape}.")
+    num_classes = _num_classes(num_classes, columns)
     v.check_integer("labels", labels, " Labels are class indices.")
     batch_shape = x.shape[:-1]
     v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
     if bias is not None:
         bias = v.as_array("bias", bias)
         v.check_floating("bias", bias)
-        v.check_shape("bias", bias, (num_classes,), "one bias per class, w.shape[1]")
+        v.check_shape("bias", bias, (columns,), "one bias per column of w, w.shape[1]")
     if class_weights is not None:
         class_weights = v.as_array("class_weights", class_weights)
         v.check_floating("class_weights", class_weights)
-        v.check_shape("class_weights", class_weights, (num_classes,), "one weight per class")
+        v.check_shape(
+            "class_weights", class_weights, (columns,), "one weight per column of w, w.shape[1]"
+        )
     row_mask = None
     if where is not None:
         where = v.as_array("where", where)
@@ -289,6 +332,7 @@ def linear_softmax_cross_entropy(
             class_weights=class_weights,
             reduction=reduction,
             chunk_size=chunk_size,
+            num_classes=num_classes,
         )
     if ignore_index is not None:
         row_mask = _and(row_mask, labels != ignore_index)
@@ -305,20 +349,37 @@ def linear_softmax_cross_entropy(
     token_block, vocab_block, single_pass = plan_blocks(
         n,
         x.shape[-1],
-        num_classes,
+        columns,
         reduction,
         chunk_size,
         jnp.dtype(acc).itemsize,
         jax.default_backend(),
     )
-    spec = chunked.Spec(config, token_block, vocab_block)
+    spec = chunked.Spec(
+        config,
+        token_block,
+        vocab_block,
+        block_groups(n, token_block),
+        block_groups(columns, vocab_block),
+        None if num_classes == columns else num_classes,
+    )
+    cw = None if class_weights is None else jax.lax.stop_gradient(class_weights)
+    column_bias = None
+    if num_classes < columns:
+        # Padding columns: a large finite negative logit (exp gives exactly 0 and the
+        # online sums stay NaN-free) and, for the smoothing sums, a zero weight.
+        real = jnp.arange(columns) < num_classes
+        column_bias = jnp.where(real, 0, -jnp.finfo(acc).max / 4).astype(acc)
+        if config.label_smoothing > 0:
+            cw = real.astype(acc) if cw is None else cw.astype(acc) * real.astype(acc)
     args = (
         x.reshape(n, x.shape[-1]),
         w,
         bias,
         chunked.prepare_labels(labels.reshape(n), num_classes),
         None if row_mask is None else row_mask.reshape(n),
-        None if class_weights is None else jax.lax.stop_gradient(class_weights),
+        cw,
+        column_bias,
     )
     if single_pass:
         total = chunked.summed_loss(spec, *args)
@@ -336,6 +397,26 @@ def linear_softmax_cross_entropy(
         if row_mask is not None:
             weight = jnp.where(row_mask, weight, jnp.zeros((), total.dtype))
     return _mean(total, n, weight)
+
+
+def _num_classes(num_classes, columns: int) -> int:
+    """``num_classes`` checked against ``w``'s ``columns`` (``None``: all of them)."""
+    if num_classes is None:
+        return columns
+    if isinstance(num_classes, bool):
+        raise TypeError(f"num_classes must be a positive int or None, got {num_classes!r}.")
+    try:
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(
+            f"num_classes must be a positive int or None, got {num_classes!r}."
+        ) from None
+    if not 1 <= num_classes <= columns:
+        raise ValueError(
+            f"num_classes must be in [1, {columns}] (the classes among w's {columns} "
+            f"columns, padding after them), got {num_classes}."
+        )
+    return num_classes
 
 
 def _mean(total: jax.Array, n: int, weight: jax.Array | None) -> jax.Array:

@@ -37,6 +37,17 @@ A shorter last block (``N`` or ``V`` not a multiple of the block) is a second,
 static copy of the loop body: nothing is padded, so ``x`` and ``w`` are never
 copied. XLA:CPU needs a few workarounds to keep bfloat16 blocks block-sized; see
 ``_rows``, ``_put`` and ``_rows_t``.
+
+**Groups.** Each blocked axis (tokens, vocabulary) is viewed as ``[G, L]``, ``G``
+groups of ``L = total / G`` consecutive entries, and a block takes the same ``b``
+consecutive entries of every group (``G * b`` in all); the loops run over the
+second axis. Under ``jax.jit`` with arrays sharded over ``Auto`` mesh axes (GSPMD),
+a ``w`` split over ``S`` devices along ``V`` with ``S`` dividing ``G`` then has its
+groups split over the devices, and every block is sliced from the unsplit axis on
+each device: each device computes its own columns of every block, and per-token
+numbers are combined across devices. A contiguous block would be a dynamic slice of
+the split axis, which GSPMD can only take from a gathered copy of the whole of
+``w`` (and of ``x`` for the tokens). ``G = 1`` is the plain contiguous layout.
 """
 
 from __future__ import annotations
@@ -55,11 +66,20 @@ from jxent._validation import accumulation_dtype
 
 
 class Spec(NamedTuple):
-    """Static choices of one call: the options and the logits block shape."""
+    """Static choices of one call: the options, the logits block shape and the groups.
+
+    ``token_block`` and ``vocab_block`` count whole blocks (all groups); each is a
+    multiple of its number of groups, which divides the axis length too.
+    """
 
     config: XentConfig
     token_block: int
     vocab_block: int
+    token_groups: int = 1
+    vocab_groups: int = 1
+    # The number of real classes when w has padding columns past them (None: all of w's
+    # columns). The caller gives the padding a column_bias and zero smoothing weight.
+    num_classes: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,10 +91,15 @@ def _for_blocks(total: int, size: int, body: Callable, carry):
     """Runs ``carry = body(start, length, carry)`` over ``[0, total)`` in blocks of ``size``.
 
     Full blocks run in a ``fori_loop`` (``start`` traced, one compiled body), a shorter
-    last block after it with a static ``start`` and ``length``: nothing is padded, so
-    neither ``x`` nor ``w`` is ever copied to a rounded-up size.
+    last block with a static ``start`` and ``length``: nothing is padded, so neither
+    ``x`` nor ``w`` is ever copied to a rounded-up size. The shorter block runs first:
+    the loop then writes the accumulators last, and a grouped accumulator's final
+    reshape is of the loop's result (a write into a reshaped buffer after the loop
+    would cost XLA:CPU a copy of the accumulator).
     """
     num_full, rest = divmod(total, size)
+    if rest:
+        carry = body(num_full * size, rest, carry)
     if num_full == 1:
         carry = body(0, size, carry)
     elif num_full > 1:
@@ -82,8 +107,6 @@ def _for_blocks(total: int, size: int, body: Callable, carry):
         step = lambda i, c: body(lax.convert_element_type(i, jnp.int32) * size, size, c)  # noqa: E731
         carry = _vary_like(carry, jax.eval_shape(functools.partial(step, 0), carry))
         carry = lax.fori_loop(0, num_full, step, carry)
-    if rest:
-        carry = body(num_full * size, rest, carry)
     return carry
 
 
@@ -119,6 +142,58 @@ def _sum_to_type(ct: jax.Array, primal: jax.Array) -> jax.Array:
 
 def _narrow_float(a: jax.Array) -> bool:
     return jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4
+
+
+def _grouped(a: jax.Array, axis: int, groups: int) -> jax.Array:
+    """``a`` with ``axis`` split into ``[groups, length / groups]`` (a free reshape)."""
+    shape = a.shape
+    return a.reshape(shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :])
+
+
+def _ungrouped(a: jax.Array, axis: int) -> jax.Array:
+    """The inverse of ``_grouped``: axes ``axis`` and ``axis + 1`` merged."""
+    shape = a.shape
+    return a.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2 :])
+
+
+def _group(a: jax.Array | None, axis: int, groups: int) -> jax.Array | None:
+    """The view of ``a`` that ``_block`` and ``_put_block`` take: ``a`` itself for one
+    group, else ``axis`` split into ``[groups, length / groups]``.
+
+    Made once, outside the loops, for the inputs and for the accumulators the loops
+    update in place (a reshape between a loop's update and its buffer can cost a copy).
+    """
+    return a if a is None or groups == 1 else _grouped(a, axis, groups)
+
+
+def _ungroup(a: jax.Array | None, axis: int, groups: int) -> jax.Array | None:
+    return a if a is None or groups == 1 else _ungrouped(a, axis)
+
+
+def _block(a: jax.Array | None, start, length: int, axis: int, groups: int) -> jax.Array | None:
+    """The block ``(start, length)`` of a ``_group`` view, ``groups * length`` entries along
+    ``axis``: entries ``[start, start + length)`` of every group, group by group."""
+    if a is None or groups == 1:
+        return _rows(a, start, length, axis)
+    return _ungrouped(_rows(a, start, length, axis + 1), axis)
+
+
+def _put_block(a: jax.Array, update: jax.Array, start, axis: int, groups: int) -> jax.Array:
+    """A ``_group`` view with the block ``(start, len)`` replaced by ``update`` (in place)."""
+    if groups == 1:
+        return _put(a, update, start, axis)
+    return _put(a, _grouped(update, axis, groups), start, axis + 1)
+
+
+def _add_block(a: jax.Array, update: jax.Array, start, axis: int, groups: int) -> jax.Array:
+    """A ``_group`` view with ``update`` added to its block ``(start, len)`` (in place).
+
+    The sum is formed in the grouped layout: a reshape between the block's slice and
+    the update would keep XLA from fusing the slice into the in-place update.
+    """
+    if groups > 1:
+        update, axis = _grouped(update, axis, groups), axis + 1
+    return _put(a, _rows(a, start, update.shape[axis], axis) + update, start, axis)
 
 
 def _rows(a: jax.Array | None, start, length: int, axis: int = 0) -> jax.Array | None:
@@ -210,8 +285,19 @@ def _init_running(n: int, acc, smoothing: bool) -> _Running:
     return _Running(jnp.full((n,), -jnp.inf, acc), zeros, zeros if smoothing else None, zeros)
 
 
-def _merge_block(run: _Running, z, labels_blk, v_start, cw_blk, seen_weight) -> _Running:
-    """Folds one logits block ``z`` [n, vb] (columns from ``v_start``) into ``run``."""
+def _label_column(labels: jax.Array, start, length: int, groups: int, inner: int) -> jax.Array:
+    """Each label's column in the vocabulary block ``(start, length)``; outside
+    ``[0, groups * length)`` where the block does not hold it (-1 labels included)."""
+    if groups == 1:
+        return labels - start
+    group, offset = labels // inner, labels % inner - start
+    here = (labels >= 0) & (offset >= 0) & (offset < length)
+    return jnp.where(here, group * length + offset, -1)
+
+
+def _merge_block(run: _Running, z, index, cw_blk, seen_weight) -> _Running:
+    """Folds one logits block ``z`` [n, vb] into ``run``; ``index``: the labels' columns
+    in it (``_label_column``)."""
     acc = z.dtype
     m_blk = jnp.max(z, axis=-1)
     terms = {"s": jnp.exp(z - m_blk[:, None])}
@@ -229,7 +315,6 @@ def _merge_block(run: _Running, z, labels_blk, v_start, cw_blk, seen_weight) -> 
         shift_old = jnp.where(run.m > -jnp.inf, (m - run.m) * seen_weight, jnp.zeros((), acc))
         gap = run.gap + shift_old + sums["gap"] + (m - m_blk) * blk_weight
     # The label's logit: a gather of one element per row (no [n, vb] compare-select).
-    index = labels_blk - v_start
     here = (index >= 0) & (index < z.shape[-1])
     picked = jnp.take_along_axis(z, jnp.clip(index, 0, z.shape[-1] - 1)[:, None], axis=-1)
     z_label = jnp.where(here, picked[:, 0], run.z_label)
@@ -294,30 +379,37 @@ def _statistics(spec: Spec, inp: _Inputs) -> _Running:
     """Per-token running statistics over every vocabulary block (streaming)."""
     cfg = spec.config
     n, v = inp.x.shape[0], inp.w.shape[1]
+    tg, vg = spec.token_groups, spec.vocab_groups
     acc = accumulation_dtype(_compute_dtype(inp))
     smoothing = cfg.label_smoothing > 0
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+    x, labels = _group(inp.x, 0, tg), _group(inp.labels, 0, tg)
+    w = _group(inp.w, 1, vg)
+    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.column_bias)]
 
     def vocab_step(v0, vb, carry):
         run, seen_weight = carry
-        w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
-        c_blk = _rows(inp.column_bias, v0, vb)
+        w_blk = _block(w, v0, vb, 1, vg)
+        b_blk, cw_blk, c_blk = (_block(a, v0, vb, 0, vg) for a in columns)
 
         def token_step(r0, nb, run):
-            z, _ = _logits(inp, cfg, _rows(inp.x, r0, nb), w_blk, b_blk, c_blk)
-            rows = _Running(*(_rows(f, r0, nb) for f in run))
-            rows = _merge_block(rows, z, _rows(inp.labels, r0, nb), v0, cw_blk, seen_weight)
+            z, _ = _logits(inp, cfg, _block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            rows = _Running(*(_block(f, r0, nb, 0, tg) for f in run))
+            index = _label_column(_block(labels, r0, nb, 0, tg), v0, vb, vg, v // vg)
+            rows = _merge_block(rows, z, index, cw_blk, seen_weight)
             updated = zip(run, rows, strict=True)
-            return _Running(*(None if f is None else _put(a, f, r0) for a, f in updated))
+            return _Running(
+                *(None if f is None else _put_block(a, f, r0, 0, tg) for a, f in updated)
+            )
 
-        run = _for_blocks(n, spec.token_block, token_step, run)
+        run = _for_blocks(n // tg, spec.token_block // tg, token_step, run)
         if smoothing:
-            seen_weight = seen_weight + (vb if cw_blk is None else jnp.sum(cw_blk))
+            seen_weight = seen_weight + (vg * vb if cw_blk is None else jnp.sum(cw_blk))
         return run, seen_weight
 
-    carry = (_init_running(n, acc, smoothing), jnp.zeros((), acc))
-    run, _ = _for_blocks(v, spec.vocab_block, vocab_step, carry)
-    return run
+    run = _Running(*(_group(f, 0, tg) for f in _init_running(n, acc, smoothing)))
+    run, _ = _for_blocks(v // vg, spec.vocab_block // vg, vocab_step, (run, jnp.zeros((), acc)))
+    return _Running(*(_ungroup(f, 0, tg) for f in run))
 
 
 def _forward(spec: Spec, inp: _Inputs, keep):
@@ -326,7 +418,11 @@ def _forward(spec: Spec, inp: _Inputs, keep):
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
     run = _statistics(spec, inp)
     valid = inp.labels >= 0
-    return _finish(spec.config, run, inp.labels, valid, inp.w.shape[1], cw, keep)
+    return _finish(spec.config, run, inp.labels, valid, _num_classes(spec, inp), cw, keep)
+
+
+def _num_classes(spec: Spec, inp: _Inputs) -> int:
+    return inp.w.shape[1] if spec.num_classes is None else spec.num_classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +430,10 @@ def _forward(spec: Spec, inp: _Inputs, keep):
 # --------------------------------------------------------------------------------------------
 
 
-def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, labels_blk, v_start, cw_blk):
-    """``dloss/dlogits`` of one block, already multiplied by each row's cotangent."""
+def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, index, cw_blk):
+    """``dloss/dlogits`` of one block, already multiplied by each row's cotangent.
+
+    ``index``: each label's column in the block (``_label_column``)."""
     acc = z.dtype
     zero = jnp.zeros((), acc)
     p = jnp.exp((z - coefs.row_max[:, None]) - coefs.lse_rel[:, None])
@@ -344,8 +442,8 @@ def _dlogits(cfg: XentConfig, z, dcap, coefs: _Coefficients, labels_blk, v_start
         w_cols = jnp.ones((1, z.shape[-1]), acc) if cw_blk is None else cw_blk[None, :]
         dz = dz - coefs.smooth[:, None] * w_cols
     # A compare-select inside the elementwise pass that builds the block anyway.
-    iota = lax.broadcasted_iota(labels_blk.dtype, z.shape, 1)
-    is_label = iota == (labels_blk - v_start)[:, None]
+    iota = lax.broadcasted_iota(index.dtype, z.shape, 1)
+    is_label = iota == index[:, None]
     dz = dz - jnp.where(is_label, coefs.label_coef[:, None], zero)
     if dcap is not None:
         dz = dz * dcap
@@ -368,8 +466,8 @@ class _Wanted(NamedTuple):
     bias: bool
 
 
-def _rows_t(a: jax.Array, start, length: int) -> jax.Array:
-    """``a[start : start + length].T``, laid out row-major, for the ``x.T @ dz`` products.
+def _rows_t(a: jax.Array, start, length: int, groups: int) -> jax.Array:
+    """``_block(a, start, length, 0, groups).T``, laid out row-major, for ``x.T @ dz``.
 
     XLA:CPU runs a bfloat16 matrix product in bfloat16 (YNNPACK) only when its left
     operand is row-major; the transpose of a row-major block is a column-major view,
@@ -380,7 +478,7 @@ def _rows_t(a: jax.Array, start, length: int) -> jax.Array:
     take the plain transpose, which their matrix products read directly.
     """
     if not _narrow_float(a):
-        return _rows(a, start, length).T
+        return _block(a, start, length, 0, groups).T
 
     def row_major():
         if isinstance(start, int):
@@ -389,11 +487,13 @@ def _rows_t(a: jax.Array, start, length: int) -> jax.Array:
             pred = lax.optimization_barrier(jnp.bool_(True))
         else:
             pred = start >= 0
-        t_shape = (a.shape[1], length)
-        block_t = lambda: _rows(a, start, length).T  # noqa: E731
+        t_shape = (a.shape[-1], groups * length)
+        block_t = lambda: _block(a, start, length, 0, groups).T  # noqa: E731
         return lax.cond(pred, block_t, lambda: jnp.zeros_like(a, shape=t_shape))
 
-    return lax.platform_dependent(cpu=row_major, default=lambda: _rows(a, start, length).T)
+    return lax.platform_dependent(
+        cpu=row_major, default=lambda: _block(a, start, length, 0, groups).T
+    )
 
 
 def _block_grads(inp: _Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
@@ -418,24 +518,30 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
     """``(dx, dw, dbias)`` of ``sum_n loss_n * g_n`` (``g`` folded into ``coefs``)."""
     cfg = spec.config
     (n, d), v = inp.x.shape, inp.w.shape[1]
+    tg, vg = spec.token_groups, spec.vocab_groups
     acc = coefs.lse_rel.dtype
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
+    x, labels = _group(inp.x, 0, tg), _group(inp.labels, 0, tg)
+    coefs = _Coefficients(*(_group(f, 0, tg) for f in coefs))
+    w = _group(inp.w, 1, vg)
+    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.column_bias)]
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
-        w_blk, b_blk, cw_blk = _rows(inp.w, v0, vb, 1), _rows(inp.bias, v0, vb), _rows(cw, v0, vb)
-        c_blk = _rows(inp.column_bias, v0, vb)
+        w_blk = _block(w, v0, vb, 1, vg)
+        b_blk, cw_blk, c_blk = (_block(a, v0, vb, 0, vg) for a in columns)
 
         def token_step(r0, nb, inner):
             dx, dw_blk, db_blk = inner
-            x_blk = _rows(inp.x, r0, nb)
+            x_blk = _block(x, r0, nb, 0, tg)
             z, dcap = _logits(inp, cfg, x_blk, w_blk, b_blk, c_blk)
-            rows = _Coefficients(*(_rows(f, r0, nb) for f in coefs))
-            dz = _dlogits(cfg, z, dcap, rows, _rows(inp.labels, r0, nb), v0, cw_blk)
-            xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
+            rows = _Coefficients(*(_block(f, r0, nb, 0, tg) for f in coefs))
+            index = _label_column(_block(labels, r0, nb, 0, tg), v0, vb, vg, v // vg)
+            dz = _dlogits(cfg, z, dcap, rows, index, cw_blk)
+            xt_blk = _rows_t(x, r0, nb, tg) if wanted.w else None
             dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_blk, wanted)
             if wanted.x:
-                dx = _put(dx, _rows(dx, r0, nb) + dx_part, r0)
+                dx = _add_block(dx, dx_part, r0, 0, tg)
             if wanted.w:
                 dw_blk = dw_blk + dw_part
             if wanted.bias:
@@ -444,22 +550,23 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
 
         inner = (
             dx,
-            jnp.zeros((d, vb), acc) if wanted.w else None,
-            jnp.zeros((vb,), acc) if wanted.bias else None,
+            jnp.zeros((d, vg * vb), acc) if wanted.w else None,
+            jnp.zeros((vg * vb,), acc) if wanted.bias else None,
         )
-        dx, dw_blk, db_blk = _for_blocks(n, spec.token_block, token_step, inner)
+        dx, dw_blk, db_blk = _for_blocks(n // tg, spec.token_block // tg, token_step, inner)
         if wanted.w:
-            dw = _put(dw, dw_blk.astype(dw.dtype), v0, axis=1)
+            dw = _put_block(dw, dw_blk.astype(dw.dtype), v0, 1, vg)
         if wanted.bias:
-            db = _put(db, db_blk.astype(db.dtype), v0)
+            db = _put_block(db, db_blk.astype(db.dtype), v0, 0, vg)
         return dx, dw, db
 
     carry = (
-        jnp.zeros((n, d), acc) if wanted.x else None,
-        jnp.zeros(inp.w.shape, inp.w.dtype) if wanted.w else None,
-        jnp.zeros(inp.bias.shape, inp.bias.dtype) if wanted.bias else None,
+        _group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
+        _group(jnp.zeros(inp.w.shape, inp.w.dtype), 1, vg) if wanted.w else None,
+        _group(jnp.zeros(inp.bias.shape, inp.bias.dtype), 0, vg) if wanted.bias else None,
     )
-    dx, dw, db = _for_blocks(v, spec.vocab_block, vocab_step, carry)
+    dx, dw, db = _for_blocks(v // vg, spec.vocab_block // vg, vocab_step, carry)
+    dx, dw, db = _ungroup(dx, 0, tg), _ungroup(dw, 1, vg), _ungroup(db, 0, vg)
     return (None if dx is None else dx.astype(inp.x.dtype)), dw, db
 
 
@@ -472,27 +579,31 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
     """
     cfg = spec.config
     (n, d), v = inp.x.shape, inp.w.shape[1]
+    tg = spec.token_groups
     acc = accumulation_dtype(_compute_dtype(inp))
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
     smoothing = cfg.label_smoothing > 0
+    num_classes = _num_classes(spec, inp)
+    x, labels, keep = (_group(a, 0, tg) for a in (inp.x, inp.labels, keep))
 
     def token_step(r0, nb, carry):
         total, dx, dw, db = carry
-        x_blk = _rows(inp.x, r0, nb)
-        labels_blk = _rows(inp.labels, r0, nb)
+        x_blk = _block(x, r0, nb, 0, tg)
+        labels_blk = _block(labels, r0, nb, 0, tg)
         z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias, inp.column_bias)
-        run = _merge_block(
-            _init_running(nb, acc, smoothing), z, labels_blk, 0, cw, jnp.zeros((), acc)
-        )
-        loss, coefs = _finish(cfg, run, labels_blk, labels_blk >= 0, v, cw, _rows(keep, r0, nb))
+        fresh = _init_running(tg * nb, acc, smoothing)
+        run = _merge_block(fresh, z, labels_blk, cw, jnp.zeros((), acc))
+        valid = labels_blk >= 0
+        keep_blk = _block(keep, r0, nb, 0, tg)
+        loss, coefs = _finish(cfg, run, labels_blk, valid, num_classes, cw, keep_blk)
         # The block's maximum behind a barrier: otherwise XLA shares z - max between the
         # sum of exponentials above and the softmax below, and materialises it.
         coefs = coefs._replace(row_max=lax.optimization_barrier(coefs.row_max))
-        dz = _dlogits(cfg, z, dcap, coefs, labels_blk, 0, cw)
-        xt_blk = _rows_t(inp.x, r0, nb) if wanted.w else None
+        dz = _dlogits(cfg, z, dcap, coefs, labels_blk, cw)
+        xt_blk = _rows_t(x, r0, nb, tg) if wanted.w else None
         dx_part, dw_part = _block_grads(inp, dz, xt_blk, inp.w, wanted)
         if wanted.x:
-            dx = _put(dx, dx_part, r0)
+            dx = _put_block(dx, dx_part, r0, 0, tg)
         if wanted.w:
             dw = dw + dw_part
         if wanted.bias:
@@ -501,11 +612,12 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
 
     carry = (
         jnp.zeros((), acc),
-        jnp.zeros((n, d), acc) if wanted.x else None,
+        _group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
         jnp.zeros((d, v), acc) if wanted.w else None,
         jnp.zeros((v,), acc) if wanted.bias else None,
     )
-    return _for_blocks(n, spec.token_block, token_step, carry)
+    total, dx, dw, db = _for_blocks(n // tg, spec.token_block // tg, token_step, carry)
+    return total, _ungroup(dx, 0, tg), dw, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,15 +647,15 @@ def _zero_cotangents(inp: _Inputs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(spec, x, w, bias, labels, keep, class_weights):
-    inp = _Inputs(x, w, bias, labels, class_weights)
+def _per_token(spec, x, w, bias, labels, keep, class_weights, column_bias):
+    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
     return _forward(spec, inp, keep)[0]
 
 
 def _per_token_fwd(spec, *args):
     values, perturbed = _unwrap(args)
-    x, w, bias, labels, keep, class_weights = values
-    inp = _Inputs(x, w, bias, labels, class_weights)
+    x, w, bias, labels, keep, class_weights, column_bias = values
+    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
     loss, coefs = _forward(spec, inp, keep)
     return loss, (inp, coefs, _wanted(inp, perturbed))
 
@@ -551,9 +663,9 @@ def _per_token_fwd(spec, *args):
 def _per_token_bwd(spec, res, g):
     inp, coefs, wanted = res
     if isinstance(g, SymbolicZero):
-        return (*_zero_cotangents(inp), None, None, None)
+        return (*_zero_cotangents(inp), None, None, None, None)
     dx, dw, db = _streaming_grads(spec, inp, _scaled(coefs, g.astype(coefs.lse_rel.dtype)), wanted)
-    return (*_fill(inp, (dx, dw, db)), None, None, None)
+    return (*_fill(inp, (dx, dw, db)), None, None, None, None)
 
 
 def _fill(inp: _Inputs, grads):
@@ -569,15 +681,15 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _summed(spec, x, w, bias, labels, keep, class_weights):
-    inp = _Inputs(x, w, bias, labels, class_weights)
+def _summed(spec, x, w, bias, labels, keep, class_weights, column_bias):
+    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
     return jnp.sum(_forward(spec, inp, keep)[0])
 
 
 def _summed_fwd(spec, *args):
     values, perturbed = _unwrap(args)
-    x, w, bias, labels, keep, class_weights = values
-    inp = _Inputs(x, w, bias, labels, class_weights)
+    x, w, bias, labels, keep, class_weights, column_bias = values
+    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
     total, dx, dw, db = _single_pass(spec, inp, keep, _wanted(inp, perturbed))
     return total, (inp, dx, dw, db)
 
@@ -585,12 +697,12 @@ def _summed_fwd(spec, *args):
 def _summed_bwd(spec, res, g):
     inp, dx, dw, db = res
     if isinstance(g, SymbolicZero):
-        return (*_zero_cotangents(inp), None, None, None)
+        return (*_zero_cotangents(inp), None, None, None, None)
     grads = tuple(
         None if gr is None else (g.astype(gr.dtype) * gr).astype(like.dtype)
         for gr, like in zip((dx, dw, db), (inp.x, inp.w, inp.bias), strict=True)
     )
-    return (*_fill(inp, grads), None, None, None)
+    return (*_fill(inp, grads), None, None, None, None)
 
 
 _summed.defvjp(_summed_fwd, _summed_bwd, symbolic_zeros=True)
@@ -605,11 +717,14 @@ def prepare_labels(labels: jax.Array, num_classes: int) -> jax.Array:
     return jnp.where(valid, labels, -1).astype(jnp.int32)
 
 
-def per_token_loss(spec: Spec, x, w, bias, labels, keep, class_weights) -> jax.Array:
-    """Per-token losses [N] (streaming schedule for the gradients). ``labels`` prepared."""
-    return _per_token(spec, x, w, bias, labels, keep, class_weights)
+def per_token_loss(
+    spec: Spec, x, w, bias, labels, keep, class_weights, column_bias=None
+) -> jax.Array:
+    """Per-token losses [N] (streaming schedule for the gradients). ``labels`` prepared;
+    ``column_bias`` as in ``_Inputs`` (with ``spec.num_classes`` for padding columns)."""
+    return _per_token(spec, x, w, bias, labels, keep, class_weights, column_bias)
 
 
-def summed_loss(spec: Spec, x, w, bias, labels, keep, class_weights) -> jax.Array:
+def summed_loss(spec: Spec, x, w, bias, labels, keep, class_weights, column_bias=None) -> jax.Array:
     """``sum_n loss_n`` with the single-pass schedule (``spec.vocab_block >= V``)."""
-    return _summed(spec, x, w, bias, labels, keep, class_weights)
+    return _summed(spec, x, w, bias, labels, keep, class_weights, column_bias)
