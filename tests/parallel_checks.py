@@ -387,10 +387,10 @@ def group_shard_map():
 HIDDEN = 8
 
 
-def make_linear_data(num_classes, seed, opts):
+def make_linear_data(num_classes, seed, opts, hidden=HIDDEN):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((ROWS, HIDDEN))
-    w = 0.7 * rng.standard_normal((HIDDEN, num_classes))
+    x = rng.standard_normal((ROWS, hidden))
+    w = 0.7 * rng.standard_normal((hidden, num_classes))
     b = 0.3 * rng.standard_normal(num_classes)
     y = rng.integers(0, num_classes, ROWS)
     if opts.get("ignore_index") is not None:
@@ -522,10 +522,13 @@ def linear_padded_case(mesh_shape, opts_name, opts, dtype, num_classes, reductio
     """jxent.linear_softmax_cross_entropy under jit, w sharded over the vocabulary, x and the
     labels over the tokens: on Auto axes (plain NamedSharding inputs, GSPMD, no mesh set) or
     Explicit ones. Padding rule: pad w (bias, class weights) with columns at the end to a
-    multiple of the model-axis size and pass num_classes=V."""
+    multiple of the model-axis size and pass num_classes=V. On Auto axes the compiled step
+    gathers neither w nor x: its only all-gathers are of per-token numbers from each
+    vocabulary shard (where GSPMD combines a variadic row reduction)."""
     mesh = make_mesh(mesh_shape, kind)
     vp = padded_size(num_classes, mesh_shape[1])
-    x, w, b, y, cw = make_linear_data(num_classes, seed=6, opts=opts)
+    # hidden 32: x (16 x 32) is larger than any [tokens, model shards] array.
+    x, w, b, y, cw = make_linear_data(num_classes, seed=6, opts=opts, hidden=32)
     x, w, b = (jnp.asarray(a, dtype) for a in (x, w, b))
     wp = jnp.pad(w, ((0, 0), (0, vp - num_classes)), constant_values=0.5)
     bp = jnp.pad(b, (0, vp - num_classes), constant_values=3.0)
@@ -571,6 +574,13 @@ def linear_padded_case(mesh_shape, opts_name, opts, dtype, num_classes, reductio
     for name, a1, a0, ar in zip(("x", "w", "bias"), g1, g0, rg, strict=True):
         part = compare(dtype, _f64(v1), _f64(a1), v0, a0, a0.shape[-1], rv, ar)
         checks.update({f"{k} d{name}" if k != "value" else k: c for k, c in part.items()})
+    if kind == "auto":
+        text = step.lower(*args).compile().as_text()
+        gathers = [n for op, n in collectives(text) if op == "all-gather"]
+        checks["all-gathers only of per-token numbers"] = [
+            0.0 if max(gathers, default=0) <= ROWS * mesh_shape[1] else 2.0,
+            f"all-gathers: {gathers} (x: {x.size} elements, w: {wp.size})",
+        ]
     return {
         "case": f"linear jit {kind} {mesh_shape} {opts_name} {jnp.dtype(dtype).name} "
         f"V={num_classes} (w padded to {vp}) {reduction} chunk={chunk}",
@@ -594,29 +604,31 @@ def group_linear():
     out.append(linear_jit_case((2, 4), "all", ALL_OPTIONS, jnp.float32, "none", 8))
     out.append(linear_jit_case((1, 8), "all", ALL_OPTIONS, jnp.bfloat16, "mean", None))
     out.append(linear_jit_case((4, 2), "plain", {}, jnp.float32, "sum", (8, 16), w_spec=()))
-    # Auto axes: vocabulary blocks of 16 (and 24: a shorter last block) and token blocks of 8
-    # slice 16 (8) groups of the vocabulary and 8 of the tokens, so up to 8 shards each.
+    # Auto axes, V = 2048 and 2045 (padded): vocabulary blocks of 1024 (and 1536: a shorter
+    # last block) take 128 columns or more from each of 8 groups, token blocks of 8 one row
+    # from each of 8 groups, so up to 8 shards of each axis slice their own part.
     for i, shape in enumerate(MESHES):
-        for num_classes in (64, 61):
+        for num_classes in (2048, 2045):
             out.append(
                 linear_padded_case(
-                    shape, "all", ALL_OPTIONS, jnp.float32, num_classes, "none", (8, 16), "auto"
+                    shape, "all", ALL_OPTIONS, jnp.float32, num_classes, "none", (8, 1024), "auto"
                 )
             )
-        num_classes = (64, 61)[i % 2]
+        num_classes = (2048, 2045)[i % 2]
         out.append(
             linear_padded_case(
-                shape, "all", ALL_OPTIONS, jnp.bfloat16, num_classes, "mean", (8, 24), "auto"
+                shape, "all", ALL_OPTIONS, jnp.bfloat16, num_classes, "mean", (8, 1536), "auto"
             )
         )
-        out.append(linear_padded_case(shape, "plain", {}, jnp.float32, 61, "mean", None, "auto"))
+        out.append(linear_padded_case(shape, "plain", {}, jnp.float32, 2045, "mean", None, "auto"))
     # Explicit axes with the same padding rule (jxent.parallel under the hood).
-    out.append(
-        linear_padded_case((2, 4), "all", ALL_OPTIONS, jnp.float32, 61, "none", (8, 16), "explicit")
-    )
-    out.append(
-        linear_padded_case((1, 8), "all", ALL_OPTIONS, jnp.bfloat16, 61, "mean", None, "explicit")
-    )
+    for shape, dtype, reduction, chunk in (
+        ((2, 4), jnp.float32, "none", (8, 1024)),
+        ((1, 8), jnp.bfloat16, "mean", None),
+    ):
+        out.append(
+            linear_padded_case(shape, "all", ALL_OPTIONS, dtype, 2045, reduction, chunk, "explicit")
+        )
     return out
 
 
@@ -805,7 +817,7 @@ def group_hlo_linear_auto():
 
             def loss(x, w, y, num_classes=num_classes):
                 return jxent.linear_softmax_cross_entropy(
-                    x, w, y, chunk_size=(16, 512), num_classes=num_classes, **opts
+                    x, w, y, chunk_size=(16, 1024), num_classes=num_classes, **opts
                 )
 
             step = jax.value_and_grad(loss, argnums=(0, 1))

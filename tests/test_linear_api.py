@@ -123,13 +123,20 @@ def test_explicit_chunk_sizes():
 
 
 def test_block_groups():
-    """The power of two (at most 64) dividing both the axis and the block; 1 without a loop."""
+    """The power of two dividing the axis and the block, at most 64 and at most
+    block / min_run; 1 without a loop."""
     assert api.block_groups(8192, 512) == api.MAX_GROUPS == 64
     assert api.block_groups(32000, 2048) == 64
     assert api.block_groups(128256, 1336) == 8
     assert api.block_groups(48, 20) == 4
     assert api.block_groups(61, 16) == 1
     assert api.block_groups(64, 64) == api.block_groups(64, 100) == api.block_groups(0, 1) == 1
+    # Runs of at least min_run (the vocabulary's 128 columns) from each group.
+    assert api.MIN_VOCAB_RUN == 128
+    assert api.block_groups(32000, 2048, 128) == 16
+    assert api.block_groups(8192, 512, 128) == 4
+    assert api.block_groups(8192, 127, 128) == api.block_groups(8192, 200, 128) == 1
+    assert api.block_groups(2**20, 2**14, 128) == 64
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 import reference_linear as ref
 
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
-from jxent.linear.api import block_groups
+from jxent.linear.api import MIN_VOCAB_RUN, block_groups
 from jxent.linear.reference import linear_softmax_cross_entropy_reference as ORACLE
 
 # float64 comparisons need x64 (tests/conftest.py enables it for the whole suite too).
@@ -175,18 +175,19 @@ def test_large_logits_stay_exact():
 
 
 # Blocks over groups of the tokens and of the vocabulary (jxent.linear.chunked's module
-# docstring): N = 16 and V = 48 give (token groups, vocabulary groups) of (4, 8) with one
-# row/column of each group per block, (2, 4) with shorter last blocks, and 8 token groups
-# in the single pass.
-GN, GV = 16, 48
-GROUPED_CHUNKS = {"tok4_vocab8": (4, 8), "tok6_vocab20": (6, 20), "tok8_vocabV": (8, GV)}
+# docstring): N = 16 and V = 2048 give (token groups, vocabulary groups) of (4, 8), (2, 8)
+# with shorter last blocks (1280 = 8 groups x 160 columns: one block of 8 x 160 and one
+# of 8 x 96), and 8 token groups in the single pass.
+GN, GV = 16, 2048
+GROUPED_CHUNKS = {"tok4_vocab1024": (4, 1024), "tok6_vocab1280": (6, 1280), "tok8_vocabV": (8, GV)}
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("chunk", list(GROUPED_CHUNKS), ids=list(GROUPED_CHUNKS))
 def test_grouped_blocks_match_numpy_reference(chunk, reduction):
     tb, vb = GROUPED_CHUNKS[chunk]
-    assert block_groups(GN, tb) > 1 and (vb == GV or block_groups(GV, vb) > 1)
+    assert block_groups(GN, tb) > 1
+    assert vb == GV or block_groups(GV, vb, MIN_VOCAB_RUN) == 8
     x, w, b, y = make_case(seed=22, batch=(GN,), v=GV)
     y[5] = -100
     opts = full_options(22, (GN,), GV)
@@ -230,15 +231,18 @@ def test_grouped_blocks_bfloat16(chunk):
         assert_close(g, e, rtol=2e-2, atol=2e-2)
 
 
+PV = 48  # the padding test's columns: 37 classes and 11 padding columns
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("chunk", [7, (5, 11), (6, 20), (4, GV)])
+@pytest.mark.parametrize("chunk", [7, (5, 11), (6, 20), (4, PV)])
 def test_num_classes_padding(chunk, reduction):
     """w, bias and class weights padded with columns (any values) past num_classes: the loss
     and gradients of the unpadded problem; exactly zero gradient on the padding."""
     pad = 11
-    x, w, b, y = make_case(seed=25, batch=(GN,), v=GV - pad)
+    x, w, b, y = make_case(seed=25, batch=(GN,), v=PV - pad)
     y[5] = -100
-    opts = full_options(25, (GN,), GV - pad)
+    opts = full_options(25, (GN,), PV - pad)
     rng = np.random.default_rng(26)
     wp = np.concatenate([w, 3.0 * rng.normal(size=(D, pad))], axis=1)
     bp = np.concatenate([b, np.full(pad, 50.0)])
@@ -254,7 +258,7 @@ def test_num_classes_padding(chunk, reduction):
             bias=b,
             reduction=reduction,
             chunk_size=chunk,
-            num_classes=GV - pad,
+            num_classes=PV - pad,
             **jopts,
         )
 
@@ -262,11 +266,11 @@ def test_num_classes_padding(chunk, reduction):
     loss, dx, dw, db = numpy_expected(x, w, b, y, reduction=reduction, cotangent=ct, **opts)
     assert_close(out, loss)
     assert_close(gx, dx)
-    assert_close(gw[:, : GV - pad], dw)
-    assert_close(gb[: GV - pad], db)
-    assert np.all(np.asarray(gw)[:, GV - pad :] == 0) and np.all(np.asarray(gb)[GV - pad :] == 0)
+    assert_close(gw[:, : PV - pad], dw)
+    assert_close(gb[: PV - pad], db)
+    assert np.all(np.asarray(gw)[:, PV - pad :] == 0) and np.all(np.asarray(gb)[PV - pad :] == 0)
     # A label on the padding is out of range: NaN, as any label >= num_classes.
-    y_pad = jnp.asarray(y).at[0].set(GV - 1)
+    y_pad = jnp.asarray(y).at[0].set(PV - 1)
     per_token = LINEAR(
         x,
         wp,
@@ -275,7 +279,7 @@ def test_num_classes_padding(chunk, reduction):
         ignore_index=-100,
         reduction="none",
         chunk_size=chunk,
-        num_classes=GV - pad,
+        num_classes=PV - pad,
     )
     assert np.isnan(per_token[0]) and not np.any(np.isnan(np.asarray(per_token[1:])))
 

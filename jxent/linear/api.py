@@ -31,6 +31,11 @@ SINGLE_PASS_MAX_BLOCK = 256 * MiB
 #: takes a slice of each group, so that under ``jax.jit`` with ``w`` (or ``x``) sharded
 #: along the blocked axis over ``Auto`` mesh axes, each device slices its own part.
 MAX_GROUPS = 64
+#: Fewest consecutive vocabulary columns a block takes from each group. A ``w`` block is
+#: then copied in runs of at least this many columns: on CPU, with 2048-column blocks,
+#: runs of 32 columns (64 groups) cost 4-8% of a float32 training step, runs of 128 about
+#: half of that (measured, 2048 x 512 x 32768; within the noise for bfloat16).
+MIN_VOCAB_RUN = 128
 
 
 def _block_length(total: int, cap: int, align: int) -> int:
@@ -52,17 +57,22 @@ def _block_length(total: int, cap: int, align: int) -> int:
     return min(total, -(-size // align) * align)
 
 
-def block_groups(total: int, block: int) -> int:
+def block_groups(total: int, block: int, min_run: int = 1) -> int:
     """Groups of a blocked axis of length ``total`` with blocks of ``block`` (static).
 
-    The largest power of two, at most ``MAX_GROUPS``, that divides both; 1 for a single
-    block. A sharding of the axis over ``S`` devices (``Auto`` mesh axes, GSPMD) stays
-    local to each device through the block loop when ``S`` divides this number.
+    The largest power of two that divides both, at most ``MAX_GROUPS`` and at most
+    ``block / min_run`` (each group's slice of a block has at least ``min_run``
+    entries); 1 for a single block. A sharding of the axis over ``S`` devices (``Auto``
+    mesh axes, GSPMD) stays local to each device through the block loop when ``S``
+    divides this number.
     """
     if block >= total:
         return 1
     common = math.gcd(total, block)
-    return min(common & -common, MAX_GROUPS)
+    groups = min(common & -common, MAX_GROUPS)
+    while groups > 1 and groups * min_run > block:
+        groups //= 2
+    return groups
 
 
 def _positive_int(value, what: str) -> int:
@@ -242,9 +252,11 @@ def linear_softmax_cross_entropy(
       every block; only per-token numbers and partial sums of ``dx``/``dw`` cross
       devices. Each block takes a slice of every one of ``G`` groups of the vocabulary
       (and of the tokens), ``G`` the largest power of two up to 64 dividing both the
-      axis and its block (:func:`jxent.linear.api.block_groups`): a shard count that
-      divides ``G`` (or an axis not looped over) never gathers ``w`` or ``x``; another
-      one gathers them, with the same results. With ``Explicit`` mesh axes the loss
+      axis and its block, and for the vocabulary at most ``block / 128``
+      (:func:`jxent.linear.api.block_groups`): a shard count that divides ``G`` (or an
+      axis not looped over) never gathers ``w`` or ``x``; another one gathers them,
+      with the same results. With the default blocks ``G`` is 8 to 32 for the usual
+      vocabulary sizes; a larger ``chunk_size`` allows more. With ``Explicit`` mesh axes the loss
       runs per device under ``jax.shard_map``
       (:func:`jxent.parallel.linear_softmax_cross_entropy`). When ``V`` does not
       divide by the shard count, pad ``w`` (and ``bias``, ``class_weights``) with
@@ -360,7 +372,7 @@ def linear_softmax_cross_entropy(
         token_block,
         vocab_block,
         block_groups(n, token_block),
-        block_groups(columns, vocab_block),
+        block_groups(columns, vocab_block, MIN_VOCAB_RUN),
         None if num_classes == columns else num_classes,
     )
     cw = None if class_weights is None else jax.lax.stop_gradient(class_weights)
