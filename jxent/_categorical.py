@@ -2,6 +2,10 @@
 
 Drop-in compatible with the functions of the same names in ``optax.losses`` (same
 positional arguments and results); every new option is keyword-only.
+
+Internal API shared with the other modules: :func:`rows_and_masks` (class axes last,
+``where`` split into row and class masks), :func:`and_masks`, :func:`xent_config`
+(validated static options of the core).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _masks(
     raise wrong_shape
 
 
-def _to_rows(
+def rows_and_masks(
     logits: jax.Array, axes: tuple[int, ...], where: jax.Array | None
 ) -> tuple[jax.Array, tuple[int, ...], jax.Array | None, jax.Array | None]:
     """Moves the class axes last and flattens them: ``[*batch, classes]``.
@@ -63,13 +67,15 @@ def _to_rows(
     return to_rows(logits, axes), batch_shape, row_mask, to_rows(class_mask, axes)
 
 
-def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+def and_masks(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """``a & b`` where None means "no mask"."""
     if a is None:
         return b
     return a if b is None else a & b
 
 
-def _config(label_smoothing, z_loss, logit_soft_cap=None, class_axes=None) -> XentConfig:
+def xent_config(label_smoothing, z_loss, logit_soft_cap=None, class_axes=None) -> XentConfig:
+    """The core's static options, each checked (a clear error names the argument)."""
     return XentConfig(
         class_axes=class_axes,
         label_smoothing=v.static_number("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
@@ -160,7 +166,7 @@ def softmax_cross_entropy(
     v.check_shape("labels", labels, logits.shape, "the logits' shape")
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, logits.ndim)
-    config = _config(label_smoothing, z_loss, class_axes=axes)
+    config = xent_config(label_smoothing, z_loss, class_axes=axes)
     _, row_mask, class_mask = _masks(logits, axes, where)
     loss = softmax_xent(
         logits, targets=labels, class_mask=class_mask, row_mask=row_mask, config=config
@@ -268,7 +274,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
     v.check_reduction(reduction)
     axes = _integer_axes(axis, logits.ndim)
-    config = _config(label_smoothing, z_loss, logit_soft_cap, class_axes=axes)
+    config = xent_config(label_smoothing, z_loss, logit_soft_cap, class_axes=axes)
     batch_shape, row_mask, class_mask = _masks(logits, axes, where)
     v.check_shape("labels", labels, batch_shape, "the logits' shape without the class axes")
     num_classes = math.prod(logits.shape[i] for i in axes)
@@ -277,7 +283,7 @@ def softmax_cross_entropy_with_integer_labels(
         v.check_floating("class_weights", class_weights)
         v.check_shape("class_weights", class_weights, (num_classes,), "one weight per class")
     if ignore_index is not None:
-        row_mask = _and(row_mask, labels != ignore_index)
+        row_mask = and_masks(row_mask, labels != ignore_index)
     loss = softmax_xent(
         logits,
         labels=labels,
@@ -479,8 +485,8 @@ def poly_loss_cross_entropy(
     v.check_reduction(reduction)
     logits = jnp.asarray(logits)
     axes = v.normalize_axes(axis, logits.ndim)
-    x, _, row_mask, class_mask = _to_rows(logits, axes, where)
-    targets, _, _, _ = _to_rows(jnp.asarray(labels), axes, None)
+    x, _, row_mask, class_mask = rows_and_masks(logits, axes, where)
+    targets, _, _, _ = rows_and_masks(jnp.asarray(labels), axes, None)
     poly = poly1_term(x, targets, class_mask, row_mask)
     loss = ce + eps.astype(ce.dtype) * poly
     return reduce_loss(loss, reduction, row_mask)

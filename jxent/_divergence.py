@@ -1,7 +1,7 @@
 """KL divergences, knowledge distillation from logits, and the entropy of a softmax.
 
 Every function here reduces over class axes, with the same layout, ``where`` and
-``reduction`` rules as the categorical losses (``jxent._categorical._to_rows``).
+``reduction`` rules as the categorical losses (``jxent._categorical.rows_and_masks``).
 
 Why it is written this way (the same design as the categorical core):
 
@@ -30,9 +30,9 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jxent import _validation as v
-from jxent._categorical import Axis, _to_rows
+from jxent._categorical import Axis, rows_and_masks
 from jxent._reduction import reduce_loss
-from jxent._softmax import _finite_parts, _row_sums
+from jxent._softmax import finite_parts, row_sums
 
 # --------------------------------------------------------------------------------------------
 # Shared machinery
@@ -103,7 +103,7 @@ def _half_gap(s: _Shifted) -> jax.Array:
     It is only ever multiplied by ``e``, which is 0 where the clamp applies; halving
     keeps the difference from overflowing for logits near the float maximum.
     """
-    _, z_floor = _finite_parts(s.z)
+    _, z_floor = finite_parts(s.z)
     return 0.5 * s.row_max[..., None] - 0.5 * z_floor
 
 
@@ -158,10 +158,10 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     if class_mask is not None:
         lp = jnp.where(class_mask, lp, zero)
         t = jnp.where(class_mask, t, -jnp.inf if log_targets_given else zero)
-    lp_finite, lp_floor = _finite_parts(lp)
+    lp_finite, lp_floor = finite_parts(lp)
     if log_targets_given:
         weight = jnp.exp(t)  # exactly 0 for a -inf log-target
-        _, t_floor = _finite_parts(t)
+        _, t_floor = finite_parts(t)
         # (log t - log p) / 2: halves so that neither clamp can overflow the difference.
         term = 2 * weight * (0.5 * t_floor - 0.5 * lp_floor)
     else:
@@ -173,7 +173,7 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     if not count_inf:
         kl = jnp.sum(term, axis=-1)
         return kl, jnp.zeros_like(kl)
-    sums = _row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
+    sums = row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
     return sums["term"], sums["on_inf"]
 
 
@@ -225,8 +225,8 @@ def _kl_public(log_targets_given, log_predictions, targets, axis, where, reducti
     lp, t = _floating_pair("log_predictions", log_predictions, t_name, targets)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, lp.ndim)
-    lp_rows, _, row_mask, class_mask = _to_rows(lp, axes, where)
-    t_rows, _, _, _ = _to_rows(t, axes, None)
+    lp_rows, _, row_mask, class_mask = rows_and_masks(lp, axes, where)
+    t_rows, _, _, _ = rows_and_masks(t, axes, None)
     loss = _kl(log_targets_given, lp_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -365,8 +365,8 @@ def _distill_forward(temperature: float, student, teacher, class_mask, row_mask)
     inv_t = 1.0 / temperature
     s = _shifted_exp(student, class_mask, inv_t, acc)
     t = _shifted_exp(teacher, class_mask, inv_t, acc)
-    s_finite, _ = _finite_parts(s.z)
-    sums = _row_sums(
+    s_finite, _ = finite_parts(s.z)
+    sums = row_sums(
         {
             "t": t.e,
             "s": s.e,
@@ -504,8 +504,8 @@ def softmax_kl_divergence(
     temperature = v.static_number("temperature", temperature, lo=0.0, lo_open=True)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, student.ndim)
-    s_rows, _, row_mask, class_mask = _to_rows(student, axes, where)
-    t_rows, _, _, _ = _to_rows(teacher, axes, None)
+    s_rows, _, row_mask, class_mask = rows_and_masks(student, axes, where)
+    t_rows, _, _, _ = rows_and_masks(teacher, axes, None)
     loss = _distill(temperature, s_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -525,7 +525,7 @@ def _entropy_forward(_, x, class_mask, row_mask):
     acc = v.accumulation_dtype(x.dtype)
     zero = jnp.zeros((), acc)
     s = _shifted_exp(x, class_mask, 1.0, acc)
-    sums = _row_sums({"s": s.e, "gap": s.e * _half_gap(s)})
+    sums = row_sums({"s": s.e, "gap": s.e * _half_gap(s)})
     log_s = _log_sum(sums["s"], s.has_class)
     # H = lse - sum_k p_k z_k = log S + sum_k p_k (max - z_k): two non-negative terms.
     h = log_s + 2 * sums["gap"] / jnp.where(s.has_class, sums["s"], 1)
@@ -603,7 +603,7 @@ def entropy(
     v.check_floating("logits", x)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, x.ndim)
-    rows, _, row_mask, class_mask = _to_rows(x, axes, where)
+    rows, _, row_mask, class_mask = rows_and_masks(x, axes, where)
     loss = _entropy(None, rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -627,7 +627,7 @@ def _poly_forward(_, x, t, class_mask, row_mask):
     x = lax.optimization_barrier(x)
     s = _shifted_exp(x, class_mask, 1.0, acc)
     t = _masked(t.astype(acc), class_mask, 0)
-    sums = _row_sums({"s": s.e, "te": t * s.e, "t": t})
+    sums = row_sums({"s": s.e, "te": t * s.e, "t": t})
     log_s = _log_sum(sums["s"], s.has_class)
     pt = sums["te"] / jnp.where(s.has_class, sums["s"], 1)
     keep = _keep(s.has_class, row_mask)

@@ -22,6 +22,11 @@ Why it is written this way:
 * bfloat16/float16 logits are read as they are and converted inside the fused
   reductions, so no float32 copy of the logits is materialised; sums accumulate in
   float32 and the loss is returned in float32.
+
+Internal API (the other loss modules, ``jxent.parallel`` and ``jxent.linear`` build on
+these; users call the public functions instead): :func:`softmax_xent`, :class:`XentConfig`,
+:func:`finish_rows`, :func:`row_sums`, :func:`finite_parts`, :func:`cap_logits`,
+:func:`cap_derivative`, :func:`gather_last`, :func:`take_classes`, :func:`to_rows`.
 """
 
 from __future__ import annotations
@@ -69,17 +74,18 @@ class _RowStats(NamedTuple):
     all_finite: jax.Array | None = None
 
 
-def _cap(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array:
+def cap_logits(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array:
     """Soft-capped logits ``c * tanh(x / c)`` in ``dtype``; ``-inf`` stays ``-inf``."""
     z = x.astype(dtype)
     if soft_cap is None:
         return z
     # z - max(z, lowest) is 0 for finite z and -inf for -inf: arithmetic, not a select,
-    # so the capped logits still fuse into XLA:CPU's reductions (see _finite_parts).
+    # so the capped logits still fuse into XLA:CPU's reductions (see finite_parts).
     return soft_cap * jnp.tanh(z / soft_cap) + (z - jnp.maximum(z, jnp.finfo(dtype).min))
 
 
-def _cap_derivative(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array | None:
+def cap_derivative(x: jax.Array, soft_cap: float | None, dtype) -> jax.Array | None:
+    """d cap_logits / d x in ``dtype``, or None without a soft cap."""
     if soft_cap is None:
         return None
     t = jnp.tanh(x.astype(dtype) / soft_cap)
@@ -127,7 +133,7 @@ def _pick(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     num_classes = x.shape[-1]
     valid = (labels >= 0) & (labels < num_classes)
-    return _take_last(_gather_last, x, jnp.where(valid, labels, 0)), valid
+    return _take_last(gather_last, x, jnp.where(valid, labels, 0)), valid
 
 
 def _take_last(gather, x: jax.Array, index: jax.Array) -> jax.Array:
@@ -144,7 +150,8 @@ def _take_last(gather, x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 @jax.custom_jvp
-def _gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
+def gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[..., index]`` per row (in-range ``index`` of the batch shape), any dtype."""
     # The gather reads the logits' bits as unsigned integers: XLA:CPU upcasts a
     # bfloat16 gather operand to float32, which would copy the whole logits array.
     bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
@@ -152,17 +159,17 @@ def _gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(picked, x.dtype)
 
 
-@_gather_last.defjvp
+@gather_last.defjvp
 def _gather_last_jvp(primals, tangents):
     x, index = primals
-    return _gather_last(x, index), _take_along_last(tangents[0], index)
+    return gather_last(x, index), _take_along_last(tangents[0], index)
 
 
 def _take_along_last(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(a, index[..., None], axis=-1, mode="clip")[..., 0]
 
 
-def _finite_parts(z: jax.Array):
+def finite_parts(z: jax.Array):
     """``(indicator of z > -inf, max(z, lowest))`` using only arithmetic and max/min.
 
     XLA:CPU fuses a reduction with its elementwise producers only when those are
@@ -176,7 +183,7 @@ def _finite_parts(z: jax.Array):
     return indicator, jnp.maximum(z, -big)
 
 
-def _row_sums(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def row_sums(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums each [..., classes] term over the last axis in ONE variadic reduction.
 
     On XLA:CPU, separate reductions of the same float32-converted bfloat16 logits
@@ -254,14 +261,14 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     acc = accumulation_dtype(x.dtype)
     a = cfg.label_smoothing
     zero = jnp.zeros((), acc)
-    z = _cap(x, cfg.soft_cap, acc)
+    z = cap_logits(x, cfg.soft_cap, acc)
     all_finite = None
 
     # The row maximum is taken on the raw logits: max is exact in any dtype and the
     # soft cap is monotone, so no converted copy of x is needed for it. -inf logits
     # need no mask: they never win the max and exp(-inf) = 0 below.
     masked_x = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
-    row_max = _cap(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc)
+    row_max = cap_logits(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc)
     has_class = row_max != -jnp.inf  # NaN logits keep the row (and make it NaN)
     row_max = lax.stop_gradient(jnp.where(has_class, row_max, zero))
     exp_shifted = jnp.exp(z - row_max[..., None])
@@ -270,7 +277,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     terms = {"sum_exp": exp_shifted}
 
     def finite_and_half_gap(z=z):
-        finite, z_floor = _finite_parts(z)
+        finite, z_floor = finite_parts(z)
         if class_mask is not None:
             finite = jnp.where(class_mask, finite, zero)
         # (max - z) / 2 on finite classes: >= 0, never overflows, and 0 * it is 0 on -inf.
@@ -294,25 +301,25 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             # In the same variadic reduction as the sum of exponentials: every sum reads
             # the (converted, capped) logits in one pass.
             terms.update(smoothing_terms(z))
-            sums = _row_sums(terms)
+            sums = row_sums(terms)
         else:
-            sums = _row_sums(terms)
+            sums = row_sums(terms)
 
             def masked_smoothing_sums():
                 # Converted here, inside the branch: a converted copy of x passed into
                 # the cond would be materialised.
-                s = _row_sums(smoothing_terms(_cap(x, cfg.soft_cap, acc)))
+                s = row_sums(smoothing_terms(cap_logits(x, cfg.soft_cap, acc)))
                 return s["n"], s["w"], s["w_gap"]
 
             (n, sum_w, w_gap), all_finite = _smoothing_sums(x, row_max, w, masked_smoothing_sums)
             sums.update(n=n, w=sum_w, w_gap=w_gap)
     else:
-        sums = _row_sums(terms)
+        sums = row_sums(terms)
 
     lse_rel = jnp.log(jnp.where(has_class, sums["sum_exp"], 1))  # lse - row_max, >= 0
     if labels is not None:
         z_label, valid = _pick(x, labels)
-        z_label = _cap(z_label, cfg.soft_cap, acc)
+        z_label = cap_logits(z_label, cfg.soft_cap, acc)
         if class_weights is None:
             w_label = jnp.ones(labels.shape, acc)
         else:
@@ -401,7 +408,7 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     row_max = jnp.where(usable, stats.row_max, jnp.inf)
     inv_factor = 1 / jnp.where(usable, factor, 1)
     factor = jnp.where(usable, factor, 1)
-    z = _cap(x, cfg.soft_cap, acc)
+    z = cap_logits(x, cfg.soft_cap, acc)
     grad = jnp.exp(z - row_max[..., None])  # 0 on -inf logits
     if class_mask is not None:
         grad = jnp.where(class_mask, grad, zero)
@@ -430,7 +437,7 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
         iota = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1, out_sharding=sharding)
         label = (inv_factor * stats.label_coef)[..., None]
         grad = grad - jnp.where(iota == labels[..., None], label, zero)
-    dz = _cap_derivative(x, cfg.soft_cap, acc)
+    dz = cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz
     out = factor * jnp.sum(grad * x_dot.astype(acc), axis=-1)
@@ -439,8 +446,8 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
         x_dot_label = _take_last(_take_along_last, x_dot, index)
         coef = stats.label_coef
         if dz is not None:
-            x_label = _take_last(_gather_last, x, index)
-            coef = coef * _cap_derivative(x_label, cfg.soft_cap, acc)
+            x_label = _take_last(gather_last, x, index)
+            coef = coef * cap_derivative(x_label, cfg.soft_cap, acc)
         out = out - coef * x_dot_label.astype(acc)
     if t_dot is not None:
         # d loss / d t_k = (1 - a) (lse - z_k). On a -inf logit the true derivative is

@@ -50,16 +50,16 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jxent import _validation as v
-from jxent._categorical import _config
+from jxent._categorical import xent_config
 from jxent._reduction import reduce_loss
 from jxent._softmax import (
     XentConfig,
-    _cap,
-    _cap_derivative,
-    _finite_parts,
-    _gather_last,
-    _row_sums,
+    cap_derivative,
+    cap_logits,
     finish_rows,
+    finite_parts,
+    gather_last,
+    row_sums,
     take_classes,
 )
 from jxent.linear import chunked
@@ -198,14 +198,14 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
     zero = jnp.zeros((), acc)
     axis = layout.axis_name
     bias = _padding_bias(layout, acc)
-    z = _cap(x, cfg.soft_cap, acc)
+    z = cap_logits(x, cfg.soft_cap, acc)
     if bias is not None:
         z = z + _rows(bias, x.ndim)
 
     # As in the core: the maximum of the raw logits, capped afterwards (the cap is
     # monotone), so no converted copy of x feeds it; then the max over shards.
     masked_x = x if bias is None else x + _rows(bias.astype(x.dtype), x.ndim)
-    row_max = lax.pmax(_cap(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc), axis)
+    row_max = lax.pmax(cap_logits(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc), axis)
     has_class = row_max > -jnp.inf
     row_max = jnp.where(has_class, row_max, zero)
     terms = {"sum_exp": jnp.exp(z - row_max[..., None])}
@@ -214,23 +214,23 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
     if a > 0:
         w = jnp.ones(x.shape[-1:], acc) if class_weights is None else class_weights.astype(acc)
 
-        finite, z_floor = _finite_parts(z)
+        finite, z_floor = finite_parts(z)
         w_rows = _rows(w, x.ndim)
         # (max - z) / 2 on finite classes: >= 0, never overflows, 0 on -inf logits.
         half_gap = finite * (0.5 * row_max[..., None] - 0.5 * z_floor)
         terms.update(n=finite, w=finite * w_rows, w_half_gap=w_rows * half_gap)
-    # One variadic reduction: the logits are read once (see the core's _row_sums).
-    sums = _row_sums(terms)
+    # One variadic reduction: the logits are read once (see the core's row_sums).
+    sums = row_sums(terms)
 
     # The label's logit and weight live on one shard: pick them there, 0 elsewhere.
     local = labels - _shard_offset(layout, labels.dtype)
     in_shard = (local >= 0) & (local < layout.local_classes)
     x_label = jnp.where(
         in_shard,
-        _gather_last(x, jnp.clip(local, 0, layout.local_classes - 1)),
+        gather_last(x, jnp.clip(local, 0, layout.local_classes - 1)),
         zero.astype(x.dtype),
     )
-    sums["z_label"] = jnp.where(in_shard, _cap(x_label, cfg.soft_cap, acc), zero)
+    sums["z_label"] = jnp.where(in_shard, cap_logits(x_label, cfg.soft_cap, acc), zero)
     if class_weights is not None:
         sums["w_label"] = _local_pick(class_weights.astype(acc), local, in_shard, zero)
     sums = lax.psum(sums, axis)
@@ -292,7 +292,7 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     acc = res.lse_rel.dtype
     zero = jnp.zeros((), acc)
     bias = _padding_bias(layout, acc)
-    z = _cap(x, cfg.soft_cap, acc)
+    z = cap_logits(x, cfg.soft_cap, acc)
     if bias is not None:
         z = z + _rows(bias, x.ndim)
     # Per-row coefficients (0 on dropped rows) times the cotangent.
@@ -303,14 +303,14 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
 
     grad = row_coef(res.scale) * jnp.exp((z - res.row_max[..., None]) - res.lse_rel[..., None])
     if res.smooth_coef is not None:
-        finite = _finite_parts(z)[0]
+        finite = finite_parts(z)[0]
         w = jnp.ones((), acc) if res.class_weights is None else res.class_weights.astype(acc)
         w = jnp.expand_dims(w, tuple(range(x.ndim - w.ndim)))
         grad = grad - row_coef(res.smooth_coef) * w * finite
     local = res.labels - _shard_offset(layout, res.labels.dtype)
     is_label = lax.broadcasted_iota(local.dtype, x.shape, x.ndim - 1) == local[..., None]
     grad = grad - jnp.where(is_label, row_coef(res.label_coef), zero)
-    dz = _cap_derivative(x, cfg.soft_cap, acc)
+    dz = cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz
     cw_bar = None if res.class_weights is None else jnp.zeros_like(res.class_weights)
@@ -445,7 +445,7 @@ def softmax_cross_entropy_with_integer_labels(
         raise ValueError(f"local_logits must have a class axis, got shape {x.shape}.")
     v.check_shape("labels", labels, x.shape[:-1], "local_logits.shape without the class axis")
     v.check_reduction(reduction)
-    cfg = _config(label_smoothing, z_loss, logit_soft_cap)
+    cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
     layout = _layout(axis_name, x.shape[-1], num_classes)
     if labels.dtype != jnp.int64:
         labels = labels.astype(jnp.int32)
@@ -700,7 +700,7 @@ def linear_softmax_cross_entropy(
     batch_shape = x.shape[:-1]
     v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
     v.check_reduction(reduction)
-    cfg = _config(label_smoothing, z_loss, logit_soft_cap)
+    cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
     layout = _layout(axis_name, w.shape[1], num_classes)
     local_cols = (w.shape[1],)
     if bias is not None:

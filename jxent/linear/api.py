@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._categorical import _and, _config
+from jxent._categorical import and_masks, xent_config
 from jxent._reduction import reduce_loss
 from jxent._softmax import take_classes
 from jxent.linear import chunked
@@ -325,7 +325,7 @@ def linear_softmax_cross_entropy(
         v.check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
         row_mask = where
     v.check_reduction(reduction)
-    config = _config(label_smoothing, z_loss, logit_soft_cap)
+    config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     from jxent import parallel  # here: jxent.parallel builds on this module
 
     if parallel.explicitly_sharded(x, w, labels):
@@ -347,7 +347,7 @@ def linear_softmax_cross_entropy(
             num_classes=num_classes,
         )
     if ignore_index is not None:
-        row_mask = _and(row_mask, labels != ignore_index)
+        row_mask = and_masks(row_mask, labels != ignore_index)
 
     n = labels.size
     dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])

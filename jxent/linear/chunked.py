@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from jxent._softmax import XentConfig, _row_sums, take_classes
+from jxent._softmax import XentConfig, row_sums, take_classes
 from jxent._validation import accumulation_dtype
 
 
@@ -304,7 +304,7 @@ def _merge_block(run: _Running, z, index, cw_blk, seen_weight) -> _Running:
     if run.gap is not None:
         gap = m_blk[:, None] - z
         terms["gap"] = gap if cw_blk is None else gap * cw_blk[None, :]
-    sums = _row_sums(terms)
+    sums = row_sums(terms)
     m = jnp.maximum(run.m, m_blk)
     s = run.s * jnp.exp(run.m - m) + sums["s"] * jnp.exp(m_blk - m)
     gap = None
