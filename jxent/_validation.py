@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +114,53 @@ def check_reduction(reduction: str) -> str:
 def accumulation_dtype(dtype) -> jnp.dtype:
     """float64 stays float64; every narrower float accumulates in float32."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+class LinearInputs(NamedTuple):
+    x: jax.Array
+    w: jax.Array
+    labels: jax.Array
+    bias: jax.Array | None
+    class_weights: jax.Array | None
+    row_mask: jax.Array | None
+
+
+def linear_inputs(
+    x, w, labels, bias, class_weights, where, *, w_name: str, w_shape: str, per_column: str
+) -> LinearInputs:
+    """Checks the arguments of a fused linear cross-entropy (one shard's or the whole).
+
+    ``w`` must be ``[D, columns]`` (``w_shape`` says how, in words); ``bias`` and
+    ``class_weights`` have one entry per column (``per_column`` says which); ``where``
+    flags tokens. Raises at trace time naming the argument and the shape it wanted.
+    """
+    x = as_array("x", x)
+    w = as_array(w_name, w)
+    labels = as_array("labels", labels)
+    check_floating("x", x)
+    check_floating(w_name, w)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D] (hidden states), got a scalar {x.shape}.")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
+        raise ValueError(
+            f"{w_name} must have shape {w_shape.format(D=x.shape[-1])} to multiply x of shape "
+            f"{x.shape}, got shape {w.shape}."
+        )
+    check_integer("labels", labels, " Labels are class indices.")
+    batch_shape = x.shape[:-1]
+    check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
+    columns = (w.shape[1],)
+    if bias is not None:
+        bias = as_array("bias", bias)
+        check_floating("bias", bias)
+        check_shape("bias", bias, columns, f"one bias per column: {per_column}")
+    if class_weights is not None:
+        class_weights = as_array("class_weights", class_weights)
+        check_floating("class_weights", class_weights)
+        check_shape("class_weights", class_weights, columns, f"one per column: {per_column}")
+    if where is not None:
+        where = as_array("where", where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+        check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
+    return LinearInputs(x, w, labels, bias, class_weights, where)

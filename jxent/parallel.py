@@ -684,43 +684,23 @@ def linear_softmax_cross_entropy(
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
       <https://arxiv.org/abs/2411.09009>`_, 2024.
     """
-    x = v.as_array("x", x)
-    w = v.as_array("local_w", local_w)
-    labels = v.as_array("labels", labels)
-    v.check_floating("x", x)
-    v.check_floating("local_w", w)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D] (hidden states), got shape {x.shape}.")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
-        raise ValueError(
-            f"local_w must have shape (D, V_local) = ({x.shape[-1]}, columns on this shard) "
-            f"to multiply x of shape {x.shape}, got shape {w.shape}."
-        )
-    v.check_integer("labels", labels, " Labels are class indices.")
+    x, w, labels, bias, class_weights, row_mask = v.linear_inputs(
+        x,
+        local_w,
+        labels,
+        bias,
+        class_weights,
+        where,
+        w_name="local_w",
+        w_shape="(D, V_local) = ({D}, columns on this shard)",
+        per_column="this shard's slice of the columns",
+    )
+    if class_weights is not None:
+        class_weights = lax.stop_gradient(class_weights)
     batch_shape = x.shape[:-1]
-    v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
     v.check_reduction(reduction)
     cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
     layout = _layout(axis_name, w.shape[1], num_classes)
-    local_cols = (w.shape[1],)
-    if bias is not None:
-        bias = v.as_array("bias", bias)
-        v.check_floating("bias", bias)
-        v.check_shape("bias", bias, local_cols, "this shard's slice: one per local column")
-    if class_weights is not None:
-        class_weights = v.as_array("class_weights", class_weights)
-        v.check_floating("class_weights", class_weights)
-        v.check_shape(
-            "class_weights", class_weights, local_cols, "this shard's slice: one per column"
-        )
-        class_weights = lax.stop_gradient(class_weights)
-    row_mask = None
-    if where is not None:
-        where = v.as_array("where", where)
-        if where.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-        v.check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
-        row_mask = where
     if ignore_index is not None:
         ignored = labels != ignore_index
         row_mask = ignored if row_mask is None else row_mask & ignored

@@ -42,7 +42,7 @@ BAD_INPUTS = [
     ("w_1d", dict(w=jnp.ones((D * V,))), ValueError, r"w must have shape \(D, V\)"),
     ("w_wrong_d", dict(w=jnp.ones((D + 1, V))), ValueError, r"w must have shape \(D, V\)"),
     ("w_transposed", dict(w=jnp.ones((V, D))), ValueError, "embedding.T"),
-    ("w_no_classes", dict(w=jnp.ones((D, 0))), ValueError, "at least one column"),
+    ("w_no_classes", dict(w=jnp.ones((D, 0))), ValueError, "num_classes >= 1"),
     ("labels_float", dict(y=jnp.zeros((N,))), TypeError, "labels must have an integer"),
     ("labels_shape", dict(y=jnp.zeros((N, 1), jnp.int32)), ValueError, "labels must have shape"),
     ("bias_shape", dict(bias=jnp.ones((V + 1,))), ValueError, "bias must have shape"),

@@ -288,42 +288,21 @@ def linear_softmax_cross_entropy(
       Milakov & Gimelshein, `Online normalizer calculation for softmax
       <https://arxiv.org/abs/1805.02867>`_, 2018.
     """
-    x = v.as_array("x", x)
-    w = v.as_array("w", w)
-    labels = v.as_array("labels", labels)
-    v.check_floating("x", x)
-    v.check_floating("w", w)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D] (hidden states), got a scalar {x.shape}.")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"w must have shape (D, V) = ({x.shape[-1]}, num_classes) to multiply x of shape "
-            f"{x.shape}, got shape {w.shape} (for tied embeddings [V, D] pass embedding.T)."
-        )
+    x, w, labels, bias, class_weights, row_mask = v.linear_inputs(
+        x,
+        w,
+        labels,
+        bias,
+        class_weights,
+        where,
+        w_name="w",
+        # A [D, 0] w gets this message too: at least one column (class) is wanted.
+        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
+        per_column="w.shape[1]",
+    )
     columns = w.shape[1]
-    if columns == 0:
-        raise ValueError(f"w must have at least one column (class), got shape {w.shape}.")
     num_classes = _num_classes(num_classes, columns)
-    v.check_integer("labels", labels, " Labels are class indices.")
     batch_shape = x.shape[:-1]
-    v.check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
-    if bias is not None:
-        bias = v.as_array("bias", bias)
-        v.check_floating("bias", bias)
-        v.check_shape("bias", bias, (columns,), "one bias per column of w, w.shape[1]")
-    if class_weights is not None:
-        class_weights = v.as_array("class_weights", class_weights)
-        v.check_floating("class_weights", class_weights)
-        v.check_shape(
-            "class_weights", class_weights, (columns,), "one weight per column of w, w.shape[1]"
-        )
-    row_mask = None
-    if where is not None:
-        where = v.as_array("where", where)
-        if where.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-        v.check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
-        row_mask = where
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     from jxent import parallel  # here: jxent.parallel builds on this module
