@@ -32,7 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 from jxent import _validation as v
 from jxent._categorical import Axis, rows_and_masks
 from jxent._reduction import reduce_loss
-from jxent._softmax import finite_parts, row_sums
+from jxent._softmax import finite_parts, reduce_rows, row_sums
 
 # --------------------------------------------------------------------------------------------
 # Shared machinery
@@ -153,26 +153,29 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     """
     acc = _acc_dtype(lp, t)
     zero = jnp.zeros((), acc)
-    lp = lp.astype(acc)
-    t = t.astype(acc)
-    if class_mask is not None:
-        lp = jnp.where(class_mask, lp, zero)
-        t = jnp.where(class_mask, t, -jnp.inf if log_targets_given else zero)
-    lp_finite, lp_floor = finite_parts(lp)
-    if log_targets_given:
-        weight = jnp.exp(t)  # exactly 0 for a -inf log-target
-        _, t_floor = finite_parts(t)
-        # (log t - log p) / 2: halves so that neither clamp can overflow the difference.
-        term = 2 * weight * (0.5 * t_floor - 0.5 * lp_floor)
-    else:
-        weight = t
+
+    def parts(lp, t):
+        """(term, weight, lp_finite), elementwise."""
+        lp = lp.astype(acc)
+        t = t.astype(acc)
+        if class_mask is not None:
+            lp = jnp.where(class_mask, lp, zero)
+            t = jnp.where(class_mask, t, -jnp.inf if log_targets_given else zero)
+        lp_finite, lp_floor = finite_parts(lp)
+        if log_targets_given:
+            weight = jnp.exp(t)  # exactly 0 for a -inf log-target
+            _, t_floor = finite_parts(t)
+            # (log t - log p) / 2: halves so that neither clamp can overflow the difference.
+            return 2 * weight * (0.5 * t_floor - 0.5 * lp_floor), weight, lp_finite
         tiny = jnp.finfo(acc).tiny
         # t log t with 0 log 0 = 0: log(max(t, tiny)) is finite, so t = 0 gives 0 exactly;
         # for 0 < t < tiny it changes the term by less than 100 * tiny.
-        term = t * (jnp.log(jnp.maximum(t, tiny)) - lp_floor)
+        return t * (jnp.log(jnp.maximum(t, tiny)) - lp_floor), t, lp_finite
+
     if not count_inf:
-        kl = jnp.sum(term, axis=-1)
+        kl = reduce_rows(jnp.sum, lambda lp, t: parts(lp, t)[0], (lp, t))
         return kl, jnp.zeros_like(kl)
+    term, weight, lp_finite = parts(lp, t)
     sums = row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
     return sums["term"], sums["on_inf"]
 

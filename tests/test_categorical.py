@@ -1308,3 +1308,23 @@ def test_matches_pytorch_formula(weighted, label_smoothing):
             x, y, w, ignore_index=-100, reduction=red, label_smoothing=label_smoothing
         )
         assert_close(outs[red], expected, err_msg=red)
+
+
+# --------------------------------------------------------------------------------------------
+# Long rows (reduced in pieces on CPU)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [40000, 2 * 32768 + 1])  # cut in 2 pieces; prime-ish
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}])
+def test_long_rows_match_reference(num_classes, kw):
+    """Rows longer than CPU_ROW_LIMIT take the piecewise reductions (40000 = 2 x 20000)
+    or, with no usable divisor, whole-row ones: both equal the float64 reference."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(scale=4.0, size=(3, num_classes)).astype(np.float32)
+    x[1, 7] = 60.0  # one dominant logit: the maximum of one piece, not the others
+    y = np.array([5, 7, num_classes - 1])
+    r = ref.softmax_cross_entropy_with_integer_labels(x, y, reduction="sum", **kw)
+    loss, grad = jax.jit(jax.value_and_grad(lambda x: SPARSE(x, y, reduction="sum", **kw)))(x)
+    assert_close(loss, r.loss, rtol=1e-5)
+    assert_close(grad, r.grad_logits, rtol=1e-5, atol=1e-9)
