@@ -190,13 +190,18 @@ CPU_ROW_LIMIT = 32768
 
 
 def _row_pieces(x: jax.Array) -> int:
-    """How many equal pieces to cut each row of ``x`` into for reductions (1: none)."""
+    """How many equal pieces to cut each row of ``x`` into for reductions (1: none).
+
+    Only on a single CPU device, the case the measurement behind ``CPU_ROW_LIMIT`` is about.
+    """
     k = x.shape[-1]
     if k <= CPU_ROW_LIMIT or x.ndim < 2 or jax.default_backend() != "cpu":
         return 1
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if any(s is not None for s in getattr(sharding, "spec", ())):
-        return 1  # Explicit mesh axes: a reshape of sharded axes would need respecifying
+    if jax.device_count() > 1:
+        # The [rows * p, K / p] view merges the batch with part of the class axis: on a
+        # mesh that shards the classes, GSPMD would all-gather the logits for it
+        # (measured), and under Auto axes a sharding is not visible at trace time.
+        return 1
     for pieces in range(-(-k // CPU_ROW_LIMIT), k // 1024 + 1):
         if k % pieces == 0:
             return pieces

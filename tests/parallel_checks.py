@@ -749,6 +749,16 @@ def group_hlo():
                 0.0 if n_both == n_fwd else 2.0,
                 f"{n_fwd} collectives forward, {n_both} forward + backward",
             ]
+        # Rows longer than the CPU row limit (one device would reduce them in pieces):
+        # on a mesh the rows stay whole, so nothing of the logits' size is gathered.
+        long_vocab = 2 * 32768
+        x = put(mesh, jnp.zeros((rows, long_vocab), jnp.float32), "data", "model")
+        y = put(mesh, jnp.zeros((rows,), jnp.int32), "data")
+        cw = put(mesh, jnp.ones((long_vocab,), jnp.float32), "model")
+        fn = jax.value_and_grad(integer_loss(ALL_OPTIONS, "mean", None))
+        with jax.set_mesh(mesh):
+            text = jax.jit(fn).lower(x, y, cw).compile().as_text()
+        out.append(hlo_record(f"hlo jit {kind} long rows", text, long_vocab // 4))
     return out
 
 
