@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from jxent._softmax import XentConfig, row_sums, take_classes
+from jxent._softmax import XentConfig, reduce_rows, row_sums, take_classes
 from jxent._validation import accumulation_dtype
 
 
@@ -299,12 +299,14 @@ def _merge_block(run: _Running, z, index, cw_blk, seen_weight) -> _Running:
     """Folds one logits block ``z`` [n, vb] into ``run``; ``index``: the labels' columns
     in it (``_label_column``)."""
     acc = z.dtype
-    m_blk = jnp.max(z, axis=-1)
-    terms = {"s": jnp.exp(z - m_blk[:, None])}
-    if run.gap is not None:
+    m_blk = reduce_rows(jnp.max, lambda z: z, (z,))
+    if run.gap is None:
+        # One reduction: in pieces for blocks wider than XLA:CPU's fast row length.
+        sums = {"s": reduce_rows(jnp.sum, lambda z, m: jnp.exp(z - m), (z,), (m_blk,))}
+    else:
         gap = m_blk[:, None] - z
-        terms["gap"] = gap if cw_blk is None else gap * cw_blk[None, :]
-    sums = row_sums(terms)
+        gap = gap if cw_blk is None else gap * cw_blk[None, :]
+        sums = row_sums({"s": jnp.exp(z - m_blk[:, None]), "gap": gap})
     m = jnp.maximum(run.m, m_blk)
     s = run.s * jnp.exp(run.m - m) + sums["s"] * jnp.exp(m_blk - m)
     gap = None
