@@ -25,7 +25,7 @@ Why it is written this way:
 
 Internal API (the other loss modules, ``jxent.parallel`` and ``jxent.linear`` build on
 these; users call the public functions instead): :func:`softmax_xent`, :class:`XentConfig`,
-:func:`finish_rows`, :func:`row_sums`, :func:`finite_parts`, :func:`cap_logits`,
+:func:`finish_rows`, :func:`row_sums`, :func:`reduce_rows`, :func:`finite_parts`, :func:`cap_logits`,
 :func:`cap_derivative`, :func:`gather_last`, :func:`take_classes`, :func:`to_rows`.
 """
 
@@ -212,7 +212,7 @@ def reduce_rows(reducer, term, arrays, row_values=()):
     """``reducer(term(*arrays, *(r[..., None] for r in row_values)), axis=-1)``.
 
     ``arrays`` have the same ``[..., K]`` shape, ``row_values`` their batch shape, and
-    ``term`` is elementwise. On CPU, long rows are reduced as ``[rows * p, K / p]``
+    ``term`` is elementwise. On one CPU device, long rows are reduced as ``[rows * p, K / p]``
     pieces with the row values repeated, then the ``p`` partial results per row: the
     same numbers, at the speed of short rows (see ``CPU_ROW_LIMIT``).
     """
