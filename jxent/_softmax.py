@@ -25,8 +25,9 @@ Why it is written this way:
 
 Internal API (the other loss modules, ``jxent.parallel`` and ``jxent.linear`` build on
 these; users call the public functions instead): :func:`softmax_xent`, :class:`XentConfig`,
-:func:`finish_rows`, :func:`row_sums`, :func:`reduce_rows`, :func:`finite_parts`, :func:`cap_logits`,
-:func:`cap_derivative`, :func:`gather_last`, :func:`take_classes`, :func:`to_rows`.
+:func:`finish_rows`, :func:`row_sums`, :func:`reduce_rows`, :func:`finite_parts`,
+:func:`cap_logits`, :func:`cap_derivative`, :func:`gather_last`, :func:`take_classes`,
+:func:`to_rows`.
 """
 
 from __future__ import annotations
