@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import numpy as np
+import pytest
 
 # The list behind the public jax.ad_checkpoint.print_saved_residuals.
 from jax._src.ad_checkpoint import saved_residuals
@@ -45,3 +47,14 @@ def large_residuals(fn, x, *args, allowed: tuple[str, ...] = ()) -> list:
         and "from the argument" not in desc
         and not any(a in desc for a in allowed)
     ]
+
+
+def assert_raises_naming(exc, fn, args, kwargs, words):
+    """``fn(*args, **kwargs)`` raises ``exc`` whose message contains every one of ``words``,
+    eagerly and under ``jit`` (the checks run at trace time)."""
+    eager = functools.partial(fn, **kwargs)
+    for call in (eager, jax.jit(eager)):
+        with pytest.raises(exc) as info:
+            call(*args)
+        for w in words:
+            assert w in str(info.value), (w, str(info.value))
