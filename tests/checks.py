@@ -16,6 +16,23 @@ from jax._src.ad_checkpoint import saved_residuals
 F64 = {"rtol": 1e-9, "atol": 1e-12}
 
 
+def x64_off():
+    """Context in which JAX runs as users train: x64 disabled, float32 the default dtype."""
+    return jax.enable_x64(False)
+
+
+def float_tolerance(dtype, terms: int = 1, cond: float = 1.0) -> float:
+    """Relative tolerance of a float computation with rounding ``eps(dtype)`` whose result is
+    a sum of ``terms`` values, with condition number ``cond``: ``8 * eps * cond * log2(terms)``.
+
+    Accurate (pairwise or blocked) sums have a relative error bound that grows with
+    ``log2(terms)``, not with ``terms``; the factor 8 covers the handful of roundings
+    around the sum (an exp, a log, a product) and nothing else.
+    """
+    eps = float(jax.numpy.finfo(dtype).eps)
+    return 8 * eps * cond * max(math.log2(max(terms, 2)), 1.0)
+
+
 def assert_close(actual, expected, **tol):
     np.testing.assert_allclose(
         np.asarray(actual, np.float64), np.asarray(expected, np.float64), **{**F64, **tol}

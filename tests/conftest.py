@@ -1,9 +1,12 @@
+import os
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
 # float64 checks against the NumPy reference need x64; strict promotion and rank promotion
-# errors make sure the library never relies on implicit dtype/rank promotion.
+# errors make sure the library never relies on implicit dtype/rank promotion. Tests of the
+# precision users train in (float32, bfloat16) turn x64 off with ``checks.x64_off()``.
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -12,14 +15,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # here (doctest collection) would set XLA_FLAGS for this process.
 collect_ignore = ["parallel_checks.py"]
 
-settings.register_profile(
-    "jxent",
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=(HealthCheck.too_slow, HealthCheck.data_too_large),
-    print_blob=True,
-)
-settings.load_profile("jxent")
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": (HealthCheck.too_slow, HealthCheck.data_too_large),
+    "print_blob": True,
+}
+# "ci" (the default): derandomized, so that a CI run is reproducible and a failure seen once
+# is seen again. "dev": random and four times longer, for local hunting:
+#   JXENT_HYPOTHESIS_PROFILE=dev pytest
+settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("dev", max_examples=100, **_COMMON)
+settings.load_profile(os.environ.get("JXENT_HYPOTHESIS_PROFILE", "ci"))
 
 
 def _identity_transform(fn):
