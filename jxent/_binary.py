@@ -11,18 +11,28 @@ Why it is written this way:
   gradient is computed from sigmoids in closed form (never by differentiating
   ``max``/``abs``, whose derivative at 0 is wrong for the softplus form), and
   forward mode keeps working.
+* Second and higher derivatives differentiate the tangent rule, so every function in
+  it has its own derivative rule: ``_sigmoid``'s is ``sigmoid(x) sigmoid(-x)`` (JAX's
+  ``logistic`` uses ``s (1 - s)``, exactly 0 once ``s`` rounds to 1: ``|x| > 17`` in
+  float32), ``_softplus_pair``'s are sigmoids, and the gradient of the loss from
+  probabilities is differentiated as ``(1 - t) / (1 - p)**2 + t / p**2``.
 * The value is a sum of non-negative terms,
   ``pos_weight * t * softplus(-x) + (1 - t) * softplus(x)``, with
   ``softplus(±x) = max(±x, 0) + log1p(exp(-|x|))``: no overflow and no
   cancellation for logits of any magnitude.
+* Labels (and the focal loss' ``alpha`` and ``gamma`` arrays) broadcast against the
+  logits as in optax; they enter the rules at their own shape and are broadcast
+  inside, so that reverse mode stores no broadcast copy.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jxent import _validation as v
@@ -35,8 +45,8 @@ from jxent._reduction import reduce_loss
 
 
 def _check_labels(labels, x: jax.Array, x_name: str) -> jax.Array:
-    """Labels of exactly ``x``'s shape; integer/bool labels come back in ``x``'s dtype
-    (exact for 0 and 1; a wider copy would be stored for the backward pass)."""
+    """Real labels; integer/bool labels come back in ``x``'s dtype (exact for 0 and 1; a
+    wider copy would be stored for the backward pass)."""
     labels = v.as_array("labels", labels)
     if not (
         jnp.issubdtype(labels.dtype, jnp.floating)
@@ -47,30 +57,52 @@ def _check_labels(labels, x: jax.Array, x_name: str) -> jax.Array:
             f"labels must be real numbers in [0, 1] (float, int or bool), got dtype "
             f"{labels.dtype} with shape {labels.shape}."
         )
-    if labels.shape != x.shape:
-        raise ValueError(
-            f"labels must have exactly the shape of {x_name} {x.shape} (one label per "
-            f"prediction; no implicit broadcasting), got shape {labels.shape}."
-        )
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(x.dtype)
     return labels
 
 
-def _check_where(where, x: jax.Array, x_name: str) -> jax.Array | None:
+def _same_shape(labels: jax.Array, x: jax.Array, x_name: str) -> None:
+    if labels.shape != x.shape:
+        raise ValueError(
+            f"labels must have exactly the shape of {x_name} {x.shape} (one label per "
+            f"prediction; no implicit broadcasting), got shape {labels.shape}."
+        )
+
+
+def _broadcast_shape(x: jax.Array, named: dict[str, jax.Array | None]) -> tuple[int, ...]:
+    """The NumPy broadcast of the logits' shape with those of ``named`` (None: absent)."""
+    shape = x.shape
+    for name, a in named.items():
+        if a is None:
+            continue
+        try:
+            shape = np.broadcast_shapes(shape, a.shape)
+        except ValueError:
+            raise ValueError(
+                f"{name} must broadcast against the logits (NumPy rules, as optax): got "
+                f"shape {a.shape} for logits of shape {x.shape}"
+                + (f" (broadcast so far: {shape})" if shape != x.shape else "")
+                + "."
+            ) from None
+    return tuple(shape)
+
+
+def _check_where(where, shape: tuple[int, ...], x_name: str) -> jax.Array | None:
     if where is None:
         return None
     where = v.as_array("where", where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
     try:
-        if where.ndim != x.ndim:
+        if where.ndim != len(shape):
             raise ValueError
-        return jnp.broadcast_to(where, x.shape)
+        return jnp.broadcast_to(where, shape)
     except ValueError:
         raise ValueError(
-            f"where must have the shape of {x_name} {x.shape}, or that number of dimensions "
-            f"with some of size 1 (e.g. to mask whole examples), got shape {where.shape}."
+            f"where must have the shape of the loss, {shape} ({x_name} and labels "
+            f"broadcast), or that number of dimensions with some of size 1 (e.g. to mask "
+            f"whole examples), got shape {where.shape}."
         ) from None
 
 
@@ -80,6 +112,14 @@ def _sanitise(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
     if mask is None:
         return x
     return jnp.where(mask, x, jnp.asarray(fill, x.dtype))
+
+
+def _sanitise_small(a: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
+    """:func:`_sanitise` for an operand that may be smaller than the mask (it broadcasts):
+    only an operand of the mask's own shape can be sanitised without a broadcast copy."""
+    if mask is None or a.shape != mask.shape:
+        return a
+    return _sanitise(a, mask, fill)
 
 
 def _finish(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
@@ -113,10 +153,39 @@ def _finite_logits(x: jax.Array, c: _Consts) -> jax.Array:
     return jnp.minimum(jnp.maximum(x.astype(c.big.dtype), -c.big), c.big)
 
 
+@jax.custom_jvp
+def _sigmoid(x: jax.Array) -> jax.Array:
+    """``sigmoid(x)`` whose derivatives of every order keep full relative precision."""
+    return jax.nn.sigmoid(x)
+
+
+@_sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    # sigmoid(-x) rather than 1 - sigmoid(x): it is the small factor in the tail, where
+    # 1 - sigmoid(x) is 0. Recursive, so that the next order is exact as well.
+    return _sigmoid(x), _sigmoid(x) * _sigmoid(-x) * x_dot
+
+
+@jax.custom_jvp
+def _softplus_pair(x: jax.Array, zero: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(softplus(-x), softplus(x)) = (-log sigmoid(x), -log sigmoid(-x))``, both exact,
+    sharing one ``log1p(exp(-|x|))``; ``zero`` is the constant 0 (see ``_consts``)."""
+    tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.maximum(-x, zero) + tail, jnp.maximum(x, zero) + tail
+
+
+@_softplus_pair.defjvp
+def _softplus_pair_jvp(primals, tangents):
+    x, zero = primals
+    x_dot, _ = tangents  # zero is a constant
+    # softplus' = sigmoid, with no max/abs kink at 0 and exact derivatives of every order.
+    return _softplus_pair(x, zero), (-_sigmoid(-x) * x_dot, _sigmoid(x) * x_dot)
+
+
 def _neg_log_sigmoids(x: jax.Array, c: _Consts) -> tuple[jax.Array, jax.Array]:
     """``(-log sigmoid(x), -log sigmoid(-x)) = (softplus(-x), softplus(x))``, both exact."""
-    tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return jnp.maximum(-x, c.zero) + tail, jnp.maximum(x, c.zero) + tail
+    return _softplus_pair(x, c.zero)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +207,7 @@ def _smooth(t: jax.Array, a: float, forward: bool) -> jax.Array:
 def _sbce_forward(label_smoothing, x, t, pos_weight):
     c = _consts(v.accumulation_dtype(x.dtype), forward=True)
     x = _finite_logits(x, c)
-    t = _smooth(t.astype(x.dtype), label_smoothing, forward=True)
+    t = jnp.broadcast_to(_smooth(t.astype(x.dtype), label_smoothing, forward=True), x.shape)
     neg_log_p, neg_log_q = _neg_log_sigmoids(x, c)
     pos = t if pos_weight is None else jnp.broadcast_to(pos_weight, x.shape) * t
     return pos * neg_log_p + (c.one - t) * neg_log_q, None
@@ -150,15 +219,16 @@ def _sbce_tangent(label_smoothing, arrays, stats, dots):
     acc = v.accumulation_dtype(x.dtype)
     c = _consts(acc, forward=False)
     x = _finite_logits(x, c)
-    t = _smooth(t.astype(acc), label_smoothing, forward=False)
+    t = jnp.broadcast_to(_smooth(t.astype(acc), label_smoothing, forward=False), x.shape)
     out = jnp.zeros(x.shape, acc)
     pw = None if pos_weight is None else jnp.broadcast_to(pos_weight, x.shape)
     if x_dot is not None:
         # d/dx = (1 - t) sigmoid(x) - pw t sigmoid(-x)  (= sigmoid(x) - t without pw),
         # written with both sigmoids so that it keeps full relative precision when
-        # either is tiny.
+        # either is tiny, and so that its own derivative, (1 - t + pw t) sigmoid(x)
+        # sigmoid(-x), is a sum of non-negative terms.
         pos = t if pw is None else pw * t
-        g = (1 - t) * jax.nn.sigmoid(x) - pos * jax.nn.sigmoid(-x)
+        g = (1 - t) * _sigmoid(x) - pos * _sigmoid(-x)
         out = out + g * x_dot.astype(acc)
     if t_dot is not None:
         # d/dt = pw softplus(-x) - softplus(x)  (= -x without pw).
@@ -169,7 +239,7 @@ def _sbce_tangent(label_smoothing, arrays, stats, dots):
             g = pw * neg_log_p - neg_log_q
         if label_smoothing:
             g = (1 - label_smoothing) * g
-        out = out + g * t_dot.astype(acc)
+        out = out + g * jnp.broadcast_to(t_dot.astype(acc), x.shape)
     return out
 
 
@@ -212,8 +282,12 @@ def sigmoid_binary_cross_entropy(
     gradients. Infinite logits are treated as the largest finite float.
     ``pos_weight`` is a constant: no gradient flows to it.
 
+    The second derivative, :math:`(1 - t + w_+ t)\, \sigma(x)\, \sigma(-x)`, keeps
+    full relative precision too (``jax.hessian``, forward or reverse mode), also in
+    the tails where :math:`\sigma(x)` rounds to 1.
+
     Drop-in for :func:`optax.losses.sigmoid_binary_cross_entropy` (same result,
-    one value per element).
+    one value per element; labels broadcast against the logits as in optax).
 
     Multi-label classification (several independent yes/no outputs per example)
     is this function over a ``[batch, num_labels]`` array; reduce over the label
@@ -244,26 +318,27 @@ def sigmoid_binary_cross_entropy(
     Args:
       logits: real-valued logits, any shape; each element is one binary
         prediction (the log-odds of its label being 1).
-      labels: targets in ``[0, 1]`` (float, int or bool) of exactly the logits'
-        shape. Values outside ``[0, 1]`` are not checked.
+      labels: targets in ``[0, 1]`` (float, int or bool), of the logits' shape or
+        broadcasting against it (NumPy rules, as optax: a scalar, ``[batch, 1]``
+        for one label per row, ...). Values outside ``[0, 1]`` are not checked.
       pos_weight: weight :math:`w_+ \ge 0` of the positive term: a scalar, or one
-        weight per class of shape ``[logits.shape[-1]]`` (the last axis is the
-        class axis; it broadcasts over the leading axes only).
+        weight per class of shape ``[num_classes]``, the last axis of the loss
+        (it broadcasts over the leading axes only).
       label_smoothing: :math:`a \in [0, 1]`, a static Python number.
-      where: a boolean mask of the logits' shape (or that many dimensions, some
+      where: a boolean mask of the loss' shape (or that many dimensions, some
         of size 1): excluded elements give loss 0 and gradient 0, even if their
         logits are NaN.
-      reduction: ``"none"`` (element-wise, the logits' shape), ``"sum"``, or
-        ``"mean"`` (over the included elements; 0 if none).
+      reduction: ``"none"`` (element-wise, the broadcast shape of logits and
+        labels), ``"sum"``, or ``"mean"`` (over the included elements; 0 if none).
 
     Returns:
       The loss, float32 for float32 or narrower logits (the gradient has the
-      logits' dtype).
+      logits' dtype); element-wise it has the broadcast shape of logits and labels.
 
     Raises:
       TypeError: integer logits, complex labels, a non-boolean ``where``.
-      ValueError: labels not of the logits' shape, ``pos_weight`` of another
-        shape than ``()`` or ``[num_classes]``, an option out of range.
+      ValueError: labels that do not broadcast against the logits, ``pos_weight``
+        of another shape than ``()`` or ``[num_classes]``, an option out of range.
 
     Example:
       >>> import jax
@@ -280,6 +355,10 @@ def sigmoid_binary_cross_entropy(
       [-0.1824  0.3775  0.     -1.    ]
       >>> jxent.sigmoid_binary_cross_entropy(logits.astype(jnp.bfloat16), labels).dtype
       dtype('float32')
+      >>> # the second derivative sigmoid(x) sigmoid(-x), exact in the tail as well:
+      >>> hess = jax.hessian(lambda x: jxent.sigmoid_binary_cross_entropy(x, 0.0))
+      >>> print(f"{float(hess(jnp.float32(30.0))):.4e}")  # float64: 9.3576e-14
+      9.3576e-14
 
     References:
       PyTorch, `BCEWithLogitsLoss
@@ -293,26 +372,35 @@ def sigmoid_binary_cross_entropy(
     t = _check_labels(labels, x, "logits")
     a = v.static_number("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
     v.check_reduction(reduction)
-    mask = _check_where(where, x, "logits")
+    shape = _broadcast_shape(x, {"labels": t})
+    mask = _check_where(where, shape, "logits")
     acc = v.accumulation_dtype(x.dtype)
     pw = None
     if pos_weight is not None:
-        pw = _check_pos_weight(pos_weight, x, acc)
-    x = _sanitise(x, mask, 0.0)
-    t = _sanitise(t, mask, 0)
+        pw = _check_pos_weight(pos_weight, shape, acc)
+    x, t = _broadcast_inputs(x, t, shape, mask)
     return _finish(_sbce(a, x, t, pw), mask, reduction)
 
 
-def _check_pos_weight(pos_weight, x: jax.Array, acc) -> jax.Array:
+def _broadcast_inputs(x: jax.Array, t: jax.Array, shape, mask) -> tuple[jax.Array, jax.Array]:
+    """Logits of the loss' shape, sanitised; labels as small as they came unless a mask
+    must sanitise them (a label broadcast over excluded elements only may be NaN)."""
+    x = _sanitise(jnp.broadcast_to(x, shape), mask, 0.0)
+    if mask is not None:
+        t = _sanitise(jnp.broadcast_to(t, shape), mask, 0)
+    return x, t
+
+
+def _check_pos_weight(pos_weight, shape: tuple[int, ...], acc) -> jax.Array:
     pw = v.as_array("pos_weight", pos_weight)
     if not (jnp.issubdtype(pw.dtype, jnp.floating) or jnp.issubdtype(pw.dtype, jnp.integer)):
         raise TypeError(f"pos_weight must be a real number or array, got dtype {pw.dtype}.")
-    allowed = {()} if x.ndim == 0 else {(), (x.shape[-1],)}
+    allowed = {()} if not shape else {(), (shape[-1],)}
     if pw.shape not in allowed:
-        want = "()" if x.ndim == 0 else f"() or ({x.shape[-1]},) (one weight per class)"
+        want = "()" if not shape else f"() or ({shape[-1]},) (one weight per class)"
         raise ValueError(
             f"pos_weight must have shape {want}: it broadcasts along the class (last) axis "
-            f"of logits {x.shape} only, got shape {pw.shape}."
+            f"of the loss {shape} (logits and labels broadcast) only, got shape {pw.shape}."
         )
     return lax.stop_gradient(pw.astype(acc))
 
@@ -347,6 +435,30 @@ def _bce_forward(_, p, t):
     return zero - (t * log_p + (one - t) * log_q), None
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _bce_grad_p(p: jax.Array, t: jax.Array, eps: float) -> jax.Array:
+    """PyTorch's ``(p - t) / max(p (1 - p), eps)``: ``p - t`` is exact where ``p`` is
+    near ``t`` (it is where the gradient is small), the quotient is one rounding."""
+    return (p - t) / jnp.maximum(p * (1 - p), eps)
+
+
+@_bce_grad_p.defjvp
+def _bce_grad_p_jvp(eps, primals, tangents):
+    p, t = primals
+    p_dot, t_dot = tangents
+    denom = p * (1 - p)
+    clamped = denom <= eps
+    # Unclamped, d/dp = (1 - t) / (1 - p)**2 + t / p**2: non-negative terms, where the
+    # quotient rule's difference cancels (to 0 at p = 1e-8, t = 0 in float32, against 1).
+    # Clamped, the gradient is (p - t) / eps. p_safe keeps 1 / p**2 out of the
+    # unselected branch (its derivative would be 0 * inf = NaN in reverse mode).
+    p_safe = jnp.where(clamped, jnp.full_like(p, 0.5), p)
+    curv = (1 - t) / jnp.square(1 - p_safe) + t / jnp.square(p_safe)
+    curv = jnp.where(clamped, jnp.full_like(p, 1 / eps), curv)
+    slope_t = -1 / jnp.maximum(denom, eps)
+    return _bce_grad_p(p, t, eps), curv * p_dot + slope_t * t_dot
+
+
 def _bce_tangent(_, arrays, stats, dots):
     p, t = arrays
     p_dot, t_dot = dots
@@ -355,8 +467,7 @@ def _bce_tangent(_, arrays, stats, dots):
     t = t.astype(acc)
     out = jnp.zeros(p.shape, acc)
     if p_dot is not None:
-        eps = _grad_eps(p_dot.dtype)
-        out = out + (p - t) / jnp.maximum(p * (1 - p), eps) * p_dot.astype(acc)
+        out = out + _bce_grad_p(p, t, _grad_eps(p_dot.dtype)) * p_dot.astype(acc)
     if t_dot is not None:
         log_p, log_q = _clamped_logs(p, _LOG_FLOOR)
         out = out + (log_q - log_p) * t_dot.astype(acc)
@@ -398,7 +509,9 @@ def binary_cross_entropy(
     :math:`-\operatorname{logit}(p)`, infinite at 0 and 1). For float16
     ``probs`` the floor :math:`10^{-12}` is raised to :math:`1/65504`, so that the
     gradient, at most :math:`1/\text{floor}` in magnitude, stays finite in
-    float16.
+    float16. Second derivatives differentiate this gradient, exactly:
+    :math:`(1 - t)/(1 - p)^2 + t/p^2` where it is not clamped, :math:`1/10^{-12}`
+    where it is.
 
     Probabilities outside ``[0, 1]`` (for example logits passed by mistake)
     cannot be detected under ``jit``: ``p < 0`` or ``p > 1`` gives a NaN loss.
@@ -440,8 +553,9 @@ def binary_cross_entropy(
     p = v.as_array("probs", probs)
     v.check_floating("probs", p)
     t = _check_labels(labels, p, "probs")
+    _same_shape(t, p, "probs")  # as PyTorch's BCELoss, which has no broadcasting either
     v.check_reduction(reduction)
-    mask = _check_where(where, p, "probs")
+    mask = _check_where(where, p.shape, "probs")
     p = _sanitise(p, mask, 0.5)
     t = _sanitise(t, mask, 0)
     return _finish(_bce(None, p, t), mask, reduction)
@@ -453,24 +567,26 @@ def binary_cross_entropy(
 
 
 class _FocalConfig(NamedTuple):
-    alpha: float | None
-    gamma: float
+    alpha: float | None  # a static alpha; None with an alpha array, or for no weighting
+    gamma: float | None  # a static gamma; None with a gamma array
 
 
 class _FocalParts(NamedTuple):
     x: jax.Array  # finite logits
-    t: jax.Array
+    t: jax.Array  # labels, broadcast to the logits' shape
     ce: jax.Array  # binary cross-entropy
     log_1m_pt: jax.Array  # log(1 - p_t), finite for finite logits
+    gamma: jax.Array  # a scalar, or broadcast to the logits' shape
     weight: jax.Array  # (1 - p_t) ** gamma
+    alpha: jax.Array | None  # alpha, a scalar or broadcast; None without weighting
     alpha_t: jax.Array | None
 
 
-def _focal_parts(cfg: _FocalConfig, x, t, forward: bool) -> _FocalParts:
+def _focal_parts(cfg: _FocalConfig, x, t, alpha_arr, gamma_arr, forward: bool) -> _FocalParts:
     acc = v.accumulation_dtype(x.dtype)
     c = _consts(acc, forward)
     x = _finite_logits(x, c)
-    t = t.astype(acc)
+    t = jnp.broadcast_to(t.astype(acc), x.shape)
     neg_log_p, neg_log_q = _neg_log_sigmoids(x, c)
     ce = t * neg_log_p + (c.one - t) * neg_log_q
     # 1 - p_t = (1 - t) sigmoid(x) + t sigmoid(-x), in log space: finite for every finite
@@ -480,17 +596,25 @@ def _focal_parts(cfg: _FocalConfig, x, t, forward: bool) -> _FocalParts:
     b = jnp.log(t) - neg_log_q
     log_1m_pt = jnp.maximum(a, b) + jnp.log1p(jnp.exp(-jnp.abs(a - b)))
     alpha = 0.5 if cfg.alpha is None else cfg.alpha
-    scalars = (jnp.asarray(cfg.gamma, acc), jnp.asarray(alpha, acc), jnp.asarray(1 - alpha, acc))
+    gamma = 0.0 if cfg.gamma is None else cfg.gamma
+    scalars = (jnp.asarray(gamma, acc), jnp.asarray(alpha, acc), jnp.asarray(1 - alpha, acc))
     gamma, alpha, beta = lax.optimization_barrier(scalars) if forward else scalars  # see _consts
+    if gamma_arr is not None:
+        gamma = jnp.broadcast_to(gamma_arr.astype(acc), x.shape)
+    if alpha_arr is not None:
+        alpha = jnp.broadcast_to(alpha_arr.astype(acc), x.shape)
+        beta = c.one - alpha
     weight = jnp.ones_like(x) if cfg.gamma == 0 else jnp.exp(gamma * log_1m_pt)
     alpha_t = None
-    if cfg.alpha is not None:
+    if cfg.alpha is not None or alpha_arr is not None:
         alpha_t = alpha * t + beta * (c.one - t)
-    return _FocalParts(x, t, ce, log_1m_pt, weight, alpha_t)
+    else:
+        alpha = None
+    return _FocalParts(x, t, ce, log_1m_pt, gamma, weight, alpha, alpha_t)
 
 
-def _focal_forward(cfg: _FocalConfig, x, t):
-    f = _focal_parts(cfg, x, t, forward=True)
+def _focal_forward(cfg: _FocalConfig, x, t, alpha_arr, gamma_arr):
+    f = _focal_parts(cfg, x, t, alpha_arr, gamma_arr, forward=True)
     loss = f.weight * f.ce
     if f.alpha_t is not None:
         loss = f.alpha_t * loss
@@ -499,43 +623,83 @@ def _focal_forward(cfg: _FocalConfig, x, t):
 
 def _focal_tangent(cfg: _FocalConfig, arrays, stats, dots):
     f = _focal_parts(cfg, *arrays, forward=False)
-    x_dot, t_dot = dots
-    x, t = f.x, f.t
-    neg_log_p, neg_log_q = _neg_log_sigmoids(x, _consts(x.dtype, forward=False))
+    x_dot, t_dot, alpha_dot, gamma_dot = dots
+    x, t, gamma = f.x, f.t, f.gamma
+    acc = x.dtype
+    neg_log_p, neg_log_q = _neg_log_sigmoids(x, _consts(acc, forward=False))
     alpha_t = 1 if f.alpha_t is None else f.alpha_t
-    out = jnp.zeros(x.shape, x.dtype)
+    focusing = cfg.gamma != 0  # a gamma array may hold zeros: its terms then vanish
+    out = jnp.zeros(x.shape, acc)
+
+    def tangent(d):
+        return jnp.broadcast_to(d.astype(acc), x.shape)
+
     if x_dot is not None:
         # d/dx [w ce] = w (gamma ce d log(1 - p_t)/dx + sigmoid(x) - t), where
         # d log(1 - p_t)/dx = (1 - 2t) sigmoid(x) sigmoid(-x) / (1 - p_t), evaluated in
         # log space. Finite everywhere; at p_t -> 1 it tends to 0 with the weight.
-        g = (1 - t) * jax.nn.sigmoid(x) - t * jax.nn.sigmoid(-x)
-        if cfg.gamma != 0:
+        g = (1 - t) * _sigmoid(x) - t * _sigmoid(-x)
+        if focusing:
             dlog = (1 - 2 * t) * jnp.exp(-neg_log_p - neg_log_q - f.log_1m_pt)
-            g = g + cfg.gamma * dlog * f.ce
-        out = out + alpha_t * f.weight * g * x_dot.astype(x.dtype)
+            g = g + gamma * dlog * f.ce
+        out = out + alpha_t * f.weight * g * tangent(x_dot)
     if t_dot is not None:
         # d/dt [alpha_t w ce] = (2 alpha - 1) w ce
         #   + alpha_t (gamma (sigmoid(-x) - sigmoid(x)) (1 - p_t)**(gamma - 1) ce - w x),
         # with (1 - p_t)**(gamma - 1) ce = exp((gamma - 1) log(1 - p_t) + log ce) finite.
         g = -f.weight * x
-        if cfg.gamma != 0:
-            ratio = jnp.exp((cfg.gamma - 1) * f.log_1m_pt + jnp.log(f.ce))
-            g = g + cfg.gamma * (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * ratio
+        if focusing:
+            ratio = jnp.exp((gamma - 1) * f.log_1m_pt + jnp.log(f.ce))
+            g = g + gamma * (_sigmoid(-x) - _sigmoid(x)) * ratio
         g = alpha_t * g
-        if cfg.alpha is not None:
-            g = g + (2 * cfg.alpha - 1) * f.weight * f.ce
-        out = out + g * t_dot.astype(x.dtype)
+        if f.alpha is not None:
+            g = g + (2 * f.alpha - 1) * f.weight * f.ce
+        out = out + g * tangent(t_dot)
+    if alpha_dot is not None:
+        # d/d alpha [alpha_t w ce] = (2t - 1) w ce
+        out = out + (2 * t - 1) * f.weight * f.ce * tangent(alpha_dot)
+    if gamma_dot is not None:
+        # d/d gamma [alpha_t w ce] = alpha_t w log(1 - p_t) ce
+        out = out + alpha_t * f.weight * f.log_1m_pt * f.ce * tangent(gamma_dot)
     return out
 
 
 _focal = custom_jvp_loss(_focal_forward, _focal_tangent)
 
 
+def _focal_option(name: str, value, *, lo: float, hi: float):
+    """A static Python number (and 0-d concrete arrays, as such), or a real array that
+    broadcasts against the loss (optax takes arrays, traced or not).
+
+    Returns ``(number, None)`` or ``(None, array)``. A concrete array is range-checked
+    here; a traced one cannot be.
+    """
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return v.static_number(name, value, lo=lo, hi=hi), None
+    arr = v.as_array(name, value)
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real number or array, got dtype {arr.dtype}.")
+    try:
+        concrete = np.asarray(arr, np.float64)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None, arr
+    if arr.ndim == 0:
+        return v.static_number(name, float(concrete), lo=lo, hi=hi), None
+    bad = ~((concrete >= lo) & (concrete <= hi))
+    if bad.any():
+        hi_s = "inf)" if hi == float("inf") else f"{hi}]"
+        raise ValueError(
+            f"{name} must be in [{lo}, {hi_s} everywhere, got {concrete[bad].ravel()[0]} in an "
+            f"array of shape {arr.shape}."
+        )
+    return None, arr
+
+
 def sigmoid_focal_loss(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    alpha: float | None = None,
-    gamma: float = 2.0,
+    alpha: float | jax.typing.ArrayLike | None = None,
+    gamma: float | jax.typing.ArrayLike = 2.0,
     *,
     where: jax.typing.ArrayLike | None = None,
     reduction: str = "none",
@@ -565,33 +729,41 @@ def sigmoid_focal_loss(
     :math:`(1 - p_t)^\gamma` has an infinite derivative at :math:`p_t = 1`: as the
     prediction saturates towards its label (:math:`p_t \to 1`) the gradient tends
     to 0, and at :math:`p_t = 1` exactly (an infinite logit, treated as the largest
-    finite float) it is 0. ``alpha`` and ``gamma`` are constants; labels get
-    their exact gradient.
+    finite float) it is 0. Its own derivative (``jax.hessian``) is exact as well:
+    the rule is written with sigmoids and softpluses whose derivatives keep full
+    relative precision in the tails. Labels get their exact gradient, and so do
+    ``alpha`` and ``gamma`` when they are arrays (:math:`(2t - 1)(1 - p_t)^\gamma
+    \mathrm{BCE}` and :math:`\alpha_t (1 - p_t)^\gamma \log(1 - p_t)\, \mathrm{BCE}`).
 
     Drop-in for :func:`optax.losses.sigmoid_focal_loss` (``alpha`` and ``gamma``
-    may also be passed by position here).
+    may also be passed by position here; labels, ``alpha`` and ``gamma`` broadcast
+    against the logits, traced or not, as in optax).
 
     Args:
       logits: real-valued logits, any shape (one binary prediction per element).
-      labels: targets in ``[0, 1]`` (float, int or bool), exactly the logits'
-        shape.
+      labels: targets in ``[0, 1]`` (float, int or bool), of the logits' shape or
+        broadcasting against it (NumPy rules, as optax).
       alpha: weight of the positive class in ``[0, 1]`` (Lin et al. use 0.25), or
-        ``None`` for no weighting; a static Python number.
+        ``None`` for no weighting: a Python number, or an array broadcasting
+        against the loss (e.g. one weight per class), which may be traced.
       gamma: focusing exponent :math:`\gamma \ge 0` (0 gives the plain binary
-        cross-entropy); a static Python number.
-      where: a boolean mask of the logits' shape (or that many dimensions, some of
+        cross-entropy): a Python number, or an array broadcasting against the
+        loss, which may be traced. A Python 0 skips the focusing terms entirely.
+      where: a boolean mask of the loss' shape (or that many dimensions, some of
         size 1): excluded elements give loss 0 and gradient 0.
-      reduction: ``"none"`` (element-wise), ``"sum"`` or ``"mean"`` (over the
-        included elements). The paper normalises the sum by the number of
-        positive anchors: ``reduction="sum"`` divided by that count.
+      reduction: ``"none"`` (element-wise, the broadcast shape of logits, labels,
+        ``alpha`` and ``gamma``), ``"sum"`` or ``"mean"`` (over the included
+        elements). The paper normalises the sum by the number of positive
+        anchors: ``reduction="sum"`` divided by that count.
 
     Returns:
       The loss, float32 for float32 or narrower logits.
 
     Raises:
-      TypeError: integer logits, complex labels, a traced ``alpha``/``gamma``.
-      ValueError: labels not of the logits' shape, ``alpha`` outside ``[0, 1]``,
-        ``gamma < 0``, a bad ``where`` or ``reduction``.
+      TypeError: integer logits, complex labels, a non-real ``alpha``/``gamma``.
+      ValueError: labels, ``alpha`` or ``gamma`` that do not broadcast against the
+        logits; ``alpha`` outside ``[0, 1]`` or ``gamma < 0`` (checked unless
+        traced), a bad ``where`` or ``reduction``.
 
     Example:
       >>> import jax
@@ -614,11 +786,13 @@ def sigmoid_focal_loss(
     x = v.as_array("logits", logits)
     v.check_floating("logits", x)
     t = _check_labels(labels, x, "logits")
+    alpha_arr = None
     if alpha is not None:
-        alpha = v.static_number("alpha", alpha, lo=0.0, hi=1.0)
-    gamma = v.static_number("gamma", gamma, lo=0.0)
+        alpha, alpha_arr = _focal_option("alpha", alpha, lo=0.0, hi=1.0)
+    gamma, gamma_arr = _focal_option("gamma", gamma, lo=0.0, hi=float("inf"))
     v.check_reduction(reduction)
-    mask = _check_where(where, x, "logits")
-    x = _sanitise(x, mask, 0.0)
-    t = _sanitise(t, mask, 0)
-    return _finish(_focal(_FocalConfig(alpha, gamma), x, t), mask, reduction)
+    shape = _broadcast_shape(x, {"labels": t, "alpha": alpha_arr, "gamma": gamma_arr})
+    mask = _check_where(where, shape, "logits")
+    x, t = _broadcast_inputs(x, t, shape, mask)
+    cfg = _FocalConfig(alpha, gamma)
+    return _finish(_focal(cfg, x, t, alpha_arr, gamma_arr), mask, reduction)

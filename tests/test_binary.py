@@ -485,10 +485,23 @@ def _bad_cases():
         ("int_logits", TypeError, SBCE, (xi, _X), {}, ["logits", "int32"]),
         ("int_probs", TypeError, BCE, (xi, _X), {}, ["probs"]),
         ("focal_int_logits", TypeError, FOCAL, (xi, _X), {}, ["logits"]),
-        ("labels_broadcast", ValueError, SBCE, (_X, jnp.zeros((4, 1))), {}, ["labels", "(4, 1)"]),
-        ("labels_rank", ValueError, SBCE, (_X, jnp.zeros((5,))), {}, ["labels", "(5,)"]),
-        ("probs_labels", ValueError, BCE, (_X, jnp.zeros((1, 5))), {}, ["labels"]),
-        ("focal_labels", ValueError, FOCAL, (_X, jnp.zeros((4,))), {}, ["labels"]),
+        ("labels_bcast", ValueError, SBCE, (_X, jnp.zeros((3, 1))), {}, ["labels", "(3, 1)"]),
+        ("labels_rank", ValueError, SBCE, (_X, jnp.zeros((4,))), {}, ["labels", "(4,)", "(4, 5)"]),
+        ("probs_labels", ValueError, BCE, (_X, jnp.zeros((1, 5))), {}, ["labels", "(1, 5)"]),
+        ("focal_labels", ValueError, FOCAL, (_X, jnp.zeros((4,))), {}, ["labels", "(4,)"]),
+        ("focal_alpha_shape", ValueError, FOCAL, (_X, _X), {"alpha": jnp.ones(4)}, ["alpha"]),
+        ("focal_gamma_shape", ValueError, FOCAL, (_X, _X), {"gamma": jnp.ones(3)}, ["gamma"]),
+        (
+            "focal_alpha_array_range",
+            ValueError,
+            FOCAL,
+            (_X, _X),
+            {"alpha": jnp.array([0.5, 1.5, 0.5, 0.5, 0.5])},
+            ["alpha", "1.5"],
+        ),
+        ("focal_gamma_dtype", TypeError, FOCAL, (_X, _X), {"gamma": jnp.ones(5, bool)}, ["gamma"]),
+        ("pw_bcast", ValueError, SBCE, (_X, _X[:1]), {"pos_weight": jnp.ones(4)}, ["pos_weight"]),
+        ("where_bcast", ValueError, SBCE, (_X, _X[:, :1]), {"where": jnp.ones(5, bool)}, ["where"]),
         ("complex_labels", TypeError, SBCE, (_X, _X.astype(jnp.complex64)), {}, ["labels"]),
         (
             "pw_shape",
@@ -515,6 +528,13 @@ def test_bad_inputs_raise(case):
     assert_raises_naming(exc, fn, args, kwargs, words)
 
 
-def test_traced_gamma_raises():
-    with pytest.raises(TypeError, match="gamma"):
-        jax.jit(lambda x, g: FOCAL(x, x, gamma=g))(_X, 2.0)
+def test_traced_alpha_gamma_match_static():
+    """optax takes traced alpha and gamma (jax.jit(sigmoid_focal_loss)(x, t, gamma=g)):
+    the same numbers as the static path, and no range check on what cannot be read."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 4)) * 4)
+    t = jnp.asarray(rng.random((3, 4)))
+    for alpha, gamma in ((0.25, 2.0), (0.9, 0.5), (0.5, 0.0)):
+        traced = jax.jit(FOCAL)(x, t, alpha=alpha, gamma=gamma)
+        assert_close(traced, FOCAL(x, t, alpha, gamma), rtol=1e-14, atol=1e-300)
+        assert_close(traced, ref.sigmoid_focal_loss(x, t, alpha, gamma).elementwise)
