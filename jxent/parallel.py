@@ -152,22 +152,51 @@ def _check_split(name: str, a: jax.Array, layout: _Layout) -> None:
         )
 
 
+def _check_unsplit(name: str, a: jax.Array | None, layout: _Layout, example: str) -> None:
+    """``a`` must be the same on every shard of the vocabulary axis: not vary over it.
+
+    Each shard computes its classes' part of every row's sums and the shards add them
+    up, so every shard must see the same rows. A value split over the vocabulary axis
+    (say, tokens split over it as in sequence parallelism) would combine one shard's
+    rows with another's into plausible but wrong losses, so it is refused at trace
+    time. The check reads ``shard_map``'s types, exact under ``check_vma=True`` (the
+    default, which ``_check_split`` already requires).
+    """
+    if a is None:
+        return
+    names = layout.axis_name if isinstance(layout.axis_name, tuple) else (layout.axis_name,)
+    varying = [n for n in names if n in _varying(a)]
+    if varying:
+        raise ValueError(
+            f"{name} must be the same on every shard of axis_name={layout.axis_name!r} (the "
+            f"axis the vocabulary is split over: every shard reduces the same rows), i.e. "
+            f"not vary over it (in_specs without that axis, e.g. {example}); got a value "
+            f"of type {jax.typeof(a)} that varies over {varying}. Split the tokens over "
+            f"another mesh axis (batch_axis_name), or all-gather them over {varying} first."
+        )
+
+
 def _shard_offset(layout: _Layout, dtype) -> jax.Array:
     """Global index of this shard's first class."""
     return lax.axis_index(layout.axis_name).astype(dtype) * layout.local_classes
 
 
-def _padding_bias(layout: _Layout, dtype) -> jax.Array | None:
-    """``[V_local]``: 0 on real classes, ``-inf`` on the padding (None if unpadded).
+def _real_columns(layout: _Layout, ndim: int) -> jax.Array | None:
+    """``[1, ..., V_local]`` bool: True on this shard's real classes (None if unpadded).
 
-    An additive ``-inf`` rather than a mask: the losses already treat ``-inf``
-    logits as absent classes, and an addition fuses into XLA:CPU's reductions
-    where a select would materialise a [rows, classes] buffer.
+    A select with it on the logits, before anything reads them: the padding's values
+    (``+inf``, ``NaN``, anything) never reach a sum, a maximum or a gradient, where an
+    additive ``-inf`` would turn ``+inf`` into ``NaN`` and keep ``NaN``.
     """
     if not layout.padded:
         return None
     index = _shard_offset(layout, jnp.int32) + jnp.arange(layout.local_classes, dtype=jnp.int32)
-    return jnp.where(index < layout.num_classes, 0, -jnp.inf).astype(dtype)
+    return _rows(index < layout.num_classes, ndim)
+
+
+def _masked(a: jax.Array, real: jax.Array | None, fill) -> jax.Array:
+    """``a`` with ``fill`` on the padding columns (``a`` itself when unpadded)."""
+    return a if real is None else jnp.where(real, a, jnp.asarray(fill, a.dtype))
 
 
 def _rows(vec: jax.Array, ndim: int) -> jax.Array:
@@ -197,14 +226,13 @@ def _forward(layout: _Layout, cfg: XentConfig, x, labels, row_mask, class_weight
     a = cfg.label_smoothing
     zero = jnp.zeros((), acc)
     axis = layout.axis_name
-    bias = _padding_bias(layout, acc)
-    z = cap_logits(x, cfg.soft_cap, acc)
-    if bias is not None:
-        z = z + _rows(bias, x.ndim)
+    # Padding classes are -inf logits from here on: selected before any reduction reads
+    # them, so that no value they hold reaches the loss (see _real_columns).
+    masked_x = _masked(x, _real_columns(layout, x.ndim), -jnp.inf)
+    z = cap_logits(masked_x, cfg.soft_cap, acc)
 
     # As in the core: the maximum of the raw logits, capped afterwards (the cap is
     # monotone), so no converted copy of x feeds it; then the max over shards.
-    masked_x = x if bias is None else x + _rows(bias.astype(x.dtype), x.ndim)
     row_max = lax.pmax(cap_logits(jnp.max(masked_x, axis=-1), cfg.soft_cap, acc), axis)
     has_class = row_max > -jnp.inf
     row_max = jnp.where(has_class, row_max, zero)
@@ -291,10 +319,8 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     x = res.x
     acc = res.lse_rel.dtype
     zero = jnp.zeros((), acc)
-    bias = _padding_bias(layout, acc)
-    z = cap_logits(x, cfg.soft_cap, acc)
-    if bias is not None:
-        z = z + _rows(bias, x.ndim)
+    real = _real_columns(layout, x.ndim)
+    z = cap_logits(_masked(x, real, -jnp.inf), cfg.soft_cap, acc)
     # Per-row coefficients (0 on dropped rows) times the cotangent.
     g = g.astype(acc)
 
@@ -313,6 +339,9 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     dz = cap_derivative(x, cfg.soft_cap, acc)
     if dz is not None:
         grad = grad * dz
+    # Exactly 0 on the padding whatever it holds (the soft cap's derivative of a NaN or
+    # infinite padding logit is NaN; a select, not a product, removes it).
+    grad = _masked(grad, real, 0)
     cw_bar = None if res.class_weights is None else jnp.zeros_like(res.class_weights)
     return _sum_to_type(grad.astype(x.dtype), x), None, None, cw_bar
 
@@ -465,8 +494,12 @@ def softmax_cross_entropy_with_integer_labels(
         v.check_shape(
             "class_weights", class_weights, x.shape[-1:], "this shard's slice: one per local class"
         )
+        # A constant (see Args); the padding's weights (any values) never take part.
         class_weights = lax.stop_gradient(class_weights)
+        class_weights = _masked(class_weights, _real_columns(layout, 1), 0)
     _check_split("local_logits", x, layout)
+    _check_unsplit("labels", labels, layout, 'P("data") for labels of P("data", "model") logits')
+    _check_unsplit("where", where, layout, 'P("data") as the labels')
     loss = _xent(layout, cfg, x, labels, row_mask, class_weights)
     weight = _mean_weight(layout, labels, row_mask, class_weights, reduction, loss.dtype)
     return _reduce(loss, reduction, weight, batch_axis_name)
@@ -495,18 +528,6 @@ def _mean_weight(layout, labels, row_mask, class_weights, reduction, acc):
 class _LinearSpec(NamedTuple):
     layout: _Layout
     blocks: chunked.Spec
-
-
-def _column_bias(layout: _Layout, acc) -> jax.Array | None:
-    """[V_local] added to the soft-capped logits: 0, or a large negative number on padding.
-
-    Finite (a quarter of the largest float, not -inf): the blocked loss's online
-    log-sum-exp and smoothing sums stay NaN-free, and ``exp`` of it is exactly 0.
-    """
-    if not layout.padded:
-        return None
-    index = _shard_offset(layout, jnp.int32) + jnp.arange(layout.local_classes, dtype=jnp.int32)
-    return jnp.where(index < layout.num_classes, 0, -jnp.finfo(acc).max / 4).astype(acc)
 
 
 def _local_labels(layout: _Layout, labels: jax.Array):
@@ -551,15 +572,15 @@ def _linear_forward(spec: _LinearSpec, inp: chunked._Inputs, labels, class_weigh
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _linear(spec, x, w, bias, local_labels, labels, keep, class_weights, cw_eff, column_bias):
-    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, column_bias)
+def _linear(spec, x, w, bias, local_labels, labels, keep, class_weights, cw_eff, real):
+    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, real)
     return _linear_forward(spec, inp, labels, class_weights, keep)[0]
 
 
 def _linear_fwd(spec, *args):
     values, perturbed = chunked._unwrap(args)
-    x, w, bias, local_labels, labels, keep, class_weights, cw_eff, column_bias = values
-    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, column_bias)
+    x, w, bias, local_labels, labels, keep, class_weights, cw_eff, real = values
+    inp = chunked._Inputs(x, w, bias, local_labels, cw_eff, real)
     loss, coefs = _linear_forward(spec, inp, labels, class_weights, keep)
     return loss, (inp, coefs, chunked._wanted(inp, perturbed))
 
@@ -695,17 +716,22 @@ def linear_softmax_cross_entropy(
         w_shape="(D, V_local) = ({D}, columns on this shard)",
         per_column="this shard's slice of the columns",
     )
-    if class_weights is not None:
-        class_weights = lax.stop_gradient(class_weights)
     batch_shape = x.shape[:-1]
     v.check_reduction(reduction)
     cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
     layout = _layout(axis_name, w.shape[1], num_classes)
+    _check_split("local_w", w, layout)
+    _check_unsplit("x", x, layout, 'P("data", None) for x beside local_w in P(None, "model")')
+    _check_unsplit("labels", labels, layout, 'P("data") as x\'s tokens')
+    _check_unsplit("where", row_mask, layout, 'P("data") as x\'s tokens')
+    real = _real_columns(layout, 1)
+    if class_weights is not None:
+        # A constant (see Args); the padding's weights (any values) never take part.
+        class_weights = _masked(lax.stop_gradient(class_weights), real, 0)
     if ignore_index is not None:
         ignored = labels != ignore_index
         row_mask = ignored if row_mask is None else row_mask & ignored
 
-    _check_split("local_w", w, layout)
     n = labels.size
     dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
     acc = v.accumulation_dtype(functools.reduce(jnp.promote_types, dtypes))
@@ -723,12 +749,10 @@ def linear_softmax_cross_entropy(
     if flat_labels.dtype != jnp.int64:
         flat_labels = flat_labels.astype(jnp.int32)
     local_labels, _ = _local_labels(layout, flat_labels)
-    column_bias = _column_bias(layout, acc)
     cw_eff = class_weights
-    if layout.padded and cfg.label_smoothing > 0:
+    if real is not None and class_weights is None and cfg.label_smoothing > 0:
         # Smoothing sums run over every column: give the padding weight 0 there.
-        real = (column_bias == 0).astype(acc)
-        cw_eff = real if class_weights is None else class_weights.astype(acc) * real
+        cw_eff = real.astype(acc)
     keep = None if row_mask is None else row_mask.reshape(n)
     loss = _linear(
         spec,
@@ -740,7 +764,7 @@ def linear_softmax_cross_entropy(
         keep,
         class_weights,
         cw_eff,
-        column_bias,
+        real,
     ).reshape(batch_shape)
     weight = _mean_weight(layout, labels, row_mask, class_weights, reduction, loss.dtype)
     return _reduce(loss, reduction, weight, batch_axis_name)

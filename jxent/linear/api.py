@@ -305,6 +305,9 @@ def linear_softmax_cross_entropy(
     batch_shape = x.shape[:-1]
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
+    if class_weights is not None:
+        # Constants (see Args): no gradient, the mean's denominator included.
+        class_weights = jax.lax.stop_gradient(class_weights)
     from jxent import parallel  # here: jxent.parallel builds on this module
 
     if parallel.explicitly_sharded(x, w, labels):
@@ -354,15 +357,16 @@ def linear_softmax_cross_entropy(
         block_groups(columns, vocab_block, MIN_VOCAB_RUN),
         None if num_classes == columns else num_classes,
     )
-    cw = None if class_weights is None else jax.lax.stop_gradient(class_weights)
-    column_bias = None
+    cw, real = class_weights, None
     if num_classes < columns:
-        # Padding columns: a large finite negative logit (exp gives exactly 0 and the
-        # online sums stay NaN-free) and, for the smoothing sums, a zero weight.
+        # Padding columns: the blocked loss selects their logits to a large finite negative
+        # number and their dx weights to 0, whatever w and bias hold there (inf and NaN
+        # included), and they get a zero weight, selected, for the smoothing sums.
         real = jnp.arange(columns) < num_classes
-        column_bias = jnp.where(real, 0, -jnp.finfo(acc).max / 4).astype(acc)
-        if config.label_smoothing > 0:
-            cw = real.astype(acc) if cw is None else cw.astype(acc) * real.astype(acc)
+        if cw is not None:
+            cw = jnp.where(real, cw, jnp.zeros((), cw.dtype))
+        elif config.label_smoothing > 0:
+            cw = real.astype(acc)
     args = (
         x.reshape(n, x.shape[-1]),
         w,
@@ -370,7 +374,7 @@ def linear_softmax_cross_entropy(
         chunked.prepare_labels(labels.reshape(n), num_classes),
         None if row_mask is None else row_mask.reshape(n),
         cw,
-        column_bias,
+        real,
     )
     if single_pass:
         total = chunked.summed_loss(spec, *args)

@@ -78,7 +78,8 @@ class Spec(NamedTuple):
     token_groups: int = 1
     vocab_groups: int = 1
     # The number of real classes when w has padding columns past them (None: all of w's
-    # columns). The caller gives the padding a column_bias and zero smoothing weight.
+    # columns). The caller marks them in _Inputs.real_columns and gives them zero
+    # smoothing weight.
     num_classes: int | None = None
 
 
@@ -232,6 +233,11 @@ def _put(a: jax.Array, update: jax.Array, start, axis: int = 0) -> jax.Array:
     return lax.bitcast_convert_type(out, a.dtype)
 
 
+#: The logit of a padding column, as a fraction of the accumulation dtype's largest value:
+#: far below any real logit, and ``m - z`` of it cannot overflow in the smoothing sums.
+PADDING_LOGIT = -0.25
+
+
 class _Inputs(NamedTuple):
     """The flattened operands: x [N, D], w [D, V], optional bias and class weights [V]."""
 
@@ -240,9 +246,10 @@ class _Inputs(NamedTuple):
     bias: jax.Array | None
     labels: jax.Array  # int32 [N]; -1 for a label outside [0, V)
     class_weights: jax.Array | None
-    # [V] added to the soft-capped logits: 0, or a large negative number for columns
-    # that are not classes (jxent.parallel's vocabulary padding).
-    column_bias: jax.Array | None = None
+    # bool [V]: True on the columns that are classes, False on padding columns (the
+    # vocabulary padded to a multiple of the shards; see _logits for what that does).
+    # None: every column is a class.
+    real_columns: jax.Array | None = None
 
 
 def _compute_dtype(inp: _Inputs):
@@ -250,8 +257,15 @@ def _compute_dtype(inp: _Inputs):
     return functools.reduce(jnp.promote_types, dtypes)
 
 
-def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk, c_blk=None):
-    """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
+def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk, real_blk=None):
+    """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``.
+
+    ``real_blk`` (bool, the block's columns): padding columns are *selected* to a large
+    finite negative logit, whatever ``w`` and ``bias`` hold there (``inf`` and ``NaN``
+    included): ``exp`` of it is exactly 0, the online sums stay NaN-free (a block of
+    padding alone has a finite maximum), and the soft cap's derivative is selected to 0
+    there, so ``dloss/dlogits`` is exactly 0 on the padding.
+    """
     cdt = _compute_dtype(inp)
     acc = accumulation_dtype(cdt)
     logits = jnp.matmul(x_blk.astype(cdt), w_blk.astype(cdt), preferred_element_type=acc)
@@ -261,9 +275,24 @@ def _logits(inp: _Inputs, cfg: XentConfig, x_blk, w_blk, b_blk, c_blk=None):
     if cfg.soft_cap is not None:
         t = jnp.tanh(logits / cfg.soft_cap)
         logits, dcap = cfg.soft_cap * t, 1 - t * t
-    if c_blk is not None:
-        logits = logits + c_blk.astype(logits.dtype)[None, :]
+    if real_blk is not None:
+        real = real_blk[None, :]
+        logits = jnp.where(real, logits, jnp.asarray(PADDING_LOGIT * jnp.finfo(acc).max, acc))
+        if dcap is not None:
+            dcap = jnp.where(real, dcap, jnp.zeros((), acc))
     return logits, dcap
+
+
+def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None) -> jax.Array:
+    """``w_blk`` with its padding columns zeroed, for ``dx = dz @ w.T``.
+
+    ``dz`` is exactly 0 on the padding, but ``0 * inf`` and ``0 * NaN`` are NaN: a padding
+    column holding either would spread into every entry of ``dx``. Only when padded and
+    ``dx`` is wanted; the select is of a block (or, in the single pass, of ``w``).
+    """
+    if real_blk is None:
+        return w_blk
+    return jnp.where(real_blk[None, :], w_blk, jnp.zeros((), w_blk.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +416,7 @@ def _statistics(spec: Spec, inp: _Inputs) -> _Running:
     cw = None if inp.class_weights is None else inp.class_weights.astype(acc)
     x, labels = _group(inp.x, 0, tg), _group(inp.labels, 0, tg)
     w = _group(inp.w, 1, vg)
-    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.column_bias)]
+    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.real_columns)]
 
     def vocab_step(v0, vb, carry):
         run, seen_weight = carry
@@ -526,12 +555,13 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
     x, labels = _group(inp.x, 0, tg), _group(inp.labels, 0, tg)
     coefs = _Coefficients(*(_group(f, 0, tg) for f in coefs))
     w = _group(inp.w, 1, vg)
-    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.column_bias)]
+    columns = [_group(a, 0, vg) for a in (inp.bias, cw, inp.real_columns)]
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
         w_blk = _block(w, v0, vb, 1, vg)
         b_blk, cw_blk, c_blk = (_block(a, v0, vb, 0, vg) for a in columns)
+        w_dx = _real_weights(w_blk, c_blk) if wanted.x else w_blk
 
         def token_step(r0, nb, inner):
             dx, dw_blk, db_blk = inner
@@ -541,7 +571,7 @@ def _streaming_grads(spec: Spec, inp: _Inputs, coefs: _Coefficients, wanted: _Wa
             index = _label_column(_block(labels, r0, nb, 0, tg), v0, vb, vg, v // vg)
             dz = _dlogits(cfg, z, dcap, rows, index, cw_blk)
             xt_blk = _rows_t(x, r0, nb, tg) if wanted.w else None
-            dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_blk, wanted)
+            dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_dx, wanted)
             if wanted.x:
                 dx = _add_block(dx, dx_part, r0, 0, tg)
             if wanted.w:
@@ -587,12 +617,15 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
     smoothing = cfg.label_smoothing > 0
     num_classes = _num_classes(spec, inp)
     x, labels, keep = (_group(a, 0, tg) for a in (inp.x, inp.labels, keep))
+    # With padding columns, dx's product needs w with its padding zeroed: a copy of w
+    # (loop-invariant, made once), beside the [D, V] float32 accumulator of dw.
+    w_dx = _real_weights(inp.w, inp.real_columns) if wanted.x else inp.w
 
     def token_step(r0, nb, carry):
         total, dx, dw, db = carry
         x_blk = _block(x, r0, nb, 0, tg)
         labels_blk = _block(labels, r0, nb, 0, tg)
-        z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias, inp.column_bias)
+        z, dcap = _logits(inp, cfg, x_blk, inp.w, inp.bias, inp.real_columns)
         fresh = _init_running(tg * nb, acc, smoothing)
         run = _merge_block(fresh, z, labels_blk, cw, jnp.zeros((), acc))
         valid = labels_blk >= 0
@@ -603,7 +636,7 @@ def _single_pass(spec: Spec, inp: _Inputs, keep, wanted: _Wanted):
         coefs = coefs._replace(row_max=lax.optimization_barrier(coefs.row_max))
         dz = _dlogits(cfg, z, dcap, coefs, labels_blk, cw)
         xt_blk = _rows_t(x, r0, nb, tg) if wanted.w else None
-        dx_part, dw_part = _block_grads(inp, dz, xt_blk, inp.w, wanted)
+        dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_dx, wanted)
         if wanted.x:
             dx = _put_block(dx, dx_part, r0, 0, tg)
         if wanted.w:
@@ -649,15 +682,15 @@ def _zero_cotangents(inp: _Inputs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(spec, x, w, bias, labels, keep, class_weights, column_bias):
-    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
+def _per_token(spec, x, w, bias, labels, keep, class_weights, real_columns):
+    inp = _Inputs(x, w, bias, labels, class_weights, real_columns)
     return _forward(spec, inp, keep)[0]
 
 
 def _per_token_fwd(spec, *args):
     values, perturbed = _unwrap(args)
-    x, w, bias, labels, keep, class_weights, column_bias = values
-    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
+    x, w, bias, labels, keep, class_weights, real_columns = values
+    inp = _Inputs(x, w, bias, labels, class_weights, real_columns)
     loss, coefs = _forward(spec, inp, keep)
     return loss, (inp, coefs, _wanted(inp, perturbed))
 
@@ -683,15 +716,15 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _summed(spec, x, w, bias, labels, keep, class_weights, column_bias):
-    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
+def _summed(spec, x, w, bias, labels, keep, class_weights, real_columns):
+    inp = _Inputs(x, w, bias, labels, class_weights, real_columns)
     return jnp.sum(_forward(spec, inp, keep)[0])
 
 
 def _summed_fwd(spec, *args):
     values, perturbed = _unwrap(args)
-    x, w, bias, labels, keep, class_weights, column_bias = values
-    inp = _Inputs(x, w, bias, labels, class_weights, column_bias)
+    x, w, bias, labels, keep, class_weights, real_columns = values
+    inp = _Inputs(x, w, bias, labels, class_weights, real_columns)
     total, dx, dw, db = _single_pass(spec, inp, keep, _wanted(inp, perturbed))
     return total, (inp, dx, dw, db)
 
@@ -720,13 +753,15 @@ def prepare_labels(labels: jax.Array, num_classes: int) -> jax.Array:
 
 
 def per_token_loss(
-    spec: Spec, x, w, bias, labels, keep, class_weights, column_bias=None
+    spec: Spec, x, w, bias, labels, keep, class_weights, real_columns=None
 ) -> jax.Array:
     """Per-token losses [N] (streaming schedule for the gradients). ``labels`` prepared;
-    ``column_bias`` as in ``_Inputs`` (with ``spec.num_classes`` for padding columns)."""
-    return _per_token(spec, x, w, bias, labels, keep, class_weights, column_bias)
+    ``real_columns`` as in ``_Inputs`` (with ``spec.num_classes`` for padding columns)."""
+    return _per_token(spec, x, w, bias, labels, keep, class_weights, real_columns)
 
 
-def summed_loss(spec: Spec, x, w, bias, labels, keep, class_weights, column_bias=None) -> jax.Array:
+def summed_loss(
+    spec: Spec, x, w, bias, labels, keep, class_weights, real_columns=None
+) -> jax.Array:
     """``sum_n loss_n`` with the single-pass schedule (``spec.vocab_block >= V``)."""
-    return _summed(spec, x, w, bias, labels, keep, class_weights, column_bias)
+    return _summed(spec, x, w, bias, labels, keep, class_weights, real_columns)
