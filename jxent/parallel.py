@@ -25,7 +25,8 @@ bias, class weights    ``[V]``                     ``P("model")``
 Shard ``s`` of ``n`` (its index along ``axis_name``) holds the classes
 ``[s * V_local, (s + 1) * V_local)``. When the vocabulary size ``V`` is not a
 multiple of ``n``, pad the class axis at the end to ``n * ceil(V / n)`` (any
-values) and pass ``num_classes=V``: the padding classes take no part in the loss
+values, ``inf`` and ``NaN`` included: they are selected away before anything reads
+them) and pass ``num_classes=V``: the padding classes take no part in the loss
 and get exactly zero gradient. Pass ``batch_axis_name="data"`` for a ``"mean"``
 over the whole batch (the sum of the per-device sums over the sum of the
 per-device counts).
@@ -36,6 +37,13 @@ none (each shard's gradient needs only the per-row log-sum-exp and coefficients
 it already holds); that of the linear form sums ``dx`` over ``axis_name`` (``x``
 feeds every shard's logits) and, as any data-parallel weight, ``dw`` over the
 data axes. Both need ``shard_map``'s default ``check_vma=True``.
+
+What is checked at trace time, from ``shard_map``'s types: the vocabulary-split array
+(``local_logits``, ``local_w``) must vary over ``axis_name``, and the per-token
+arrays (``x``, ``labels``, ``where``) must not: every shard reduces the same rows, so
+tokens split over the vocabulary axis (sequence parallelism over the same mesh axis)
+would combine different shards' rows into wrong losses. ``class_weights`` are
+constants everywhere: no gradient flows to them.
 """
 
 from __future__ import annotations
@@ -401,12 +409,18 @@ def softmax_cross_entropy_with_integer_labels(
     over ``model``), ``class_weights`` in ``P("model")``. Shard ``s`` holds the
     classes ``[s * V_local, (s + 1) * V_local)``. If the vocabulary size ``V`` is
     not a multiple of the model-axis size ``n``, pad the class axis at the end
-    to ``n * ceil(V / n)`` (any values) and pass ``num_classes=V``.
+    to ``n * ceil(V / n)`` (any values, ``inf`` and ``NaN`` included) and pass
+    ``num_classes=V``: the padding is selected away before it is read and gets exactly
+    zero gradient.
+
+    ``class_weights`` is treated as a constant: no gradient flows to it (nor through
+    the ``"mean"``'s denominator).
 
     Args:
       local_logits: this device's ``[..., V_local]`` slice of the logits (class
         axis last; any floating dtype, bfloat16 accumulates in float32).
-      labels: integer global class indices, ``local_logits.shape[:-1]``.
+      labels: integer global class indices, ``local_logits.shape[:-1]``; the same on
+        every shard of ``axis_name`` (not split over it).
       axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
       ignore_index: rows whose label equals it are dropped (loss 0, gradient 0,
         not counted in the mean).
@@ -414,8 +428,9 @@ def softmax_cross_entropy_with_integer_labels(
       z_loss: :math:`\lambda_z \ge 0`, a static Python number.
       logit_soft_cap: :math:`c > 0` to use :math:`c \tanh(x / c)`, or ``None``.
       class_weights: this device's ``[V_local]`` slice of the class weights
-        (constants: no gradient flows to them).
-      where: a boolean mask of the batch shape (drops whole rows).
+        (constants: no gradient flows to them; any values on the padding).
+      where: a boolean mask of the batch shape (drops whole rows); not split over
+        ``axis_name``, as the labels.
       reduction: ``"none"`` (per-row, replicated over ``axis_name``), ``"sum"``
         or ``"mean"``; over this device's rows, or over every device of
         ``batch_axis_name`` if given.
@@ -432,7 +447,9 @@ def softmax_cross_entropy_with_integer_labels(
     Raises:
       TypeError: non-floating logits, non-integer labels, a bad ``axis_name``.
       ValueError: ``axis_name`` not bound by an enclosing ``shard_map``, shapes
-        that do not match, ``num_classes`` out of range, an option out of range.
+        that do not match, ``num_classes`` out of range, an option out of range,
+        ``local_logits`` not split over ``axis_name`` (or ``check_vma=False``),
+        ``labels`` or ``where`` split over it.
 
     Example:
       A 2-D ``("data", "model")`` mesh: the batch is split over ``data``, the
@@ -639,21 +656,29 @@ def linear_softmax_cross_entropy(
     ``P("data")`` (global class indices), ``bias`` and ``class_weights`` in
     ``P("model")``. Shard ``s`` owns the classes ``[s * V_local, (s + 1) * V_local)``.
     If ``V`` is not a multiple of the model-axis size ``n``, pad ``w`` (and ``bias``,
-    ``class_weights``) with columns at the end to ``n * ceil(V / n)`` (any values) and
-    pass ``num_classes=V``: the padding takes no part and its gradient is 0.
+    ``class_weights``) with columns at the end to ``n * ceil(V / n)`` (any values,
+    ``inf`` and ``NaN`` included) and pass ``num_classes=V``: the padding takes no part
+    (its logits and weights are selected away) and its gradient is exactly 0.
+
+    ``class_weights`` is treated as a constant: no gradient flows to it (nor through
+    the ``"mean"``'s denominator).
 
     Args:
-      x: hidden states ``[..., D]``, the same on every shard of ``axis_name``.
+      x: hidden states ``[..., D]``, the same on every shard of ``axis_name`` (not
+        split over it: checked from ``shard_map``'s types).
       local_w: this device's ``[D, V_local]`` columns of the output projection.
-      labels: integer global class indices of shape ``x.shape[:-1]``.
+      labels: integer global class indices of shape ``x.shape[:-1]``, not split over
+        ``axis_name`` (as ``x``).
       axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
       bias: this device's ``[V_local]`` slice of the bias, or ``None``.
       ignore_index: tokens whose label equals it are dropped.
-      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token. Not split
+        over ``axis_name`` (as ``x``).
       label_smoothing: :math:`\alpha \in [0, 1]` over the ``V`` real classes.
       z_loss: :math:`\lambda_z \ge 0`.
       logit_soft_cap: :math:`c > 0` to use :math:`c \tanh(z / c)`, or ``None``.
-      class_weights: this device's ``[V_local]`` slice of the class weights.
+      class_weights: this device's ``[V_local]`` slice of the class weights
+        (constants: no gradient flows to them; any values on the padding).
       reduction: ``"mean"`` (default, as :func:`jxent.linear_softmax_cross_entropy`),
         ``"sum"`` or ``"none"``; over this device's tokens, or over every device of
         ``batch_axis_name`` if given.
@@ -672,7 +697,9 @@ def linear_softmax_cross_entropy(
       TypeError: non-floating ``x``/``local_w``/``bias``/``class_weights``,
         non-integer labels, a non-boolean ``where``, a bad ``axis_name``.
       ValueError: ``axis_name`` not bound by an enclosing ``shard_map``, shapes that
-        do not match, ``num_classes`` out of range, an option out of range.
+        do not match, ``num_classes`` out of range, an option out of range,
+        ``local_w`` not split over ``axis_name`` (or ``check_vma=False``), ``x``,
+        ``labels`` or ``where`` split over it.
 
     Example:
       A 1 x 1 mesh so that it runs anywhere (e.g. ``(2, 4)`` on 8 devices); the

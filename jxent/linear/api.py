@@ -196,8 +196,10 @@ def linear_softmax_cross_entropy(
       accumulator takes at most 256 MiB. Force it with ``chunk_size=(t, V)``.
 
     Gradients flow to ``x``, ``w`` and ``bias`` and come back in their dtypes; only
-    those being differentiated are computed. Composes with ``jit``, ``vmap``,
-    ``grad`` and ``jax.checkpoint``; forward-mode differentiation is not supported.
+    those being differentiated are computed. ``class_weights`` is treated as a
+    constant: no gradient flows to it (nor through the ``"mean"``'s denominator).
+    Composes with ``jit``, ``vmap``, ``grad`` and ``jax.checkpoint``; forward-mode
+    differentiation is not supported.
 
     Args:
       x: hidden states ``[..., D]``, floating.
@@ -211,7 +213,7 @@ def linear_softmax_cross_entropy(
       z_loss: :math:`\lambda_z \ge 0`, a static Python number.
       logit_soft_cap: :math:`c > 0` to soft-cap the logits (Gemma 2), or ``None``.
       class_weights: ``[V]`` non-negative weights (PyTorch's ``weight``), one per column
-        of ``w``; constants.
+        of ``w``; constants (no gradient flows to them); any values on padding columns.
       reduction: ``"mean"`` (default: over the kept tokens, weighted by
         :math:`w_y` with class weights; 0 if none), ``"sum"`` or ``"none"``.
       chunk_size: ``None`` to choose from the shapes (see Notes); an int ``c``:
@@ -220,8 +222,10 @@ def linear_softmax_cross_entropy(
         wide as the vocabulary with a summed/averaged loss selects the single pass.
         Neither needs to divide the number of tokens or ``V``.
       num_classes: the number of classes when ``w`` has padding columns after them
-        (any values; e.g. ``V`` padded to a multiple of the devices the vocabulary is
-        sharded over): they take no part in the loss and get zero gradient; a label
+        (any values in ``w``, ``bias`` and ``class_weights``, ``inf`` and ``NaN``
+        included: they are selected away before they are read; e.g. ``V`` padded to
+        a multiple of the devices the vocabulary is sharded over): they take no part
+        in the loss and get exactly zero gradient; a label
         ``>= num_classes`` is out of range. ``None`` (default): every column is a class.
 
     Returns:
@@ -245,6 +249,12 @@ def linear_softmax_cross_entropy(
       panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
       CPU, 128 MiB on GPU/TPU. See :func:`jxent.linear.api.plan_blocks` for the
       exact rule.
+
+      Padding columns (``num_classes`` below ``w.shape[1]``): their logits are
+      selected to a large negative number block by block, and ``dx``'s product reads
+      ``w`` with them zeroed (``0 * inf`` would be NaN): a ``[D, vocab_block]`` copy per
+      vocabulary block when streaming; in the single pass one copy of ``w`` (beside its
+      float32 ``[D, V]`` accumulator).
 
       Sharded arrays: under ``jax.jit`` with ``w`` sharded over its columns (the
       vocabulary) and ``x`` over its tokens on ``Auto`` mesh axes (a plain
