@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reference as ref  # noqa: E402
+import reference_linear as ref_linear  # noqa: E402
 
 import jxent  # noqa: E402
 import jxent.parallel  # noqa: E402
@@ -633,6 +634,137 @@ def group_linear():
 
 
 # ------------------------------------------------------------------------------------------
+# Group "float32": x64 disabled, as users train; padding holding +inf / NaN
+# ------------------------------------------------------------------------------------------
+
+
+def float_tolerance(dtype, terms):
+    """``8 eps log2(terms)``, as tests/checks.py (not importable here: it imports pytest)."""
+    return 8 * float(jnp.finfo(dtype).eps) * max(float(np.log2(max(terms, 2))), 1.0)
+
+
+def bound_ratio(actual, expected, bound):
+    """``max |actual - expected| / bound`` (inf if the NaN patterns differ)."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if a.shape != e.shape or np.any(np.isnan(a) != np.isnan(e)):
+        return float("inf"), f"shape {a.shape} vs {e.shape} or NaN pattern differs"
+    ok = ~np.isnan(e)
+    err = np.abs(a - e)[ok]
+    r = float(np.max(err / np.maximum(np.asarray(bound)[ok], 1e-300), initial=0.0))
+    return r, f"max abs err {float(np.max(err, initial=0.0)):.3g}"
+
+
+def float32_case(form, mesh_shape, dtype, pad_value, reduction):
+    """jxent.parallel with x64 disabled against the float64 NumPy reference of the exact
+    input values, within float_tolerance times the reference's error scales."""
+    num_classes, hidden = 61, 8
+    vp = padded_size(num_classes, mesh_shape[1])
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=30.0, ignore_index=IGNORE)
+    rng = np.random.default_rng(9)
+    logits = 3.0 * rng.standard_normal((ROWS, vp))
+    x = rng.standard_normal((ROWS, hidden))
+    w = rng.standard_normal((hidden, vp)) / np.sqrt(hidden)
+    b = 0.3 * rng.standard_normal(vp) + 100.0
+    cw = rng.integers(4, 17, vp) / 8.0
+    for a in (logits, w, b, cw):
+        a[..., num_classes:] = pad_value
+    y = rng.integers(0, num_classes, ROWS).astype(np.int32)
+    y[3] = IGNORE
+    rounded = [np.asarray(jnp.asarray(a, dtype)) for a in (logits, x, w, b)]
+    exact = [a.astype(np.float64) for a in rounded]
+    cot = np.linspace(0.5, 1.5, ROWS) if reduction == "none" else 0.75
+    with jax.enable_x64(False):
+        mesh = make_mesh(mesh_shape)
+        out = P("data") if reduction == "none" else P()
+        kw = dict(
+            axis_name="model",
+            num_classes=num_classes,
+            reduction=reduction,
+            batch_axis_name="data",
+            **opts,
+        )
+        labels, weights = put(mesh, y, "data"), put(mesh, cw.astype(np.float32), "model")
+        if form == "logits":
+
+            def local(z, yl, cwl):
+                return jxent.parallel.softmax_cross_entropy_with_integer_labels(
+                    z, yl, class_weights=cwl, **kw
+                )
+
+            specs = (P("data", "model"), P("data"), P("model"))
+            loss = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out)
+            args = (put(mesh, rounded[0], "data", "model"),)
+        else:
+
+            def local(xl, wl, bl, yl, cwl):
+                return jxent.parallel.linear_softmax_cross_entropy(
+                    xl, wl, yl, bias=bl, class_weights=cwl, chunk_size=(8, 5), **kw
+                )
+
+            specs = (P("data", None), P(None, "model"), P("model"), P("data"), P("model"))
+            loss = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out)
+            args = (
+                put(mesh, rounded[1], "data", None),
+                put(mesh, rounded[2], None, "model"),
+                put(mesh, rounded[3], "model"),
+            )
+
+        def run(*a):
+            if form == "logits":
+                value, vjp = jax.vjp(lambda z: loss(z, labels, weights), *a)
+            else:
+                value, vjp = jax.vjp(lambda *p: loss(*p, labels, weights), *a)
+            return value, vjp(jnp.asarray(cot, value.dtype))
+
+        value, grads = jax.jit(run)(*args)
+        value, grads = _f64(value), [_f64(g) for g in grads]
+    if form == "logits":
+        r = ref_linear.linear_softmax_cross_entropy(
+            exact[0][:, :num_classes], np.eye(num_classes), y,
+            class_weights=cw[:num_classes], reduction=reduction, cotangent=cot, **opts,
+        )  # fmt: skip
+        wanted = [("dlogits", r.grad_x, r.grad_x_scale)]
+        terms = ROWS * vp
+    else:
+        r = ref_linear.linear_softmax_cross_entropy(
+            exact[1], exact[2], y, bias=exact[3], class_weights=cw, reduction=reduction,
+            num_classes=num_classes, cotangent=cot, **opts,
+        )  # fmt: skip
+        wanted = [
+            ("dx", r.grad_x, r.grad_x_scale),
+            ("dw", r.grad_w[:, :num_classes], r.grad_w_scale[:, :num_classes]),
+            ("dbias", r.grad_bias[:num_classes], r.grad_bias_scale[:num_classes]),
+        ]
+        terms = ROWS * hidden * vp
+    tol = float_tolerance(jnp.float32, terms)
+    grad_tol = tol + (float_tolerance(dtype, terms) if dtype == jnp.bfloat16 else 0.0)
+    checks = {"value": bound_ratio(value, r.loss, tol * r.loss_scale)}
+    for (name, e, scale), g in zip(wanted, grads, strict=True):
+        real = g[..., :num_classes] if name != "dx" else g
+        checks[name] = bound_ratio(real, e, grad_tol * scale)
+        if name != "dx":
+            pad = float(np.max(np.abs(g[..., num_classes:]), initial=0.0))
+            checks[f"{name} padding is 0"] = (0.0 if pad == 0 else 2.0, f"max {pad:.3g}")
+    return {
+        "case": f"float32 {form} {mesh_shape} {jnp.dtype(dtype).name} padding={pad_value} "
+        f"{reduction}",
+        "checks": {k: [float(q), d] for k, (q, d) in checks.items()},
+    }
+
+
+def group_float32():
+    out = []
+    for form in ("logits", "linear"):
+        for shape, dtype, pad_value, reduction in (
+            ((2, 4), jnp.float32, np.inf, "mean"),
+            ((1, 8), jnp.float32, np.nan, "none"),
+            ((4, 2), jnp.bfloat16, np.nan, "sum"),
+        ):
+            out.append(float32_case(form, shape, dtype, pad_value, reduction))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Group "hlo": no vocabulary-sized collective in the compiled programs
 # ------------------------------------------------------------------------------------------
 
@@ -844,6 +976,7 @@ GROUPS = {
     "shard_map": group_shard_map,
     "linear": group_linear,
     "hlo": lambda: group_hlo() + group_hlo_linear(),
+    "float32": group_float32,
 }
 
 

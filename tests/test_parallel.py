@@ -29,7 +29,7 @@ import jxent
 import jxent.parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ("jit", "shard_map", "linear", "hlo")
+GROUPS = ("jit", "shard_map", "linear", "hlo", "float32")
 
 
 def run_group(group: str) -> list[dict]:
@@ -55,7 +55,8 @@ def test_multi_device(group):
     jit: the ordinary losses with sharded logits equal the single-device ones (and the float64
     reference). shard_map: jxent.parallel equals the single-device loss. hlo: no collective in
     the compiled programs has a vocabulary-sized result, jxent.parallel has no all-gather and
-    its backward pass adds no collective.
+    its backward pass adds no collective. float32: jxent.parallel with x64 disabled, padding
+    holding +inf or NaN, against the float64 NumPy reference within epsilon-derived bounds.
     """
     records = run_group(group)
     assert records, "no checks ran"
