@@ -231,7 +231,8 @@ def softmax_cross_entropy_with_integer_labels(
       label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
       z_loss: :math:`\lambda_z \ge 0`, a static Python number.
       class_weights: ``[num_classes]`` non-negative weights (PyTorch's
-        ``weight``); constants, no gradient flows to them.
+        ``weight``); treated as constants in every reduction: no gradient flows
+        to them.
       logit_soft_cap: :math:`c > 0` to soft-cap the logits, or ``None``.
       reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"``.
 
@@ -282,6 +283,9 @@ def softmax_cross_entropy_with_integer_labels(
         class_weights = v.as_array("class_weights", class_weights)
         v.check_floating("class_weights", class_weights)
         v.check_shape("class_weights", class_weights, (num_classes,), "one weight per class")
+        # Constants, as documented: also in the mean's denominator, so that no reduction
+        # gives a partial derivative (the denominator's alone).
+        class_weights = jax.lax.stop_gradient(class_weights)
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
     loss = softmax_xent(

@@ -32,7 +32,14 @@ from jax.custom_derivatives import SymbolicZero
 from jxent import _validation as v
 from jxent._categorical import Axis, rows_and_masks
 from jxent._reduction import reduce_loss
-from jxent._softmax import finite_parts, reduce_rows, row_sums
+from jxent._softmax import (
+    finite_parts,
+    log_softmax_from_stats,
+    mask_logits,
+    reduce_rows,
+    row_sums,
+    softmax_from_stats,
+)
 
 # --------------------------------------------------------------------------------------------
 # Shared machinery
@@ -71,30 +78,32 @@ def _acc_dtype(*arrays: jax.Array) -> jnp.dtype:
 
 
 class _Shifted(NamedTuple):
-    z: jax.Array  # [..., K] scaled logits in the accumulation dtype
+    z: jax.Array  # [..., K] scaled logits in the accumulation dtype, -inf where masked
     row_max: jax.Array  # [...] max over unmasked classes; 0 on rows without any
     has_class: jax.Array  # [...] bool: the row has an unmasked finite logit
     e: jax.Array  # [..., K] exp(z - row_max), exactly 0 on -inf and masked classes
+
+
+def _scaled(x: jax.Array, class_mask, scale: float, acc) -> jax.Array:
+    """``scale * x`` in ``acc`` with masked classes at ``-inf`` (see ``mask_logits``)."""
+    z = mask_logits(x, class_mask).astype(acc)
+    return z if scale == 1.0 else z * scale
 
 
 def _shifted_exp(x: jax.Array, class_mask, scale: float, acc) -> _Shifted:
     """The shifted exponentials of a softmax over the last axis of ``scale * x``.
 
     The row maximum is taken on the raw input (exact in any dtype, and ``scale > 0``
-    is monotone), so no converted copy of a bfloat16 ``x`` is needed for it.
+    is monotone), so no converted copy of a bfloat16 ``x`` is needed for it. Masked
+    classes are ``-inf`` before anything reads them, whatever they hold.
     """
-    masked = x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
-    row_max = jnp.max(masked, axis=-1).astype(acc)
-    z = x.astype(acc)
+    row_max = jnp.max(mask_logits(x, class_mask), axis=-1).astype(acc)
     if scale != 1.0:
         row_max = row_max * scale
-        z = z * scale
     has_class = row_max > -jnp.inf
     row_max = lax.stop_gradient(jnp.where(has_class, row_max, jnp.zeros((), acc)))
-    e = jnp.exp(z - row_max[..., None])
-    if class_mask is not None:
-        e = jnp.where(class_mask, e, jnp.zeros((), acc))
-    return _Shifted(z, row_max, has_class, e)
+    z = _scaled(x, class_mask, scale, acc)
+    return _Shifted(z, row_max, has_class, jnp.exp(z - row_max[..., None]))
 
 
 def _half_gap(s: _Shifted) -> jax.Array:
@@ -356,8 +365,12 @@ def kl_divergence_with_log_targets(
 
 
 class _DistillStats(NamedTuple):
-    lse_s: jax.Array  # log-sum-exp of student / T (0 on rows without a finite class)
-    lse_t: jax.Array  # log-sum-exp of teacher / T
+    # log-sum-exp of student / T and of teacher / T, each as its row max and the log of
+    # the shifted sum (0 on rows without a finite class), for softmax_from_stats.
+    max_s: jax.Array
+    log_ss: jax.Array
+    max_t: jax.Array
+    log_st: jax.Array
     kl: jax.Array  # the unscaled KL (may be +inf)
     keep: jax.Array
 
@@ -387,27 +400,29 @@ def _distill_forward(temperature: float, student, teacher, class_mask, row_mask)
     kl = jnp.where(sums["on_inf"] > 0, jnp.inf, kl)
     keep = _keep(t.has_class, row_mask)
     loss = jnp.where(keep, (temperature * temperature) * kl, zero)
-    stats = _DistillStats(s.row_max + log_ss, t.row_max + log_st, kl, keep)
+    stats = _DistillStats(s.row_max, log_ss, t.row_max, log_st, kl, keep)
     return loss, stats
 
 
 def _distill_tangent(temperature: float, arrays, stats: _DistillStats, dots):
     student, teacher, class_mask, _ = arrays
     s_dot, t_dot = dots[0], dots[1]
-    acc = stats.lse_s.dtype
+    acc = stats.kl.dtype
     zero = jnp.zeros((), acc)
     inv_t = 1.0 / temperature
-    log_q = student.astype(acc) * inv_t - stats.lse_s[..., None]
-    log_p = teacher.astype(acc) * inv_t - stats.lse_t[..., None]
-    p = _masked(jnp.exp(log_p), class_mask, 0)
+    zs = _scaled(student, class_mask, inv_t, acc)
+    zt = _scaled(teacher, class_mask, inv_t, acc)
+    p = softmax_from_stats(zt, stats.max_t, stats.log_st)
     out = 0
     if s_dot is not None:
-        q = _masked(jnp.exp(log_q), class_mask, 0)
+        q = softmax_from_stats(zs, stats.max_s, stats.log_ss)
         # d (T^2 KL) / d student_k = T (q_k - p_k).
         out = out + _dot_last(temperature * (q - p), s_dot)
     if t_dot is not None:
         # d (T^2 KL) / d teacher_k = T p_k (log p_k - log q_k - KL): 0 where p_k = 0, and
         # 0 on rows whose KL is +inf (teacher mass on a class the student rules out).
+        log_p = log_softmax_from_stats(zt, stats.max_t, stats.log_st)
+        log_q = log_softmax_from_stats(zs, stats.max_s, stats.log_ss)
         ok = (p > 0) & jnp.isfinite(stats.kl)[..., None]
         g = jnp.where(ok, log_p - jnp.where(ok, log_q, zero) - stats.kl[..., None], zero)
         out = out + _dot_last(temperature * p * g, t_dot)
@@ -519,7 +534,8 @@ def softmax_kl_divergence(
 
 
 class _EntropyStats(NamedTuple):
-    lse: jax.Array
+    row_max: jax.Array
+    log_sum: jax.Array  # log sum exp(x - row_max)
     entropy: jax.Array
     keep: jax.Array
 
@@ -534,22 +550,19 @@ def _entropy_forward(_, x, class_mask, row_mask):
     h = log_s + 2 * sums["gap"] / jnp.where(s.has_class, sums["s"], 1)
     keep = _keep(s.has_class, row_mask)
     h = jnp.where(keep, h, zero)
-    return h, _EntropyStats(s.row_max + log_s, h, keep)
+    return h, _EntropyStats(s.row_max, log_s, h, keep)
 
 
 def _entropy_tangent(_, arrays, stats: _EntropyStats, dots):
     x, class_mask, _ = arrays
-    acc = stats.lse.dtype
+    acc = stats.entropy.dtype
     zero = jnp.zeros((), acc)
-    z = x.astype(acc)
-    m = z > -jnp.inf
-    if class_mask is not None:
-        m = m & class_mask
-    neg_log_p = stats.lse[..., None] - jnp.where(m, z, zero)
-    p = jnp.exp(-neg_log_p)
+    z = _scaled(x, class_mask, 1.0, acc)
+    p = softmax_from_stats(z, stats.row_max, stats.log_sum)
+    neg_log_p = -log_softmax_from_stats(z, stats.row_max, stats.log_sum)
     # dH / dz_k = p_k (-log p_k - H), exactly 0 on -inf and masked classes, and where p_k
-    # underflows (-log p_k may then overflow to inf: 0 * inf must not give NaN).
-    g = jnp.where(m & (p > 0), p * (neg_log_p - stats.entropy[..., None]), zero)
+    # underflows (-log p_k may then be inf: 0 * inf must not give NaN).
+    g = jnp.where(p > 0, p * (neg_log_p - stats.entropy[..., None]), zero)
     return jnp.where(stats.keep, _dot_last(g, dots[0]), zero)
 
 
@@ -617,7 +630,8 @@ def entropy(
 
 
 class _PolyStats(NamedTuple):
-    lse: jax.Array
+    row_max: jax.Array
+    log_sum: jax.Array  # log sum exp(x - row_max)
     pt: jax.Array  # sum_k t_k p_k
     keep: jax.Array
 
@@ -635,15 +649,15 @@ def _poly_forward(_, x, t, class_mask, row_mask):
     pt = sums["te"] / jnp.where(s.has_class, sums["s"], 1)
     keep = _keep(s.has_class, row_mask)
     term = jnp.where(keep, sums["t"] - pt, zero)
-    return term, _PolyStats(s.row_max + log_s, pt, keep)
+    return term, _PolyStats(s.row_max, log_s, pt, keep)
 
 
 def _poly_tangent(_, arrays, stats: _PolyStats, dots):
     x, t, class_mask, _ = arrays
     x_dot, t_dot = dots[0], dots[1]
-    acc = stats.lse.dtype
+    acc = stats.pt.dtype
     zero = jnp.zeros((), acc)
-    p = _masked(jnp.exp(x.astype(acc) - stats.lse[..., None]), class_mask, 0)
+    p = softmax_from_stats(_scaled(x, class_mask, 1.0, acc), stats.row_max, stats.log_sum)
     out = 0
     if x_dot is not None:
         # d/dx_j sum_k t_k (1 - p_k) = p_j (sum_k t_k p_k - t_j).
