@@ -312,7 +312,10 @@ def _smoothing_sums(x, row_max, class_weights, masked_smoothing_sums):
 
         arrays = (x, jnp.broadcast_to(w, x.shape))
         sum_w = jnp.sum(w)
-    # Halved so that a sum of gaps near the float32 maximum does not overflow.
+    # Halved so that a sum of gaps near the float32 maximum does not overflow. The barrier
+    # keeps XLA from sharing the float32 conversion of bfloat16 logits between this sum
+    # and the sum of exponentials: a shared conversion is materialised ([rows, classes]).
+    arrays = (lax.optimization_barrier(arrays[0]),) + arrays[1:]
     half_gap = reduce_rows(jnp.sum, term, arrays, (row_max,))
 
     def unmasked_sums():
