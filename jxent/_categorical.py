@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from jxent import _validation as v
 from jxent._reduction import reduce_loss
-from jxent._softmax import XentConfig, softmax_xent, take_classes, to_rows
+from jxent._softmax import XentConfig, softmax_xent, take_classes
 
 Axis = int | Sequence[int]
 
@@ -64,7 +65,80 @@ def rows_and_masks(
     ``where``) and a class mask (from a logits-shaped ``where``), reshaped likewise.
     """
     batch_shape, row_mask, class_mask = _masks(logits, axes, where)
-    return to_rows(logits, axes), batch_shape, row_mask, to_rows(class_mask, axes)
+    return flatten_classes(logits, axes), batch_shape, row_mask, flatten_classes(class_mask, axes)
+
+
+def flatten_classes(a: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
+    """``a`` with ``axes`` moved last (in that order) and flattened: ``[*batch, classes]``.
+
+    The sizes are spelled out, so an empty batch (a zero in the batch shape) works.
+    """
+    if a is None:
+        return None
+    ndim = a.ndim
+    batch_axes = tuple(i for i in range(ndim) if i not in axes)
+    if axes != tuple(range(ndim - len(axes), ndim)):
+        a = jnp.transpose(a, batch_axes + axes)
+    nb = len(batch_axes)
+    return a.reshape(a.shape[:nb] + (math.prod(a.shape[nb:]),))
+
+
+def _core_layout(config: XentConfig, batch_shape, *arrays):
+    """The core's config and arrays: as given, or flattened to rows for an empty batch.
+
+    The core flattens the class axes itself (so that reverse mode keeps the caller's
+    logits); for an empty batch, which has nothing to keep, they are flattened here.
+    """
+    if math.prod(batch_shape) != 0:
+        return config, arrays
+    axes = config.class_axes
+    return config._replace(class_axes=None), tuple(flatten_classes(a, axes) for a in arrays)
+
+
+def _dense_inputs(logits, labels, axis, *, one_hot_ints: bool):
+    """Validated dense-target arguments, broadcast to one shape as optax's product does.
+
+    Returns ``(logits, labels, axes)``. Integer or bool labels (with ``one_hot_ints``)
+    of a shape broadcastable to the logits' are cast to the logits' dtype. When either
+    input is float64, so are the logits (the loss accumulates in float64, as optax's).
+    """
+    logits = v.as_array("logits", logits)
+    labels = v.as_array("labels", labels)
+    v.check_floating("logits", logits)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        castable = jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_
+        try:
+            np.broadcast_shapes(logits.shape, labels.shape)
+            broadcastable = True
+        except ValueError:
+            broadcastable = False
+        if not (one_hot_ints and castable and broadcastable):
+            what = "" if one_hot_ints else "floating "
+            raise TypeError(
+                f"labels must be {what}target distributions with a shape broadcastable to "
+                f"the logits' shape {logits.shape}, got dtype {labels.dtype} with shape "
+                f"{labels.shape}; for integer class indices use "
+                "softmax_cross_entropy_with_integer_labels."
+            )
+        labels = labels.astype(logits.dtype)
+    shape = v.broadcast_shape("logits", logits, "labels", labels)
+    axes = v.normalize_axes(axis, len(shape))
+    v.check_classes("logits", shape, axes, axis)
+    if jnp.float64 in (labels.dtype, logits.dtype):
+        logits = logits.astype(jnp.float64)
+    return jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape), axes
+
+
+def _dense_loss(logits, labels, axes, where, config: XentConfig):
+    """Per-row dense cross-entropy of validated inputs, and the row mask."""
+    batch_shape, row_mask, class_mask = _masks(logits, axes, where)
+    config, (logits, labels, class_mask) = _core_layout(
+        config, batch_shape, logits, labels, class_mask
+    )
+    loss = softmax_xent(
+        logits, targets=labels, class_mask=class_mask, row_mask=row_mask, config=config
+    )
+    return loss, row_mask
 
 
 def and_masks(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
@@ -154,23 +228,10 @@ def softmax_cross_entropy(
       <https://arxiv.org/abs/1906.02629>`_, 2019.
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
     """
-    logits = v.as_array("logits", logits)
-    labels = v.as_array("labels", labels)
-    v.check_floating("logits", logits)
-    if not jnp.issubdtype(labels.dtype, jnp.floating):
-        raise TypeError(
-            f"labels must be floating target distributions with the logits' shape "
-            f"{logits.shape}, got dtype {labels.dtype} with shape {labels.shape}; for "
-            "integer class indices use softmax_cross_entropy_with_integer_labels."
-        )
-    v.check_shape("labels", labels, logits.shape, "the logits' shape")
+    logits, labels, axes = _dense_inputs(logits, labels, axis, one_hot_ints=True)
     v.check_reduction(reduction)
-    axes = v.normalize_axes(axis, logits.ndim)
     config = xent_config(label_smoothing, z_loss, class_axes=axes)
-    _, row_mask, class_mask = _masks(logits, axes, where)
-    loss = softmax_xent(
-        logits, targets=labels, class_mask=class_mask, row_mask=row_mask, config=config
-    )
+    loss, row_mask = _dense_loss(logits, labels, axes, where, config)
     return reduce_loss(loss, reduction, row_mask)
 
 
@@ -275,6 +336,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
     v.check_reduction(reduction)
     axes = _integer_axes(axis, logits.ndim)
+    v.check_classes("logits", logits.shape, axes, axis)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap, class_axes=axes)
     batch_shape, row_mask, class_mask = _masks(logits, axes, where)
     v.check_shape("labels", labels, batch_shape, "the logits' shape without the class axes")
@@ -288,6 +350,7 @@ def softmax_cross_entropy_with_integer_labels(
         class_weights = jax.lax.stop_gradient(class_weights)
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
+    config, (logits, class_mask) = _core_layout(config, batch_shape, logits, class_mask)
     loss = softmax_xent(
         logits,
         labels=labels,
@@ -332,13 +395,17 @@ def smooth_labels(
 
     Args:
       labels: floating target distributions, e.g. ``jax.nn.one_hot(y, K)``.
-      alpha: the smoothing factor in ``[0, 1]``.
+      alpha: the smoothing factor in ``[0, 1]``: a scalar or an array that
+        broadcasts against ``labels`` (e.g. one per row, ``[batch, 1]``).
       axis: the class axis or axes.
-      where: classes that count in :math:`K` (optax's rule: the smoothed value is
-        returned for every class, counted or not).
+      where: classes that count in :math:`K`, any shape that broadcasts against
+        ``labels`` (e.g. ``[K]`` for every row; optax's rule: the smoothed value
+        is returned for every class, counted or not).
 
     Returns:
-      The smoothed targets, of the labels' shape and dtype.
+      The smoothed targets, of the shape ``labels``, ``alpha`` and ``where``
+      broadcast to, and of the labels' dtype unless ``alpha`` is a wider float
+      array (a float64 ``alpha`` with float32 labels gives float64, as optax).
 
     Example:
       >>> import jax.numpy as jnp
@@ -352,15 +419,26 @@ def smooth_labels(
     """
     labels = v.as_array("labels", labels)
     v.check_floating("labels", labels)
-    axes = v.normalize_axes(axis, labels.ndim)
+    alpha = v.as_array("alpha", alpha)
+    # optax's result dtype: the labels' unless alpha is a wider (non-weak) float array.
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(labels, alpha)
     if where is None:
+        axes = v.normalize_axes(axis, labels.ndim)
         num_classes = math.prod(labels.shape[i] for i in axes)
-        out = (1.0 - alpha) * labels + alpha / num_classes
-        return out.astype(labels.dtype)
+        shape = v.broadcast_shape("labels", labels, "alpha", alpha)
+        labels, alpha = (jnp.broadcast_to(a.astype(dtype), shape) for a in (labels, alpha))
+        return (1 - alpha) * labels + alpha / num_classes
     where = v.as_array("where", where)
-    num_classes = jnp.sum(where, axis=axes, keepdims=True).astype(labels.dtype)
-    out = (1.0 - alpha) * labels + alpha / num_classes
-    return out.astype(labels.dtype)
+    shape = v.broadcast_shape("labels", labels, "where", where)
+    axes = v.normalize_axes(axis, len(shape))
+    num_classes = jnp.sum(jnp.broadcast_to(where, shape), axis=axes, keepdims=True).astype(dtype)
+    shape = v.broadcast_shape("labels", labels, "alpha", alpha)
+    shape = tuple(np.broadcast_shapes(shape, num_classes.shape))
+    labels, alpha, num_classes = (
+        jnp.broadcast_to(a.astype(dtype), shape) for a in (labels, alpha, num_classes)
+    )
+    return (1 - alpha) * labels + alpha / num_classes
 
 
 def check_labels(
@@ -478,7 +556,7 @@ def poly_loss_cross_entropy(
     # Imported here: jxent._divergence builds on this module's row layout.
     from jxent._divergence import poly1_term
 
-    ce = softmax_cross_entropy(logits, labels, axis, where)  # validates every argument
+    logits, labels, axes = _dense_inputs(logits, labels, axis, one_hot_ints=False)
     eps = v.as_array("epsilon", epsilon)
     if eps.ndim != 0 or not (
         jnp.issubdtype(eps.dtype, jnp.floating) or jnp.issubdtype(eps.dtype, jnp.integer)
@@ -487,10 +565,8 @@ def poly_loss_cross_entropy(
             f"epsilon must be a real scalar, got dtype {eps.dtype} with shape {eps.shape}."
         )
     v.check_reduction(reduction)
-    logits = jnp.asarray(logits)
-    axes = v.normalize_axes(axis, logits.ndim)
-    x, _, row_mask, class_mask = rows_and_masks(logits, axes, where)
-    targets, _, _, _ = rows_and_masks(jnp.asarray(labels), axes, None)
-    poly = poly1_term(x, targets, class_mask, row_mask)
-    loss = ce + eps.astype(ce.dtype) * poly
+    ce, row_mask = _dense_loss(logits, labels, axes, where, xent_config(0.0, 0.0, class_axes=axes))
+    x, _, _, class_mask = rows_and_masks(logits, axes, where)
+    poly = poly1_term(x, flatten_classes(labels, axes), class_mask, row_mask)
+    loss = ce + eps.astype(ce.dtype) * poly.astype(ce.dtype)
     return reduce_loss(loss, reduction, row_mask)

@@ -30,7 +30,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jxent import _validation as v
-from jxent._categorical import Axis, rows_and_masks
+from jxent._categorical import Axis, flatten_classes, rows_and_masks
 from jxent._reduction import reduce_loss
 from jxent._softmax import (
     finite_parts,
@@ -120,13 +120,18 @@ def _log_sum(sums: jax.Array, has_class: jax.Array) -> jax.Array:
     return jnp.log(jnp.where(has_class, sums, jnp.ones((), sums.dtype)))
 
 
-def _floating_pair(name_a: str, a, name_b: str, b):
+def _floating_pair(name_a: str, a, name_b: str, b, *, broadcast: bool = False):
+    """Both arrays, checked floating and of one shape (or broadcast to one, as optax's
+    elementwise KL does, with ``broadcast``)."""
     a = v.as_array(name_a, a)
     b = v.as_array(name_b, b)
     v.check_floating(name_a, a)
     v.check_floating(name_b, b)
-    v.check_shape(name_b, b, a.shape, f"the shape of {name_a}")
-    return a, b
+    if not broadcast:
+        v.check_shape(name_b, b, a.shape, f"the shape of {name_a}")
+        return a, b
+    shape = v.broadcast_shape(name_a, a, name_b, b)
+    return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
 
 
 def _keep(has_class, row_mask):
@@ -195,7 +200,10 @@ def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
         # The -inf bookkeeping only for a batch that has a -inf log-prediction. Both
         # branches start from the caller's arrays: arrays computed outside a cond
         # would be materialised as its operands.
-        kl, on_inf = lax.cond(jnp.min(lp) > -jnp.inf, lambda: sums(False), lambda: sums(True))
+        if lp.size == 0:  # an empty batch: nothing to check (and no min to take)
+            kl, on_inf = sums(False)
+        else:
+            kl, on_inf = lax.cond(jnp.min(lp) > -jnp.inf, lambda: sums(False), lambda: sums(True))
     else:
         kl, on_inf = sums(True)
     # Target mass on a -inf log-prediction is impossible under the prediction: +inf.
@@ -234,11 +242,12 @@ _kl = custom_jvp_loss(_kl_forward, _kl_tangent)
 
 def _kl_public(log_targets_given, log_predictions, targets, axis, where, reduction):
     t_name = "log_targets" if log_targets_given else "targets"
-    lp, t = _floating_pair("log_predictions", log_predictions, t_name, targets)
+    lp, t = _floating_pair("log_predictions", log_predictions, t_name, targets, broadcast=True)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, lp.ndim)
+    v.check_classes("log_predictions", lp.shape, axes, axis)
     lp_rows, _, row_mask, class_mask = rows_and_masks(lp, axes, where)
-    t_rows, _, _, _ = rows_and_masks(t, axes, None)
+    t_rows = flatten_classes(t, axes)
     loss = _kl(log_targets_given, lp_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -522,8 +531,9 @@ def softmax_kl_divergence(
     temperature = v.static_number("temperature", temperature, lo=0.0, lo_open=True)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, student.ndim)
+    v.check_classes("student_logits", student.shape, axes, axis)
     s_rows, _, row_mask, class_mask = rows_and_masks(student, axes, where)
-    t_rows, _, _, _ = rows_and_masks(teacher, axes, None)
+    t_rows = flatten_classes(teacher, axes)
     loss = _distill(temperature, s_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -619,6 +629,7 @@ def entropy(
     v.check_floating("logits", x)
     v.check_reduction(reduction)
     axes = v.normalize_axes(axis, x.ndim)
+    v.check_classes("logits", x.shape, axes, axis)
     rows, _, row_mask, class_mask = rows_and_masks(x, axes, where)
     loss = _entropy(None, rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)

@@ -47,6 +47,29 @@ def check_shape(name: str, x: jax.Array, want: Sequence[int], what: str) -> None
         raise ValueError(f"{name} must have shape {tuple(want)} ({what}), got shape {x.shape}.")
 
 
+def check_classes(name: str, shape: Sequence[int], axes: Sequence[int], axis) -> None:
+    """Raises unless the class axes ``axes`` of ``shape`` hold at least one class.
+
+    A loss over no classes is a mistake (optax returns 0, -0 or -inf per row).
+    """
+    if any(shape[a] == 0 for a in axes):
+        raise ValueError(
+            f"{name} must have at least one class along axis={axis!r}, got shape "
+            f"{tuple(shape)} (no classes)."
+        )
+
+
+def broadcast_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> tuple[int, ...]:
+    """The shape ``a`` and ``b`` broadcast to (NumPy's rules, as optax's products use)."""
+    try:
+        return tuple(np.broadcast_shapes(a.shape, b.shape))
+    except ValueError:
+        raise ValueError(
+            f"{name_b} must have a shape broadcastable to the shape of {name_a} {a.shape}, "
+            f"got shape {b.shape}."
+        ) from None
+
+
 def normalize_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axis") -> tuple:
     """Returns ``axis`` as a sorted-by-position tuple of non-negative, distinct axes.
 

@@ -1118,7 +1118,15 @@ def _bad_inputs():
         ("sparse_int_logits", TypeError, SPARSE, (xi, y), {}, ["logits"]),
         ("dense_int_logits", TypeError, DENSE, (xi, t), {}, ["logits"]),
         ("sparse_float_labels", TypeError, SPARSE, (x, y.astype(jnp.float32)), {}, ["labels"]),
-        ("dense_int_labels", TypeError, DENSE, (x, xi), {}, ["labels"]),
+        # integer labels of the batch shape (not broadcastable to the logits): class indices
+        (
+            "dense_int_labels",
+            TypeError,
+            DENSE,
+            (x, y),
+            {},
+            ["labels", "softmax_cross_entropy_with_integer_labels"],
+        ),
         (
             "sparse_labels_shape",
             ValueError,
@@ -1144,12 +1152,28 @@ def _bad_inputs():
             ["labels"],
         ),
         (
-            "dense_labels_bcast",
+            "dense_labels_not_bcast",
             ValueError,
             DENSE,
-            (x, jnp.zeros((1, 5), jnp.float32)),
+            (x, jnp.zeros((2, 5), jnp.float32)),
             {},
-            ["labels"],
+            ["labels", "(2, 5)"],
+        ),
+        (
+            "dense_zero_classes_axis0",
+            ValueError,
+            DENSE,
+            (jnp.zeros((0, 3)), jnp.zeros((0, 3))),
+            {"axis": 0},
+            ["logits", "(0, 3)"],
+        ),
+        (
+            "sparse_zero_classes_tuple",
+            ValueError,
+            SPARSE,
+            (jnp.zeros((2, 3, 0)), jnp.zeros((2,), jnp.int32)),
+            {"axis": (1, 2)},
+            ["logits", "(2, 3, 0)"],
         ),
         (
             "class_weights_shape",
@@ -1322,3 +1346,122 @@ def test_long_rows_match_reference(num_classes, kw):
     loss, grad = jax.jit(jax.value_and_grad(lambda x: SPARSE(x, y, reduction="sum", **kw)))(x)
     assert_close(loss, r.loss, rtol=1e-5)
     assert_close(grad, r.grad_logits, rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# optax's input conventions: broadcast labels, integer one-hot, mixed dtypes, empty batches
+# --------------------------------------------------------------------------------------------
+
+_BX = np.random.default_rng(7).normal(size=(3, 4))
+_BT = np.random.default_rng(8).dirichlet(np.ones(4), size=3)
+
+
+@pytest.mark.parametrize("fn_name", ["softmax_cross_entropy", "poly_loss_cross_entropy"])
+@pytest.mark.parametrize(
+    "x_shape, t_shape", [((3, 4), (1, 4)), ((3, 4), (4,)), ((1, 4), (3, 4)), ((4,), (3, 4))]
+)
+def test_labels_broadcast(fn_name, x_shape, t_shape):
+    """Labels and logits broadcast against each other as in optax's product; the loss has
+    the broadcast shape's batch and each gradient the shape of its input."""
+    x = _BX[: x_shape[0]] if len(x_shape) == 2 else _BX[0]
+    t = _BT[: t_shape[0]] if len(t_shape) == 2 else _BT[0]
+    fn = getattr(jxent, fn_name)
+    xb, tb = np.broadcast_to(x, (3, 4)), np.broadcast_to(t, (3, 4))
+    loss = fn(x, t)
+    assert loss.shape == (3,)
+    assert_close(loss, fn(xb, tb))
+    if fn_name == "softmax_cross_entropy":
+        assert_close(loss, ref.softmax_cross_entropy(xb, tb).per_row)
+    gx, gt = jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1))(x, t)
+    want = ref.softmax_cross_entropy(xb, tb)
+    if fn_name == "softmax_cross_entropy":
+        assert gx.shape == x.shape and gt.shape == t.shape
+        assert_close(
+            gx,
+            np.sum(want.grad_logits, axis=0).reshape(x.shape)
+            if x.shape != xb.shape
+            else want.grad_logits,
+        )
+        assert_close(
+            gt,
+            np.sum(want.grad_labels, axis=0).reshape(t.shape)
+            if t.shape != tb.shape
+            else want.grad_labels,
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, bool])
+@pytest.mark.parametrize("logits_dtype", [np.float64, np.float32])
+def test_dense_integer_one_hot(dtype, logits_dtype):
+    """Integer or bool one-hot labels are cast to the logits' dtype (optax's rule)."""
+    x = _BX.astype(logits_dtype)
+    y = np.array([0, 3, 1])
+    t = np.eye(4)[y]
+    loss = DENSE(x, t.astype(dtype))
+    assert loss.dtype == (np.float64 if logits_dtype == np.float64 else np.float32)
+    want = ref.softmax_cross_entropy(x, t).per_row
+    tol = F64 if logits_dtype == np.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    checks.assert_close(loss, want, **tol)
+    checks.assert_close(
+        DENSE(x, t[0].astype(dtype)),
+        ref.softmax_cross_entropy(x, np.broadcast_to(t[0], x.shape)).per_row,
+        **tol,
+    )
+
+
+@pytest.mark.parametrize("fn_name", ["softmax_cross_entropy", "poly_loss_cross_entropy"])
+@pytest.mark.parametrize("logits_dtype", [jnp.float32, jnp.bfloat16])
+def test_float64_labels_give_float64(fn_name, logits_dtype):
+    """A float64 input makes the loss float64 (as optax), accumulated in float64 from the
+    logits' exact values; the gradient keeps the logits' dtype."""
+    x = jnp.asarray(_BX, logits_dtype)
+    fn = getattr(jxent, fn_name)
+    loss = fn(x, _BT)
+    assert loss.dtype == jnp.float64
+    assert_close(loss, fn(np.asarray(x, np.float64), _BT))
+    g = jax.grad(lambda a: jnp.sum(fn(a, _BT)))(x)
+    assert g.dtype == logits_dtype
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "fn, args, kwargs",
+    [
+        (DENSE, (np.zeros((0, 3)), np.zeros((0, 3))), {}),
+        (DENSE, (np.zeros((2, 0, 3)), np.zeros((2, 0, 3))), {"axis": (0, 2)}),
+        (DENSE, (np.zeros((0, 3)), np.zeros((0, 3))), {"where": np.zeros((0, 3), bool)}),
+        (SPARSE, (np.zeros((0, 3)), np.zeros((0,), np.int32)), {"label_smoothing": 0.1}),
+        (SPARSE, (np.zeros((3, 0, 2)), np.zeros((0,), np.int32)), {"axis": (0, 2)}),
+        (jxent.poly_loss_cross_entropy, (np.zeros((0, 3)), np.zeros((0, 3))), {}),
+    ],
+)
+def test_empty_batch(fn, args, kwargs, reduction, jit_mode):
+    """An empty batch gives an empty per-example loss, and 0 for "sum" and "mean"."""
+    loss = jit_mode(functools.partial(fn, **kwargs, reduction=reduction))(*args)
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        np.testing.assert_array_equal(loss, 0.0)
+    g = jax.grad(lambda a: jnp.sum(fn(a, *args[1:], **kwargs, reduction=reduction)))(args[0])
+    assert g.shape == args[0].shape
+
+
+@pytest.mark.parametrize(
+    "alpha", [0.1, np.float64(0.1), jnp.asarray(0.1, jnp.float64), np.float32(0.1)]
+)
+def test_smooth_labels_alpha_dtype(alpha):
+    """The result's dtype is optax's: the labels' unless alpha is a wider float array."""
+    t = np.eye(3, dtype=np.float32)[[0, 2]]
+    out = jxent.smooth_labels(t, alpha)
+    wide = np.asarray(alpha).dtype == np.float64 and type(alpha) is not float
+    assert out.dtype == (np.float64 if wide else np.float32)
+    checks.assert_close(out, ref.smooth_labels(t, 0.1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_smooth_labels_where_broadcast(axis):
+    """A ``where`` of shape [K] counts the same classes in every row."""
+    t = np.eye(4)[[0, 2, 3]]
+    where = np.array([True, False, True, True])
+    out = jxent.smooth_labels(t, 0.3, axis=axis, where=where)
+    assert_close(out, ref.smooth_labels(t, 0.3, where=where))

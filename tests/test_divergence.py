@@ -454,8 +454,12 @@ def _bad_cases():
     return [
         ("kl_int", TypeError, KL, (_X, xi), {}, ["targets", "int32"]),
         ("kl_int_pred", TypeError, KL, (xi, _X), {}, ["log_predictions"]),
-        ("kl_shape", ValueError, KL, (_X, jnp.zeros((4, 1))), {}, ["targets", "(4, 1)"]),
-        ("kl_log_shape", ValueError, KL_LOG, (_X, jnp.zeros((5,))), {}, ["log_targets"]),
+        # shapes that do not broadcast against the predictions' (ones that do are optax's)
+        ("kl_shape", ValueError, KL, (_X, jnp.zeros((4, 2))), {}, ["targets", "(4, 2)"]),
+        ("kl_log_shape", ValueError, KL_LOG, (_X, jnp.zeros((6,))), {}, ["log_targets"]),
+        ("kl_zero_classes", ValueError, KL, (_X[:, :0], _X[:, :0]), {}, ["log_predictions"]),
+        ("distill_zero_classes", ValueError, DISTILL, (_X[:0].T, _X[:0].T), {}, ["student"]),
+        ("entropy_zero_classes", ValueError, ENTROPY, (_X[:, :0],), {}, ["logits", "(4, 0)"]),
         ("distill_shape", ValueError, DISTILL, (_X, jnp.zeros((1, 5))), {}, ["teacher_logits"]),
         ("distill_int", TypeError, DISTILL, (xi, _X), {}, ["student_logits"]),
         ("temperature_neg", ValueError, DISTILL, (_X, _X), {"temperature": -1.0}, ["temperature"]),
@@ -527,3 +531,48 @@ def test_kl_long_rows_match_reference():
     lp64, t64 = lp.astype(np.float64), t.astype(np.float64)
     want = np.sum(np.where(t64 > 0, t64 * (np.log(np.where(t64 > 0, t64, 1)) - lp64), 0), -1)
     assert_close(jax.jit(KL)(lp, t), want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# optax's input conventions: broadcasting, empty batches
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_targets", [False, True])
+@pytest.mark.parametrize("lp_rows, t_rows", [(3, 1), (1, 3), (3, None), (None, 3)])
+def test_kl_broadcast(log_targets, lp_rows, t_rows):
+    """Targets and log-predictions broadcast against each other as in optax's product;
+    each gradient has its input's shape (the broadcast one's summed)."""
+    rng = np.random.default_rng(5)
+    lp_full = log_softmax64(rng.normal(size=(3, 4)))
+    t_full = rng.dirichlet(np.ones(4), size=3)
+    if log_targets:
+        t_full = np.log(t_full)
+    lp = lp_full[0] if lp_rows is None else lp_full[:lp_rows]
+    t = t_full[0] if t_rows is None else t_full[:t_rows]
+    fn, ref_fn = (
+        (KL_LOG, ref.kl_divergence_with_log_targets) if log_targets else (KL, ref.kl_divergence)
+    )
+    lpb, tb = np.broadcast_to(lp, (3, 4)), np.broadcast_to(t, (3, 4))
+    want = ref_fn(lpb, tb)
+    loss = fn(lp, t)
+    assert loss.shape == (3,)
+    assert_close(loss, want.per_row)
+    g_lp, g_t = jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1))(lp, t)
+    assert g_lp.shape == lp.shape and g_t.shape == t.shape
+    for got, full, inp in ((g_lp, want.grads[0], lp), (g_t, want.grads[1], t)):
+        assert_close(got, full if inp.shape == full.shape else full.sum(0).reshape(inp.shape))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("fn", [KL, KL_LOG, DISTILL, ENTROPY], ids=lambda f: f.__name__)
+def test_empty_batch(fn, reduction):
+    """An empty batch gives an empty per-example result, and 0 for "sum" and "mean"."""
+    x = jnp.zeros((0, 3))
+    args = (x,) if fn is ENTROPY else (x, x)
+    for call in (fn, jax.jit(fn, static_argnames="reduction")):
+        out = call(*args, reduction=reduction)
+        if reduction == "none":
+            assert out.shape == (0,)
+        else:
+            np.testing.assert_array_equal(out, 0.0)

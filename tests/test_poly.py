@@ -177,7 +177,8 @@ _X = jnp.zeros((4, 5), jnp.float32)
     [
         ((jnp.zeros((4, 5), jnp.int32), _X), {}, TypeError, "logits"),
         ((_X, jnp.zeros((4, 5), jnp.int32)), {}, TypeError, "labels"),
-        ((_X, jnp.zeros((4, 1))), {}, ValueError, "labels"),
+        ((_X, jnp.zeros((4, 2))), {}, ValueError, "labels"),  # (4, 1) broadcasts, as in optax
+        ((_X[:, :0], _X[:, :0]), {}, ValueError, "logits"),
         ((_X, _X), {"epsilon": jnp.ones(5)}, ValueError, "epsilon"),
         ((_X, _X), {"epsilon": 1j}, TypeError, "epsilon"),
         ((_X, _X), {"where": jnp.ones(3, bool)}, ValueError, "where"),
