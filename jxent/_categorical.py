@@ -193,9 +193,13 @@ def softmax_cross_entropy(
     Args:
       logits: unnormalised log-probabilities, ``[..., num_classes]``. ``-inf``
         marks a class as impossible (it gets no smoothing mass and no gradient).
-      labels: target distributions with exactly the shape of ``logits`` (any
-        non-negative weights; one-hot, smoothed or soft teacher targets).
-      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
+      labels: target distributions (any non-negative weights; one-hot, smoothed
+        or soft teacher targets) of a shape that broadcasts against ``logits``
+        (as in optax, e.g. ``[num_classes]`` for every row); the loss has the
+        batch of the broadcast shape. Integer or bool one-hot labels are cast to
+        the logits' dtype. A float64 ``labels`` makes the loss float64.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes
+        (axes of the broadcast shape).
       where: a boolean mask of the batch shape (drops whole rows) or of the
         logits' shape (drops classes from the softmax and the sum).
       label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
@@ -204,12 +208,16 @@ def softmax_cross_entropy(
         ``"mean"`` (over the rows that ``where`` keeps; 0 if none).
 
     Returns:
-      The loss, float32 for float32 or narrower logits.
+      The loss, float32 for float32 or narrower logits (float64 if either input
+      is float64). An empty batch gives an empty loss (0 for ``"sum"``/``"mean"``).
 
     Raises:
-      TypeError: integer logits or labels.
-      ValueError: ``labels`` not of the logits' shape, an out-of-range ``axis``,
-        a ``where`` of neither shape, or an option out of range.
+      TypeError: integer logits, or integer labels that do not broadcast against
+        the logits (class indices: use
+        :func:`softmax_cross_entropy_with_integer_labels`).
+      ValueError: ``labels`` that do not broadcast against the logits, no class
+        along ``axis``, an out-of-range ``axis``, a ``where`` of neither shape,
+        or an option out of range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -303,7 +311,8 @@ def softmax_cross_entropy_with_integer_labels(
 
     Raises:
       TypeError: floating labels or integer logits.
-      ValueError: labels not of the batch shape, ``class_weights`` not of shape
+      ValueError: no class along ``axis`` (an empty batch is fine: it gives an
+        empty loss), labels not of the batch shape, ``class_weights`` not of shape
         ``[num_classes]``, an out-of-range ``axis`` or option.
 
     Example:
@@ -520,7 +529,9 @@ def poly_loss_cross_entropy(
 
     Args:
       logits: unnormalised log-probabilities, ``[..., num_classes]``.
-      labels: target distributions of exactly the logits' shape (e.g. one-hot).
+      labels: floating target distributions (e.g. one-hot) of a shape that
+        broadcasts against ``logits`` (as in optax); a float64 ``labels`` makes
+        the loss float64.
       epsilon: the extra weight of the first polynomial term (the paper
         recommends 2.0 for ImageNet classification and -1.0 for detection); a
         scalar, may be traced.
@@ -531,12 +542,14 @@ def poly_loss_cross_entropy(
         that ``where`` keeps).
 
     Returns:
-      The loss, float32 for float32 or narrower logits.
+      The loss, float32 for float32 or narrower logits (float64 if either input
+      is float64); an empty batch gives an empty loss.
 
     Raises:
       TypeError: integer logits or labels, a non-real ``epsilon``.
-      ValueError: labels not of the logits' shape, a non-scalar ``epsilon``, a
-        bad ``axis``, ``where`` or ``reduction``.
+      ValueError: labels that do not broadcast against the logits, no class along
+        ``axis``, a non-scalar ``epsilon``, a bad ``axis``, ``where`` or
+        ``reduction``.
 
     Example:
       >>> import jax.numpy as jnp

@@ -284,8 +284,10 @@ def kl_divergence(
       log_predictions: log-probabilities of the prediction, ``[..., num_classes]``
         (e.g. ``jax.nn.log_softmax(logits)``; for logits use
         :func:`softmax_kl_divergence`).
-      targets: target probabilities, same shape; non-negative (not checked: a
-        negative target gives a meaningless value).
+      targets: target probabilities of a shape that broadcasts against
+        ``log_predictions`` (as in optax; the result has the broadcast shape's
+        batch); non-negative (not checked: a negative target gives a
+        meaningless value).
       axis: the class axis, a tuple of class axes, or ``None`` for all axes.
       where: a boolean mask of the batch shape (drops rows) or of the inputs'
         shape (drops classes from the sum).
@@ -298,9 +300,9 @@ def kl_divergence(
 
     Raises:
       TypeError: integer inputs, or a non-boolean ``where``.
-      ValueError: ``targets`` not of the shape of ``log_predictions``, an
-        out-of-range ``axis``, a ``where`` of neither shape, an unknown
-        ``reduction``.
+      ValueError: ``targets`` that do not broadcast against ``log_predictions``,
+        no class along ``axis``, an out-of-range ``axis``, a ``where`` of neither
+        shape, an unknown ``reduction``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -343,7 +345,8 @@ def kl_divergence_with_log_targets(
 
     Args:
       log_predictions: log-probabilities of the prediction, ``[..., num_classes]``.
-      log_targets: log-probabilities of the target, same shape.
+      log_targets: log-probabilities of the target, of a shape that broadcasts
+        against ``log_predictions`` (as in optax).
       axis: the class axis, a tuple of class axes, or ``None`` for all axes.
       where: a boolean mask of the batch shape (drops rows) or of the inputs'
         shape (drops classes from the sum).
@@ -354,8 +357,8 @@ def kl_divergence_with_log_targets(
 
     Raises:
       TypeError: integer inputs, or a non-boolean ``where``.
-      ValueError: mismatched shapes, an out-of-range ``axis``, a bad ``where`` or
-        ``reduction``.
+      ValueError: shapes that do not broadcast, no class along ``axis``, an
+        out-of-range ``axis``, a bad ``where`` or ``reduction``.
 
     Example:
       >>> import jax.numpy as jnp
