@@ -18,8 +18,10 @@ from checks import (
     assert_close,
     assert_finite,
     assert_raises_naming,
+    float_tolerance,
     large_residuals,
     standard_promotion,
+    x64_off,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -538,3 +540,281 @@ def test_traced_alpha_gamma_match_static():
         traced = jax.jit(FOCAL)(x, t, alpha=alpha, gamma=gamma)
         assert_close(traced, FOCAL(x, t, alpha, gamma), rtol=1e-14, atol=1e-300)
         assert_close(traced, ref.sigmoid_focal_loss(x, t, alpha, gamma).elementwise)
+
+
+# --------------------------------------------------------------------------------------------
+# The precision users train in: x64 off, float32 and bfloat16 inputs, against float64
+# --------------------------------------------------------------------------------------------
+
+LOW = [jnp.float32, jnp.bfloat16]
+TINY = float(np.finfo(np.float32).tiny)
+X_MAX = 1e4
+# Below the smallest normal float32 an intermediate loses relative precision (XLA:CPU
+# flushes subnormals); the largest factor that later multiplies it is a softplus, at most
+# |x| + log 2 <= X_MAX + 1. Every element-wise result is exact to this absolute floor.
+ATOL_LOW = TINY * (X_MAX + 1)
+
+_moderate = st.floats(-15.0, 15.0)
+_tail = st.floats(15.0, 100.0).flatmap(lambda a: st.sampled_from([a, -a]))
+_huge = st.floats(100.0, X_MAX).flatmap(lambda a: st.sampled_from([a, -a]))
+_logits = st.lists(st.one_of(_moderate, _tail, _huge), min_size=1, max_size=12)
+_soft = st.floats(0.0, 1.0)
+
+
+@st.composite
+def low_cases(draw, probs=False):
+    """Inputs of one dtype-independent draw: logits (or probabilities) with their labels,
+    hard or soft."""
+    if probs:
+        values = st.one_of(
+            st.floats(0.0, 1.0),
+            st.sampled_from([0.0, 1.0, 1e-30, 1e-8, 1e-4, 0.5, 1 - 1e-7, 1 - 2**-24]),
+        )
+        x = draw(st.lists(values, min_size=1, max_size=12))
+    else:
+        x = draw(_logits)
+    hard = draw(st.booleans())
+    labels = st.sampled_from([0.0, 1.0]) if hard else _soft
+    t = draw(st.lists(labels, min_size=len(x), max_size=len(x)))
+    return np.array(x), np.array(t)
+
+
+def _quantised(x, t, dtype):
+    """The inputs in ``dtype`` and, exactly, in float64 for the reference."""
+    xj, tj = jnp.asarray(x, dtype), jnp.asarray(t, dtype)
+    return xj, tj, np.asarray(xj, np.float64), np.asarray(tj, np.float64)
+
+
+def assert_within(actual, expected, scale, rtol, atol=ATOL_LOW, what=""):
+    """|actual - expected| <= rtol * scale + atol, element-wise, where ``scale`` is the sum
+    of the magnitudes of the formula's terms (``rtol * scale / |expected|`` is the relative
+    tolerance scaled by the condition number)."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    bound = rtol * np.abs(np.asarray(scale, np.float64)) + atol
+    err = np.abs(a - e)
+    bad = ~(err <= bound)
+    assert not bad.any(), (what, a[bad], e[bad], bound[bad])
+
+
+#: Second derivatives: the gradient's (input dtype) forward and reverse, and the loss'
+#: forward-mode tangent's (float32, as the loss) forward.
+MODES = ("fwd-rev", "rev-rev", "fwd-fwd")
+
+
+def _derivatives(fn, x, t):
+    """Loss, gradient and the second derivative of an element-wise loss, the last in the
+    three ``MODES``."""
+    ones = jnp.ones_like(x)
+
+    def total(x, t):
+        return jnp.sum(fn(x, t))
+
+    def grad_x(x, t):
+        return jax.grad(total)(x, t)
+
+    def run(x, t):
+        loss = fn(x, t)
+        gx, gt = jax.grad(total, (0, 1))(x, t)
+        h_fr = jax.jvp(lambda x: grad_x(x, t), (x,), (ones,))[1]
+        h_rr = jax.grad(lambda x: jnp.sum(grad_x(x, t)))(x)
+        first = lambda x: jax.jvp(lambda x: fn(x, t), (x,), (ones,))[1]
+        h_ff = jax.jvp(first, (x,), (ones,))[1]
+        return loss, gx, gt, (h_fr, h_rr, h_ff)
+
+    return jax.jit(run)(x, t)
+
+
+SBCE_OPTIONS = [
+    {},
+    {"pos_weight": 3.0},
+    {"label_smoothing": 0.1},
+    {"pos_weight": 0.25, "label_smoothing": 0.2},
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("kw", SBCE_OPTIONS, ids=str)
+@given(case=low_cases())
+def test_sbce_low_precision_value_grad_hessian(dtype, kw, case):
+    with x64_off():
+        xj, tj, x, t = _quantised(*case, dtype)
+        loss, gx, gt, hs = _derivatives(lambda x, t: SBCE(x, t, **kw), xj, tj)
+    assert loss.dtype == jnp.float32 and gx.dtype == dtype and gt.dtype == dtype
+    r = ref.sigmoid_binary_cross_entropy(x, t, **kw)
+    # the value: two non-negative terms; float32 out whatever the input
+    assert_within(loss, r.elementwise, r.elementwise, float_tolerance(jnp.float32, 2), what="loss")
+    # the gradients round to the input's dtype; each is a difference of two terms
+    rtol = float_tolerance(dtype, 2)
+    scale = ref.sigmoid_binary_cross_entropy_grad_scale(x, t, **kw)
+    assert_within(gx, r.grad_x, scale, rtol, what="grad_x")
+    a, pw = kw.get("label_smoothing", 0.0), kw.get("pos_weight", 1.0)
+    t_scale = (1 - a) * (pw * ref.softplus(-x) + ref.softplus(x))
+    assert_within(gt, r.grad_t, t_scale, rtol, what="grad_t")
+    want = ref.sigmoid_binary_cross_entropy_hessian(x, t, **kw)
+    for mode, h in zip(MODES, hs, strict=True):
+        assert h.dtype == (jnp.float32 if mode == "fwd-fwd" else dtype)
+        assert_within(h, want, want, rtol, what=mode)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=lambda d: jnp.dtype(d).name)
+@given(case=low_cases(probs=True))
+def test_bce_probs_low_precision_value_grad_hessian(dtype, case):
+    with x64_off():
+        pj, tj, p, t = _quantised(*case, dtype)
+        loss, gp, gt, hs = _derivatives(BCE, pj, tj)
+    assert loss.dtype == jnp.float32 and gp.dtype == dtype
+    r = ref.binary_cross_entropy(p, t)
+    # two non-negative terms; the gradient (p - t) / max(p (1 - p), eps) is one difference
+    # (exact or one rounding) and a quotient: condition number 1 as well.
+    assert_within(loss, r.elementwise, r.elementwise, float_tolerance(jnp.float32, 2), what="loss")
+    rtol = float_tolerance(dtype, 2)
+    assert_within(gp, r.grad_x, r.grad_x, rtol, what="grad_p")
+    log_scale = np.abs(np.log(np.maximum(p, 1e-300))) + np.abs(np.log1p(-np.minimum(p, 0.5)))
+    assert_within(gt, r.grad_t, np.minimum(log_scale, 200.0), rtol, what="grad_t")
+    want = ref.binary_cross_entropy_hessian(p, t)
+    for mode, h in zip(MODES, hs, strict=True):
+        assert_within(h, want, want, rtol, what=mode)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [None, 0.25])
+@given(case=low_cases())
+def test_focal_low_precision_value_grad_hessian(dtype, gamma, alpha, case):
+    with x64_off():
+        xj, tj, x, t = _quantised(*case, dtype)
+        loss, gx, _, hs = _derivatives(lambda x, t: FOCAL(x, t, alpha, gamma), xj, tj)
+    assert loss.dtype == jnp.float32 and gx.dtype == dtype
+    r = ref.sigmoid_focal_loss(x, t, alpha, gamma)
+    d = ref.sigmoid_focal_loss_derivatives(x, t, alpha, gamma)
+    assert_within(loss, r.elementwise, d.value_scale, float_tolerance(jnp.float32, 2), what="loss")
+    rtol = float_tolerance(dtype, 4)
+    assert_within(gx, r.grad_x, d.grad_x_scale, rtol, what="grad_x")
+    for mode, h in zip(MODES, hs, strict=True):
+        assert h.dtype == (jnp.float32 if mode == "fwd-fwd" else dtype)
+        assert_within(h, d.hess_x, d.hess_x_scale, rtol, what=mode)
+
+
+@pytest.mark.parametrize("kind", ["sbce", "focal"])
+def test_check_grads_order2_hard_labels_and_tails(kind):
+    """The rules' own derivatives against finite differences, forward and reverse, in
+    float64: hard labels (log 0 inside the focal weight) and logits out to |x| = 20."""
+    x = np.array([[-20.0, -8.0, -1.5, 0.0], [0.7, 3.0, 9.0, 20.0]])
+    t = np.array([[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    fns = {
+        "sbce": lambda x: SBCE(x, t, pos_weight=jnp.array([0.5, 1.0, 2.0, 3.0])),
+        "focal": lambda x: FOCAL(x, t, 0.25, 0.5),
+    }
+    jax.test_util.check_grads(
+        jax.jit(fns[kind]), (x,), order=3, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_check_grads_focal_alpha_gamma_arrays():
+    """Array alpha and gamma are differentiable inputs (as in optax): order 2 in every
+    argument, with labels and alpha broadcasting."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3, 4)) * 2
+    t = rng.random((1, 4))
+    alpha = rng.uniform(0.2, 0.8, size=(4,))
+    gamma = rng.uniform(0.5, 2.5, size=(3, 1))
+    fn = jax.jit(lambda *a: FOCAL(*a, reduction="sum"))
+    jax.test_util.check_grads(
+        fn, (x, t, alpha, gamma), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_focal_alpha_gamma_gradients_match_reference():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(5, 3)) * 4
+    t = rng.random((5, 3))
+    alpha, gamma = jnp.asarray(0.3), jnp.asarray(1.5)
+    g_alpha, g_gamma = jax.jit(jax.grad(lambda a, g: FOCAL(x, t, a, g, reduction="sum"), (0, 1)))(
+        alpha, gamma
+    )
+    d = ref.sigmoid_focal_loss_derivatives(x, t, 0.3, 1.5)
+    assert_close(g_alpha, d.grad_alpha.sum())
+    assert_close(g_gamma, d.grad_gamma.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Broadcasting as optax: every input optax takes, the same result
+# --------------------------------------------------------------------------------------------
+
+_BX = np.random.default_rng(10).normal(size=(4, 5)).astype(np.float32) * 3
+_BT = (np.random.default_rng(11).random((4, 5)) < 0.5).astype(np.float32)
+
+BROADCAST_CASES = {
+    "labels-rows": (_BX, _BT[:, :1], {}),
+    "labels-rank": (_BX, _BT[0], {}),
+    "labels-scalar": (_BX, 1.0, {}),
+    "labels-int-scalar": (_BX, 0, {}),
+    "labels-0d": (_BX, np.float32(1.0), {}),
+    "logits-rank": (_BX[0], _BT, {}),
+    "logits-rows": (_BX[:1], _BT, {}),
+    "logits-0d": (np.float32(0.3), _BT[0], {}),
+    "both": (_BX[:, :1], _BT[:1], {}),
+}
+FOCAL_ONLY = {
+    "alpha-per-class": (_BX, _BT, {"alpha": np.linspace(0.1, 0.9, 5, dtype=np.float32)}),
+    "gamma-per-row": (_BX, _BT, {"gamma": np.array([[0.0], [0.5], [1.0], [3.0]], np.float32)}),
+    "gamma-0d-array": (_BX, _BT, {"gamma": jnp.float32(0.5)}),
+    "alpha-bigger": (_BX[0], _BT[0], {"alpha": np.full((2, 5), 0.25, np.float32)}),
+}
+
+
+def _optax_and_ours(name, case, transform):
+    x, t, kw = case
+    theirs_fn = getattr(optax.losses, name)
+    ours_fn = {"sigmoid_binary_cross_entropy": SBCE, "sigmoid_focal_loss": FOCAL}[name]
+    with x64_off(), jax.numpy_rank_promotion("allow"), standard_promotion():
+        theirs = transform(lambda x, t, kw: theirs_fn(x, t, **kw))(x, t, kw)
+        g_theirs = jax.grad(lambda x: jnp.sum(theirs_fn(x, t, **kw)))(jnp.asarray(x))
+    with x64_off():
+        ours = transform(lambda x, t, kw: ours_fn(x, t, **kw))(x, t, kw)
+        g_ours = jax.grad(lambda x: jnp.sum(ours_fn(x, t, **kw)))(jnp.asarray(x))
+    return theirs, ours, g_theirs, g_ours
+
+
+@pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [("sigmoid_binary_cross_entropy", c) for c in BROADCAST_CASES.values()]
+    + [("sigmoid_focal_loss", c) for c in [*BROADCAST_CASES.values(), *FOCAL_ONLY.values()]],
+    ids=[f"sbce-{k}" for k in BROADCAST_CASES]
+    + [f"focal-{k}" for k in BROADCAST_CASES]
+    + [f"focal-{k}" for k in FOCAL_ONLY],
+)
+def test_broadcasting_matches_optax(name, case, transform):
+    """Under jit the options are traced (optax's own tests call jax.jit(sigmoid_focal_loss)
+    with gamma=...); the loss has the broadcast shape, the gradient the logits' shape."""
+    theirs, ours, g_theirs, g_ours = _optax_and_ours(name, case, transform)
+    assert ours.shape == theirs.shape and ours.dtype == jnp.float32
+    assert g_ours.shape == g_theirs.shape == np.shape(case[0])
+    # float32 on both sides; optax's log-sum-exp differs from ours by a few roundings
+    tol = float_tolerance(jnp.float32, 4, cond=10.0)
+    assert_close(ours, theirs, rtol=tol, atol=tol)
+    assert_close(g_ours, g_theirs, rtol=tol, atol=tol)
+
+
+def test_broadcast_labels_gradient_and_where():
+    """Broadcast labels get the summed gradient; where has the loss' (broadcast) shape."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 4)) * 2
+    t = rng.random((3, 1))
+    full = np.broadcast_to(t, x.shape)
+    w = rng.random((3, 4)) < 0.6
+    gx, gt = jax.grad(lambda x, t: SBCE(x, t, where=w, reduction="sum"), (0, 1))(x, t)
+    r = ref.sigmoid_binary_cross_entropy(x, full, where=w, reduction="sum")
+    assert gt.shape == (3, 1)
+    assert_close(gx, r.grad_x)
+    assert_close(gt, r.grad_t.sum(axis=1, keepdims=True))
+    # a NaN label that only excluded elements see leaks into nothing
+    t_nan = t.copy()
+    t_nan[1] = np.nan
+    w_row = np.ones((3, 4), bool)
+    w_row[1] = False
+    out, g = jax.value_and_grad(lambda x: SBCE(x, t_nan, where=w_row, reduction="sum"))(x)
+    assert_finite(out, g)
+    assert_close(g[1], 0.0)
