@@ -231,16 +231,19 @@ def reduce_rows(reducer, term, arrays, row_values=()):
     return reducer(partial.reshape(batch + (pieces,)), axis=-1)
 
 
-def row_sums(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def row_sums(terms: dict[str, jax.Array], *, blocked: bool = True) -> dict[str, jax.Array]:
     """Sums each [..., classes] term over the last axis in ONE variadic reduction.
 
     On XLA:CPU, separate reductions of the same float32-converted bfloat16 logits
     make XLA materialise the converted copy; a single variadic reduce fuses the
     conversion instead and reads the logits once. The sums are compensated (see
     :func:`_sum_last_axis`): their error does not grow with the number of classes.
+    ``blocked=False`` trades speed for no temporary at all (a ``[rows, classes / 128]``
+    buffer per term otherwise), for paths that rarely run.
     """
     names = list(terms)
-    return dict(zip(names, _sum_last_axis(*(terms[n] for n in names)), strict=True))
+    fn = _sum_last_axis if blocked else _compensated_sum_last_axis
+    return dict(zip(names, fn(*(terms[n] for n in names)), strict=True))
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -254,14 +257,38 @@ def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s, (a - (s - b_part)) + (b - b_part)
 
 
+#: Columns per block of the blocked row sums (see ``_sum_last_axis``).
+SUM_BLOCK = 128
+
+
 @jax.custom_jvp
 def _sum_last_axis(*operands: jax.Array) -> tuple[jax.Array, ...]:
     # XLA:CPU runs a variadic reduce as one scalar loop, element after element: a plain
     # sum's rounding error would grow linearly with the row length (4.4e-4 relative at
-    # 131072 classes, jax 0.10). Each operand carries a running compensation (its
-    # inputs are zeros, fused away), which keeps the error at a few ulps for any
-    # length and any order of combination, so tree reductions (GPU, TPU, sharded
-    # rows) are exact to the same bound.
+    # 131072 classes, jax 0.10). On one device the rows are summed in blocks of
+    # SUM_BLOCK columns (error of 128 additions) and the block sums with compensation:
+    # accurate, and faster than one long loop (dense targets at 1024x32000, float32:
+    # 383 ms against 413 ms plain and 596 ms compensated throughout, jax 0.10.2 CPU).
+    # The block view merges part of the class axis with the batch, which on a mesh
+    # could make GSPMD regather a class-sharded axis: there every element is summed
+    # with compensation instead.
+    k = operands[0].shape[-1]
+    if jax.device_count() > 1 or k <= 2 * SUM_BLOCK or operands[0].ndim < 1:
+        return _compensated_sums(operands)
+    blocks = -(-k // SUM_BLOCK)
+    pad = [(0, 0)] * (operands[0].ndim - 1) + [(0, blocks * SUM_BLOCK - k)]
+    shape = operands[0].shape[:-1] + (blocks, SUM_BLOCK)
+    inits = tuple(jnp.zeros((), o.dtype) for o in operands)
+    add = lambda a, b: tuple(i + j for i, j in zip(a, b, strict=True))  # noqa: E731
+    blocked = tuple(jnp.pad(o, pad).reshape(shape) for o in operands)
+    partial = lax.reduce(blocked, inits, add, (len(shape) - 1,))
+    return _compensated_sums(tuple(partial))
+
+
+def _compensated_sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    # Each operand carries a running compensation (its inputs are zeros, fused away),
+    # which keeps the error at a few ulps for any length and any order of combination,
+    # so tree reductions (GPU, TPU, sharded rows) are exact to the same bound.
     n = len(operands)
     zeros = tuple(jnp.zeros_like(o) for o in operands)
     inits = tuple(jnp.zeros((), o.dtype) for o in operands) * 2
@@ -278,11 +305,22 @@ def _sum_last_axis(*operands: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(out[i] + out[n + i] for i in range(n))
 
 
-@_sum_last_axis.defjvp
-def _sum_last_axis_jvp(primals, tangents):
-    # The sum is linear; plain sums keep the tangent transposable and exact to any
-    # order (JAX's generic variadic-reduce rule mishandles symbolic-zero tangents).
-    return _sum_last_axis(*primals), tuple(jnp.sum(t, axis=-1) for t in tangents)
+@jax.custom_jvp
+def _compensated_sum_last_axis(*operands: jax.Array) -> tuple[jax.Array, ...]:
+    return _compensated_sums(operands)
+
+
+def _sum_jvp(fn):
+    def jvp(primals, tangents):
+        # The sum is linear; plain sums keep the tangent transposable and exact to any
+        # order (JAX's generic variadic-reduce rule mishandles symbolic-zero tangents).
+        return fn(*primals), tuple(jnp.sum(t, axis=-1) for t in tangents)
+
+    return jvp
+
+
+_sum_last_axis.defjvp(_sum_jvp(_sum_last_axis))
+_compensated_sum_last_axis.defjvp(_sum_jvp(_compensated_sum_last_axis))
 
 
 def _smoothing_sums(x, row_max, class_weights, masked_smoothing_sums):
@@ -411,7 +449,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             def masked_smoothing_sums():
                 # Converted here, inside the branch: a converted copy of x passed into
                 # the cond would be materialised.
-                s = row_sums(smoothing_terms(cap_logits(x, cfg.soft_cap, acc)))
+                s = row_sums(smoothing_terms(cap_logits(x, cfg.soft_cap, acc)), blocked=False)
                 return s["n"], s["w"], s["w_gap"]
 
             (n, sum_w, w_gap), all_finite = _smoothing_sums(
