@@ -81,9 +81,11 @@ class History:
     train_seconds: float = 0.0
 
     def to_json(self) -> dict:
+        """A snapshot (copies, not the live lists): checkpoints serialise it asynchronously,
+        while training goes on appending to the history."""
         return {
-            "train": {"step": self.train_step, "loss": self.train_loss},
-            "eval": self.evals,
+            "train": {"step": list(self.train_step), "loss": list(self.train_loss)},
+            "eval": [dict(e) for e in self.evals],
             "train_seconds": self.train_seconds,
         }
 
