@@ -9,7 +9,6 @@ from jxent import parallel as parallel  # the shard_map forms: jxent.parallel.*
 from jxent._binary import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from jxent._categorical import (
     check_labels,
-    poly_loss_cross_entropy,
     safe_softmax_cross_entropy,
     smooth_labels,
     softmax_cross_entropy,
@@ -21,6 +20,7 @@ from jxent._divergence import (
     kl_divergence_with_log_targets,
     softmax_kl_divergence,
 )
+from jxent._poly import poly_loss_cross_entropy
 from jxent.linear import linear_softmax_cross_entropy
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ classification), and ``reduction`` sums or averages over all included elements.
 
 Why it is written this way:
 
-* Each loss is a ``jax.custom_jvp`` (see ``jxent._divergence.custom_jvp_loss``)
+* Each loss is a ``jax.custom_jvp`` (see ``jxent._rules.custom_jvp_loss``)
   whose tangent rule is checkpointed: reverse mode keeps only the inputs, the
   gradient is computed from sigmoids in closed form (never by differentiating
   ``max``/``abs``, whose derivative at 0 is wrong for the softplus form), and
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jxent import _backend
 from jxent import _validation as v
-from jxent._divergence import custom_jvp_loss
 from jxent._reduction import reduce_loss
+from jxent._rules import custom_jvp_loss
 
 # --------------------------------------------------------------------------------------------
 # Validation shared by the element-wise losses
@@ -137,15 +138,13 @@ class _Consts(NamedTuple):
 def _consts(acc, forward: bool) -> _Consts:
     """The scalar constants of an element-wise loss, in the accumulation dtype.
 
-    In a forward pass they go through an optimisation barrier. XLA's CSE would
-    otherwise merge a broadcast constant of the forward pass (the 1 of ``1 - t``)
-    with the same constant in the backward pass or in the cotangent of a sum, and
-    XLA:CPU materialises a broadcast with several users as a full float32 operand of
-    the fused reduction; with the barrier a ``"sum"``/``"mean"`` loss needs no
-    temporary buffer at all.
+    In a forward pass they go through ``_backend.cpu_barrier``: CSE would otherwise
+    share a broadcast constant (the 1 of ``1 - t``) with the backward pass, and
+    XLA:CPU materialises such a broadcast as a full float32 buffer; with the barrier a
+    ``"sum"``/``"mean"`` loss needs no temporary buffer at all.
     """
     values = (jnp.zeros((), acc), jnp.ones((), acc), jnp.asarray(jnp.finfo(acc).max, acc))
-    return _Consts(*(lax.optimization_barrier(values) if forward else values))
+    return _Consts(*(_backend.cpu_barrier(values) if forward else values))
 
 
 def _finite_logits(x: jax.Array, c: _Consts) -> jax.Array:
@@ -200,7 +199,7 @@ def _smooth(t: jax.Array, a: float, forward: bool) -> jax.Array:
         return t
     keep, add = jnp.asarray(1 - a, t.dtype), jnp.asarray(0.5 * a, t.dtype)
     if forward:
-        keep, add = lax.optimization_barrier((keep, add))
+        keep, add = _backend.cpu_barrier((keep, add))  # see _consts
     return t * keep + add
 
 
@@ -425,7 +424,8 @@ def _clamped_logs(p: jax.Array, floor) -> tuple[jax.Array, jax.Array]:
 
 def _bce_forward(_, p, t):
     acc = v.accumulation_dtype(p.dtype)
-    zero, one, floor = lax.optimization_barrier(
+    # Barrier: see _consts.
+    zero, one, floor = _backend.cpu_barrier(
         (jnp.zeros((), acc), jnp.ones((), acc), jnp.asarray(_LOG_FLOOR, acc))
     )
     p = p.astype(acc)
@@ -598,7 +598,7 @@ def _focal_parts(cfg: _FocalConfig, x, t, alpha_arr, gamma_arr, forward: bool) -
     alpha = 0.5 if cfg.alpha is None else cfg.alpha
     gamma = 0.0 if cfg.gamma is None else cfg.gamma
     scalars = (jnp.asarray(gamma, acc), jnp.asarray(alpha, acc), jnp.asarray(1 - alpha, acc))
-    gamma, alpha, beta = lax.optimization_barrier(scalars) if forward else scalars  # see _consts
+    gamma, alpha, beta = _backend.cpu_barrier(scalars) if forward else scalars  # see _consts
     if gamma_arr is not None:
         gamma = jnp.broadcast_to(gamma_arr.astype(acc), x.shape)
     if alpha_arr is not None:

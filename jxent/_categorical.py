@@ -3,15 +3,17 @@
 Drop-in compatible with the functions of the same names in ``optax.losses`` (same
 positional arguments and results); every new option is keyword-only.
 
-Internal API shared with the other modules: :func:`rows_and_masks` (class axes last,
-``where`` split into row and class masks), :func:`and_masks`, :func:`xent_config`
-(validated static options of the core).
+The layout (class axes, ``where``) and the static options come from ``jxent._layout``,
+the core from ``jxent._softmax``.
+
+Internal API (the poly family, ``jxent._poly``, builds on the dense path):
+:func:`dense_inputs` (validated dense-target arguments, broadcast to one shape) and
+:func:`dense_loss` (their per-row cross-entropy and row mask).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,68 +21,9 @@ import numpy as np
 from jax.experimental import checkify
 
 from jxent import _validation as v
-from jxent._reduction import reduce_loss
-from jxent._softmax import XentConfig, softmax_xent, take_classes
-
-Axis = int | Sequence[int]
-
-
-def _masks(
-    logits: jax.Array, axes: tuple[int, ...], where: jax.Array | None
-) -> tuple[tuple[int, ...], jax.Array | None, jax.Array | None]:
-    """The batch shape, and the row and class masks that ``where`` describes.
-
-    A ``where`` of the batch shape masks rows; one of the logits' rank masks classes
-    (broadcast to the logits' shape, in their layout) and drops rows it fully masks.
-    """
-    ndim = logits.ndim
-    batch_shape = tuple(n for i, n in enumerate(logits.shape) if i not in axes)
-    if where is None:
-        return batch_shape, None, None
-    where = v.as_array("where", where)
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-    wrong_shape = ValueError(
-        f"where must have the batch shape {batch_shape} (masking rows) or a shape "
-        f"broadcastable to logits.shape {logits.shape} (masking classes), got "
-        f"shape {where.shape}."
-    )
-    if where.ndim == ndim:
-        try:
-            class_mask = jnp.broadcast_to(where, logits.shape)
-        except ValueError:
-            raise wrong_shape from None
-        return batch_shape, jnp.any(class_mask, axis=axes), class_mask
-    if where.shape == batch_shape:
-        return batch_shape, where, None
-    raise wrong_shape
-
-
-def rows_and_masks(
-    logits: jax.Array, axes: tuple[int, ...], where: jax.Array | None
-) -> tuple[jax.Array, tuple[int, ...], jax.Array | None, jax.Array | None]:
-    """Moves the class axes last and flattens them: ``[*batch, classes]``.
-
-    Returns the reshaped logits, the batch shape, a row mask (from a batch-shaped
-    ``where``) and a class mask (from a logits-shaped ``where``), reshaped likewise.
-    """
-    batch_shape, row_mask, class_mask = _masks(logits, axes, where)
-    return flatten_classes(logits, axes), batch_shape, row_mask, flatten_classes(class_mask, axes)
-
-
-def flatten_classes(a: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
-    """``a`` with ``axes`` moved last (in that order) and flattened: ``[*batch, classes]``.
-
-    The sizes are spelled out, so an empty batch (a zero in the batch shape) works.
-    """
-    if a is None:
-        return None
-    ndim = a.ndim
-    batch_axes = tuple(i for i in range(ndim) if i not in axes)
-    if axes != tuple(range(ndim - len(axes), ndim)):
-        a = jnp.transpose(a, batch_axes + axes)
-    nb = len(batch_axes)
-    return a.reshape(a.shape[:nb] + (math.prod(a.shape[nb:]),))
+from jxent._layout import Axis, XentConfig, and_masks, class_masks, flatten_classes, xent_config
+from jxent._reduction import mean_weight, reduce_loss
+from jxent._softmax import softmax_xent, take_classes
 
 
 def _core_layout(config: XentConfig, batch_shape, *arrays):
@@ -95,7 +38,7 @@ def _core_layout(config: XentConfig, batch_shape, *arrays):
     return config._replace(class_axes=None), tuple(flatten_classes(a, axes) for a in arrays)
 
 
-def _dense_inputs(logits, labels, axis, *, one_hot_ints: bool):
+def dense_inputs(logits, labels, axis, *, one_hot_ints: bool):
     """Validated dense-target arguments, broadcast to one shape as optax's product does.
 
     Returns ``(logits, labels, axes)``. Integer or bool labels (with ``one_hot_ints``)
@@ -129,9 +72,9 @@ def _dense_inputs(logits, labels, axis, *, one_hot_ints: bool):
     return jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape), axes
 
 
-def _dense_loss(logits, labels, axes, where, config: XentConfig):
+def dense_loss(logits, labels, axes, where, config: XentConfig):
     """Per-row dense cross-entropy of validated inputs, and the row mask."""
-    batch_shape, row_mask, class_mask = _masks(logits, axes, where)
+    batch_shape, row_mask, class_mask = class_masks(logits, axes, where)
     config, (logits, labels, class_mask) = _core_layout(
         config, batch_shape, logits, labels, class_mask
     )
@@ -139,25 +82,6 @@ def _dense_loss(logits, labels, axes, where, config: XentConfig):
         logits, targets=labels, class_mask=class_mask, row_mask=row_mask, config=config
     )
     return loss, row_mask
-
-
-def and_masks(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
-    """``a & b`` where None means "no mask"."""
-    if a is None:
-        return b
-    return a if b is None else a & b
-
-
-def xent_config(label_smoothing, z_loss, logit_soft_cap=None, class_axes=None) -> XentConfig:
-    """The core's static options, each checked (a clear error names the argument)."""
-    return XentConfig(
-        class_axes=class_axes,
-        label_smoothing=v.static_number("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
-        z_loss=v.static_number("z_loss", z_loss, lo=0.0),
-        soft_cap=None
-        if logit_soft_cap is None
-        else v.static_number("logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True),
-    )
 
 
 def softmax_cross_entropy(
@@ -236,10 +160,10 @@ def softmax_cross_entropy(
       <https://arxiv.org/abs/1906.02629>`_, 2019.
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss).
     """
-    logits, labels, axes = _dense_inputs(logits, labels, axis, one_hot_ints=True)
+    logits, labels, axes = dense_inputs(logits, labels, axis, one_hot_ints=True)
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, class_axes=axes)
-    loss, row_mask = _dense_loss(logits, labels, axes, where, config)
+    loss, row_mask = dense_loss(logits, labels, axes, where, config)
     return reduce_loss(loss, reduction, row_mask)
 
 
@@ -347,7 +271,7 @@ def softmax_cross_entropy_with_integer_labels(
     axes = _integer_axes(axis, logits.ndim)
     v.check_classes("logits", logits.shape, axes, axis)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap, class_axes=axes)
-    batch_shape, row_mask, class_mask = _masks(logits, axes, where)
+    batch_shape, row_mask, class_mask = class_masks(logits, axes, where)
     v.check_shape("labels", labels, batch_shape, "the logits' shape without the class axes")
     num_classes = math.prod(logits.shape[i] for i in axes)
     if class_weights is not None:
@@ -368,12 +292,12 @@ def softmax_cross_entropy_with_integer_labels(
         class_weights=class_weights,
         config=config,
     )
-    weight = row_mask
-    if class_weights is not None and reduction == "mean":
-        safe = jnp.clip(labels, 0, num_classes - 1)
-        weight = take_classes(class_weights, safe).astype(loss.dtype)
-        if row_mask is not None:
-            weight = jnp.where(row_mask, weight, jnp.zeros((), loss.dtype))
+
+    def take(table, labels):
+        # An ignored row's label may be anything: read w_y at a clipped index.
+        return take_classes(table, jnp.clip(labels, 0, num_classes - 1))
+
+    weight = mean_weight(row_mask, class_weights, labels, reduction, loss.dtype, take)
     return reduce_loss(loss, reduction, weight)
 
 
@@ -498,88 +422,3 @@ def check_labels(
         n=bad,
         e=first,
     )
-
-
-def poly_loss_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    epsilon: jax.typing.ArrayLike = 2.0,
-    axis: Axis | None = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    reduction: str = "none",
-) -> jax.Array:
-    r"""Poly-1 loss: softmax cross-entropy plus :math:`\epsilon (1 - p_t)` (Leng et al., 2022).
-
-    .. math::
-      \ell = -\sum_k t_k \log p_k + \epsilon \sum_k t_k (1 - p_k),
-      \qquad p = \operatorname{softmax}(x),
-
-    i.e. the cross-entropy with the coefficient of its first polynomial term
-    :math:`(1 - p_t)` raised by :math:`\epsilon`. The cross-entropy is
-    :func:`softmax_cross_entropy` (the stable core: ``-inf`` logits and zero
-    targets are safe); the second term is one fused pass with its own stable
-    derivative rule, :math:`\partial/\partial x_j = p_j (\sum_k t_k p_k - t_j)`.
-    Masked classes (``-inf`` logits or a logits-shaped ``where``) have
-    :math:`p_k = 0`.
-
-    Drop-in for :func:`optax.losses.poly_loss_cross_entropy` (``epsilon``,
-    ``axis`` and ``where`` may also be passed by position here); unlike optax it
-    accepts a ``where`` of the batch shape.
-
-    Args:
-      logits: unnormalised log-probabilities, ``[..., num_classes]``.
-      labels: floating target distributions (e.g. one-hot) of a shape that
-        broadcasts against ``logits`` (as in optax); a float64 ``labels`` makes
-        the loss float64.
-      epsilon: the extra weight of the first polynomial term (the paper
-        recommends 2.0 for ImageNet classification and -1.0 for detection); a
-        scalar, may be traced.
-      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
-      where: a boolean mask of the batch shape (drops rows) or of the logits'
-        shape (drops classes).
-      reduction: ``"none"`` (per-example), ``"sum"`` or ``"mean"`` (over the rows
-        that ``where`` keeps).
-
-    Returns:
-      The loss, float32 for float32 or narrower logits (float64 if either input
-      is float64); an empty batch gives an empty loss.
-
-    Raises:
-      TypeError: integer logits or labels, a non-real ``epsilon``.
-      ValueError: labels that do not broadcast against the logits, no class along
-        ``axis``, a non-scalar ``epsilon``, a bad ``axis``, ``where`` or
-        ``reduction``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import numpy as np
-      >>> import jxent
-      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
-      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-      >>> import numpy as np
-      >>> loss = jxent.poly_loss_cross_entropy(logits, labels, epsilon=2.0)
-      >>> print(np.round(np.asarray(loss), 4))
-      [0.7587 4.8473]
-
-    References:
-      Leng et al., `PolyLoss: A Polynomial Expansion Perspective of Classification
-      Loss Functions <https://arxiv.org/abs/2204.12511>`_, 2022.
-    """
-    # Imported here: jxent._divergence builds on this module's row layout.
-    from jxent._divergence import poly1_term
-
-    logits, labels, axes = _dense_inputs(logits, labels, axis, one_hot_ints=False)
-    eps = v.as_array("epsilon", epsilon)
-    if eps.ndim != 0 or not (
-        jnp.issubdtype(eps.dtype, jnp.floating) or jnp.issubdtype(eps.dtype, jnp.integer)
-    ):
-        raise (ValueError if eps.ndim != 0 else TypeError)(
-            f"epsilon must be a real scalar, got dtype {eps.dtype} with shape {eps.shape}."
-        )
-    v.check_reduction(reduction)
-    ce, row_mask = _dense_loss(logits, labels, axes, where, xent_config(0.0, 0.0, class_axes=axes))
-    x, _, _, class_mask = rows_and_masks(logits, axes, where)
-    poly = poly1_term(x, flatten_classes(labels, axes), class_mask, row_mask)
-    loss = ce + eps.astype(ce.dtype) * poly.astype(ce.dtype)
-    return reduce_loss(loss, reduction, row_mask)

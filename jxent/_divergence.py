@@ -1,16 +1,16 @@
 """KL divergences, knowledge distillation from logits, and the entropy of a softmax.
 
 Every function here reduces over class axes, with the same layout, ``where`` and
-``reduction`` rules as the categorical losses (``jxent._categorical.rows_and_masks``).
+``reduction`` rules as the categorical losses (``jxent._layout.rows_and_masks``).
 
 Why it is written this way (the same design as the categorical core):
 
-* Each loss is a ``jax.custom_jvp`` whose tangent rule is wrapped in
-  ``jax.checkpoint``: reverse mode keeps only the inputs and a few per-row scalars
-  (log-sum-exps, the loss) as residuals and recomputes the softmax in one fused
-  elementwise pass, and forward mode (``jvp``, ``jacfwd``, ``hessian``) works.
-  The rules take symbolic zero tangents, so an input that is not differentiated
-  (a ``stop_gradient``-ed teacher) costs nothing.
+* Each loss is a ``jax.custom_jvp`` (``jxent._rules.custom_jvp_loss``) whose tangent
+  rule is wrapped in ``jax.checkpoint``: reverse mode keeps only the inputs and a few
+  per-row scalars (log-sum-exps, the loss) as residuals and recomputes the softmax in
+  one fused elementwise pass, and forward mode (``jvp``, ``jacfwd``, ``hessian``)
+  works. The rules take symbolic zero tangents, so an input that is not
+  differentiated (a ``stop_gradient``-ed teacher) costs nothing.
 * ``0 log 0 = 0`` is built in: terms whose weight is exactly 0 contribute 0 to the
   value and the gradient even against a ``-inf`` log-probability.
 * The forward sums are written with arithmetic only (``max``/``min`` clamps, no
@@ -27,97 +27,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
+from jxent import _backend
 from jxent import _validation as v
-from jxent._categorical import Axis, flatten_classes, rows_and_masks
+from jxent._layout import Axis, flatten_classes, rows_and_masks
 from jxent._reduction import reduce_loss
+from jxent._rules import custom_jvp_loss
 from jxent._softmax import (
+    accumulation_dtype_of,
+    dot_last,
     finite_parts,
+    half_gap,
+    kept_rows,
+    log_shifted_sum,
     log_softmax_from_stats,
-    mask_logits,
-    reduce_rows,
     row_sums,
+    scaled_logits,
+    shifted_exp,
     softmax_from_stats,
 )
 
 # --------------------------------------------------------------------------------------------
-# Shared machinery
+# Arguments
 # --------------------------------------------------------------------------------------------
-
-
-def custom_jvp_loss(forward, tangent):
-    """A ``custom_jvp`` loss ``f(cfg, *arrays)`` from a forward and a tangent rule.
-
-    ``forward(cfg, *arrays) -> (loss, stats)``; ``tangent(cfg, arrays, stats, dots)``
-    is linear in ``dots`` (one per array, ``None`` where the input is not
-    perturbed). The tangent is checkpointed, so the transposed rule recomputes
-    what it needs from ``arrays`` and the per-row ``stats``.
-    """
-
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def f(cfg, *arrays):
-        return forward(cfg, *arrays)[0]
-
-    def jvp(cfg, primals, tangents):
-        loss, stats = forward(cfg, *primals)
-        dots = tuple(None if type(d) is SymbolicZero else d for d in tangents)
-        if all(d is None for d in dots):
-            return loss, jnp.zeros_like(loss)
-        out = jax.checkpoint(functools.partial(tangent, cfg))(primals, stats, dots)
-        return loss, out
-
-    f.defjvp(jvp, symbolic_zeros=True)
-    return f
-
-
-def _acc_dtype(*arrays: jax.Array) -> jnp.dtype:
-    """float64 if any input is float64, else float32."""
-    dts = [v.accumulation_dtype(a.dtype) for a in arrays]
-    return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dts else jnp.dtype(jnp.float32)
-
-
-class _Shifted(NamedTuple):
-    z: jax.Array  # [..., K] scaled logits in the accumulation dtype, -inf where masked
-    row_max: jax.Array  # [...] max over unmasked classes; 0 on rows without any
-    has_class: jax.Array  # [...] bool: the row has an unmasked finite logit
-    e: jax.Array  # [..., K] exp(z - row_max), exactly 0 on -inf and masked classes
-
-
-def _scaled(x: jax.Array, class_mask, scale: float, acc) -> jax.Array:
-    """``scale * x`` in ``acc`` with masked classes at ``-inf`` (see ``mask_logits``)."""
-    z = mask_logits(x, class_mask).astype(acc)
-    return z if scale == 1.0 else z * scale
-
-
-def _shifted_exp(x: jax.Array, class_mask, scale: float, acc) -> _Shifted:
-    """The shifted exponentials of a softmax over the last axis of ``scale * x``.
-
-    The row maximum is taken on the raw input (exact in any dtype, and ``scale > 0``
-    is monotone), so no converted copy of a bfloat16 ``x`` is needed for it. Masked
-    classes are ``-inf`` before anything reads them, whatever they hold.
-    """
-    row_max = jnp.max(mask_logits(x, class_mask), axis=-1).astype(acc)
-    if scale != 1.0:
-        row_max = row_max * scale
-    has_class = row_max > -jnp.inf
-    row_max = lax.stop_gradient(jnp.where(has_class, row_max, jnp.zeros((), acc)))
-    z = _scaled(x, class_mask, scale, acc)
-    return _Shifted(z, row_max, has_class, jnp.exp(z - row_max[..., None]))
-
-
-def _half_gap(s: _Shifted) -> jax.Array:
-    """``(row_max - z) / 2``, finite everywhere (``-inf`` logits clamp to the lowest float).
-
-    It is only ever multiplied by ``e``, which is 0 where the clamp applies; halving
-    keeps the difference from overflowing for logits near the float maximum.
-    """
-    _, z_floor = finite_parts(s.z)
-    return 0.5 * s.row_max[..., None] - 0.5 * z_floor
-
-
-def _log_sum(sums: jax.Array, has_class: jax.Array) -> jax.Array:
-    return jnp.log(jnp.where(has_class, sums, jnp.ones((), sums.dtype)))
 
 
 def _floating_pair(name_a: str, a, name_b: str, b, *, broadcast: bool = False):
@@ -132,21 +64,6 @@ def _floating_pair(name_a: str, a, name_b: str, b, *, broadcast: bool = False):
         return a, b
     shape = v.broadcast_shape(name_a, a, name_b, b)
     return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
-
-
-def _keep(has_class, row_mask):
-    return has_class if row_mask is None else has_class & row_mask
-
-
-def _masked(x, class_mask, fill):
-    return x if class_mask is None else jnp.where(class_mask, x, jnp.asarray(fill, x.dtype))
-
-
-def _dot_last(g: jax.Array, dot: jax.Array | None) -> jax.Array | int:
-    """``sum_k g_k dot_k`` over the last axis (0 if the input is not perturbed)."""
-    if dot is None:
-        return 0
-    return jnp.sum(g * dot.astype(g.dtype), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +82,7 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     ``-inf``) and the sum is one reduction, which XLA:CPU runs vectorised; two sums
     over the same inputs become one variadic loop that is 5x slower (measured).
     """
-    acc = _acc_dtype(lp, t)
+    acc = accumulation_dtype_of(lp, t)
     zero = jnp.zeros((), acc)
 
     def parts(lp, t):
@@ -187,7 +104,7 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
         return t * (jnp.log(jnp.maximum(t, tiny)) - lp_floor), t, lp_finite
 
     if not count_inf:
-        kl = reduce_rows(jnp.sum, lambda lp, t: parts(lp, t)[0], (lp, t))
+        kl = _backend.reduce_rows(jnp.sum, lambda lp, t: parts(lp, t)[0], (lp, t))
         return kl, jnp.zeros_like(kl)
     term, weight, lp_finite = parts(lp, t)
     sums = row_sums({"term": term, "on_inf": weight * (1 - lp_finite)})
@@ -215,7 +132,7 @@ def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
 def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
     lp, t, class_mask, _ = arrays
     lp_dot, t_dot = dots[0], dots[1]
-    acc = _acc_dtype(lp, t)
+    acc = accumulation_dtype_of(lp, t)
     zero = jnp.zeros((), acc)
     lp = lp.astype(acc)
     t = t.astype(acc)
@@ -225,7 +142,7 @@ def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
     if class_mask is not None:
         weight = jnp.where(class_mask, weight, zero)
         on = on & class_mask
-    out = -_dot_last(weight, lp_dot)
+    out = -dot_last(weight, lp_dot)
     if t_dot is not None:
         # d/dt [t (log t - log p)] = log t - log p + 1; with log-targets, times t.
         # Taken as 0 where t = 0 or log p = -inf (the one-sided derivatives there are
@@ -233,7 +150,7 @@ def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
         g = jnp.where(on, log_t - jnp.where(on, lp, zero) + 1, zero)
         if log_targets_given:
             g = weight * g
-        out = out + _dot_last(g, t_dot)
+        out = out + dot_last(g, t_dot)
     return jnp.where(stats.keep, out, zero)
 
 
@@ -388,29 +305,29 @@ class _DistillStats(NamedTuple):
 
 
 def _distill_forward(temperature: float, student, teacher, class_mask, row_mask):
-    acc = _acc_dtype(student, teacher)
+    acc = accumulation_dtype_of(student, teacher)
     zero = jnp.zeros((), acc)
     inv_t = 1.0 / temperature
-    s = _shifted_exp(student, class_mask, inv_t, acc)
-    t = _shifted_exp(teacher, class_mask, inv_t, acc)
+    s = shifted_exp(student, class_mask, inv_t, acc)
+    t = shifted_exp(teacher, class_mask, inv_t, acc)
     s_finite, _ = finite_parts(s.z)
     sums = row_sums(
         {
             "t": t.e,
             "s": s.e,
             # sum_k e_t (a'_k - b'_k) / 2, with a', b' the shifted teacher/student logits.
-            "gap": t.e * (_half_gap(s) - _half_gap(t)),
+            "gap": t.e * (half_gap(s) - half_gap(t)),
             "on_inf": t.e * (1 - s_finite),
         }
     )
-    log_st = _log_sum(sums["t"], t.has_class)
-    log_ss = _log_sum(sums["s"], s.has_class)
+    log_st = log_shifted_sum(sums["t"], t.has_class)
+    log_ss = log_shifted_sum(sums["s"], s.has_class)
     # KL = sum_k p_k (log p_k - log q_k) = sum_k p_k (a'_k - b'_k) - log S_t + log S_s.
     kl = 2 * sums["gap"] / jnp.where(t.has_class, sums["t"], 1) + (log_ss - log_st)
     # KL >= 0; rounding can leave a value a few ulps below 0.
     kl = jnp.maximum(kl, zero)
     kl = jnp.where(sums["on_inf"] > 0, jnp.inf, kl)
-    keep = _keep(t.has_class, row_mask)
+    keep = kept_rows(t.has_class, row_mask)
     loss = jnp.where(keep, (temperature * temperature) * kl, zero)
     stats = _DistillStats(s.row_max, log_ss, t.row_max, log_st, kl, keep)
     return loss, stats
@@ -422,14 +339,14 @@ def _distill_tangent(temperature: float, arrays, stats: _DistillStats, dots):
     acc = stats.kl.dtype
     zero = jnp.zeros((), acc)
     inv_t = 1.0 / temperature
-    zs = _scaled(student, class_mask, inv_t, acc)
-    zt = _scaled(teacher, class_mask, inv_t, acc)
+    zs = scaled_logits(student, class_mask, inv_t, acc)
+    zt = scaled_logits(teacher, class_mask, inv_t, acc)
     p = softmax_from_stats(zt, stats.max_t, stats.log_st)
     out = 0
     if s_dot is not None:
         q = softmax_from_stats(zs, stats.max_s, stats.log_ss)
         # d (T^2 KL) / d student_k = T (q_k - p_k).
-        out = out + _dot_last(temperature * (q - p), s_dot)
+        out = out + dot_last(temperature * (q - p), s_dot)
     if t_dot is not None:
         # d (T^2 KL) / d teacher_k = T p_k (log p_k - log q_k - KL): 0 where p_k = 0, and
         # 0 on rows whose KL is +inf (teacher mass on a class the student rules out).
@@ -437,7 +354,7 @@ def _distill_tangent(temperature: float, arrays, stats: _DistillStats, dots):
         log_q = log_softmax_from_stats(zs, stats.max_s, stats.log_ss)
         ok = (p > 0) & jnp.isfinite(stats.kl)[..., None]
         g = jnp.where(ok, log_p - jnp.where(ok, log_q, zero) - stats.kl[..., None], zero)
-        out = out + _dot_last(temperature * p * g, t_dot)
+        out = out + dot_last(temperature * p * g, t_dot)
     return jnp.where(stats.keep, out, zero)
 
 
@@ -556,12 +473,12 @@ class _EntropyStats(NamedTuple):
 def _entropy_forward(_, x, class_mask, row_mask):
     acc = v.accumulation_dtype(x.dtype)
     zero = jnp.zeros((), acc)
-    s = _shifted_exp(x, class_mask, 1.0, acc)
-    sums = row_sums({"s": s.e, "gap": s.e * _half_gap(s)})
-    log_s = _log_sum(sums["s"], s.has_class)
+    s = shifted_exp(x, class_mask, 1.0, acc)
+    sums = row_sums({"s": s.e, "gap": s.e * half_gap(s)})
+    log_s = log_shifted_sum(sums["s"], s.has_class)
     # H = lse - sum_k p_k z_k = log S + sum_k p_k (max - z_k): two non-negative terms.
     h = log_s + 2 * sums["gap"] / jnp.where(s.has_class, sums["s"], 1)
-    keep = _keep(s.has_class, row_mask)
+    keep = kept_rows(s.has_class, row_mask)
     h = jnp.where(keep, h, zero)
     return h, _EntropyStats(s.row_max, log_s, h, keep)
 
@@ -570,13 +487,13 @@ def _entropy_tangent(_, arrays, stats: _EntropyStats, dots):
     x, class_mask, _ = arrays
     acc = stats.entropy.dtype
     zero = jnp.zeros((), acc)
-    z = _scaled(x, class_mask, 1.0, acc)
+    z = scaled_logits(x, class_mask, 1.0, acc)
     p = softmax_from_stats(z, stats.row_max, stats.log_sum)
     neg_log_p = -log_softmax_from_stats(z, stats.row_max, stats.log_sum)
     # dH / dz_k = p_k (-log p_k - H), exactly 0 on -inf and masked classes, and where p_k
     # underflows (-log p_k may then be inf: 0 * inf must not give NaN).
     g = jnp.where(p > 0, p * (neg_log_p - stats.entropy[..., None]), zero)
-    return jnp.where(stats.keep, _dot_last(g, dots[0]), zero)
+    return jnp.where(stats.keep, dot_last(g, dots[0]), zero)
 
 
 _entropy = custom_jvp_loss(_entropy_forward, _entropy_tangent)
@@ -636,58 +553,3 @@ def entropy(
     rows, _, row_mask, class_mask = rows_and_masks(x, axes, where)
     loss = _entropy(None, rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
-
-
-# --------------------------------------------------------------------------------------------
-# The PolyLoss term sum_k t_k (1 - p_k) (used by jxent._categorical.poly_loss_cross_entropy)
-# --------------------------------------------------------------------------------------------
-
-
-class _PolyStats(NamedTuple):
-    row_max: jax.Array
-    log_sum: jax.Array  # log sum exp(x - row_max)
-    pt: jax.Array  # sum_k t_k p_k
-    keep: jax.Array
-
-
-def _poly_forward(_, x, t, class_mask, row_mask):
-    acc = _acc_dtype(x, t)
-    zero = jnp.zeros((), acc)
-    # This pass runs next to the cross-entropy core's over the same logits: without the
-    # barrier XLA merges the two identical exp(x - max) and materialises the result.
-    x = lax.optimization_barrier(x)
-    s = _shifted_exp(x, class_mask, 1.0, acc)
-    t = _masked(t.astype(acc), class_mask, 0)
-    sums = row_sums({"s": s.e, "te": t * s.e, "t": t})
-    log_s = _log_sum(sums["s"], s.has_class)
-    pt = sums["te"] / jnp.where(s.has_class, sums["s"], 1)
-    keep = _keep(s.has_class, row_mask)
-    term = jnp.where(keep, sums["t"] - pt, zero)
-    return term, _PolyStats(s.row_max, log_s, pt, keep)
-
-
-def _poly_tangent(_, arrays, stats: _PolyStats, dots):
-    x, t, class_mask, _ = arrays
-    x_dot, t_dot = dots[0], dots[1]
-    acc = stats.pt.dtype
-    zero = jnp.zeros((), acc)
-    p = softmax_from_stats(_scaled(x, class_mask, 1.0, acc), stats.row_max, stats.log_sum)
-    out = 0
-    if x_dot is not None:
-        # d/dx_j sum_k t_k (1 - p_k) = p_j (sum_k t_k p_k - t_j).
-        tm = _masked(t.astype(acc), class_mask, 0)
-        out = out + _dot_last(p * (stats.pt[..., None] - tm), x_dot)
-    if t_dot is not None:
-        out = out + _dot_last(_masked(1 - p, class_mask, 0), t_dot)
-    return jnp.where(stats.keep, out, zero)
-
-
-_poly = custom_jvp_loss(_poly_forward, _poly_tangent)
-
-
-def poly1_term(x: jax.Array, t: jax.Array, class_mask, row_mask) -> jax.Array:
-    """Per-row ``sum_k t_k (1 - softmax(x)_k)`` over the last axis (validated rows).
-
-    Rows dropped by ``row_mask`` or without a finite unmasked logit give 0.
-    """
-    return _poly(None, x, t, class_mask, row_mask)

@@ -23,12 +23,24 @@ Why it is written this way:
   reductions, so no float32 copy of the logits is materialised; sums accumulate in
   float32 and the loss is returned in float32.
 
+Backend-specific forms (the row reductions in pieces, the gather of bfloat16 bits,
+the fusion barrier) come from ``jxent._backend``; the layout and the static options
+(:class:`~jxent._layout.XentConfig`) from ``jxent._layout``.
+
 Internal API (the other loss modules, ``jxent.parallel`` and ``jxent.linear`` build on
-these; users call the public functions instead): :func:`softmax_xent`, :class:`XentConfig`,
-:func:`finish_rows`, :func:`row_sums`, :func:`reduce_rows`, :func:`finite_parts`,
-:func:`cap_logits`, :func:`cap_derivative`, :func:`gather_last`, :func:`take_classes`,
-:func:`to_rows`, :func:`mask_logits`, :func:`softmax_from_stats`,
-:func:`log_softmax_from_stats`.
+these; users call the public functions instead):
+
+* the core: :func:`softmax_xent`, :func:`finish_rows` (per-row loss and gradient
+  coefficients from the row sums), :class:`RowStats` (the per-row statistics its
+  tangent rule reads);
+* row sums and logits: :func:`row_sums`, :func:`finite_parts`, :func:`cap_logits`,
+  :func:`cap_derivative`, :func:`mask_logits`, :func:`gather_last`,
+  :func:`take_classes`, :func:`softmax_from_stats`, :func:`log_softmax_from_stats`;
+* softmax statistics shared by the divergence and poly families:
+  :class:`Shifted` and :func:`shifted_exp` (a row's shifted exponentials),
+  :func:`scaled_logits`, :func:`half_gap`, :func:`log_shifted_sum`,
+  :func:`dot_last`, :func:`accumulation_dtype_of`, :func:`kept_rows`,
+  :func:`fill_masked`.
 """
 
 from __future__ import annotations
@@ -40,25 +52,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jxent import _backend
+from jxent._layout import XentConfig, flatten_classes
 from jxent._validation import accumulation_dtype
-
-
-class XentConfig(NamedTuple):
-    """Static options of the core (hashable: they select which terms are traced)."""
-
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    soft_cap: float | None = None
-    # Where the classes are in the caller's arrays; None: the last axis. The arrays
-    # are brought to [*batch, classes] inside the rule, so that reverse mode saves the
-    # caller's logits, not a transposed copy.
-    class_axes: tuple[int, ...] | None = None
-
 
 _DEFAULT_CONFIG = XentConfig()
 
 
-class _RowStats(NamedTuple):
+class RowStats(NamedTuple):
     """Per-row scalars the tangent rule needs: all of shape ``x.shape[:-1]``."""
 
     # lse = row_max + lse_rel, kept apart: the softmax exp(z - row_max) * exp(-lse_rel)
@@ -153,12 +154,12 @@ def _take_last(gather, x: jax.Array, index: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def gather_last(x: jax.Array, index: jax.Array) -> jax.Array:
-    """``x[..., index]`` per row (in-range ``index`` of the batch shape), any dtype."""
-    # The gather reads the logits' bits as unsigned integers: XLA:CPU upcasts a
-    # bfloat16 gather operand to float32, which would copy the whole logits array.
-    bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    picked = jnp.take_along_axis(bits, index[..., None], axis=-1, mode="clip")[..., 0]
-    return lax.bitcast_convert_type(picked, x.dtype)
+    """``x[..., index]`` per row (in-range ``index`` of the batch shape), any dtype.
+
+    The gather itself is ``_backend.gather_bits`` (bfloat16 logits are read as bits on
+    XLA:CPU); the tangent is the same gather of the logits' tangent.
+    """
+    return _backend.gather_bits(x, index)
 
 
 @gather_last.defjvp
@@ -183,52 +184,6 @@ def finite_parts(z: jax.Array):
     big = jnp.finfo(z.dtype).max
     indicator = jnp.minimum(jnp.maximum(0.5 * z + big, 0), 1)
     return indicator, jnp.maximum(z, -big)
-
-
-#: XLA:CPU (jax 0.10) runs a fused reduction 2-7x slower once a float32 row is longer
-#: than this (measured: sum of exp 44 ms at 32768 columns, 320 ms at 40000 and above,
-#: same element count); rows are then reduced in pieces of at most this length.
-CPU_ROW_LIMIT = 32768
-
-
-def _row_pieces(x: jax.Array) -> int:
-    """How many equal pieces to cut each row of ``x`` into for reductions (1: none).
-
-    Only on a single CPU device, the case the measurement behind ``CPU_ROW_LIMIT`` is about.
-    """
-    k = x.shape[-1]
-    if k <= CPU_ROW_LIMIT or x.ndim < 2 or jax.default_backend() != "cpu":
-        return 1
-    if jax.device_count() > 1:
-        # The [rows * p, K / p] view merges the batch with part of the class axis: on a
-        # mesh that shards the classes, GSPMD would all-gather the logits for it
-        # (measured), and under Auto axes a sharding is not visible at trace time.
-        return 1
-    for pieces in range(-(-k // CPU_ROW_LIMIT), k // 1024 + 1):
-        if k % pieces == 0:
-            return pieces
-    return 1  # no divisor gives pieces of 1024 to 32768 columns: keep the rows whole
-
-
-def reduce_rows(reducer, term, arrays, row_values=()):
-    """``reducer(term(*arrays, *(r[..., None] for r in row_values)), axis=-1)``.
-
-    ``arrays`` have the same ``[..., K]`` shape, ``row_values`` their batch shape, and
-    ``term`` is elementwise. On one CPU device, long rows are reduced as ``[rows * p, K / p]``
-    pieces with the row values repeated, then the ``p`` partial results per row: the
-    same numbers, at the speed of short rows (see ``CPU_ROW_LIMIT``).
-    """
-    pieces = _row_pieces(arrays[0])
-    if pieces == 1:
-        return reducer(term(*arrays, *(r[..., None] for r in row_values)), axis=-1)
-    batch, k = arrays[0].shape[:-1], arrays[0].shape[-1]
-    flat = [a.reshape(-1, k // pieces) for a in arrays]
-    rows = [
-        jnp.repeat(r.reshape(-1), pieces, total_repeat_length=r.size * pieces)[:, None]
-        for r in row_values
-    ]
-    partial = reducer(term(*flat, *rows), axis=-1)
-    return reducer(partial.reshape(batch + (pieces,)), axis=-1)
 
 
 def row_sums(terms: dict[str, jax.Array], *, blocked: bool = True) -> dict[str, jax.Array]:
@@ -273,7 +228,7 @@ def _sum_last_axis(*operands: jax.Array) -> tuple[jax.Array, ...]:
     # could make GSPMD regather a class-sharded axis: there every element is summed
     # with compensation instead.
     k = operands[0].shape[-1]
-    if jax.device_count() > 1 or k <= 2 * SUM_BLOCK or operands[0].ndim < 1:
+    if not _backend.single_device() or k <= 2 * SUM_BLOCK or operands[0].ndim < 1:
         return _compensated_sums(operands)
     blocks = -(-k // SUM_BLOCK)
     pad = [(0, 0)] * (operands[0].ndim - 1) + [(0, blocks * SUM_BLOCK - k)]
@@ -351,30 +306,19 @@ def _smoothing_sums(x, row_max, class_weights, masked_smoothing_sums):
         arrays = (x, jnp.broadcast_to(w, x.shape))
         sum_w = jnp.sum(w)
     # Halved so that a sum of gaps near the float32 maximum does not overflow. The barrier
-    # keeps XLA from sharing the float32 conversion of bfloat16 logits between this sum
-    # and the sum of exponentials: a shared conversion is materialised ([rows, classes]).
-    arrays = (lax.optimization_barrier(arrays[0]),) + arrays[1:]
-    half_gap = reduce_rows(jnp.sum, term, arrays, (row_max,))
+    # keeps XLA:CPU from sharing the float32 conversion of bfloat16 logits between this
+    # sum and the sum of exponentials (a shared conversion is materialised).
+    arrays = (_backend.cpu_barrier(arrays[0]),) + arrays[1:]
+    gap_sum = _backend.reduce_rows(jnp.sum, term, arrays, (row_max,))
 
     def unmasked_sums():
         # Built from the sum over x so both branches have its type, sharding included
         # (and, inside shard_map, the same varying mesh axes).
-        n = jnp.full_like(half_gap, x.shape[-1])
-        return n, jnp.zeros_like(half_gap) + sum_w, half_gap
+        n = jnp.full_like(gap_sum, x.shape[-1])
+        return n, jnp.zeros_like(gap_sum) + sum_w, gap_sum
 
-    ok = jnp.all(jnp.isfinite(half_gap))
+    ok = jnp.all(jnp.isfinite(gap_sum))
     return lax.cond(ok, unmasked_sums, masked_smoothing_sums), ok
-
-
-def to_rows(a: jax.Array | None, class_axes: tuple[int, ...] | None) -> jax.Array | None:
-    """Moves ``class_axes`` (in that order) last and flattens them: ``[*batch, classes]``."""
-    if a is None or class_axes is None:
-        return a
-    ndim = a.ndim
-    batch_axes = tuple(i for i in range(ndim) if i not in class_axes)
-    if class_axes != tuple(range(ndim - len(class_axes), ndim)):
-        a = jnp.transpose(a, batch_axes + class_axes)
-    return a.reshape(a.shape[: len(batch_axes)] + (-1,))
 
 
 def mask_logits(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
@@ -389,7 +333,7 @@ def mask_logits(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
 
 
 def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_weights):
-    x, targets, class_mask = (to_rows(a, cfg.class_axes) for a in (x, targets, class_mask))
+    x, targets, class_mask = (flatten_classes(a, cfg.class_axes) for a in (x, targets, class_mask))
     # The label's own logit is read unmasked (optax's rule: where masks the normaliser).
     x_raw, x = x, mask_logits(x, class_mask)
     acc = accumulation_dtype(x.dtype)
@@ -401,7 +345,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     # The row maximum is taken on the raw logits: max is exact in any dtype and the
     # soft cap is monotone, so no converted copy of x is needed for it. -inf logits
     # need no mask: they never win the max and exp(-inf) = 0 below.
-    raw_max = reduce_rows(jnp.max, lambda x: x, (x,))
+    raw_max = _backend.reduce_rows(jnp.max, lambda x: x, (x,))
     row_max = cap_logits(raw_max, cfg.soft_cap, acc)
     has_class = row_max != -jnp.inf  # NaN logits keep the row (and make it NaN)
     row_max = lax.stop_gradient(jnp.where(has_class, row_max, zero))
@@ -415,7 +359,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         def term(x, m):
             return jnp.exp(cap_logits(x, cfg.soft_cap, acc) - m)
 
-        return {"sum_exp": reduce_rows(jnp.sum, term, (x,), (row_max,))}
+        return {"sum_exp": _backend.reduce_rows(jnp.sum, term, (x,), (row_max,))}
 
     def finite_and_half_gap(z=z):
         finite, z_floor = finite_parts(z)
@@ -425,18 +369,18 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         return finite, finite * (0.5 * row_max[..., None] - 0.5 * z_floor)
 
     if labels is None:
-        finite, half_gap = finite_and_half_gap()
+        finite, gaps = finite_and_half_gap()
         t = targets.astype(acc)
         if class_mask is not None:
             t = jnp.where(class_mask, t, zero)
-        terms.update(t=t, t_gap=t * half_gap, t_on_inf=t * (1 - finite))
+        terms.update(t=t, t_gap=t * gaps, t_on_inf=t * (1 - finite))
     if a > 0:
         w = jnp.ones(x.shape[-1:], acc) if class_weights is None else class_weights.astype(acc)
         w_rows = jnp.expand_dims(w, tuple(range(x.ndim - 1)))  # explicit rank broadcast
 
         def smoothing_terms(z):
-            finite, half_gap = finite_and_half_gap(z)
-            return {"n": finite, "w": finite * w_rows, "w_gap": w_rows * half_gap}
+            finite, gaps = finite_and_half_gap(z)
+            return {"n": finite, "w": finite * w_rows, "w_gap": w_rows * gaps}
 
         if labels is None or class_mask is not None or cfg.soft_cap is not None:
             # In the same variadic reduction as the sum of exponentials: every sum reads
@@ -486,7 +430,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
         cfg, row_max, lse_rel, has_class, big_c, dist, label_coef, smoothing, row_mask
     )
     lse_rel = jnp.where(has_class, lse_rel, zero)
-    return loss, _RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep, all_finite)
+    return loss, RowStats(row_max, lse_rel, scale, label_coef, smooth_coef, keep, all_finite)
 
 
 def softmax_from_stats(z: jax.Array, row_max: jax.Array, log_sum: jax.Array) -> jax.Array:
@@ -502,6 +446,80 @@ def softmax_from_stats(z: jax.Array, row_max: jax.Array, log_sum: jax.Array) -> 
 def log_softmax_from_stats(z: jax.Array, row_max: jax.Array, log_sum: jax.Array) -> jax.Array:
     """``log_softmax(z)`` from the same row statistics: ``(z - max) - log_sum``."""
     return (z - row_max[..., None]) - log_sum[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax statistics shared by the divergence and poly families
+# --------------------------------------------------------------------------------------------
+
+
+def accumulation_dtype_of(*arrays: jax.Array) -> jnp.dtype:
+    """The accumulation dtype of several inputs: float64 if any is float64, else float32."""
+    dts = [accumulation_dtype(a.dtype) for a in arrays]
+    return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dts else jnp.dtype(jnp.float32)
+
+
+class Shifted(NamedTuple):
+    """The shifted exponentials of a softmax over the last axis (see :func:`shifted_exp`)."""
+
+    z: jax.Array  # [..., K] scaled logits in the accumulation dtype, -inf where masked
+    row_max: jax.Array  # [...] max over unmasked classes; 0 on rows without any
+    has_class: jax.Array  # [...] bool: the row has an unmasked finite logit
+    e: jax.Array  # [..., K] exp(z - row_max), exactly 0 on -inf and masked classes
+
+
+def scaled_logits(x: jax.Array, class_mask, scale: float, acc) -> jax.Array:
+    """``scale * x`` in ``acc`` with masked classes at ``-inf`` (see :func:`mask_logits`)."""
+    z = mask_logits(x, class_mask).astype(acc)
+    return z if scale == 1.0 else z * scale
+
+
+def shifted_exp(x: jax.Array, class_mask, scale: float, acc) -> Shifted:
+    """The shifted exponentials of a softmax over the last axis of ``scale * x``.
+
+    The row maximum is taken on the raw input (exact in any dtype, and ``scale > 0``
+    is monotone), so no converted copy of a bfloat16 ``x`` is needed for it. Masked
+    classes are ``-inf`` before anything reads them, whatever they hold.
+    """
+    row_max = jnp.max(mask_logits(x, class_mask), axis=-1).astype(acc)
+    if scale != 1.0:
+        row_max = row_max * scale
+    has_class = row_max > -jnp.inf
+    row_max = lax.stop_gradient(jnp.where(has_class, row_max, jnp.zeros((), acc)))
+    z = scaled_logits(x, class_mask, scale, acc)
+    return Shifted(z, row_max, has_class, jnp.exp(z - row_max[..., None]))
+
+
+def half_gap(s: Shifted) -> jax.Array:
+    """``(row_max - z) / 2``, finite everywhere (``-inf`` logits clamp to the lowest float).
+
+    It is only ever multiplied by ``s.e``, which is 0 where the clamp applies; halving
+    keeps the difference from overflowing for logits near the float maximum.
+    """
+    _, z_floor = finite_parts(s.z)
+    return 0.5 * s.row_max[..., None] - 0.5 * z_floor
+
+
+def log_shifted_sum(sums: jax.Array, has_class: jax.Array) -> jax.Array:
+    """``log sum_k exp(z_k - row_max)`` from the row sums: 0 on rows without a class."""
+    return jnp.log(jnp.where(has_class, sums, jnp.ones((), sums.dtype)))
+
+
+def kept_rows(has_class: jax.Array, row_mask: jax.Array | None) -> jax.Array:
+    """The rows that count: those with a class, and kept by ``row_mask`` (None: all)."""
+    return has_class if row_mask is None else has_class & row_mask
+
+
+def fill_masked(x: jax.Array, class_mask: jax.Array | None, fill) -> jax.Array:
+    """``x`` with ``fill`` on the classes that ``class_mask`` drops (None: none dropped)."""
+    return x if class_mask is None else jnp.where(class_mask, x, jnp.asarray(fill, x.dtype))
+
+
+def dot_last(g: jax.Array, dot: jax.Array | None) -> jax.Array | int:
+    """``sum_k g_k dot_k`` over the last axis (0 if the input is not perturbed: None)."""
+    if dot is None:
+        return 0
+    return jnp.sum(g * dot.astype(g.dtype), axis=-1)
 
 
 def finish_rows(
@@ -530,7 +548,7 @@ def finish_rows(
     if cfg.z_loss > 0:
         loss = loss + cfg.z_loss * lse * lse
         scale = scale + 2 * cfg.z_loss * lse
-    keep = has_class if row_mask is None else has_class & row_mask
+    keep = kept_rows(has_class, row_mask)
     loss = jnp.where(keep, loss, zero)
     scale = jnp.where(keep, scale, zero)
     if label_coef is not None:
@@ -549,7 +567,7 @@ def _tangent(cfg, x, targets, labels, class_mask, class_weights, stats, x_dot, t
     every class).
     """
     x, targets, class_mask, x_dot, t_dot = (
-        to_rows(a, cfg.class_axes) for a in (x, targets, class_mask, x_dot, t_dot)
+        flatten_classes(a, cfg.class_axes) for a in (x, targets, class_mask, x_dot, t_dot)
     )
     x_raw, x = x, mask_logits(x, class_mask)
     acc = stats.lse_rel.dtype
