@@ -1,5 +1,5 @@
-"""The public entry point of jxent/linear/api.py: argument errors, block planning and
-the structural memory property (compiled temporary memory, nothing is allocated)."""
+"""The public entry point of jxent/linear/api.py: argument errors and the structural
+memory property (compiled temporary memory, nothing is allocated)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import jxent
-from jxent.linear import api
 
 LINEAR = jxent.linear_softmax_cross_entropy
 N, D, V = 6, 4, 10
@@ -83,59 +82,6 @@ def test_bad_inputs_raise(case):
         LINEAR(x, w, y, **kw)
     with pytest.raises(error, match=match):  # at trace time, under jit too
         jax.jit(lambda x, w, y: LINEAR(x, w, y, **kw))(x, w, y)
-
-
-# --------------------------------------------------------------------------------------------
-# Block planning
-# --------------------------------------------------------------------------------------------
-
-
-def test_default_blocks_at_llm_shapes():
-    # Gemma 2 / Llama 3: the float32 [D, V] accumulator is too large, so the vocabulary
-    # is streamed; the blocks divide N and V (no separately compiled last block).
-    for n, d, v in ((8192, 2304, 256000), (8192, 4096, 128256)):
-        for reduction in ("mean", "none"):
-            tb, vb, single = api.plan_blocks(n, d, v, reduction, None)
-            assert not single
-            assert n % tb == 0 and v % vb == 0, (tb, vb)
-            panel = api.PANEL_BYTES["cpu"]
-            assert tb * vb * 4 <= 1.1 * panel
-            assert d * vb * 4 <= 1.1 * panel and tb * d * 4 <= panel
-            # Accelerators take larger blocks: all 8192 tokens at once here.
-            tb_gpu, vb_gpu, _ = api.plan_blocks(n, d, v, reduction, None, backend="gpu")
-            assert tb_gpu == n and vb_gpu > vb and v % vb_gpu == 0
-    # A moderate vocabulary and an averaged loss: the single pass over token blocks.
-    tb, vb, single = api.plan_blocks(4096, 1024, 32000, "mean", None)
-    assert single and vb == 32000 and 4096 % tb == 0
-    # Per-token losses always stream the vocabulary.
-    assert not api.plan_blocks(4096, 1024, 32000, "none", None)[2]
-
-
-def test_explicit_chunk_sizes():
-    assert api.plan_blocks(100, 8, 50, "mean", (7, 11)) == (7, 11, False)
-    assert api.plan_blocks(100, 8, 50, "mean", (7, 50)) == (7, 50, True)
-    assert api.plan_blocks(100, 8, 50, "none", (7, 80)) == (7, 50, False)
-    assert api.plan_blocks(100, 8, 50, "sum", (500, 80)) == (100, 50, True)
-    tb, vb, single = api.plan_blocks(100, 8, 50, "mean", 16)
-    assert (vb, single) == (16, False) and 1 <= tb <= 100
-    assert api.plan_blocks(0, 8, 50, "mean", None)[0] == 1
-
-
-def test_block_groups():
-    """The power of two dividing the axis and the block, at most 64 and at most
-    block / min_run; 1 without a loop."""
-    assert api.block_groups(8192, 512) == api.MAX_GROUPS == 64
-    assert api.block_groups(32000, 2048) == 64
-    assert api.block_groups(128256, 1336) == 8
-    assert api.block_groups(48, 20) == 4
-    assert api.block_groups(61, 16) == 1
-    assert api.block_groups(64, 64) == api.block_groups(64, 100) == api.block_groups(0, 1) == 1
-    # Runs of at least min_run (the vocabulary's 128 columns) from each group.
-    assert api.MIN_VOCAB_RUN == 128
-    assert api.block_groups(32000, 2048, 128) == 16
-    assert api.block_groups(8192, 512, 128) == 4
-    assert api.block_groups(8192, 127, 128) == api.block_groups(8192, 200, 128) == 1
-    assert api.block_groups(2**20, 2**14, 128) == 64
 
 
 # --------------------------------------------------------------------------------------------

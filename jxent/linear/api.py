@@ -1,151 +1,23 @@
-"""``linear_softmax_cross_entropy``: validation, block-size choice and dispatch."""
+"""``linear_softmax_cross_entropy``: validation and dispatch.
+
+The arrays typed with ``Explicit`` mesh axes go to ``jxent.linear.explicit`` (the loss
+under ``shard_map``); everything else to the blocked engine on this device's arrays
+(``jxent._fused.xent.linear_cross_entropy``; under ``jax.jit`` with ``Auto`` mesh axes
+GSPMD partitions its grouped blocks).
+"""
 
 from __future__ import annotations
 
 import functools
-import math
 import operator
 
 import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._categorical import and_masks, xent_config
-from jxent._reduction import reduce_loss
-from jxent._softmax import take_classes
-from jxent.linear import chunked
-
-MiB = 2**20
-#: Default size of each float32 panel a block works on: the logits block
-#: ``[token_block, vocab_block]``, its ``dx`` rows ``[token_block, D]`` and its ``dw``
-#: columns ``[D, vocab_block]``. On CPU, memory-lean panels cost nothing (the matrix
-#: products are as efficient at that size); a GPU or TPU runs larger blocks markedly
-#: faster (fewer, larger kernels), and has the memory for them.
-PANEL_BYTES = {"cpu": 32 * MiB}
-ACCELERATOR_PANEL_BYTES = 128 * MiB
-#: Largest float32 ``[D, V]`` weight-gradient accumulator the single-pass schedule may use.
-SINGLE_PASS_MAX_ACCUMULATOR = 256 * MiB
-#: Largest float32 logits block ``[token_block, V]`` of the single-pass schedule.
-SINGLE_PASS_MAX_BLOCK = 256 * MiB
-#: Most groups a blocked axis is split into (see ``jxent.linear.chunked``): every block
-#: takes a slice of each group, so that under ``jax.jit`` with ``w`` (or ``x``) sharded
-#: along the blocked axis over ``Auto`` mesh axes, each device slices its own part.
-MAX_GROUPS = 64
-#: Fewest consecutive vocabulary columns a block takes from each group. A ``w`` block is
-#: then copied in runs of at least this many columns: on CPU, with 2048-column blocks,
-#: runs of 32 columns (64 groups) cost 4-8% of a float32 training step, runs of 128 about
-#: half of that (measured, 2048 x 512 x 32768; within the noise for bfloat16).
-MIN_VOCAB_RUN = 128
-
-
-def _block_length(total: int, cap: int, align: int) -> int:
-    """A block length of at most about ``cap`` for ``total`` items.
-
-    Prefers a divisor of ``total`` (a multiple of 8) in ``[cap / 2, cap]``: a
-    shorter last block is compiled as a separate copy of the loop body, with buffers
-    of its own. Otherwise splits ``total`` into near-equal blocks, rounded up to a
-    multiple of ``align``.
-    """
-    cap = max(align, cap - cap % align)
-    if total <= cap:
-        return max(total, 1)
-    for size in range(cap - cap % 8, cap // 2 - 1, -8):
-        if total % size == 0:
-            return size
-    count = -(-total // cap)
-    size = -(-total // count)
-    return min(total, -(-size // align) * align)
-
-
-def block_groups(total: int, block: int, min_run: int = 1) -> int:
-    """Groups of a blocked axis of length ``total`` with blocks of ``block`` (static).
-
-    The largest power of two that divides both, at most ``MAX_GROUPS`` and at most
-    ``block / min_run`` (each group's slice of a block has at least ``min_run``
-    entries); 1 for a single block. A sharding of the axis over ``S`` devices (``Auto``
-    mesh axes, GSPMD) stays local to each device through the block loop when ``S``
-    divides this number.
-    """
-    if block >= total:
-        return 1
-    common = math.gcd(total, block)
-    groups = min(common & -common, MAX_GROUPS)
-    while groups > 1 and groups * min_run > block:
-        groups //= 2
-    return groups
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"chunk_size must be a positive int or a pair of them, got {value!r}.")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"chunk_size must be None, a positive int (vocabulary columns per block) or a "
-            f"pair (tokens, vocabulary columns) of positive ints; got {what} {value!r}."
-        ) from None
-    if value <= 0:
-        raise ValueError(f"chunk_size must be positive, got {what} {value}.")
-    return value
-
-
-def plan_blocks(
-    num_tokens: int,
-    hidden: int,
-    num_classes: int,
-    reduction: str,
-    chunk_size: int | tuple[int, int] | None,
-    acc_bytes: int = 4,
-    backend: str = "cpu",
-) -> tuple[int, int, bool]:
-    """``(token_block, vocab_block, single_pass)`` for a call (all static).
-
-    The rule for ``chunk_size=None``, with ``P`` the panel size (32 MiB on CPU,
-    128 MiB on GPU/TPU; sizes counted in float32):
-
-    * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
-      gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``
-      tokens (a logits block of at least ``P``, at most 256 MiB) spanning the whole
-      vocabulary. Three matrix products, as many as the unfused computation.
-    * Streaming otherwise (per-token losses, or a large ``D * V`` as in language
-      models): token blocks of at most ``P`` of ``dx`` rows (``P / 4D`` tokens)
-      and vocabulary blocks of at most ``P`` of logits and of ``dw`` columns.
-      Four matrix products; temporary memory ``O(N * D)`` plus a few panels,
-      whatever ``V``.
-
-    Block lengths prefer divisors of ``N`` and ``V`` (multiples of 8) within a
-    factor 2 of those caps, since a shorter last block is compiled separately.
-    An int ``chunk_size`` sets the vocabulary block (tokens blocked as above), a
-    pair sets both; a vocabulary block as wide as ``V`` with a summed or averaged
-    loss selects the single pass.
-    """
-    n, d, k = num_tokens, hidden, num_classes
-    summed = reduction != "none"
-    panel = PANEL_BYTES.get(backend, ACCELERATOR_PANEL_BYTES) // acc_bytes  # elements
-    if chunk_size is not None:
-        if isinstance(chunk_size, (tuple, list)):
-            if len(chunk_size) != 2:
-                raise ValueError(
-                    "chunk_size must be an int or a pair (tokens, vocabulary columns), got "
-                    f"{chunk_size!r}."
-                )
-            tb = _positive_int(chunk_size[0], "token block")
-            vb = _positive_int(chunk_size[1], "vocabulary block")
-        else:
-            vb = _positive_int(chunk_size, "vocabulary block")
-            tb = _block_length(n, panel // max(d, 1), 8)
-        tb, vb = min(tb, max(n, 1)), min(vb, k)
-        return tb, vb, summed and vb == k
-    rows_cap = panel // max(d, 1)
-    if summed and d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR:
-        # Token blocks of about 2 D rows: each block adds its x.T @ dz into the [D, V]
-        # accumulator, and an inner dimension of 2 D keeps that product efficient and
-        # the accumulator's traffic small beside it.
-        rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
-        return _block_length(n, max(rows, 1), 8), k, True
-    tb = _block_length(n, rows_cap, 8)
-    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128), False
+from jxent._fused.xent import linear_cross_entropy
+from jxent._layout import and_masks, xent_config
+from jxent.linear import explicit
 
 
 def linear_softmax_cross_entropy(
@@ -247,7 +119,7 @@ def linear_softmax_cross_entropy(
       or averaged and the float32 ``[D, V]`` accumulator is at most 256 MiB, with
       token blocks of about ``2 D`` tokens; otherwise vocabulary streaming with
       panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
-      CPU, 128 MiB on GPU/TPU. See :func:`jxent.linear.api.plan_blocks` for the
+      CPU, 128 MiB on GPU/TPU. See :func:`jxent._fused.plan.plan_blocks` for the
       exact rule.
 
       Padding columns (``num_classes`` below ``w.shape[1]``): their logits are
@@ -263,7 +135,7 @@ def linear_softmax_cross_entropy(
       devices. Each block takes a slice of every one of ``G`` groups of the vocabulary
       (and of the tokens), ``G`` the largest power of two up to 64 dividing both the
       axis and its block, and for the vocabulary at most ``block / 128``
-      (:func:`jxent.linear.api.block_groups`): a shard count that divides ``G`` (or an
+      (:func:`jxent._fused.plan.block_groups`): a shard count that divides ``G`` (or an
       axis not looped over) never gathers ``w`` or ``x``; another one gathers them,
       with the same results. With the default blocks ``G`` is 8 to 32 for the usual
       vocabulary sizes; a larger ``chunk_size`` allows more. With ``Explicit`` mesh axes the loss
@@ -310,20 +182,16 @@ def linear_softmax_cross_entropy(
         w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
         per_column="w.shape[1]",
     )
-    columns = w.shape[1]
-    num_classes = _num_classes(num_classes, columns)
-    batch_shape = x.shape[:-1]
+    num_classes = _num_classes(num_classes, w.shape[1])
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     if class_weights is not None:
         # Constants (see Args): no gradient, the mean's denominator included.
         class_weights = jax.lax.stop_gradient(class_weights)
-    from jxent import parallel  # here: jxent.parallel builds on this module
-
-    if parallel.explicitly_sharded(x, w, labels):
+    if explicit.explicitly_sharded(x, w, labels):
         # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
-        # no typed sharded form; jxent.parallel runs the loss per device in shard_map.
-        return parallel.linear_from_explicit_sharding(
+        # no typed sharded form; the loss runs per device under shard_map.
+        return explicit.linear_from_explicit_sharding(
             x,
             w,
             labels,
@@ -340,68 +208,26 @@ def linear_softmax_cross_entropy(
         )
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
-
-    n = labels.size
     dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
     try:
-        acc = v.accumulation_dtype(functools.reduce(jnp.promote_types, dtypes))
+        functools.reduce(jnp.promote_types, dtypes)
     except jax.dtypes.TypePromotionError:
         raise TypeError(
             f"x, w and bias have dtypes {[str(d) for d in dtypes]}, which "
             "jax_numpy_dtype_promotion='strict' does not promote: cast them to one dtype."
         ) from None
-    token_block, vocab_block, single_pass = plan_blocks(
-        n,
-        x.shape[-1],
-        columns,
-        reduction,
-        chunk_size,
-        jnp.dtype(acc).itemsize,
-        jax.default_backend(),
-    )
-    spec = chunked.Spec(
-        config,
-        token_block,
-        vocab_block,
-        block_groups(n, token_block),
-        block_groups(columns, vocab_block, MIN_VOCAB_RUN),
-        None if num_classes == columns else num_classes,
-    )
-    cw, real = class_weights, None
-    if num_classes < columns:
-        # Padding columns: the blocked loss selects their logits to a large finite negative
-        # number and their dx weights to 0, whatever w and bias hold there (inf and NaN
-        # included), and they get a zero weight, selected, for the smoothing sums.
-        real = jnp.arange(columns) < num_classes
-        if cw is not None:
-            cw = jnp.where(real, cw, jnp.zeros((), cw.dtype))
-        elif config.label_smoothing > 0:
-            cw = real.astype(acc)
-    args = (
-        x.reshape(n, x.shape[-1]),
+    return linear_cross_entropy(
+        x,
         w,
-        bias,
-        chunked.prepare_labels(labels.reshape(n), num_classes),
-        None if row_mask is None else row_mask.reshape(n),
-        cw,
-        real,
+        labels,
+        bias=bias,
+        row_mask=row_mask,
+        class_weights=class_weights,
+        config=config,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        num_classes=num_classes,
     )
-    if single_pass:
-        total = chunked.summed_loss(spec, *args)
-    else:
-        per_token = chunked.per_token_loss(spec, *args).reshape(batch_shape)
-        if reduction == "none":
-            return per_token
-        total = jnp.sum(per_token)
-    if reduction == "sum":
-        return total
-    weight = row_mask
-    if class_weights is not None:
-        safe = jnp.clip(labels, 0, num_classes - 1)
-        weight = take_classes(class_weights, safe).astype(total.dtype)
-        if row_mask is not None:
-            weight = jnp.where(row_mask, weight, jnp.zeros((), total.dtype))
-    return _mean(total, n, weight)
 
 
 def _num_classes(num_classes, columns: int) -> int:
@@ -422,10 +248,3 @@ def _num_classes(num_classes, columns: int) -> int:
             f"columns, padding after them), got {num_classes}."
         )
     return num_classes
-
-
-def _mean(total: jax.Array, n: int, weight: jax.Array | None) -> jax.Array:
-    """``reduce_loss``'s mean for a total that is already summed."""
-    if weight is None:
-        return total / max(n, 1)
-    return reduce_loss(total[None], "mean", jnp.sum(weight.astype(total.dtype))[None])

@@ -1,5 +1,5 @@
-"""Values and gradients of the blocked linear cross-entropy (jxent/linear/chunked.py).
-
+"""Values and gradients of the blocked engine (jxent/_fused/engine.py) through the fused
+cross-entropy (jxent.linear_softmax_cross_entropy).
 Expectations come from two places, never from the code under test:
 
 * the independent float64 NumPy reference ``tests/reference_linear.py`` (the loss
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import reference_linear as ref
 
+from jxent._fused.plan import MIN_VOCAB_RUN, block_groups
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
-from jxent.linear.api import MIN_VOCAB_RUN, block_groups
 
 # float64 comparisons need x64 (tests/conftest.py enables it for the whole suite too).
 jax.config.update("jax_enable_x64", True)
@@ -205,7 +205,7 @@ def test_large_logits_stay_exact():
             assert_close(g, e, rtol=1e-7, atol=1e-7)
 
 
-# Blocks over groups of the tokens and of the vocabulary (jxent.linear.chunked's module
+# Blocks over groups of the tokens and of the vocabulary (jxent._fused.blocks' module
 # docstring): N = 16 and V = 2048 give (token groups, vocabulary groups) of (4, 8), (2, 8)
 # with shorter last blocks (1280 = 8 groups x 160 columns: one block of 8 x 160 and one
 # of 8 x 96), and 8 token groups in the single pass.

@@ -1,0 +1,261 @@
+"""Every backend-specific choice of jxent, in one module: the register of workarounds.
+
+jxent's numerics are the same on every platform; what differs is how XLA compiles
+them. Each choice below is resolved **per lowering platform** with
+``lax.platform_dependent`` (never with ``jax.default_backend()`` at trace time), so a
+program lowered, compiled ahead of time or exported for several platforms from one
+host carries the right form for each. The accelerator branches take the plain,
+fusible form; the ``cpu`` branches hold what XLA:CPU needs.
+
+Every entry names the jax version and the measurement that justified it, so that it
+can be removed when XLA changes. Measurements are on XLA:CPU, jax 0.10, 2 cores,
+unless said otherwise; the benchmark commands are those of ``benchmarks/``.
+
+======================  ==========================================================
+entry                   what it works around
+======================  ==========================================================
+``reduce_rows``         XLA:CPU's fused row reductions slow down 2-7x past 32768
+                        float32 columns: long rows are reduced in pieces.
+``slice_block``         XLA:CPU slices a bfloat16 array in float32, converting the
+                        whole (loop-invariant) array: the slice runs in a branch.
+``put_block``           XLA:CPU writes a bfloat16 update by converting the whole
+                        destination to float32 and back: written as integer bits.
+``transposed_block``    XLA:CPU multiplies bfloat16 in bfloat16 only for a
+                        row-major left operand: the transpose is materialised.
+``gather_bits``         XLA:CPU upcasts a bfloat16 gather operand to float32 (a copy
+                        of the whole logits): the gather reads integer bits.
+``cpu_barrier``         XLA:CPU materialises an expression (a broadcast constant, a
+                        converted copy, ``z - max``) that CSE shares between two
+                        fused passes: a barrier keeps the passes apart.
+``panel_bytes``         the size of each float32 panel of the fused losses' blocks:
+                        small on CPU, larger on accelerators.
+``single_device``       views that merge part of the class axis with the batch are
+                        only taken on one device (GSPMD could regather a
+                        class-sharded axis for them).
+======================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MiB = 2**20
+
+
+def on_cpu(cpu: Callable, default: Callable, *args):
+    """``cpu(*args)`` when lowered for XLA:CPU, ``default(*args)`` for any other platform.
+
+    Both are traced; the compiler sees only the lowering platform's branch (a
+    multi-platform export keeps a conditional resolved before compilation).
+    """
+    return lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+def per_platform(fn: Callable, plans: dict):
+    """``fn(plans[p])`` for the lowering platform ``p`` (``"cpu"`` or ``"default"``).
+
+    One trace when the plans are equal; otherwise one branch per platform.
+    """
+    if plans["cpu"] == plans["default"]:
+        return fn(plans["cpu"])
+    return on_cpu(lambda: fn(plans["cpu"]), lambda: fn(plans["default"]))
+
+
+def single_device() -> bool:
+    """Whether the program runs on a single device (the only topology where views that
+    merge part of the class axis with the batch are taken; see ``reduce_rows``)."""
+    return jax.device_count() == 1
+
+
+def narrow_float(a: jax.Array) -> bool:
+    """bfloat16 / float16: the dtypes XLA:CPU converts to float32 around slices, writes,
+    gathers and transposes (each workaround below is for those dtypes only)."""
+    return jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4
+
+
+# --------------------------------------------------------------------------------------------
+# Row reductions
+# --------------------------------------------------------------------------------------------
+
+#: XLA:CPU (jax 0.10) runs a fused reduction 2-7x slower once a float32 row is longer
+#: than this (measured: sum of exp 44 ms at 32768 columns, 320 ms at 40000 and above,
+#: same element count); rows are then reduced in pieces of at most this length.
+CPU_ROW_LIMIT = 32768
+
+
+def _row_pieces(shape: tuple[int, ...]) -> int:
+    """How many equal pieces to cut each row into on XLA:CPU (1: none)."""
+    k = shape[-1]
+    if k <= CPU_ROW_LIMIT or len(shape) < 2 or not single_device():
+        # On several devices the [rows * p, K / p] view merges the batch with part of the
+        # class axis: on a mesh that shards the classes, GSPMD would all-gather the
+        # logits for it (measured), and under Auto axes a sharding is not visible here.
+        return 1
+    for pieces in range(-(-k // CPU_ROW_LIMIT), k // 1024 + 1):
+        if k % pieces == 0:
+            return pieces
+    return 1  # no divisor gives pieces of 1024 to 32768 columns: keep the rows whole
+
+
+def reduce_rows(reducer, term, arrays, row_values=()):
+    """``reducer(term(*arrays, *(r[..., None] for r in row_values)), axis=-1)``.
+
+    ``arrays`` have the same ``[..., K]`` shape, ``row_values`` their batch shape, and
+    ``term`` is elementwise. On XLA:CPU, long rows are reduced as ``[rows * p, K / p]``
+    pieces with the row values repeated, then the ``p`` partial results per row: the
+    same numbers, at the speed of short rows (``CPU_ROW_LIMIT``).
+    """
+
+    def whole():
+        return reducer(term(*arrays, *(r[..., None] for r in row_values)), axis=-1)
+
+    pieces = _row_pieces(arrays[0].shape)
+    if pieces == 1:
+        return whole()
+
+    def in_pieces():
+        batch, k = arrays[0].shape[:-1], arrays[0].shape[-1]
+        flat = [a.reshape(-1, k // pieces) for a in arrays]
+        rows = [
+            jnp.repeat(r.reshape(-1), pieces, total_repeat_length=r.size * pieces)[:, None]
+            for r in row_values
+        ]
+        partial = reducer(term(*flat, *rows), axis=-1)
+        return reducer(partial.reshape(batch + (pieces,)), axis=-1)
+
+    return on_cpu(in_pieces, whole)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks of bfloat16/float16 arrays (the fused losses' loops)
+# --------------------------------------------------------------------------------------------
+
+
+def slice_block(a: jax.Array, start, length: int, axis: int) -> jax.Array:
+    """``length`` entries of ``a`` along ``axis`` from a traced ``start``.
+
+    XLA:CPU (jax 0.10) slices a bfloat16/float16 array in float32: it converts the whole
+    array, and inside a loop that conversion of a loop-invariant operand (or of its
+    integer view) is hoisted out and materialised, a full-size copy of ``w`` (measured
+    with ``benchmarks.bench_linear``: +D*V*4 bytes of temporary memory). A slice inside
+    a conditional branch cannot be hoisted, and fuses into a copy of the block.
+    """
+    take = lambda: lax.dynamic_slice_in_dim(a, start, length, axis)  # noqa: E731
+    if not narrow_float(a):
+        return take()
+    shape = a.shape[:axis] + (length,) + a.shape[axis + 1 :]
+    in_branch = lambda: lax.cond(start >= 0, take, lambda: jnp.zeros_like(a, shape=shape))  # noqa: E731
+    return on_cpu(in_branch, take)
+
+
+def put_block(a: jax.Array, update: jax.Array, start, axis: int) -> jax.Array:
+    """``a`` with ``update`` written from ``start`` along ``axis``, in place.
+
+    XLA:CPU (jax 0.10) writes a bfloat16/float16 update by converting the whole
+    destination to float32 and back (measured: a copy of ``dw`` per vocabulary block in
+    ``benchmarks.bench_linear``); through the unsigned-integer views it writes in place.
+    """
+    write = lambda: lax.dynamic_update_slice_in_dim(a, update, start, axis)  # noqa: E731
+    if not narrow_float(a):
+        return write()
+
+    def as_bits():
+        bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+        view = lambda t: lax.bitcast_convert_type(t, bits)  # noqa: E731
+        out = lax.dynamic_update_slice_in_dim(view(a), view(update), start, axis)
+        return lax.bitcast_convert_type(out, a.dtype)
+
+    return on_cpu(as_bits, write)
+
+
+def transposed_block(a: jax.Array, block: Callable[[], jax.Array], start, transposed_shape):
+    """``block().T`` (a ``[tokens, D]`` block of ``a = x``) for the product ``x.T @ dz``.
+
+    XLA:CPU (jax 0.10) runs a bfloat16 matrix product in bfloat16 (YNNPACK) only when
+    its left operand is row-major; the transpose of a row-major block is a column-major
+    view, so ``x.T @ dz`` would convert both operands to float32 (full copies) and
+    multiply in float32, several times slower (measured: ``benchmarks.bench_linear``,
+    bfloat16 rows). A transpose inside a conditional branch is materialised row-major
+    instead, block by block (a copy of the block, negligible beside the product).
+    """
+    plain = lambda: block().T  # noqa: E731
+
+    def row_major():
+        if isinstance(start, int):
+            # The barrier keeps XLA from folding the always-true predicate (and inlining
+            # the branch, which would bring back the column-major view).
+            pred = lax.optimization_barrier(jnp.bool_(True))
+        else:
+            pred = start >= 0
+        # zeros_like keeps a's type (its sharding, the mesh axes it varies over).
+        zeros = lambda: jnp.zeros_like(a, shape=transposed_shape)  # noqa: E731
+        return lax.cond(pred, plain, zeros)
+
+    if not narrow_float(a):
+        return plain()
+    return on_cpu(row_major, plain)
+
+
+def gather_bits(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[..., index]`` per row (in-range ``index`` of the batch shape).
+
+    XLA:CPU (jax 0.10) upcasts a bfloat16 gather operand to float32, which copies the
+    whole logits array (measured: ``benchmarks.bench_categorical``, bfloat16 memory);
+    the gather reads the logits' bits as unsigned integers instead.
+    """
+
+    def plain():
+        return jnp.take_along_axis(x, index[..., None], axis=-1, mode="clip")[..., 0]
+
+    def as_bits():
+        bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        picked = jnp.take_along_axis(bits, index[..., None], axis=-1, mode="clip")[..., 0]
+        return lax.bitcast_convert_type(picked, x.dtype)
+
+    if not narrow_float(x):
+        return plain()
+    return on_cpu(as_bits, plain)
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion barriers
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_barrier(values):
+    """``lax.optimization_barrier(values)`` on XLA:CPU; ``values`` unchanged elsewhere.
+
+    XLA:CPU (jax 0.10) materialises a value that CSE shares between two fused passes
+    when it cannot fuse into both: a broadcast constant with several users (the binary
+    losses' ``1 - t``: a float32 temporary the size of the input), the float32
+    conversion of bfloat16 logits read by two reductions (the smoothing sums), the
+    ``exp(z - max)`` of two passes over the same logits (poly-1 beside the
+    cross-entropy; the fused loss's single pass). Measured as compiled temporary memory
+    in ``benchmarks`` (``losses``, ``categorical``, ``linear``): each barrier removes a
+    ``[rows, classes]`` float32 buffer. GPU and TPU fuse these without help.
+    """
+    return on_cpu(lambda v: lax.optimization_barrier(v), lambda v: v, values)
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes of the fused losses
+# --------------------------------------------------------------------------------------------
+
+#: Float32 panel size of the fused losses' blocks (the logits block, its ``dx`` rows, its
+#: ``dw`` columns). On CPU, memory-lean panels cost nothing: the matrix products are as
+#: efficient at that size (``benchmarks.bench_linear``, 4096 x 1024 x 32000, jax 0.10);
+#: a GPU or TPU runs larger blocks markedly faster (fewer, larger kernels), and has the
+#: memory for them.
+PANEL_BYTES = {"cpu": 32 * MiB, "default": 128 * MiB}
+
+#: The platforms a fused loss's plan distinguishes (see ``per_platform``).
+PLATFORMS = ("cpu", "default")
+
+
+def panel_bytes(platform: str) -> int:
+    """The panel size for ``platform`` (``"cpu"``; anything else counts as an accelerator)."""
+    return PANEL_BYTES.get(platform, PANEL_BYTES["default"])

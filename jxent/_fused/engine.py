@@ -1,0 +1,681 @@
+"""The blocked engine: any fused loss of ``z = x @ w (+ bias)`` without the logits array.
+
+A fused loss is a per-token function of the logits row ``z`` that needs, besides a few
+values it reads at given columns, only the row's log-sum-exp and sums of the form
+``sum_k c_k (m - z_k)``. The engine produces the logits one ``[token_block,
+vocab_block]`` block at a time, in float32 (float64 for float64 inputs), keeps those
+per-token numbers with an online log-sum-exp, and runs the backward pass block by
+block from the loss's ``dloss/dlogits``. Every fused loss inherits the schedules, the
+soft cap, the padding columns, the grouped blocks under GSPMD, the vocabulary-parallel
+form under ``shard_map`` and the memory bound (a float32 ``dx`` plus a few panels).
+
+The contract (:class:`FusedLoss`; ``jxent._fused.xent`` is the worked example). Per
+token the engine keeps the running maximum ``m`` and ``s = sum_k exp(z_k - m)``; a
+loss adds
+
+* **row sums** (:meth:`FusedLoss.row_sums`), each with column weights ``c`` (``None``:
+  all 1) and one of three kinds, all sums of non-negative terms that the engine
+  re-centres exactly when the maximum moves from ``m`` to ``m' = m + d``:
+
+  =============  =========================================  =========================
+  kind           per token                                  when the maximum moves
+  =============  =========================================  =========================
+  ``"gap"``      ``G = sum_k c_k (m - z_k)``                ``G + d sum_k c_k``
+  ``"exp"``      ``E = sum_k c_k exp(z_k - m)``             ``E exp(-d)``
+  ``"exp_gap"``  ``H = sum_k c_k exp(z_k - m) (m - z_k)``   ``(H + d E) exp(-d)``
+  =============  =========================================  =========================
+
+  (label smoothing is a gap sum; the entropy ``log s + H / s`` needs an exp-gap sum,
+  whose ``E`` the engine keeps beside it). The engine also keeps each gap sum's total
+  weight ``sum_k c_k``.
+* **picks** (:meth:`FusedLoss.picks`): per-token values read from a block, 0 where
+  the block does not hold them (a label's logit, its class weight); summed over the
+  blocks (and the shards).
+
+It then turns the final per-token numbers into the loss and the coefficients of its
+gradient (:meth:`FusedLoss.finish`), and gives the block of ``dloss/dlogits`` from the
+softmax block ``p``, its logarithm and those coefficients (:meth:`FusedLoss.dlogits`),
+which must be linear in the coefficients (the engine multiplies each by the token's
+cotangent).
+
+Two schedules, under a ``jax.custom_vjp``:
+
+* **Streaming** (vocabulary blocks narrower than the vocabulary; Cut Cross-Entropy's
+  schedule). The forward pass keeps the per-token numbers and saves only them. The
+  backward pass recomputes each block's logits, forms its ``dloss/dlogits``, adds
+  ``dz @ w_blk.T`` to a float32 ``dx`` and, once all token blocks of a vocabulary
+  block are done, writes that block's ``dw`` columns in place. Four matrix products
+  of the size of ``x @ w`` in all.
+* **Single pass** (a block spans the whole vocabulary, and the loss is summed over
+  tokens; Liger Kernel's schedule). Each token block's logits give its softmax at
+  once, so the forward pass under ``jax.vjp`` computes the gradients of the summed
+  loss too, accumulating ``dw`` in a float32 ``[D, V]`` buffer; the backward pass
+  only scales them. Three matrix products. A call that is not differentiated runs
+  the forward loop alone.
+
+**Vocabulary-parallel** (``Spec.axis_name``, inside ``shard_map`` with ``w`` split
+over its columns): each shard runs the streaming forward pass on its columns, then one
+``pmax`` of ``m`` and one ``psum`` of the re-centred per-token numbers (and of the gap
+totals) give every shard the whole vocabulary's; the backward pass is each shard's own,
+with ``dx`` summed over the shards (``_rules.sum_to_type``).
+
+**Padding columns** (``Spec.num_classes`` below ``w``'s columns, marked by
+``real_columns``): their logits are *selected* to a large finite negative number
+before anything reads them, whatever ``w`` and ``bias`` hold there (``inf``, ``NaN``);
+``exp`` of it is 0, and the soft cap's derivative and ``dx``'s weights are selected to
+0 there. A loss gives them zero weight in its gap sums.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from jxent import _backend
+from jxent._fused import blocks as B
+from jxent._fused.plan import Plan
+from jxent._rules import sum_to_type
+from jxent._softmax import row_sums
+from jxent._validation import accumulation_dtype
+
+#: The logit of a padding column, as a fraction of the accumulation dtype's largest value:
+#: far below any real logit, and ``m - z`` of it cannot overflow in the gap sums.
+PADDING_LOGIT = -0.25
+
+
+# --------------------------------------------------------------------------------------------
+# The contract
+# --------------------------------------------------------------------------------------------
+
+
+class View(NamedTuple):
+    """What a loss sees of one block besides its logits."""
+
+    rows: Any  # the loss's per-token inputs, this token block's entries ([n] each)
+    columns: Any  # the loss's per-column inputs, this vocabulary block's entries ([vb] each)
+    start: Any  # the block's first column within each group (int or traced int32)
+    width: int  # columns per group in the block
+    groups: int  # vocabulary groups (see jxent._fused.blocks)
+    group_length: int  # columns per group of the whole vocabulary (on this device)
+
+    def column_of(self, index: jax.Array) -> jax.Array:
+        """Each column index's position in the block: in ``[0, groups * width)`` where the
+        block holds it, outside that range elsewhere (negative indices included)."""
+        if self.groups == 1:
+            return index - self.start
+        group, offset = index // self.group_length, index % self.group_length - self.start
+        here = (index >= 0) & (offset >= 0) & (offset < self.width)
+        return jnp.where(here, group * self.width + offset, -1)
+
+
+class RowSum(NamedTuple):
+    """One row sum of a fused loss (see the module docstring for the kinds)."""
+
+    kind: str  # "gap", "exp" or "exp_gap"
+    weights: jax.Array | None = None  # this block's column weights [vb]; None: all 1
+
+
+class RowSums(NamedTuple):
+    """The per-token numbers of the whole vocabulary (all devices), for ``finish``."""
+
+    row_max: jax.Array  # m: the largest logit of the row
+    lse_rel: jax.Array  # log sum_k exp(z_k - m) >= 0; lse = m + lse_rel
+    sums: dict  # name -> the row sum, relative to m
+    totals: dict  # name of a gap sum -> sum_k c_k (a scalar)
+    picks: dict  # name -> the value read from the column that holds it
+
+
+class FusedLoss(Protocol):
+    """A fused loss: a hashable object (its options are static) with five methods."""
+
+    def row_sums(self, columns) -> dict[str, RowSum]:
+        """The row sums to keep, given this block's per-column inputs ``columns``."""
+
+    def pick_names(self, columns) -> tuple[str, ...]:
+        """The names of the picks (each a per-token value in the accumulation dtype)."""
+
+    def picks(self, z: jax.Array, view: View) -> dict[str, jax.Array]:
+        """Per-token values read from the block's logits ``z [n, vb]`` (0 where absent)."""
+
+    def finish(self, sums: RowSums, rows, num_classes: int) -> tuple[jax.Array, Any]:
+        """``(loss [n], coefficients)``: the per-token loss and a pytree of ``[n]``
+        gradient coefficients, each linear in the loss (scaled by the cotangent)."""
+
+    def dlogits(self, p: jax.Array, log_p: jax.Array, coefs, view: View) -> jax.Array:
+        """``dloss/dz`` of a block from its softmax ``p [n, vb]``, ``log_p`` (finite where
+        ``p`` underflows) and ``coefs`` (this token block's, times each cotangent)."""
+
+
+class Spec(NamedTuple):
+    """The static choices of one call (hashable)."""
+
+    loss: FusedLoss
+    plans: tuple[tuple[str, Plan], ...]  # per platform (see jxent._fused.plan.plans)
+    soft_cap: float | None = None
+    # The number of real classes when w has padding columns after them (None: every
+    # column is a class; on a shard of axis_name, the whole vocabulary's count).
+    num_classes: int | None = None
+    # The mesh axis (or axes) the vocabulary is split over, inside shard_map; None: one
+    # device's whole vocabulary.
+    axis_name: Any = None
+
+
+class Inputs(NamedTuple):
+    """The flattened operands: x [N, D], w [D, V], bias [V], and the loss's inputs."""
+
+    x: jax.Array
+    w: jax.Array
+    bias: jax.Array | None
+    rows: Any  # pytree of [N] arrays
+    columns: Any  # pytree of [V] arrays
+    real_columns: jax.Array | None = None  # bool [V]: False on padding columns
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+    """The dtype the products run in: the promotion of ``x``, ``w`` (and ``bias``)."""
+    return functools.reduce(jnp.promote_types, [a.dtype for a in arrays if a is not None])
+
+
+def _acc(inp: Inputs):
+    return accumulation_dtype(compute_dtype(inp.x, inp.w, inp.bias))
+
+
+def _num_classes(spec: Spec, inp: Inputs) -> int:
+    return inp.w.shape[1] if spec.num_classes is None else spec.num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# One block's logits
+# --------------------------------------------------------------------------------------------
+
+
+def _logits(spec: Spec, inp: Inputs, x_blk, w_blk, b_blk, real_blk=None):
+    """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
+    cdt = compute_dtype(inp.x, inp.w, inp.bias)
+    acc = accumulation_dtype(cdt)
+    logits = jnp.matmul(x_blk.astype(cdt), w_blk.astype(cdt), preferred_element_type=acc)
+    if b_blk is not None:
+        logits = logits + b_blk.astype(acc)[None, :]
+    dcap = None
+    if spec.soft_cap is not None:
+        t = jnp.tanh(logits / spec.soft_cap)
+        logits, dcap = spec.soft_cap * t, 1 - t * t
+    if real_blk is not None:
+        real = real_blk[None, :]
+        logits = jnp.where(real, logits, jnp.asarray(PADDING_LOGIT * jnp.finfo(acc).max, acc))
+        if dcap is not None:
+            dcap = jnp.where(real, dcap, jnp.zeros((), acc))
+    return logits, dcap
+
+
+def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None) -> jax.Array:
+    """``w_blk`` with its padding columns zeroed, for ``dx = dz @ w.T``.
+
+    ``dz`` is exactly 0 on the padding, but ``0 * inf`` and ``0 * NaN`` are NaN: a padding
+    column holding either would spread into every entry of ``dx``. Only when padded and
+    ``dx`` is wanted; the select is of a block (or, in the single pass, of ``w``).
+    """
+    if real_blk is None:
+        return w_blk
+    return jnp.where(real_blk[None, :], w_blk, jnp.zeros((), w_blk.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: online per-token statistics
+# --------------------------------------------------------------------------------------------
+
+
+class _Running(NamedTuple):
+    """Per-token running statistics over the vocabulary blocks seen so far, all [N]."""
+
+    m: jax.Array  # running maximum of z
+    s: jax.Array  # sum_k exp(z_k - m)
+    sums: dict  # name -> the loss's row sum relative to m (and "name/exp" partners)
+    picks: dict  # name -> picked value (0 until its block is seen)
+
+
+def _partner(name: str) -> str:
+    """The name of the "exp" sum the engine keeps beside the "exp_gap" sum ``name``."""
+    return name + "/exp"
+
+
+def _sum_names(declared: dict[str, RowSum]) -> list[str]:
+    names = []
+    for name, spec in declared.items():
+        names += [name, _partner(name)] if spec.kind == "exp_gap" else [name]
+    return names
+
+
+def _init_running(loss: FusedLoss, n: int, acc, columns) -> _Running:
+    zeros = jnp.zeros((n,), acc)
+    return _Running(
+        jnp.full((n,), -jnp.inf, acc),
+        zeros,
+        {k: zeros for k in _sum_names(loss.row_sums(columns))},
+        {k: zeros for k in loss.pick_names(columns)},
+    )
+
+
+def _total(c: jax.Array | None, width: int, acc) -> jax.Array:
+    """``sum_k c_k`` over a block of ``width`` columns."""
+    return jnp.asarray(width, acc) if c is None else jnp.sum(c.astype(acc))
+
+
+def _gap_totals(declared: dict[str, RowSum], width: int, acc) -> dict:
+    return {k: _total(s.weights, width, acc) for k, s in declared.items() if s.kind == "gap"}
+
+
+def _block_terms(declared: dict[str, RowSum], z, m_blk) -> dict:
+    """The elementwise terms of a block's row sums, relative to the block's maximum."""
+    e = jnp.exp(z - m_blk[:, None])
+    terms = {"": e}
+    for name, spec in declared.items():
+        c = None if spec.weights is None else spec.weights[None, :]
+        weighted = (lambda a: a) if c is None else (lambda a, c=c: a * c)
+        if spec.kind == "gap":
+            terms[name] = weighted(m_blk[:, None] - z)
+        elif spec.kind == "exp":
+            terms[name] = weighted(e)
+        elif spec.kind == "exp_gap":
+            terms[name] = weighted(e * (m_blk[:, None] - z))
+            terms[_partner(name)] = weighted(e)
+        else:
+            raise ValueError(f"unknown kind of row sum {spec.kind!r} for {name!r}")
+    return terms
+
+
+def _recentred(declared: dict[str, RowSum], sums: dict, m_old, m_new, totals: dict) -> dict:
+    """Row sums relative to ``m_old`` made relative to ``m_new >= m_old``, exactly (only
+    non-negative terms are added). Where ``m_old`` is ``-inf`` nothing was seen (every
+    sum is 0) and 0 is kept, without forming ``inf * 0``."""
+    seen = m_old > -jnp.inf
+    d = jnp.where(seen, m_new - m_old, jnp.zeros((), m_new.dtype))
+    scale = jnp.exp(m_old - m_new)
+    out = {}
+    for name, spec in declared.items():
+        if spec.kind == "gap":
+            out[name] = sums[name] + d * totals[name]
+        elif spec.kind == "exp":
+            out[name] = sums[name] * scale
+        else:
+            e = sums[_partner(name)]
+            out[name] = (sums[name] + d * e) * scale
+            out[_partner(name)] = e * scale
+    return out
+
+
+def _merge(loss: FusedLoss, run: _Running, z, view: View, seen: dict) -> _Running:
+    """Folds one logits block ``z [n, vb]`` into ``run``; ``seen``: each gap sum's total
+    weight of the blocks already folded."""
+    acc = z.dtype
+    m_blk = _backend.reduce_rows(jnp.max, lambda z: z, (z,))
+    declared = loss.row_sums(view.columns)
+    if not declared:
+        # One reduction: in pieces for blocks wider than XLA:CPU's fast row length.
+        s_blk = _backend.reduce_rows(jnp.sum, lambda z, m: jnp.exp(z - m), (z,), (m_blk,))
+        sums_blk = {}
+    else:
+        # Every sum in one variadic reduction: the block is read once.
+        sums_blk = row_sums(_block_terms(declared, z, m_blk))
+        s_blk = sums_blk.pop("")
+    m = jnp.maximum(run.m, m_blk)
+    s = run.s * jnp.exp(run.m - m) + s_blk * jnp.exp(m_blk - m)
+    old = _recentred(declared, run.sums, run.m, m, seen)
+    new = _recentred(declared, sums_blk, m_blk, m, _gap_totals(declared, z.shape[-1], acc))
+    sums = {k: old[k] + new[k] for k in old}
+    picks = {k: run.picks[k] + v for k, v in loss.picks(z, view).items()}
+    return _Running(m, s, sums, picks)
+
+
+def _view(inp_rows, columns, start, width, groups, group_length) -> View:
+    return View(inp_rows, columns, start, width, groups, group_length)
+
+
+def _statistics(spec: Spec, plan: Plan, inp: Inputs):
+    """Per-token running statistics over every vocabulary block (streaming), and each
+    gap's total weight."""
+    loss = spec.loss
+    n, v = inp.x.shape[0], inp.w.shape[1]
+    tg, vg = plan.token_groups, plan.vocab_groups
+    acc = _acc(inp)
+    x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
+    w = B.group(inp.w, 1, vg)
+    bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
+    columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
+
+    def vocab_step(v0, vb, carry):
+        run, seen = carry
+        w_blk = B.block(w, v0, vb, 1, vg)
+        b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
+        cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
+
+        def token_step(r0, nb, run):
+            z, _ = _logits(spec, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), run)
+            view = _view(
+                jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
+            )
+            sub = _merge(loss, sub, z, view, seen)
+            return jax.tree.map(lambda a, f: B.put_block(a, f, r0, 0, tg), run, sub)
+
+        run = B.for_blocks(n // tg, plan.token_block // tg, token_step, run)
+        blk_totals = _gap_totals(loss.row_sums(cols), vg * vb, acc)
+        seen = {k: seen[k] + blk_totals[k] for k in seen}
+        return run, seen
+
+    run = _init_running(loss, n, acc, inp.columns)
+    run = jax.tree.map(lambda f: B.group(f, 0, tg), run)
+    seen = {k: jnp.zeros((), acc) for k in _gap_totals(loss.row_sums(inp.columns), 1, acc)}
+    run, totals = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, (run, seen))
+    return jax.tree.map(lambda f: B.ungroup(f, 0, tg), run), totals
+
+
+def _combine(spec: Spec, inp: Inputs, run: _Running, totals: dict):
+    """The whole vocabulary's per-token numbers from every shard's (``spec.axis_name``).
+
+    Every shard holds at least one real class, so every local maximum is finite."""
+    if spec.axis_name is None:
+        return run, totals
+    m = lax.pmax(run.m, spec.axis_name)
+    declared = spec.loss.row_sums(inp.columns)
+    sums = _recentred(declared, run.sums, run.m, m, totals)
+    s, sums, picks, totals = lax.psum(
+        (run.s * jnp.exp(run.m - m), sums, run.picks, totals), spec.axis_name
+    )
+    return _Running(m, s, sums, picks), totals
+
+
+class Coefficients(NamedTuple):
+    """Per-token coefficients of the backward pass: the softmax's row statistics (as
+    ``lse = row_max + lse_rel``, so that ``exp((z - row_max) - lse_rel)`` is accurate for
+    logits of any magnitude) and the loss's own, which scale with the cotangent."""
+
+    row_max: jax.Array
+    lse_rel: jax.Array
+    loss: Any
+
+
+def _finish(spec: Spec, inp: Inputs, run: _Running, totals: dict, rows):
+    lse_rel = jnp.log(run.s)  # lse - m >= 0
+    sums = RowSums(run.m, lse_rel, run.sums, totals, run.picks)
+    loss, coefs = spec.loss.finish(sums, rows, _num_classes(spec, inp))
+    return loss, Coefficients(run.m, lse_rel, coefs)
+
+
+def _forward(spec: Spec, plan: Plan, inp: Inputs):
+    """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
+    run, totals = _statistics(spec, plan, inp)
+    run, totals = _combine(spec, inp, run, totals)
+    return _finish(spec, inp, run, totals, inp.rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients: one block's dloss/dlogits and its products
+# --------------------------------------------------------------------------------------------
+
+
+def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View):
+    log_p = (z - coefs.row_max[:, None]) - coefs.lse_rel[:, None]
+    dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view)
+    return dz if dcap is None else dz * dcap
+
+
+def _scaled(coefs: Coefficients, g: jax.Array) -> Coefficients:
+    """Coefficients times each row's cotangent ``g``."""
+    return coefs._replace(loss=jax.tree.map(lambda c: c * g, coefs.loss))
+
+
+class _Wanted(NamedTuple):
+    """Which gradients to compute (static)."""
+
+    x: bool
+    w: bool
+    bias: bool
+
+
+def _block_grads(inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
+    """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype.
+
+    ``dz`` is rounded to the inputs' dtype for the products, as the unfused
+    computation's gradient of bfloat16 logits would be.
+    """
+    cdt = compute_dtype(inp.x, inp.w, inp.bias)
+    acc = dz.dtype
+    dzc = dz.astype(cdt)
+    dx = dw = None
+    if wanted.x:
+        dims = (((1,), (1,)), ((), ()))
+        dx = lax.dot_general(dzc, w_blk.astype(cdt), dims, preferred_element_type=acc)
+    if wanted.w:
+        dw = jnp.matmul(xt_blk.astype(cdt), dzc, preferred_element_type=acc)
+    return dx, dw
+
+
+def _add_products(inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, write_dx):
+    """``grads = (dx, dw, db)`` plus one block's products: ``dz @ w_blk.T`` written into
+    ``dx``'s rows of the token block ``rows_blk = (start, length, groups)`` with
+    ``write_dx`` (added, or put when the block's rows are final), ``x_blk.T @ dz`` added to
+    ``dw`` and ``dz``'s column sums to ``db``."""
+    dx, dw, db = grads
+    start, length, groups = rows_blk
+    xt_blk = B.transposed_block(x, start, length, groups) if wanted.w else None
+    dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_blk, wanted)
+    if wanted.x:
+        dx = write_dx(dx, dx_part, start, 0, groups)
+    if wanted.w:
+        dw = dw + dw_part
+    if wanted.bias:
+        db = db + jnp.sum(dz, axis=0)
+    return dx, dw, db
+
+
+def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, wanted: _Wanted):
+    """``(dx, dw, dbias)`` of ``sum_n loss_n * g_n`` (``g`` folded into ``coefs``)."""
+    (n, d), v = inp.x.shape, inp.w.shape[1]
+    tg, vg = plan.token_groups, plan.vocab_groups
+    acc = coefs.lse_rel.dtype
+    x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
+    coefs = jax.tree.map(lambda f: B.group(f, 0, tg), coefs)
+    w = B.group(inp.w, 1, vg)
+    bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
+    columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
+
+    def vocab_step(v0, vb, carry):
+        dx, dw, db = carry
+        w_blk = B.block(w, v0, vb, 1, vg)
+        b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
+        cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
+        w_dx = _real_weights(w_blk, c_blk) if wanted.x else w_blk
+
+        def token_step(r0, nb, inner):
+            z, dcap = _logits(spec, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), coefs)
+            view = _view(
+                jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
+            )
+            dz = _dlogits(spec, z, dcap, sub, view)
+            return _add_products(inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block)
+
+        inner = (
+            dx,
+            jnp.zeros((d, vg * vb), acc) if wanted.w else None,
+            jnp.zeros((vg * vb,), acc) if wanted.bias else None,
+        )
+        dx, dw_blk, db_blk = B.for_blocks(n // tg, plan.token_block // tg, token_step, inner)
+        if wanted.w:
+            dw = B.put_block(dw, dw_blk.astype(dw.dtype), v0, 1, vg)
+        if wanted.bias:
+            db = B.put_block(db, db_blk.astype(db.dtype), v0, 0, vg)
+        return dx, dw, db
+
+    carry = (
+        B.group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
+        B.group(jnp.zeros(inp.w.shape, inp.w.dtype), 1, vg) if wanted.w else None,
+        B.group(jnp.zeros(inp.bias.shape, inp.bias.dtype), 0, vg) if wanted.bias else None,
+    )
+    dx, dw, db = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, carry)
+    dx, dw, db = B.ungroup(dx, 0, tg), B.ungroup(dw, 1, vg), B.ungroup(db, 0, vg)
+    return (None if dx is None else dx.astype(inp.x.dtype)), dw, db
+
+
+def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
+    """Sum of the per-token losses and its gradients, one pass over token blocks.
+
+    Every block spans the whole vocabulary, so its softmax is final as soon as its
+    logits exist: ``dx`` rows are written per block, ``dw`` and ``dbias`` are summed
+    over the blocks in the accumulation dtype. Returns them unscaled, in that dtype.
+    """
+    loss = spec.loss
+    (n, d), v = inp.x.shape, inp.w.shape[1]
+    tg = plan.token_groups
+    acc = _acc(inp)
+    x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
+    # With padding columns, dx's product needs w with its padding zeroed: a copy of w
+    # (loop-invariant, made once), beside the [D, V] float32 accumulator of dw.
+    w_dx = _real_weights(inp.w, inp.real_columns) if wanted.x else inp.w
+    declared = loss.row_sums(inp.columns)
+    no_weight = {k: jnp.zeros((), acc) for k in _gap_totals(declared, v, acc)}
+
+    def token_step(r0, nb, carry):
+        total, dx, dw, db = carry
+        x_blk = B.block(x, r0, nb, 0, tg)
+        rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
+        z, dcap = _logits(spec, inp, x_blk, inp.w, inp.bias, inp.real_columns)
+        view = View(rows_blk, inp.columns, 0, v, 1, v)
+        run = _merge(loss, _init_running(loss, tg * nb, acc, inp.columns), z, view, no_weight)
+        totals = _gap_totals(declared, v, acc)
+        loss_blk, coefs = _finish(spec, inp, run, totals, rows_blk)
+        # The block's maximum behind a barrier: otherwise XLA:CPU shares z - max between
+        # the sum of exponentials above and the softmax below, and materialises it.
+        coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))
+        dz = _dlogits(spec, z, dcap, coefs, view)
+        grads = _add_products(inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block)
+        return total + jnp.sum(loss_blk), *grads
+
+    carry = (
+        jnp.zeros((), acc),
+        B.group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
+        jnp.zeros((d, v), acc) if wanted.w else None,
+        jnp.zeros((v,), acc) if wanted.bias else None,
+    )
+    total, dx, dw, db = B.for_blocks(n // tg, plan.token_block // tg, token_step, carry)
+    return total, B.ungroup(dx, 0, tg), dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _on_platform(spec: Spec, fn):
+    """``fn(plan)`` with the lowering platform's plan."""
+    return _backend.per_platform(fn, dict(spec.plans))
+
+
+def _unwrap(args):
+    """``(values, perturbed flags)`` of the ``CustomVJPPrimal`` arguments of a fwd rule."""
+    is_primal = lambda a: isinstance(a, CustomVJPPrimal)  # noqa: E731
+    values = jax.tree.map(lambda a: a.value, args, is_leaf=is_primal)
+    perturbed = jax.tree.map(lambda a: a.perturbed, args, is_leaf=is_primal)
+    return values, perturbed
+
+
+def _wanted(inp: Inputs, perturbed) -> _Wanted:
+    px, pw, pb = perturbed[:3]
+    return _Wanted(bool(px), bool(pw), inp.bias is not None and bool(pb))
+
+
+def _zero_cotangents(inp: Inputs):
+    return (
+        jnp.zeros_like(inp.x),
+        jnp.zeros_like(inp.w),
+        None if inp.bias is None else jnp.zeros_like(inp.bias),
+    )
+
+
+def _fill(inp: Inputs, grads):
+    """Zeros of the right type for the gradients that were not wanted; the others summed
+    over the mesh axes their primals do not vary over (``dx`` over the vocabulary shards,
+    ``dw`` over the data shards)."""
+    primals = (inp.x, inp.w, inp.bias)
+    return tuple(
+        z if gr is None else sum_to_type(gr, p)
+        for gr, z, p in zip(grads, _zero_cotangents(inp), primals, strict=True)
+    )
+
+
+_NO_GRADS = (None, None, None)  # rows, columns, real_columns: constants
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_token(spec, x, w, bias, rows, columns, real_columns):
+    inp = Inputs(x, w, bias, rows, columns, real_columns)
+    return _on_platform(spec, lambda plan: _forward(spec, plan, inp)[0])
+
+
+def _per_token_fwd(spec, *args):
+    values, perturbed = _unwrap(args)
+    inp = Inputs(*values)
+    loss, coefs = _on_platform(spec, lambda plan: _forward(spec, plan, inp))
+    return loss, (inp, coefs, _wanted(inp, perturbed))
+
+
+def _per_token_bwd(spec, res, g):
+    inp, coefs, wanted = res
+    if isinstance(g, SymbolicZero):
+        return (*_zero_cotangents(inp), *_NO_GRADS)
+    scaled = _scaled(coefs, g.astype(coefs.lse_rel.dtype))
+    grads = _on_platform(spec, lambda plan: _streaming_grads(spec, plan, inp, scaled, wanted))
+    return (*_fill(inp, grads), *_NO_GRADS)
+
+
+_per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _summed(spec, x, w, bias, rows, columns, real_columns):
+    inp = Inputs(x, w, bias, rows, columns, real_columns)
+    return jnp.sum(_on_platform(spec, lambda plan: _forward(spec, plan, inp)[0]))
+
+
+def _summed_fwd(spec, *args):
+    values, perturbed = _unwrap(args)
+    inp = Inputs(*values)
+    wanted = _wanted(inp, perturbed)
+    total, dx, dw, db = _on_platform(spec, lambda plan: _single_pass(spec, plan, inp, wanted))
+    return total, (inp, dx, dw, db)
+
+
+def _summed_bwd(spec, res, g):
+    inp, dx, dw, db = res
+    if isinstance(g, SymbolicZero):
+        return (*_zero_cotangents(inp), *_NO_GRADS)
+    grads = tuple(
+        None if gr is None else (g.astype(gr.dtype) * gr).astype(like.dtype)
+        for gr, like in zip((dx, dw, db), (inp.x, inp.w, inp.bias), strict=True)
+    )
+    return (*_fill(inp, grads), *_NO_GRADS)
+
+
+_summed.defvjp(_summed_fwd, _summed_bwd, symbolic_zeros=True)
+
+
+def per_token_loss(spec: Spec, x, w, bias, rows, columns, real_columns=None) -> jax.Array:
+    """Per-token losses ``[N]`` of ``x [N, D] @ w [D, V] (+ bias [V])``, streaming schedule.
+
+    ``rows``/``columns``: the loss's per-token / per-column inputs (pytrees of ``[N]`` /
+    ``[V]`` arrays, constants); ``real_columns``: bool ``[V]``, False on padding columns
+    (with ``spec.num_classes``), or None. Differentiable in ``x``, ``w`` and ``bias``.
+    """
+    return _per_token(spec, x, w, bias, rows, columns, real_columns)
+
+
+def summed_loss(spec: Spec, x, w, bias, rows, columns, real_columns=None) -> jax.Array:
+    """``sum_n loss_n`` with the single-pass schedule (every plan's ``vocab_block >= V``;
+    one device's whole vocabulary)."""
+    return _summed(spec, x, w, bias, rows, columns, real_columns)

@@ -1,0 +1,179 @@
+"""Block planning for the fused losses: how big each block is, and how it is grouped.
+
+All static (Python ints from the shapes), and made once per platform: a program
+lowered for XLA:CPU takes the CPU plan, one lowered for a GPU or TPU the accelerator
+plan (``_backend.PANEL_BYTES``; the choice is made per lowering platform by
+``_backend.per_platform``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple
+
+from jxent import _backend
+
+MiB = _backend.MiB
+
+#: Largest float32 ``[D, V]`` weight-gradient accumulator the single-pass schedule may use.
+SINGLE_PASS_MAX_ACCUMULATOR = 256 * MiB
+#: Largest float32 logits block ``[token_block, V]`` of the single-pass schedule.
+SINGLE_PASS_MAX_BLOCK = 256 * MiB
+#: Most groups a blocked axis is split into (see ``jxent._fused.blocks``): every block
+#: takes a slice of each group, so that under ``jax.jit`` with ``w`` (or ``x``) sharded
+#: along the blocked axis over ``Auto`` mesh axes, each device slices its own part.
+MAX_GROUPS = 64
+#: Fewest consecutive vocabulary columns a block takes from each group. A ``w`` block is
+#: then copied in runs of at least this many columns: on CPU, with 2048-column blocks,
+#: runs of 32 columns (64 groups) cost 4-8% of a float32 training step, runs of 128 about
+#: half of that (measured, 2048 x 512 x 32768; within the noise for bfloat16).
+MIN_VOCAB_RUN = 128
+
+
+class Plan(NamedTuple):
+    """The blocks of one call on one platform. Each block length counts whole blocks (all
+    groups) and is a multiple of its number of groups, which divides the axis too."""
+
+    token_block: int
+    vocab_block: int
+    token_groups: int = 1
+    vocab_groups: int = 1
+
+
+def _block_length(total: int, cap: int, align: int) -> int:
+    """A block length of at most about ``cap`` for ``total`` items.
+
+    Prefers a divisor of ``total`` (a multiple of 8) in ``[cap / 2, cap]``: a
+    shorter last block is compiled as a separate copy of the loop body, with buffers
+    of its own. Otherwise splits ``total`` into near-equal blocks, rounded up to a
+    multiple of ``align``.
+    """
+    cap = max(align, cap - cap % align)
+    if total <= cap:
+        return max(total, 1)
+    for size in range(cap - cap % 8, cap // 2 - 1, -8):
+        if total % size == 0:
+            return size
+    count = -(-total // cap)
+    size = -(-total // count)
+    return min(total, -(-size // align) * align)
+
+
+def block_groups(total: int, block: int, min_run: int = 1) -> int:
+    """Groups of a blocked axis of length ``total`` with blocks of ``block`` (static).
+
+    The largest power of two that divides both, at most ``MAX_GROUPS`` and at most
+    ``block / min_run`` (each group's slice of a block has at least ``min_run``
+    entries); 1 for a single block. A sharding of the axis over ``S`` devices (``Auto``
+    mesh axes, GSPMD) stays local to each device through the block loop when ``S``
+    divides this number.
+    """
+    if block >= total:
+        return 1
+    common = math.gcd(total, block)
+    groups = min(common & -common, MAX_GROUPS)
+    while groups > 1 and groups * min_run > block:
+        groups //= 2
+    return groups
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"chunk_size must be a positive int or a pair of them, got {value!r}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"chunk_size must be None, a positive int (vocabulary columns per block) or a "
+            f"pair (tokens, vocabulary columns) of positive ints; got {what} {value!r}."
+        ) from None
+    if value <= 0:
+        raise ValueError(f"chunk_size must be positive, got {what} {value}.")
+    return value
+
+
+def plan_blocks(
+    num_tokens: int,
+    hidden: int,
+    num_classes: int,
+    reduction: str,
+    chunk_size: int | tuple[int, int] | None,
+    acc_bytes: int = 4,
+    platform: str = "cpu",
+) -> tuple[int, int, bool]:
+    """``(token_block, vocab_block, single_pass)`` for a call on ``platform`` (all static).
+
+    The rule for ``chunk_size=None``, with ``P`` the panel size (``_backend.PANEL_BYTES``:
+    32 MiB on CPU, 128 MiB on GPU/TPU; sizes counted in float32):
+
+    * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
+      gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``
+      tokens (a logits block of at least ``P``, at most 256 MiB) spanning the whole
+      vocabulary. Three matrix products, as many as the unfused computation.
+    * Streaming otherwise (per-token losses, or a large ``D * V`` as in language
+      models): token blocks of at most ``P`` of ``dx`` rows (``P / 4D`` tokens)
+      and vocabulary blocks of at most ``P`` of logits and of ``dw`` columns.
+      Four matrix products; temporary memory ``O(N * D)`` plus a few panels,
+      whatever ``V``.
+
+    Block lengths prefer divisors of ``N`` and ``V`` (multiples of 8) within a
+    factor 2 of those caps, since a shorter last block is compiled separately.
+    An int ``chunk_size`` sets the vocabulary block (tokens blocked as above), a
+    pair sets both; a vocabulary block as wide as ``V`` with a summed or averaged
+    loss selects the single pass. Whether the single pass is taken never depends on
+    the platform (only the block lengths do).
+    """
+    n, d, k = num_tokens, hidden, num_classes
+    summed = reduction != "none"
+    panel = _backend.panel_bytes(platform) // acc_bytes  # elements
+    if chunk_size is not None:
+        if isinstance(chunk_size, (tuple, list)):
+            if len(chunk_size) != 2:
+                raise ValueError(
+                    "chunk_size must be an int or a pair (tokens, vocabulary columns), got "
+                    f"{chunk_size!r}."
+                )
+            tb = _positive_int(chunk_size[0], "token block")
+            vb = _positive_int(chunk_size[1], "vocabulary block")
+        else:
+            vb = _positive_int(chunk_size, "vocabulary block")
+            tb = _block_length(n, panel // max(d, 1), 8)
+        tb, vb = min(tb, max(n, 1)), min(vb, k)
+        return tb, vb, summed and vb == k
+    rows_cap = panel // max(d, 1)
+    if summed and d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR:
+        # Token blocks of about 2 D rows: each block adds its x.T @ dz into the [D, V]
+        # accumulator, and an inner dimension of 2 D keeps that product efficient and
+        # the accumulator's traffic small beside it.
+        rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
+        return _block_length(n, max(rows, 1), 8), k, True
+    tb = _block_length(n, rows_cap, 8)
+    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128), False
+
+
+def plans(
+    num_tokens: int,
+    hidden: int,
+    columns: int,
+    reduction: str,
+    chunk_size,
+    acc_bytes: int,
+    *,
+    grouped: bool = True,
+) -> tuple[tuple[tuple[str, Plan], ...], bool]:
+    """Every platform's :class:`Plan` (as ``((platform, plan), ...)``, hashable) and
+    whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
+    group), as on a shard of a vocabulary already split over devices."""
+    out, single = [], None
+    for platform in _backend.PLATFORMS:
+        tb, vb, single = plan_blocks(
+            num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform
+        )
+        groups = (
+            (block_groups(num_tokens, tb), block_groups(columns, vb, MIN_VOCAB_RUN))
+            if grouped
+            else (1, 1)
+        )
+        out.append((platform, Plan(tb, vb, *groups)))
+    return tuple(out), bool(single)

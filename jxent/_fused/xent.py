@@ -1,0 +1,181 @@
+"""The integer-label softmax cross-entropy on the blocked engine (the worked example).
+
+Per token, with ``a`` = label smoothing over the ``V`` real classes, ``w`` = class
+weights, ``z`` = the (soft-capped) logits, ``m`` = the row maximum:
+
+    loss = C (lse - m) + (1 - a) w_y (m - z_y) + (a / V) sum_k w_k (m - z_k) + z_loss lse^2
+
+with ``C = (1 - a) w_y + (a / V) sum_k w_k``: every term a sum of non-negative numbers
+(no cancellation, as in the logits core, whose :func:`jxent._softmax.finish_rows` turns
+them into the loss). For the engine that is one gap sum (the smoothing term, weighted
+by the class weights) and two picks (the label's logit and its class weight); the
+gradient ``dloss/dz_k = (C + 2 z_loss lse) p_k - (1 - a) w_y [k = y] - (a / V) w_k``.
+
+Internal API: :class:`CrossEntropy` (the loss), :class:`XentRows` (its per-token
+inputs), :func:`prepare_labels`, :func:`linear_cross_entropy` (the whole fused loss on
+one device's arrays, validated).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent._fused import engine, plan
+from jxent._layout import XentConfig
+from jxent._reduction import mean_weight, safe_divide
+from jxent._softmax import finish_rows, take_classes
+from jxent._validation import accumulation_dtype
+
+
+class XentRows(NamedTuple):
+    """Per-token inputs of the fused cross-entropy, all ``[N]``."""
+
+    # int32: the label's column in this device's w, or -1 (out of range, or on another
+    # shard of the vocabulary).
+    labels: jax.Array
+    # bool: the label is one of the real classes (None: labels >= 0, on one device).
+    valid: jax.Array | None
+    keep: jax.Array | None  # bool: the token counts (None: every token)
+
+
+class CrossEntropy(NamedTuple):
+    """The fused loss: ``label_smoothing`` and ``z_loss`` of ``config`` (the soft cap is the
+    engine's). Its per-column input is the class weights ``[V]`` (in the accumulation
+    dtype, 0 on padding columns) or None."""
+
+    config: XentConfig
+
+    def row_sums(self, class_weights):
+        if self.config.label_smoothing == 0:
+            return {}
+        return {"smooth": engine.RowSum("gap", class_weights)}
+
+    def pick_names(self, class_weights):
+        return ("z_label",) if class_weights is None else ("z_label", "w_label")
+
+    def picks(self, z, view: engine.View):
+        # The label's logit: a gather of one element per row (no [n, vb] compare-select).
+        index = view.column_of(view.rows.labels)
+        here = (index >= 0) & (index < z.shape[-1])
+        safe = jnp.clip(index, 0, z.shape[-1] - 1)
+        zero = jnp.zeros((), z.dtype)
+        picked = jnp.take_along_axis(z, safe[:, None], axis=-1)[:, 0]
+        out = {"z_label": jnp.where(here, picked, zero)}
+        if view.columns is not None:
+            out["w_label"] = jnp.where(here, take_classes(view.columns, safe), zero)
+        return out
+
+    def finish(self, sums: engine.RowSums, rows: XentRows, num_classes: int):
+        cfg = self.config
+        acc = sums.row_max.dtype
+        zero = jnp.zeros((), acc)
+        a = cfg.label_smoothing
+        valid = rows.labels >= 0 if rows.valid is None else rows.valid
+        w_label = sums.picks.get("w_label", jnp.ones(valid.shape, acc))
+        # An out-of-range label has no logit: its loss is NaN, never a plausible number.
+        label_coef = (1 - a) * jnp.where(valid, w_label, jnp.nan)
+        dist = jnp.where(label_coef != 0, label_coef * (sums.row_max - sums.picks["z_label"]), zero)
+        smoothing = None
+        if a > 0:
+            # Every logit is finite (padding columns hold a large negative number and have
+            # zero weight), so all num_classes classes count.
+            half_gap = 0.5 * sums.sums["smooth"]
+            smoothing = (jnp.asarray(num_classes, acc), sums.totals["smooth"], half_gap)
+        loss, _, scale, label_coef, smooth_coef = finish_rows(
+            cfg,
+            sums.row_max,
+            sums.lse_rel,
+            jnp.ones(valid.shape, jnp.bool_),
+            label_coef,
+            dist,
+            label_coef,
+            smoothing,
+            rows.keep,
+        )
+        return loss, (scale, label_coef, smooth_coef)
+
+    def dlogits(self, p, log_p, coefs, view: engine.View):
+        scale, label_coef, smooth = coefs
+        dz = scale[:, None] * p
+        if smooth is not None:
+            w_cols = jnp.ones((1, p.shape[-1]), p.dtype) if view.columns is None else view.columns
+            dz = dz - smooth[:, None] * w_cols.reshape(1, -1)
+        # A compare-select inside the elementwise pass that builds the block anyway.
+        index = view.column_of(view.rows.labels)
+        is_label = lax.broadcasted_iota(index.dtype, p.shape, 1) == index[:, None]
+        return dz - jnp.where(is_label, label_coef[:, None], jnp.zeros((), p.dtype))
+
+
+def prepare_labels(labels: jax.Array, num_classes: int) -> jax.Array:
+    """int32 labels with every label outside ``[0, num_classes)`` replaced by -1.
+
+    Range is checked in the labels' own dtype, so a wide label cannot wrap into range.
+    """
+    valid = (labels >= 0) & (labels < num_classes)
+    return jnp.where(valid, labels, -1).astype(jnp.int32)
+
+
+def column_weights(class_weights, real_columns, smoothing: bool, acc):
+    """The per-column input of :class:`CrossEntropy`: class weights in ``acc`` with the
+    padding's (any values) selected to 0; without class weights, the padding indicator
+    when label smoothing must skip it, else None."""
+    if class_weights is not None:
+        cw = class_weights.astype(acc)
+        return cw if real_columns is None else jnp.where(real_columns, cw, jnp.zeros((), acc))
+    if real_columns is not None and smoothing:
+        return real_columns.astype(acc)
+    return None
+
+
+def linear_cross_entropy(
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None,
+    row_mask: jax.Array | None,
+    class_weights: jax.Array | None,
+    config: XentConfig,
+    reduction: str,
+    chunk_size,
+    num_classes: int,
+) -> jax.Array:
+    """The fused cross-entropy of validated arrays on one device (``row_mask`` already
+    includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``)."""
+    n, columns = labels.size, w.shape[1]
+    batch_shape = x.shape[:-1]
+    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
+    plans, single_pass = plan.plans(
+        n, x.shape[-1], columns, reduction, chunk_size, jnp.dtype(acc).itemsize
+    )
+    spec = engine.Spec(
+        CrossEntropy(config._replace(soft_cap=None, class_axes=None)),
+        plans,
+        config.soft_cap,
+        None if num_classes == columns else num_classes,
+    )
+    # Padding columns: the engine selects their logits to a large finite negative number
+    # and their dx weights to 0, whatever w and bias hold there (inf and NaN included).
+    real = jnp.arange(columns) < num_classes if num_classes < columns else None
+    cw = column_weights(class_weights, real, config.label_smoothing > 0, acc)
+    keep = None if row_mask is None else row_mask.reshape(n)
+    rows = XentRows(prepare_labels(labels.reshape(n), num_classes), None, keep)
+    args = (x.reshape(n, x.shape[-1]), w, bias, rows, cw, real)
+    if single_pass:
+        total = engine.summed_loss(spec, *args)
+    else:
+        per_token = engine.per_token_loss(spec, *args).reshape(batch_shape)
+        if reduction == "none":
+            return per_token
+        total = jnp.sum(per_token)
+    if reduction == "sum":
+        return total
+    take = lambda table, y: take_classes(table, jnp.clip(y, 0, num_classes - 1))  # noqa: E731
+    weight = mean_weight(row_mask, class_weights, labels, reduction, total.dtype, take)
+    if weight is None:
+        return total / max(n, 1)
+    return safe_divide(total, jnp.sum(weight.astype(total.dtype)))

@@ -1,0 +1,196 @@
+"""The fused linear cross-entropy with the output weight split over a mesh axis.
+
+Each shard runs the blocked engine (``jxent._fused.engine``) on its own columns of
+``w``; the engine's vocabulary-parallel combine (one ``pmax`` and one ``psum`` of
+per-token numbers) makes every shard's loss the whole vocabulary's, and its backward
+pass sums ``dx`` over the shards.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent import _validation as v
+from jxent._fused import engine, plan
+from jxent._fused.xent import CrossEntropy, XentRows, column_weights
+from jxent._layout import and_masks, xent_config
+from jxent._reduction import reduce_across
+from jxent._validation import accumulation_dtype
+from jxent.parallel._split import (
+    AxisName,
+    check_split,
+    check_unsplit,
+    local_labels,
+    masked,
+    mean_weight,
+    real_columns,
+    vocab_layout,
+)
+
+
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_soft_cap: float | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    num_classes: int | None = None,
+    batch_axis_name: AxisName | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r"""The fused linear softmax cross-entropy with the output weight split over devices.
+
+    Call it inside ``jax.shard_map``. It computes
+    :func:`jxent.linear_softmax_cross_entropy` ``(x, w, labels, ...)`` where ``w`` is
+    the concatenation of every shard's ``local_w`` along its columns: each shard forms
+    its own logits ``x @ local_w`` block by block (never the whole ``[tokens, V_local]``
+    array) with the blocked loss's streaming schedule, then the shards combine per-token
+    numbers: one ``pmax`` of the maxima and one ``psum`` of the sum-exp, the label's
+    logit (found on the shard that owns it) and the smoothing sums. The backward pass
+    recomputes each block's logits, keeps ``d local_w`` on its shard and sums
+    ``dx`` over the shards: a ``[tokens, D]`` all-reduce, the one collective that the
+    math needs (``x`` feeds every shard's logits). Reverse mode only.
+
+    Layout on a 2-D ``("data", "model")`` mesh: ``x`` in ``P("data", None)`` (tokens
+    split over ``data``, hidden size whole), ``local_w`` from ``w`` in
+    ``P(None, "model")`` (vocabulary columns split over ``model``), ``labels`` in
+    ``P("data")`` (global class indices), ``bias`` and ``class_weights`` in
+    ``P("model")``. Shard ``s`` owns the classes ``[s * V_local, (s + 1) * V_local)``.
+    If ``V`` is not a multiple of the model-axis size ``n``, pad ``w`` (and ``bias``,
+    ``class_weights``) with columns at the end to ``n * ceil(V / n)`` (any values,
+    ``inf`` and ``NaN`` included) and pass ``num_classes=V``: the padding takes no part
+    (its logits and weights are selected away) and its gradient is exactly 0.
+
+    ``class_weights`` is treated as a constant: no gradient flows to it (nor through
+    the ``"mean"``'s denominator).
+
+    Args:
+      x: hidden states ``[..., D]``, the same on every shard of ``axis_name`` (not
+        split over it: checked from ``shard_map``'s types).
+      local_w: this device's ``[D, V_local]`` columns of the output projection.
+      labels: integer global class indices of shape ``x.shape[:-1]``, not split over
+        ``axis_name`` (as ``x``).
+      axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
+      bias: this device's ``[V_local]`` slice of the bias, or ``None``.
+      ignore_index: tokens whose label equals it are dropped.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token. Not split
+        over ``axis_name`` (as ``x``).
+      label_smoothing: :math:`\alpha \in [0, 1]` over the ``V`` real classes.
+      z_loss: :math:`\lambda_z \ge 0`.
+      logit_soft_cap: :math:`c > 0` to use :math:`c \tanh(z / c)`, or ``None``.
+      class_weights: this device's ``[V_local]`` slice of the class weights
+        (constants: no gradient flows to them; any values on the padding).
+      reduction: ``"mean"`` (default, as :func:`jxent.linear_softmax_cross_entropy`),
+        ``"sum"`` or ``"none"``; over this device's tokens, or over every device of
+        ``batch_axis_name`` if given.
+      num_classes: the true vocabulary size ``V`` when the last shard is padded.
+      batch_axis_name: the data-parallel mesh axis (or axes) for a global
+        ``"sum"``/``"mean"``.
+      chunk_size: vocabulary columns per block on each shard, or a pair (tokens,
+        columns); ``None`` chooses as :func:`jxent.linear_softmax_cross_entropy`
+        does for per-token losses (its streaming schedule).
+
+    Returns:
+      float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
+      ``"none"``, else a scalar; equal on every device of ``axis_name``.
+
+    Raises:
+      TypeError: non-floating ``x``/``local_w``/``bias``/``class_weights``,
+        non-integer labels, a non-boolean ``where``, a bad ``axis_name``.
+      ValueError: ``axis_name`` not bound by an enclosing ``shard_map``, shapes that
+        do not match, ``num_classes`` out of range, an option out of range,
+        ``local_w`` not split over ``axis_name`` (or ``check_vma=False``), ``x``,
+        ``labels`` or ``where`` split over it.
+
+    Example:
+      A 1 x 1 mesh so that it runs anywhere (e.g. ``(2, 4)`` on 8 devices); the
+      vocabulary of 3 classes is padded to 4 columns.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8], [-1.2, 0.4]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> labels = jnp.array([1, 0, 2])
+      >>> w_padded = jnp.pad(w, ((0, 0), (0, 1)))  # V = 3 -> 4 columns
+      >>> def loss_fn(x, local_w, labels):
+      ...     return jxent.parallel.linear_softmax_cross_entropy(
+      ...         x, local_w, labels, axis_name="model", num_classes=3,
+      ...         batch_axis_name="data")
+      >>> sharded = jax.shard_map(
+      ...     loss_fn, mesh=mesh, in_specs=(P("data", None), P(None, "model"), P("data")),
+      ...     out_specs=P())
+      >>> args = put(x, "data", None), put(w_padded, None, "model"), put(labels, "data")
+      >>> print(f"{float(jax.jit(sharded)(*args)):.4f}")
+      1.5740
+      >>> print(f"{float(jxent.linear_softmax_cross_entropy(x, w, labels)):.4f}")
+      1.5740
+
+    References:
+      Shoeybi et al., `Megatron-LM <https://arxiv.org/abs/1909.08053>`_, 2019.
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024.
+    """
+    x, w, labels, bias, class_weights, row_mask = v.linear_inputs(
+        x,
+        local_w,
+        labels,
+        bias,
+        class_weights,
+        where,
+        w_name="local_w",
+        w_shape="(D, V_local) = ({D}, columns on this shard)",
+        per_column="this shard's slice of the columns",
+    )
+    batch_shape = x.shape[:-1]
+    v.check_reduction(reduction)
+    cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
+    split = vocab_layout(axis_name, w.shape[1], num_classes)
+    check_split("local_w", w, split)
+    check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
+    check_unsplit("labels", labels, split, 'P("data") as x\'s tokens')
+    check_unsplit("where", row_mask, split, 'P("data") as x\'s tokens')
+    real = real_columns(split)
+    if class_weights is not None:
+        # A constant (see Args); the padding's weights (any values) never take part.
+        class_weights = masked(lax.stop_gradient(class_weights), real, 0)
+    if ignore_index is not None:
+        row_mask = and_masks(row_mask, labels != ignore_index)
+    n = labels.size
+    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
+    # The streaming schedule (the single pass needs the whole vocabulary's softmax per
+    # block), with contiguous blocks: this shard's columns are its own already.
+    plans, _ = plan.plans(
+        n, x.shape[-1], w.shape[1], "none", chunk_size, jnp.dtype(acc).itemsize, grouped=False
+    )
+    spec = engine.Spec(
+        CrossEntropy(cfg._replace(soft_cap=None)),
+        plans,
+        cfg.soft_cap,
+        split.num_classes,
+        split.axis_name,
+    )
+    flat_labels = labels.reshape(n)
+    if flat_labels.dtype != jnp.int64:
+        flat_labels = flat_labels.astype(jnp.int32)
+    here, _ = local_labels(split, flat_labels)
+    valid = (flat_labels >= 0) & (flat_labels < split.num_classes)
+    keep = None if row_mask is None else row_mask.reshape(n)
+    cw = column_weights(class_weights, real, cfg.label_smoothing > 0, acc)
+    x2 = x.reshape(n, x.shape[-1])
+    loss = engine.per_token_loss(spec, x2, w, bias, XentRows(here, valid, keep), cw, real)
+    loss = loss.reshape(batch_shape)
+    weight = mean_weight(split, labels, row_mask, class_weights, reduction, loss.dtype)
+    return reduce_across(loss, reduction, weight, batch_axis_name)

@@ -1,0 +1,68 @@
+"""Block planning of the fused losses (jxent/_fused/plan.py): block lengths per platform,
+the single pass, and the groups of a blocked axis."""
+
+from __future__ import annotations
+
+from jxent import _backend
+from jxent._fused import plan
+
+
+def test_default_blocks_at_llm_shapes():
+    # Gemma 2 / Llama 3: the float32 [D, V] accumulator is too large, so the vocabulary
+    # is streamed; the blocks divide N and V (no separately compiled last block).
+    for n, d, v in ((8192, 2304, 256000), (8192, 4096, 128256)):
+        for reduction in ("mean", "none"):
+            tb, vb, single = plan.plan_blocks(n, d, v, reduction, None)
+            assert not single
+            assert n % tb == 0 and v % vb == 0, (tb, vb)
+            panel = _backend.PANEL_BYTES["cpu"]
+            assert tb * vb * 4 <= 1.1 * panel
+            assert d * vb * 4 <= 1.1 * panel and tb * d * 4 <= panel
+            # Accelerators take larger blocks: all 8192 tokens at once here.
+            tb_gpu, vb_gpu, _ = plan.plan_blocks(n, d, v, reduction, None, platform="default")
+            assert tb_gpu == n and vb_gpu > vb and v % vb_gpu == 0
+    # A moderate vocabulary and an averaged loss: the single pass over token blocks.
+    tb, vb, single = plan.plan_blocks(4096, 1024, 32000, "mean", None)
+    assert single and vb == 32000 and 4096 % tb == 0
+    # Per-token losses always stream the vocabulary.
+    assert not plan.plan_blocks(4096, 1024, 32000, "none", None)[2]
+
+
+def test_explicit_chunk_sizes():
+    assert plan.plan_blocks(100, 8, 50, "mean", (7, 11)) == (7, 11, False)
+    assert plan.plan_blocks(100, 8, 50, "mean", (7, 50)) == (7, 50, True)
+    assert plan.plan_blocks(100, 8, 50, "none", (7, 80)) == (7, 50, False)
+    assert plan.plan_blocks(100, 8, 50, "sum", (500, 80)) == (100, 50, True)
+    tb, vb, single = plan.plan_blocks(100, 8, 50, "mean", 16)
+    assert (vb, single) == (16, False) and 1 <= tb <= 100
+    assert plan.plan_blocks(0, 8, 50, "mean", None)[0] == 1
+
+
+def test_block_groups():
+    """The power of two dividing the axis and the block, at most 64 and at most
+    block / min_run; 1 without a loop."""
+    assert plan.block_groups(8192, 512) == plan.MAX_GROUPS == 64
+    assert plan.block_groups(32000, 2048) == 64
+    assert plan.block_groups(128256, 1336) == 8
+    assert plan.block_groups(48, 20) == 4
+    assert plan.block_groups(61, 16) == 1
+    assert plan.block_groups(64, 64) == plan.block_groups(64, 100) == plan.block_groups(0, 1) == 1
+    # Runs of at least min_run (the vocabulary's 128 columns) from each group.
+    assert plan.MIN_VOCAB_RUN == 128
+    assert plan.block_groups(32000, 2048, 128) == 16
+    assert plan.block_groups(8192, 512, 128) == 4
+    assert plan.block_groups(8192, 127, 128) == plan.block_groups(8192, 200, 128) == 1
+    assert plan.block_groups(2**20, 2**14, 128) == 64
+
+
+def test_plans_per_platform():
+    """One plan per platform; whether the single pass runs never depends on it."""
+    plans, single = plan.plans(8192, 2304, 256000, "mean", None, 4)
+    by_platform = dict(plans)
+    assert set(by_platform) == set(_backend.PLATFORMS) and not single
+    assert by_platform["default"].token_block > by_platform["cpu"].token_block
+    plans, single = plan.plans(4096, 1024, 32000, "mean", None, 4)
+    assert single and all(p.vocab_block == 32000 for _, p in plans)
+    # Contiguous blocks on a shard of a split vocabulary.
+    plans, _ = plan.plans(4096, 1024, 32000, "none", None, 4, grouped=False)
+    assert all((p.token_groups, p.vocab_groups) == (1, 1) for _, p in plans)
