@@ -6,7 +6,7 @@ Every loss is a pure function that returns per-example values by default
 """
 
 from jxent import parallel as parallel  # the shard_map forms: jxent.parallel.*
-from jxent._binary import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
+from jxent._binary import binary_cross_entropy, sigmoid_binary_cross_entropy
 from jxent._categorical import (
     check_labels,
     safe_softmax_cross_entropy,
@@ -20,6 +20,7 @@ from jxent._divergence import (
     kl_divergence_with_log_targets,
     softmax_kl_divergence,
 )
+from jxent._focal import sigmoid_focal_loss
 from jxent._poly import poly_loss_cross_entropy
 from jxent.linear import linear_softmax_cross_entropy
 
