@@ -29,6 +29,10 @@ entry                   what it works around
                         fused passes: a barrier keeps the passes apart.
 ``panel_bytes``         the size of each float32 panel of the fused losses' blocks:
                         small on CPU, larger on accelerators.
+``GROUPED_BLOCKS``      XLA:TPU relayouts the whole of ``w`` for grouped blocks.
+``VOCAB_ALIGN``         XLA:TPU relayouts ``w`` for blocks not aligned to 128 columns.
+``FLOAT32_PRECISION``   XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
+                        default precision: float32 blocks multiply at ``HIGHEST``.
 ``single_device``       views that merge part of the class axis with the batch are
                         only taken on one device (GSPMD could regather a
                         class-sharded axis for them).
@@ -37,6 +41,7 @@ entry                   what it works around
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -56,13 +61,23 @@ def on_cpu(cpu: Callable, default: Callable, *args):
 
 
 def per_platform(fn: Callable, plans: dict):
-    """``fn(plans[p])`` for the lowering platform ``p`` (``"cpu"`` or ``"default"``).
+    """``fn(plans[p])`` for the lowering platform ``p`` (a key of ``plans``: ``"cpu"``,
+    ``"tpu"``, and ``"default"`` for every other platform).
 
-    One trace when the plans are equal; otherwise one branch per platform.
+    Platforms with equal plans share one traced branch; one plan for all: no branch.
     """
-    if plans["cpu"] == plans["default"]:
-        return fn(plans["cpu"])
-    return on_cpu(lambda: fn(plans["cpu"]), lambda: fn(plans["default"]))
+    distinct: dict = {}
+    for platform, plan in plans.items():
+        distinct.setdefault(plan, []).append(platform)
+    if len(distinct) == 1:
+        return fn(next(iter(distinct)))
+    branches = {}
+    for plan, platforms in distinct.items():
+        branch = functools.partial(fn, plan)  # one callable per plan: JAX joins them
+        for platform in platforms:
+            branches[platform] = branch
+    default = branches.pop("default")
+    return lax.platform_dependent(default=default, **branches)
 
 
 def single_device() -> bool:
@@ -250,12 +265,41 @@ def cpu_barrier(values):
 #: efficient at that size (``benchmarks.bench_linear``, 4096 x 1024 x 32000, jax 0.10);
 #: a GPU or TPU runs larger blocks markedly faster (fewer, larger kernels), and has the
 #: memory for them.
-PANEL_BYTES = {"cpu": 32 * MiB, "default": 128 * MiB}
+PANEL_BYTES = {"cpu": 32 * MiB, "tpu": 128 * MiB, "default": 128 * MiB}
 
-#: The platforms a fused loss's plan distinguishes (see ``per_platform``).
-PLATFORMS = ("cpu", "default")
+#: The platforms a fused loss's plan distinguishes (see ``per_platform``); "default" is
+#: every other platform (CUDA, ROCm).
+PLATFORMS = ("cpu", "tpu", "default")
 
 
 def panel_bytes(platform: str) -> int:
-    """The panel size for ``platform`` (``"cpu"``; anything else counts as an accelerator)."""
+    """The panel size for ``platform`` (``"cpu"``, ``"tpu"`` or ``"default"``)."""
     return PANEL_BYTES.get(platform, PANEL_BYTES["default"])
+
+
+#: Whether the fused losses' blocked axes are grouped (``jxent._fused.blocks``) on each
+#: platform. XLA:TPU (jax 0.10.2, libtpu 0.0.42) relayouts the whole of ``w`` for the
+#: strided blocks of a grouped view: compiled temporary memory of the fused loss's
+#: ``value_and_grad`` at Gemma-2 (8192 x 2304 x 256000, bfloat16, TPU v5e, compiled
+#: without a device) is 1198 MiB with groups, 72.7 MiB without. Without groups a ``w``
+#: sharded over its columns on ``Auto`` mesh axes is gathered on TPU: use
+#: ``jxent.parallel`` (or ``Explicit`` axes, which take it) to split the vocabulary there.
+GROUPED_BLOCKS = {"cpu": True, "tpu": False, "default": True}
+
+#: The alignment of the vocabulary blocks per platform. XLA:TPU tiles the minor dimension
+#: by 128: a block of columns that is not a multiple of 128 (or starts off a multiple of
+#: 128) is sliced from a relayouted copy of ``w`` (Gemma-2 bfloat16 on v5e: 4000-column
+#: blocks 1198 MiB, 2048-column blocks 72.7 MiB). Where this is above 8 the plan also
+#: prefers any aligned divisor of ``V`` to a shorter last block, whose write XLA:TPU turns
+#: into a pad that lays ``dw`` out column-major, copied back at the end (Llama-3
+#: 8192 x 4096 x 128256 bfloat16 on v6e: 4096-column blocks 1132 MiB, 768-column 128.5).
+VOCAB_ALIGN = {"cpu": 8, "tpu": 128, "default": 8}
+
+#: The precision of the fused losses' float32 products per platform (None: JAX's
+#: default). XLA:TPU multiplies float32 at the default precision in bfloat16 and converts
+#: the whole loop-invariant ``w`` (and ``x``) to bfloat16 once, before the block loop: a
+#: copy of ``w`` (Gemma-2 float32 on v5e: 1162 MiB of temporary memory). At ``HIGHEST``
+#: the blocks are multiplied in float32 passes without the copy (64 MiB at 8192 x 2304 x
+#: 65536), and the logits are the float32 products the loss promises. Narrower inputs
+#: are multiplied as they are on every platform.
+FLOAT32_PRECISION = {"cpu": None, "tpu": "highest", "default": None}

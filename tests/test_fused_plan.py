@@ -66,3 +66,18 @@ def test_plans_per_platform():
     # Contiguous blocks on a shard of a split vocabulary.
     plans, _ = plan.plans(4096, 1024, 32000, "none", None, 4, grouped=False)
     assert all((p.token_groups, p.vocab_groups) == (1, 1) for _, p in plans)
+
+
+def test_tpu_plan_is_ungrouped_and_lane_aligned():
+    """XLA:TPU copies the whole of w for grouped or unaligned vocabulary blocks, and for
+    float32 products at the default precision (``_backend``'s register): the TPU plan
+    has one group, blocks of whole 128-column tiles, and float32 products at HIGHEST."""
+    for n, d, v in ((8192, 2304, 256000), (8192, 4096, 128256), (4096, 1024, 32000)):
+        for float32 in (False, True):
+            plans, single = plan.plans(n, d, v, "mean", None, 4, float32=float32)
+            tpu = dict(plans)["tpu"]
+            assert (tpu.token_groups, tpu.vocab_groups) == (1, 1)
+            assert tpu.precision == ("highest" if float32 else None)
+            if not single:
+                assert tpu.vocab_block % 128 == 0, tpu
+            assert dict(plans)["cpu"].precision is None

@@ -194,11 +194,13 @@ def _num_classes(spec: Spec, inp: Inputs) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _logits(spec: Spec, inp: Inputs, x_blk, w_blk, b_blk, real_blk=None):
+def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=None):
     """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
     cdt = compute_dtype(inp.x, inp.w, inp.bias)
     acc = accumulation_dtype(cdt)
-    logits = jnp.matmul(x_blk.astype(cdt), w_blk.astype(cdt), preferred_element_type=acc)
+    logits = jnp.matmul(
+        x_blk.astype(cdt), w_blk.astype(cdt), precision=plan.precision, preferred_element_type=acc
+    )
     if b_blk is not None:
         logits = logits + b_blk.astype(acc)[None, :]
     dcap = None
@@ -355,7 +357,7 @@ def _statistics(spec: Spec, plan: Plan, inp: Inputs):
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
 
         def token_step(r0, nb, run):
-            z, _ = _logits(spec, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            z, _ = _logits(spec, plan, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), run)
             view = _view(
                 jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
@@ -438,7 +440,7 @@ class _Wanted(NamedTuple):
     bias: bool
 
 
-def _block_grads(inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
+def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
     """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype.
 
     ``dz`` is rounded to the inputs' dtype for the products, as the unfused
@@ -450,13 +452,19 @@ def _block_grads(inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
     dx = dw = None
     if wanted.x:
         dims = (((1,), (1,)), ((), ()))
-        dx = lax.dot_general(dzc, w_blk.astype(cdt), dims, preferred_element_type=acc)
+        dx = lax.dot_general(
+            dzc, w_blk.astype(cdt), dims, precision=plan.precision, preferred_element_type=acc
+        )
     if wanted.w:
-        dw = jnp.matmul(xt_blk.astype(cdt), dzc, preferred_element_type=acc)
+        dw = jnp.matmul(
+            xt_blk.astype(cdt), dzc, precision=plan.precision, preferred_element_type=acc
+        )
     return dx, dw
 
 
-def _add_products(inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, write_dx):
+def _add_products(
+    plan: Plan, inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, write_dx
+):
     """``grads = (dx, dw, db)`` plus one block's products: ``dz @ w_blk.T`` written into
     ``dx``'s rows of the token block ``rows_blk = (start, length, groups)`` with
     ``write_dx`` (added, or put when the block's rows are final), ``x_blk.T @ dz`` added to
@@ -464,7 +472,7 @@ def _add_products(inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, w
     dx, dw, db = grads
     start, length, groups = rows_blk
     xt_blk = B.transposed_block(x, start, length, groups) if wanted.w else None
-    dx_part, dw_part = _block_grads(inp, dz, xt_blk, w_blk, wanted)
+    dx_part, dw_part = _block_grads(plan, inp, dz, xt_blk, w_blk, wanted)
     if wanted.x:
         dx = write_dx(dx, dx_part, start, 0, groups)
     if wanted.w:
@@ -493,13 +501,13 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
         w_dx = _real_weights(w_blk, c_blk) if wanted.x else w_blk
 
         def token_step(r0, nb, inner):
-            z, dcap = _logits(spec, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            z, dcap = _logits(spec, plan, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), coefs)
             view = _view(
                 jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
             )
             dz = _dlogits(spec, z, dcap, sub, view)
-            return _add_products(inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block)
+            return _add_products(plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block)
 
         inner = (
             dx,
@@ -545,7 +553,7 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
         total, dx, dw, db = carry
         x_blk = B.block(x, r0, nb, 0, tg)
         rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
-        z, dcap = _logits(spec, inp, x_blk, inp.w, inp.bias, inp.real_columns)
+        z, dcap = _logits(spec, plan, inp, x_blk, inp.w, inp.bias, inp.real_columns)
         view = View(rows_blk, inp.columns, 0, v, 1, v)
         run = _merge(loss, _init_running(loss, tg * nb, acc, inp.columns), z, view, no_weight)
         totals = _gap_totals(declared, v, acc)
@@ -554,7 +562,9 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
         # the sum of exponentials above and the softmax below, and materialises it.
         coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))
         dz = _dlogits(spec, z, dcap, coefs, view)
-        grads = _add_products(inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block)
+        grads = _add_products(
+            plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block
+        )
         return total + jnp.sum(loss_blk), *grads
 
     carry = (

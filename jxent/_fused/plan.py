@@ -39,20 +39,21 @@ class Plan(NamedTuple):
     vocab_block: int
     token_groups: int = 1
     vocab_groups: int = 1
+    precision: str | None = None  # of the float32 products (``_backend.FLOAT32_PRECISION``)
 
 
-def _block_length(total: int, cap: int, align: int) -> int:
+def _block_length(total: int, cap: int, align: int, step: int = 8, floor: int = 0) -> int:
     """A block length of at most about ``cap`` for ``total`` items.
 
-    Prefers a divisor of ``total`` (a multiple of 8) in ``[cap / 2, cap]``: a
-    shorter last block is compiled as a separate copy of the loop body, with buffers
-    of its own. Otherwise splits ``total`` into near-equal blocks, rounded up to a
-    multiple of ``align``.
+    Prefers a divisor of ``total`` (a multiple of ``step``) in ``[floor, cap]``
+    (``floor`` 0: ``cap / 2``): a shorter last block is compiled as a separate copy of
+    the loop body, with buffers of its own. Otherwise splits ``total`` into near-equal
+    blocks, rounded up to a multiple of ``align``.
     """
     cap = max(align, cap - cap % align)
     if total <= cap:
         return max(total, 1)
-    for size in range(cap - cap % 8, cap // 2 - 1, -8):
+    for size in range(cap - cap % step, max(floor or cap // 2, step) - 1, -step):
         if total % size == 0:
             return size
     count = -(-total // cap)
@@ -149,7 +150,10 @@ def plan_blocks(
         rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
         return _block_length(n, max(rows, 1), 8), k, True
     tb = _block_length(n, rows_cap, 8)
-    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128), False
+    step = _backend.VOCAB_ALIGN.get(platform, _backend.VOCAB_ALIGN["default"])
+    # Where blocks are tile-aligned, any aligned divisor beats a shorter last block.
+    floor = step if step > 8 else 0
+    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128, step, floor), False
 
 
 def plans(
@@ -161,19 +165,22 @@ def plans(
     acc_bytes: int,
     *,
     grouped: bool = True,
+    float32: bool = False,
 ) -> tuple[tuple[tuple[str, Plan], ...], bool]:
     """Every platform's :class:`Plan` (as ``((platform, plan), ...)``, hashable) and
     whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
-    group), as on a shard of a vocabulary already split over devices."""
+    group), as on a shard of a vocabulary already split over devices; platforms whose
+    compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
+    ``float32``: the products are float32 (their precision is the platform's
+    ``_backend.FLOAT32_PRECISION``)."""
     out, single = [], None
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
             num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform
         )
-        groups = (
-            (block_groups(num_tokens, tb), block_groups(columns, vb, MIN_VOCAB_RUN))
-            if grouped
-            else (1, 1)
-        )
-        out.append((platform, Plan(tb, vb, *groups)))
+        groups = (1, 1)
+        if grouped and _backend.GROUPED_BLOCKS[platform]:
+            groups = (block_groups(num_tokens, tb), block_groups(columns, vb, MIN_VOCAB_RUN))
+        precision = _backend.FLOAT32_PRECISION[platform] if float32 else None
+        out.append((platform, Plan(tb, vb, *groups, precision)))
     return tuple(out), bool(single)

@@ -148,9 +148,16 @@ def linear_cross_entropy(
     includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``)."""
     n, columns = labels.size, w.shape[1]
     batch_shape = x.shape[:-1]
-    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
+    cdt = engine.compute_dtype(x, w, bias)
+    acc = accumulation_dtype(cdt)
     plans, single_pass = plan.plans(
-        n, x.shape[-1], columns, reduction, chunk_size, jnp.dtype(acc).itemsize
+        n,
+        x.shape[-1],
+        columns,
+        reduction,
+        chunk_size,
+        jnp.dtype(acc).itemsize,
+        float32=cdt == jnp.float32,
     )
     spec = engine.Spec(
         CrossEntropy(config._replace(soft_cap=None, class_axes=None)),

@@ -169,11 +169,19 @@ def linear_softmax_cross_entropy(
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
     n = labels.size
-    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
+    cdt = engine.compute_dtype(x, w, bias)
+    acc = accumulation_dtype(cdt)
     # The streaming schedule (the single pass needs the whole vocabulary's softmax per
     # block), with contiguous blocks: this shard's columns are its own already.
     plans, _ = plan.plans(
-        n, x.shape[-1], w.shape[1], "none", chunk_size, jnp.dtype(acc).itemsize, grouped=False
+        n,
+        x.shape[-1],
+        w.shape[1],
+        "none",
+        chunk_size,
+        jnp.dtype(acc).itemsize,
+        grouped=False,
+        float32=cdt == jnp.float32,
     )
     spec = engine.Spec(
         CrossEntropy(cfg._replace(soft_cap=None)),
