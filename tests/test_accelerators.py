@@ -1,0 +1,44 @@
+"""The fused loss on the hardware people train on, measured without a device (issue 13).
+
+XLA compiles for a TPU on this CPU-only machine (libtpu, installed by the test extra on
+Linux x86-64); the compiled program's memory analysis is exact. The compilations run in
+one subprocess (``tests/accelerator_checks.py``): only one process may hold libtpu.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+if importlib.util.find_spec("libtpu") is None and (
+    sys.platform != "linux" or platform.machine() != "x86_64"
+):
+    pytest.skip("libtpu is only published for Linux x86-64", allow_module_level=True)
+
+
+def test_tpu_compiled_memory_is_bounded():
+    """Gemma-2's output layer (8192 x 2304 x 256000), value_and_grad, TPU v5e: temporary
+    memory at most twice the floor (a float32 dx and one float32 logits block) in bfloat16
+    and float32, and at most 1/20 of ``x @ w`` + optax's in bfloat16."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "accelerator_checks.py"), "v5e"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mem = json.loads(proc.stdout.strip().splitlines()[-1])
+    for dtype in ("bfloat16", "float32"):
+        m = mem[dtype]
+        assert m["temp_mib"] <= 2 * m["floor_mib"], (dtype, m)
+    assert mem["bfloat16"]["temp_mib"] <= mem["bfloat16"]["unfused_temp_mib"] / 20, mem
