@@ -1,8 +1,14 @@
 import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# The suite runs on CPU (multi-device checks simulate devices there). The test extra
+# installs libtpu on Linux for tests/test_accelerators.py, which compiles for a TPU in its
+# own subprocess; without this, JAX would try to start a TPU backend in every process and
+# log the failure on a machine without one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # float64 checks against the NumPy reference need x64; strict promotion and rank promotion
 # errors make sure the library never relies on implicit dtype/rank promotion. Tests of the
@@ -13,7 +19,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # parallel_checks.py is a script run in a subprocess with 8 simulated devices: importing it
 # here (doctest collection) would set XLA_FLAGS for this process.
-collect_ignore = ["parallel_checks.py"]
+# accelerator_checks.py takes libtpu's lock when run: only its subprocess may run it.
+collect_ignore = ["parallel_checks.py", "accelerator_checks.py"]
 
 _COMMON = {
     "deadline": None,
