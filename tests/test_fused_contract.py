@@ -35,8 +35,8 @@ class Entropy(NamedTuple):
     def row_sums(self, columns):
         return {"h": engine.RowSum("exp_gap")}
 
-    def pick_names(self, columns):
-        return ()
+    def pick_shapes(self, columns):
+        return {}
 
     def picks(self, z, view):
         return {}

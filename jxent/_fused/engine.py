@@ -102,6 +102,7 @@ class View(NamedTuple):
     width: int  # columns per group in the block
     groups: int  # vocabulary groups (see jxent._fused.blocks)
     group_length: int  # columns per group of the whole vocabulary (on this device)
+    fixed: Any = None  # the loss's unscaled per-token numbers from finish (backward only)
 
     def column_of(self, index: jax.Array) -> jax.Array:
         """Each column index's position in the block: in ``[0, groups * width)`` where the
@@ -118,6 +119,9 @@ class RowSum(NamedTuple):
 
     kind: str  # "gap", "exp" or "exp_gap"
     weights: jax.Array | None = None  # this block's column weights [vb]; None: all 1
+    # "exp" and "exp_gap" of r z instead of z (static; r > 0): the softmax at another
+    # temperature, e.g. r = 1/T, with terms exp(r (z - m)) and r (m - z).
+    power: float = 1.0
 
 
 class RowSums(NamedTuple):
@@ -136,15 +140,19 @@ class FusedLoss(Protocol):
     def row_sums(self, columns) -> dict[str, RowSum]:
         """The row sums to keep, given this block's per-column inputs ``columns``."""
 
-    def pick_names(self, columns) -> tuple[str, ...]:
-        """The names of the picks (each a per-token value in the accumulation dtype)."""
+    def pick_shapes(self, columns) -> dict[str, tuple[int, ...]]:
+        """The picks, each a per-token value (shape ``()``) or values (e.g. ``(k,)``) in
+        the accumulation dtype: name -> per-token shape."""
 
     def picks(self, z: jax.Array, view: View) -> dict[str, jax.Array]:
         """Per-token values read from the block's logits ``z [n, vb]`` (0 where absent)."""
 
-    def finish(self, sums: RowSums, rows, num_classes: int) -> tuple[jax.Array, Any]:
-        """``(loss [n], coefficients)``: the per-token loss and a pytree of ``[n]``
-        gradient coefficients, each linear in the loss (scaled by the cotangent)."""
+    def finish(self, sums: RowSums, rows, num_classes: int) -> tuple:
+        """``(loss, coefficients)`` or ``(loss, coefficients, fixed)``. ``loss``: the
+        per-token loss ``[n]``, or a tuple of per-token outputs (then ``coefficients`` is
+        a tuple of as many pytrees, the ``i``-th scaled by the ``i``-th cotangent); the
+        coefficients are ``[n]`` arrays in which ``dloss/dz`` is linear. ``fixed``: a
+        pytree of ``[n]`` numbers the backward pass needs unscaled (``View.fixed``)."""
 
     def dlogits(self, p: jax.Array, log_p: jax.Array, coefs, view: View) -> jax.Array:
         """``dloss/dz`` of a block from its softmax ``p [n, vb]``, ``log_p`` (finite where
@@ -163,6 +171,9 @@ class Spec(NamedTuple):
     # The mesh axis (or axes) the vocabulary is split over, inside shard_map; None: one
     # device's whole vocabulary.
     axis_name: Any = None
+    # z = soft_cap(x @ w + bias) / temperature: the engine's logits, p = softmax(z); the
+    # backward pass multiplies dloss/dz by 1 / temperature. None: 1.
+    temperature: float | None = None
 
 
 class Inputs(NamedTuple):
@@ -174,6 +185,14 @@ class Inputs(NamedTuple):
     rows: Any  # pytree of [N] arrays
     columns: Any  # pytree of [V] arrays
     real_columns: jax.Array | None = None  # bool [V]: False on padding columns
+
+
+def weighted(weights: jax.Array | None, loss: jax.Array, coefs):
+    """A per-token loss and its gradient coefficients times per-token ``weights``
+    (None: unchanged): the loss is linear in its coefficients."""
+    if weights is None:
+        return loss, coefs
+    return loss * weights, jax.tree.map(lambda c: c * weights, coefs)
 
 
 def compute_dtype(*arrays) -> jnp.dtype:
@@ -207,11 +226,15 @@ def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=N
     if spec.soft_cap is not None:
         t = jnp.tanh(logits / spec.soft_cap)
         logits, dcap = spec.soft_cap * t, 1 - t * t
+    if spec.temperature is not None and spec.temperature != 1:
+        inv = 1 / spec.temperature
+        logits = logits * jnp.asarray(inv, acc)
+        dcap = jnp.full((), inv, acc) if dcap is None else dcap * jnp.asarray(inv, acc)
     if real_blk is not None:
         real = real_blk[None, :]
         logits = jnp.where(real, logits, jnp.asarray(PADDING_LOGIT * jnp.finfo(acc).max, acc))
         if dcap is not None:
-            dcap = jnp.where(real, dcap, jnp.zeros((), acc))
+            dcap = jnp.where(real, jnp.broadcast_to(dcap, logits.shape), jnp.zeros((), acc))
     return logits, dcap
 
 
@@ -259,7 +282,7 @@ def _init_running(loss: FusedLoss, n: int, acc, columns) -> _Running:
         jnp.full((n,), -jnp.inf, acc),
         zeros,
         {k: zeros for k in _sum_names(loss.row_sums(columns))},
-        {k: zeros for k in loss.pick_names(columns)},
+        {k: jnp.zeros((n, *shape), acc) for k, shape in loss.pick_shapes(columns).items()},
     )
 
 
@@ -274,18 +297,21 @@ def _gap_totals(declared: dict[str, RowSum], width: int, acc) -> dict:
 
 def _block_terms(declared: dict[str, RowSum], z, m_blk) -> dict:
     """The elementwise terms of a block's row sums, relative to the block's maximum."""
-    e = jnp.exp(z - m_blk[:, None])
+    gap = m_blk[:, None] - z
+    e = jnp.exp(-gap)
     terms = {"": e}
     for name, spec in declared.items():
         c = None if spec.weights is None else spec.weights[None, :]
         weighted = (lambda a: a) if c is None else (lambda a, c=c: a * c)
+        r = spec.power
+        e_r = e if r == 1 else jnp.exp(-r * gap)
         if spec.kind == "gap":
-            terms[name] = weighted(m_blk[:, None] - z)
+            terms[name] = weighted(gap)
         elif spec.kind == "exp":
-            terms[name] = weighted(e)
+            terms[name] = weighted(e_r)
         elif spec.kind == "exp_gap":
-            terms[name] = weighted(e * (m_blk[:, None] - z))
-            terms[_partner(name)] = weighted(e)
+            terms[name] = weighted(e_r * (gap if r == 1 else r * gap))
+            terms[_partner(name)] = weighted(e_r)
         else:
             raise ValueError(f"unknown kind of row sum {spec.kind!r} for {name!r}")
     return terms
@@ -297,16 +323,17 @@ def _recentred(declared: dict[str, RowSum], sums: dict, m_old, m_new, totals: di
     sum is 0) and 0 is kept, without forming ``inf * 0``."""
     seen = m_old > -jnp.inf
     d = jnp.where(seen, m_new - m_old, jnp.zeros((), m_new.dtype))
-    scale = jnp.exp(m_old - m_new)
     out = {}
     for name, spec in declared.items():
+        r = spec.power
+        scale = jnp.exp(r * (m_old - m_new))
         if spec.kind == "gap":
             out[name] = sums[name] + d * totals[name]
         elif spec.kind == "exp":
             out[name] = sums[name] * scale
         else:
             e = sums[_partner(name)]
-            out[name] = (sums[name] + d * e) * scale
+            out[name] = (sums[name] + (d if r == 1 else r * d) * e) * scale
             out[_partner(name)] = e * scale
     return out
 
@@ -400,13 +427,14 @@ class Coefficients(NamedTuple):
     row_max: jax.Array
     lse_rel: jax.Array
     loss: Any
+    fixed: Any = None  # the loss's unscaled numbers (View.fixed)
 
 
 def _finish(spec: Spec, inp: Inputs, run: _Running, totals: dict, rows):
     lse_rel = jnp.log(run.s)  # lse - m >= 0
     sums = RowSums(run.m, lse_rel, run.sums, totals, run.picks)
-    loss, coefs = spec.loss.finish(sums, rows, _num_classes(spec, inp))
-    return loss, Coefficients(run.m, lse_rel, coefs)
+    loss, coefs, *fixed = spec.loss.finish(sums, rows, _num_classes(spec, inp))
+    return loss, Coefficients(run.m, lse_rel, coefs, fixed[0] if fixed else None)
 
 
 def _forward(spec: Spec, plan: Plan, inp: Inputs):
@@ -423,13 +451,24 @@ def _forward(spec: Spec, plan: Plan, inp: Inputs):
 
 def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View):
     log_p = (z - coefs.row_max[:, None]) - coefs.lse_rel[:, None]
-    dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view)
+    dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view._replace(fixed=coefs.fixed))
     return dz if dcap is None else dz * dcap
 
 
-def _scaled(coefs: Coefficients, g: jax.Array) -> Coefficients:
-    """Coefficients times each row's cotangent ``g``."""
-    return coefs._replace(loss=jax.tree.map(lambda c: c * g, coefs.loss))
+def _scaled(coefs: Coefficients, g) -> Coefficients:
+    """Coefficients times each row's cotangent ``g`` (a tuple of them for a loss with
+    several outputs, each scaling its own coefficients; a symbolic zero drops them)."""
+    if not isinstance(g, tuple):
+        return coefs._replace(loss=jax.tree.map(lambda c: c * g, coefs.loss))
+    acc = coefs.lse_rel.dtype
+    scaled = tuple(
+        jax.tree.map(
+            lambda c, gi=gi: jnp.zeros_like(c) if isinstance(gi, SymbolicZero) else c * gi.astype(acc),
+            part,
+        )
+        for part, gi in zip(coefs.loss, g, strict=True)
+    )
+    return coefs._replace(loss=scaled)
 
 
 class _Wanted(NamedTuple):
@@ -622,6 +661,10 @@ def _fill(inp: Inputs, grads):
 _NO_GRADS = (None, None, None)  # rows, columns, real_columns: constants
 
 
+def _is_zero(a) -> bool:
+    return isinstance(a, SymbolicZero)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _per_token(spec, x, w, bias, rows, columns, real_columns):
     inp = Inputs(x, w, bias, rows, columns, real_columns)
@@ -637,9 +680,9 @@ def _per_token_fwd(spec, *args):
 
 def _per_token_bwd(spec, res, g):
     inp, coefs, wanted = res
-    if isinstance(g, SymbolicZero):
+    if all(isinstance(gi, SymbolicZero) for gi in jax.tree.leaves(g, is_leaf=_is_zero)):
         return (*_zero_cotangents(inp), *_NO_GRADS)
-    scaled = _scaled(coefs, g.astype(coefs.lse_rel.dtype))
+    scaled = _scaled(coefs, g if isinstance(g, tuple) else g.astype(coefs.lse_rel.dtype))
     grads = _on_platform(spec, lambda plan: _streaming_grads(spec, plan, inp, scaled, wanted))
     return (*_fill(inp, grads), *_NO_GRADS)
 

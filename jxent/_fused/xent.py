@@ -40,22 +40,26 @@ class XentRows(NamedTuple):
     # bool: the label is one of the real classes (None: labels >= 0, on one device).
     valid: jax.Array | None
     keep: jax.Array | None  # bool: the token counts (None: every token)
+    # float (accumulation dtype): each token's weight (token_weights), or None: all 1.
+    weights: jax.Array | None = None
 
 
 class CrossEntropy(NamedTuple):
     """The fused loss: ``label_smoothing`` and ``z_loss`` of ``config`` (the soft cap is the
     engine's). Its per-column input is the class weights ``[V]`` (in the accumulation
-    dtype, 0 on padding columns) or None."""
+    dtype, 0 on padding columns) or None. ``with_lse``: a second output, each token's
+    log-sum-exp (``d lse / dz = p``)."""
 
     config: XentConfig
+    with_lse: bool = False
 
     def row_sums(self, class_weights):
         if self.config.label_smoothing == 0:
             return {}
         return {"smooth": engine.RowSum("gap", class_weights)}
 
-    def pick_names(self, class_weights):
-        return ("z_label",) if class_weights is None else ("z_label", "w_label")
+    def pick_shapes(self, class_weights):
+        return {"z_label": ()} if class_weights is None else {"z_label": (), "w_label": ()}
 
     def picks(self, z, view: engine.View):
         # The label's logit: a gather of one element per row (no [n, vb] compare-select).
@@ -96,9 +100,16 @@ class CrossEntropy(NamedTuple):
             smoothing,
             rows.keep,
         )
-        return loss, (scale, label_coef, smooth_coef)
+        loss, coefs = engine.weighted(rows.weights, loss, (scale, label_coef, smooth_coef))
+        if not self.with_lse:
+            return loss, coefs
+        lse = sums.row_max + sums.lse_rel
+        return (loss, lse), (coefs, jnp.ones_like(lse))
 
     def dlogits(self, p, log_p, coefs, view: engine.View):
+        if self.with_lse:
+            coefs, lse_coef = coefs
+            coefs = (coefs[0] + lse_coef, *coefs[1:])
         scale, label_coef, smooth = coefs
         dz = scale[:, None] * p
         if smooth is not None:
