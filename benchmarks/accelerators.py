@@ -18,20 +18,24 @@ products run at ``HIGHEST``, six bfloat16 passes on a TPU, so their peak is take
 sixth; the unfused float32 ``x @ w`` runs at JAX's default precision, one pass). At
 these shapes every contender is compute-bound (``D`` multiply-adds per logit).
 
-Writes ``<out>/accelerators_<target>.json`` and ``.md`` (``<out>`` defaults to
-``benchmarks/results``). Only one process may hold libtpu at a time.
+Writes the record ``<out>/accelerators_<target>.json`` (``<out>`` defaults to
+``benchmarks/results``; ``python -m benchmarks.tables`` puts it in
+benchmarks/README.md). The unfused contender is ``x @ w`` in the inputs' dtype, then
+optax's loss, as an optax user writes it. Only one process may hold libtpu at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
+import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from benchmarks.common import command_line, finish_record, start_record
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +81,8 @@ def _contenders():
         return jxent.linear_softmax_cross_entropy(x, w, y)
 
     def unfused(x, w, y):
-        logits = (x @ w).astype(jnp.float32)
-        return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        # As an optax user writes it: the logits in the inputs' dtype.
+        return optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
 
     return {"jxent": fused, "x @ w + optax": unfused}
 
@@ -131,52 +135,22 @@ def measure(target: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], target: str) -> str:
-    peak = PEAKS[target]
-    lines = [
-        f"### {target}: compiled without a device (jax {jax.__version__})",
-        "",
-        "Compile-time facts, not timings. XLA's cost analysis counts a loop body once (the "
-        "fused loss's figures are one block's); the roofline is the matrix products' flops "
-        f"over the peak of {peak['source']} (jxent's float32 products at a sixth: six "
-        "passes at HIGHEST; the unfused float32 product at the default precision, one pass).",
-        "",
-        "| shape | dtype | contender | temp MiB | outputs MiB | XLA GFLOP | XLA GB | "
-        "matmul GFLOP | roofline ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape_name']} ({r['shape']}) | {r['dtype']} | {r['contender']} | "
-            f"{r['temp_mib']:.1f} | {r['output_mib']:.1f} | {r['xla_gflops']:.0f} | "
-            f"{r['xla_gbytes_accessed']:.1f} | {r['matmul_gflops']:.0f} | "
-            f"{r['roofline_ms']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=sorted(PEAKS), default="tpu-v5e")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    rows = measure(args.target)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    record = start_record(command_line("benchmarks.accelerators", argv), "accelerators", {})
+    started = time.perf_counter()
+    record["peaks"] = PEAKS[args.target]
+    record["rows"] = measure(args.target)
+    finish_record(record, started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": f"python -m benchmarks.accelerators --target {args.target}",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": {
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "host": platform.machine(),
-        },
-        "peaks": PEAKS[args.target],
-        "rows": rows,
-    }
-    (out / f"accelerators_{args.target}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / f"accelerators_{args.target}.md").write_text(markdown(rows, args.target))
-    print(markdown(rows, args.target))
+    path = out / f"accelerators_{args.target}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}; `python -m benchmarks.tables` puts it in benchmarks/README.md")
 
 
 if __name__ == "__main__":

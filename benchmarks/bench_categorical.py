@@ -1,10 +1,10 @@
-"""Categorical cross-entropy: jxent vs optax, time and compiled temporary memory.
+"""Categorical cross-entropy: jxent vs optax, time and compiled memory.
 
-Measures ``jit(value_and_grad(mean loss))`` at N rows x K classes for integer labels
-and for integer labels with label smoothing 0.1 (optax: ``smooth_labels(one_hot)``
-+ ``softmax_cross_entropy``, the way optax users write it).
+Measures ``jit(value_and_grad(mean loss))`` at N rows x K classes for integer labels,
+integer labels with label smoothing 0.1 (optax: ``smooth_labels(one_hot(y))`` +
+``softmax_cross_entropy``, the way optax users write it) and dense soft targets.
 
-    python benchmarks/bench_categorical.py [--rows 4096] [--classes 32000]
+    python -m benchmarks.bench_categorical [--rows 1024] [--classes 32768]
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 
 import jxent
-from benchmarks.common import Row, compare, suite_main
+from benchmarks.common import measure, row
+
+DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _cases(num_classes: int):
@@ -44,35 +46,29 @@ def _cases(num_classes: int):
     return {
         "integer labels": (jx_int, ox_int),
         "integer labels, smoothing 0.1": (jx_smooth, ox_smooth),
-        "dense soft targets": (jx_dense, ox_dense),
+        "dense soft targets (computed in the step)": (jx_dense, ox_dense),
     }
 
 
-def run(rows: int = 4096, classes: int = 32000, repeats: int = 7, progress=None) -> list[Row]:
+CASES = tuple(_cases(2))
+
+
+def run(rows: int, classes: int, repeats: int = 7, progress=None, dtypes=DTYPES) -> list[dict]:
     key_x, key_y = jax.random.split(jax.random.key(0))
     labels = jax.random.randint(key_y, (rows,), 0, classes)
     out = []
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in dtypes:
         logits = (3 * jax.random.normal(key_x, (rows, classes))).astype(dtype)
         for case, (jx, ox) in _cases(classes).items():
-            out.append(
-                compare(
-                    case,
-                    jax.value_and_grad(jx),
-                    jax.value_and_grad(ox),
-                    (logits, labels),
-                    shape=f"{rows}x{classes}",
-                    repeats=repeats,
-                )
-            )
+            fns = {"jxent": jax.value_and_grad(jx), "optax": jax.value_and_grad(ox)}
+            got = measure(fns, (logits, labels), repeats=repeats)
+            out.append(row(case, dtype, (rows, classes), got, "optax"))
             if progress is not None:
                 progress()
     return out
 
 
-def main() -> None:
-    suite_main(run, __doc__.splitlines()[0])
-
-
 if __name__ == "__main__":
-    main()
+    from benchmarks.run import suite_main
+
+    suite_main("categorical")

@@ -1,26 +1,44 @@
-"""Fused linear cross-entropy: jxent vs optax's unfused ``x @ w`` + cross-entropy.
+"""Fused linear cross-entropy: jxent, the unfused ``x @ w`` + optax, and the JAX peers.
 
-Every case is ``jit(value_and_grad(mean loss, argnums=(0, 1)))`` (gradients w.r.t.
-the hidden states and the weight). Memory is XLA's compiled temporary memory
-(lowered from ``jax.ShapeDtypeStruct``: nothing is allocated), so the Gemma-2 and
-Llama-3 shapes can be measured on any machine; time is the median of interleaved
-calls (jxent and optax alternate) at a shape that fits the device. On a GPU the
-timed shape defaults to Gemma-2's and the peak device memory of each contender is
-reported too (measured in a fresh subprocess each, since the peak is per process).
+Every contender computes the mean cross-entropy of ``x @ w`` over integer labels, and
+every case is ``jit(value_and_grad(loss, argnums=(0, 1)))`` (gradients with respect to
+the hidden states and the weight):
 
-    python benchmarks/bench_linear.py                     # CPU: memory at Gemma-2/Llama-3,
-                                                          # time at 4096 x 1024 x 32000
-    python benchmarks/bench_linear.py --time-shape 8192,2304,256000 --memory-shapes none
-    python benchmarks/bench_linear.py --schedules          # also time each schedule forced
+- ``jxent``: ``jxent.linear_softmax_cross_entropy(x, w, y)``;
+- ``optax``: ``optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()``,
+  as an optax user writes it (the logits in the inputs' dtype);
+- ``jax-cce``: ``jax_cce.linear_cross_entropy(x, w_t, y)``, given its own ``[V, D]``
+  weight (prepared outside the timing; it has no ignore handling, none is used);
+- ``tokamax xla`` and ``tokamax chunked_xla``:
+  ``tokamax.linear_softmax_cross_entropy_loss(x, y, w, reduction="mean",
+  implementation=...)``. ``chunked_xla`` (tokamax >= 0.0.17: Python >= 3.12, jax >=
+  0.11.1) pads the vocabulary to a multiple of 2048 with zero columns that it does not
+  mask, so its loss is wrong when ``V`` is not such a multiple: the error column
+  shows it.
+
+A peer that is not installed (``pip install -e ".[bench]"``) or lacks an
+implementation is skipped, with the reason recorded in the results and printed in the
+table. For each case: median time (interleaved calls), XLA's compiled temporary and
+output memory (lowered from ``ShapeDtypeStruct``s: nothing is allocated, so the
+Gemma-2 and Llama-3 shapes are measured on any machine), and the relative error of
+the loss and of the gradients against a float64 NumPy reference computed from the same
+(rounded) inputs.
+
+    python -m benchmarks.bench_linear                                   # the suite
+    python -m benchmarks.bench_linear --time-shape 4096,1024,32000 --dtypes bfloat16 \\
+        --memory-shapes none --contenders jxent,optax --out FILE.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +51,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jxent  # noqa: E402
-from benchmarks.common import MiB, compiled_temp_bytes, environment, median_times  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MiB,
+    command_line,
+    compiled_memory,
+    eprint,
+    finish_record,
+    median_times,
+    row,
+    start_record,
+)
 
 SHAPES = {
     "gemma2": (8192, 2304, 256000),
@@ -43,25 +70,94 @@ SHAPES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _loss_fns(chunk_size=None):
-    def fused(x, w, y):
-        return jxent.linear_softmax_cross_entropy(x, w, y, chunk_size=chunk_size)
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """A fused-loss implementation: ``loss(x, w_in, y)`` with ``w_in`` in its layout."""
 
-    def unfused(x, w, y):
-        return optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+    name: str
+    loss: Callable
+    layout: str = "DV"  # "VD": the peer takes the weight as [V, D]
 
-    return fused, unfused
+    def weight(self, w):
+        return w.T if self.layout == "VD" else w
+
+    def weight_shape(self, d: int, v: int) -> tuple[int, int]:
+        return (v, d) if self.layout == "VD" else (d, v)
+
+
+def _jxent(x, w, y):
+    return jxent.linear_softmax_cross_entropy(x, w, y)
+
+
+def _optax(x, w, y):
+    return optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+
+def contenders(names=None) -> tuple[list[Contender], list[dict]]:
+    """The contenders importable here, and ``{"contender", "reason"}`` for the others."""
+    out = [Contender("jxent", _jxent), Contender("optax", _optax)]
+    skipped = []
+    try:
+        import jax_cce
+
+        out.append(
+            Contender("jax-cce", lambda x, w_t, y: jax_cce.linear_cross_entropy(x, w_t, y), "VD")
+        )
+    except ImportError as e:
+        skipped.append({"contender": "jax-cce", "reason": f"not installed ({e})"})
+    try:
+        import tokamax
+    except ImportError as e:
+        for impl in ("xla", "chunked_xla"):
+            skipped.append({"contender": f"tokamax {impl}", "reason": f"not installed ({e})"})
+    else:
+        from importlib.metadata import version
+
+        from absl import flags
+
+        # tokamax reads absl flags, which would parse this process's own command line.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        for impl in ("xla", "chunked_xla"):
+
+            def loss(x, w, y, impl=impl):
+                return tokamax.linear_softmax_cross_entropy_loss(
+                    x, y, w, reduction="mean", implementation=impl
+                )
+
+            probe = (
+                jax.ShapeDtypeStruct((8, 8), jnp.float32),
+                jax.ShapeDtypeStruct((8, 256), jnp.float32),
+                jax.ShapeDtypeStruct((8,), jnp.int32),
+            )
+            try:
+                jax.eval_shape(loss, *probe)
+            except Exception as e:  # an implementation this version lacks
+                reason = f"tokamax {version('tokamax')} cannot run it: {type(e).__name__}: {e}"
+                if impl == "chunked_xla":
+                    reason += (
+                        " (chunked_xla is in tokamax >= 0.0.17, which needs Python >= 3.12 "
+                        f"and jax >= 0.11.1; here Python {sys.version.split()[0]}, "
+                        f"jax {jax.__version__})"
+                    )
+                skipped.append({"contender": f"tokamax {impl}", "reason": reason})
+            else:
+                out.append(Contender(f"tokamax {impl}", loss))
+    if names is not None:
+        out = [c for c in out if c.name in names]
+        skipped = [s for s in skipped if s["contender"] in names]
+    return out, skipped
 
 
 def _step(loss):
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def _specs(shape, dtype):
+def _specs(c: Contender, shape, dtype):
     n, d, v = shape
     return (
         jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct(c.weight_shape(d, v), dtype),
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
 
@@ -75,31 +171,60 @@ def _inputs(shape, dtype, seed=0):
     return x, w, y
 
 
-def _shape_str(shape) -> str:
-    return "x".join(map(str, shape))
+def reference(x, w, y, block: int = 8192):
+    """Loss, dx and dw of the mean cross-entropy in float64 (NumPy), in vocabulary
+    blocks (two passes: the log-sum-exp, then the gradients)."""
+    x, w, y = np.asarray(x, np.float64), np.asarray(w, np.float64), np.asarray(y)
+    n, v = x.shape[0], w.shape[1]
+    m = np.full(n, -np.inf)
+    s = np.zeros(n)
+    picked = np.einsum("nd,dn->n", x, w[:, y])
+    for lo in range(0, v, block):
+        z = x @ w[:, lo : lo + block]
+        m_new = np.maximum(m, z.max(axis=1))
+        s = s * np.exp(m - m_new) + np.exp(z - m_new[:, None]).sum(axis=1)
+        m = m_new
+    lse = m + np.log(s)
+    loss = float(np.mean(lse - picked))
+    dx = np.zeros_like(x)
+    dw = np.zeros_like(w)
+    for lo in range(0, v, block):
+        z = x @ w[:, lo : lo + block]
+        dz = np.exp(z - lse[:, None])
+        cols = (y >= lo) & (y < lo + block)
+        dz[np.flatnonzero(cols), y[cols] - lo] -= 1.0
+        dz /= n
+        dx += dz @ w[:, lo : lo + block].T
+        dw[:, lo : lo + block] = x.T @ dz
+    return loss, dx, dw
 
 
-def memory_rows(shapes, dtypes) -> list[dict]:
-    """Compiled temporary memory of jxent and optax (nothing is allocated)."""
-    fused, unfused = _loss_fns()
+def _errors(c: Contender, out, ref) -> dict[str, float]:
+    loss, (dx, dw) = out
+    ref_loss, ref_dx, ref_dw = ref
+    dw = np.asarray(dw, np.float64)
+    if c.layout == "VD":
+        dw = dw.T
+
+    def rel(a, b):
+        return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+    return {
+        "loss_rel_error": abs(float(loss) - ref_loss) / abs(ref_loss),
+        "grad_rel_error": max(rel(dx, ref_dx), rel(dw, ref_dw)),
+    }
+
+
+def memory_rows(cs: list[Contender], shapes: dict, dtypes) -> list[dict]:
+    """Compiled temporary and output memory of every contender (nothing is allocated)."""
     rows = []
     for name, shape in shapes.items():
         for dtype_name in dtypes:
-            specs = _specs(shape, DTYPES[dtype_name])
-            jx = compiled_temp_bytes(_step(fused), *specs) / MiB
-            ox = compiled_temp_bytes(_step(unfused), *specs) / MiB
-            rows.append(
-                {
-                    "kind": "memory",
-                    "case": name,
-                    "shape": _shape_str(shape),
-                    "dtype": dtype_name,
-                    "jxent_temp_mib": jx,
-                    "baseline_temp_mib": ox,
-                    "memory_ratio": jx / ox,
-                    "baseline": "optax",
-                }
-            )
+            got = {
+                c.name: compiled_memory(_step(c.loss), *_specs(c, shape, DTYPES[dtype_name]))
+                for c in cs
+            }
+            rows.append(row(name, dtype_name, shape, got, "optax", kind="memory"))
     return rows
 
 
@@ -107,22 +232,21 @@ _PEAK_CHILD = """
 import json, sys
 import jax
 from benchmarks import bench_linear as b
-which, shape, dtype = sys.argv[1], tuple(map(int, sys.argv[2].split(","))), sys.argv[3]
-fused, unfused = b._loss_fns()
-fn = jax.jit(b._step(fused if which == "jxent" else unfused))
-args = b._inputs(shape, b.DTYPES[dtype])
-jax.block_until_ready(fn(*args))
+name, shape, dtype = sys.argv[1], tuple(map(int, sys.argv[2].split(","))), sys.argv[3]
+(c,), _ = b.contenders([name])
+x, w, y = b._inputs(shape, b.DTYPES[dtype])
+jax.block_until_ready(jax.jit(b._step(c.loss))(x, c.weight(w), y))
 stats = jax.devices()[0].memory_stats() or {}
 print(json.dumps(stats.get("peak_bytes_in_use")))
 """
 
 
-def _peak_bytes(which: str, shape, dtype_name: str) -> int | None:
+def _peak_mib(name: str, shape, dtype_name: str) -> float | None:
     """Peak device memory of one step, in a fresh process (the peak is per process)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_CHILD, which, ",".join(map(str, shape)), dtype_name],
+        [sys.executable, "-c", _PEAK_CHILD, name, ",".join(map(str, shape)), dtype_name],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -130,138 +254,77 @@ def _peak_bytes(which: str, shape, dtype_name: str) -> int | None:
     )
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["(no output)"]
-        print(f"peak memory of {which} {dtype_name} failed: {lines[-1]}", file=sys.stderr)
+        eprint(f"peak memory of {name} {dtype_name} failed: {lines[-1]}")
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    return None if peak is None else peak / MiB
 
 
-def time_rows(shape, dtypes, repeats: int, schedules: bool = False, peak: bool = False):
-    """Median time of jxent (default blocks, optionally each schedule forced) vs optax."""
+def time_rows(cs: list[Contender], shape, dtypes, repeats: int, errors: bool = True):
+    """Median time, compiled memory and error against float64 of every contender."""
     rows = []
-    n, d, v = shape
+    peak = jax.default_backend() != "cpu"
     for dtype_name in dtypes:
-        args = _inputs(shape, DTYPES[dtype_name])
-        specs = _specs(shape, DTYPES[dtype_name])
-        fused, unfused = _loss_fns()
-        contenders = {"jxent": _step(fused)}
-        if schedules:
-            from jxent.linear.api import plan_blocks
-
-            backend = jax.default_backend()
-            tb, vb, _ = plan_blocks(n, d, v, "none", None, backend=backend)
-            contenders[f"jxent streaming {tb}x{vb}"] = _step(_loss_fns((tb, vb))[0])
-            tb1 = min(n, max(8, 2 * d))
-            contenders[f"jxent single pass {tb1}x{v}"] = _step(_loss_fns((tb1, v))[0])
-        contenders["optax"] = _step(unfused)
-        times = median_times(contenders, args, repeats=repeats)
-        base = times["optax"]
-        for name, t in times.items():
-            if name == "optax":
-                continue
-            row = {
-                "kind": "time",
-                "case": name,
-                "shape": _shape_str(shape),
-                "dtype": dtype_name,
-                "jxent_ms": 1e3 * t,
-                "baseline_ms": 1e3 * base,
-                "speedup": base / t,
-                "jxent_temp_mib": compiled_temp_bytes(contenders[name], *specs) / MiB,
-                "baseline_temp_mib": compiled_temp_bytes(contenders["optax"], *specs) / MiB,
-                "baseline": "optax",
+        dtype = DTYPES[dtype_name]
+        x, w, y = _inputs(shape, dtype)
+        own = {c.name: (x, c.weight(w), y) for c in cs}
+        steps = {c.name: _step(c.loss) for c in cs}
+        times = median_times(steps, own, repeats=repeats)
+        ref = reference(x, w, y) if errors else None
+        got = {}
+        for c in cs:
+            got[c.name] = {
+                "ms": 1e3 * times[c.name],
+                **compiled_memory(steps[c.name], *_specs(c, shape, dtype)),
             }
-            if peak and name == "jxent":
-                jx, ox = (
-                    _peak_bytes("jxent", shape, dtype_name),
-                    _peak_bytes("optax", shape, dtype_name),
-                )
-                row["jxent_peak_mib"] = None if jx is None else jx / MiB
-                row["baseline_peak_mib"] = None if ox is None else ox / MiB
-            rows.append(row)
+            if errors:
+                out = jax.block_until_ready(jax.jit(steps[c.name])(*own[c.name]))
+                got[c.name] |= _errors(c, out, ref)
+            if peak:
+                got[c.name]["peak_mib"] = _peak_mib(c.name, shape, dtype_name)
+        rows.append(row("timed step", dtype_name, shape, got, "optax", kind="time"))
     return rows
 
 
 def run(
-    time_shape=None,
+    time_shapes=(),
     memory_shapes=("gemma2", "llama3"),
     dtypes=("float32", "bfloat16"),
     repeats: int = 5,
-    schedules: bool = False,
+    names=None,
+    errors: bool = True,
     progress=None,
-) -> list[dict]:
-    """Every measurement as a list of dicts (``kind`` is "memory" or "time").
-
-    ``time_shape`` defaults to Gemma-2's on an accelerator and to 4096 x 1024 x 32000
-    on a CPU; ``None`` in ``memory_shapes`` or an empty tuple skips the memory rows.
-    """
-    on_cpu = jax.default_backend() == "cpu"
-    if time_shape is None:
-        time_shape = SHAPES["small"] if on_cpu else SHAPES["gemma2"]
-    rows = memory_rows({k: SHAPES[k] for k in memory_shapes}, dtypes) if memory_shapes else []
+) -> tuple[list[dict], list[dict]]:
+    """``(rows, skipped)``: memory rows at the named model shapes, then a time row per
+    shape in ``time_shapes`` and dtype; ``skipped`` lists the contenders not run."""
+    cs, skipped = contenders(names)
+    rows = memory_rows(cs, {k: SHAPES[k] for k in memory_shapes}, dtypes)
     if progress is not None:
         progress()
-    if time_shape:
-        rows += time_rows(tuple(time_shape), dtypes, repeats, schedules, peak=not on_cpu)
-    if progress is not None:
-        progress()
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    out = []
-    mem = [r for r in rows if r["kind"] == "memory"]
-    if mem:
-        out += [
-            "Compiled temporary memory of `jit(value_and_grad(loss, argnums=(0, 1)))`:",
-            "",
-            "| shape | N x D x V | dtype | jxent MiB | optax MiB | jxent / optax |",
-            "|---|---|---|---:|---:|---:|",
-        ]
-        out += [
-            f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['jxent_temp_mib']:.1f} "
-            f"| {r['baseline_temp_mib']:.1f} | 1/{1 / r['memory_ratio']:.0f} |"
-            for r in mem
-        ]
-        out.append("")
-    tim = [r for r in rows if r["kind"] == "time"]
-    if tim:
-        peak = any("jxent_peak_mib" in r for r in tim)
-        head = "| case | N x D x V | dtype | jxent ms | optax ms | optax / jxent | jxent temp MiB "
-        head += "| optax temp MiB |"
-        sep = "|---|---|---|---:|---:|---:|---:|---:|"
-        if peak:
-            head += " jxent peak MiB | optax peak MiB |"
-            sep += "---:|---:|"
-        out += ["Median time of the same step (interleaved runs):", "", head, sep]
-        for r in tim:
-            line = (
-                f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['jxent_ms']:.1f} "
-                f"| {r['baseline_ms']:.1f} | {r['speedup']:.2f}x | {r['jxent_temp_mib']:.1f} "
-                f"| {r['baseline_temp_mib']:.1f} |"
-            )
-            if peak:
-                fmt = lambda b: "n/a" if b is None else f"{b:.0f}"  # noqa: E731
-                line += f" {fmt(r.get('jxent_peak_mib'))} | {fmt(r.get('baseline_peak_mib'))} |"
-            out.append(line)
-    return "\n".join(out)
+    for shape in time_shapes:
+        rows += time_rows(cs, tuple(shape), dtypes, repeats, errors)
+        if progress is not None:
+            progress()
+    return rows, skipped
 
 
 def _shape_arg(text: str):
     if text in SHAPES:
-        return SHAPES[text]
+        return [SHAPES[text]]
     if text.lower() == "none":
-        return ()
-    return tuple(int(t) for t in text.split(","))
+        return []
+    return [tuple(int(t) for t in part.split(",")) for part in text.split(";")]
 
 
 def main(argv=None) -> None:
+    """A one-off measurement, e.g. at the issue's 4096 x 1024 x 32000 shape. The suite
+    itself (shapes as in ``benchmarks/run.py``) is ``python -m benchmarks --only linear``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--time-shape",
         type=_shape_arg,
-        default=None,
-        help="N,D,V (or gemma2/llama3/small, or none) of the timed step; default: small on "
-        "CPU, gemma2 on an accelerator",
+        default=[SHAPES["small"]],
+        help="N,D,V[;N,D,V...] (or gemma2/llama3/small, or none) of the timed step",
     )
     parser.add_argument(
         "--memory-shapes",
@@ -270,23 +333,37 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--schedules", action="store_true", help="also time each schedule with forced blocks"
-    )
+    parser.add_argument("--contenders", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--no-errors", action="store_true", help="skip the float64 reference")
+    parser.add_argument("--out", type=Path, default=None, help="write the record as JSON here")
     args = parser.parse_args(argv)
     memory_shapes = () if args.memory_shapes == "none" else tuple(args.memory_shapes.split(","))
     unknown = [s for s in memory_shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
-    rows = run(
-        time_shape=args.time_shape,
-        memory_shapes=memory_shapes,
-        dtypes=tuple(args.dtypes.split(",")),
-        repeats=args.repeats,
-        schedules=args.schedules,
+    names = None if args.contenders is None else args.contenders.split(",")
+    dtypes = tuple(args.dtypes.split(","))
+    config = {
+        "time_shapes": [list(s) for s in args.time_shape],
+        "memory_shapes": {k: list(SHAPES[k]) for k in memory_shapes},
+        "dtypes": list(dtypes),
+        "repeats": args.repeats,
+        "contenders": names,
+    }
+    argv = sys.argv[1:] if argv is None else list(argv)
+    record = start_record(command_line("benchmarks.bench_linear", argv), "linear", config)
+    started = time.perf_counter()
+    rows, skipped = run(
+        args.time_shape, memory_shapes, dtypes, args.repeats, names, not args.no_errors
     )
-    print(environment())
-    print(markdown(rows))
+    record["rows"], record["skipped"] = rows, skipped
+    finish_record(record, started)
+    from benchmarks import tables
+
+    print(tables.linear_time(record))
+    if args.out is not None:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

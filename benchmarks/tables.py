@@ -1,0 +1,565 @@
+"""Every benchmark table of README.md and benchmarks/README.md, generated from the
+committed results (``benchmarks/results/*.json``).
+
+    python -m benchmarks.tables            # rewrite the tables between their markers
+    python -m benchmarks.tables --check    # exit 1 if the markdown and the results disagree
+    python -m benchmarks.tables --list     # the table names and the files they read
+
+A table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``: on lines of
+their own for a block (a table and its caption), or inside a sentence for a phrase.
+Every table says which machine and run it comes from. ``--check`` also fails on a
+marker with no generator, on a results file that no table reads (a stale result is
+removed, not kept beside the new ones), and on a suite's results file without its
+figure beside it. ``tests/test_benchmarks.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine_summary  # noqa: E402
+
+SUITES_WITH_FIGURES = ("categorical", "losses", "linear", "parallel")
+MARKER = re.compile(r"<!-- table:(?P<name>[\w.-]+) -->(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _ms(t: float | None) -> str:
+    if t is None:
+        return "n/a"
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+
+def _mib(m: float | None) -> str:
+    if m is None:
+        return "n/a"
+    if m == 0:
+        return "0"
+    if m < 1:
+        kib = m * 1024
+        return f"{kib:.3g} KiB" if kib < 100 else f"{kib:.0f} KiB"
+    return f"{m:.4g} MiB" if m < 10000 else f"{m:.0f} MiB"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` as ``1.23x``."""
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _mem_ratio(jx: float, base: float) -> str:
+    """jxent's memory over the baseline's: n/a where the baseline needs under 64 KiB
+    (a ratio of two negligible numbers means nothing), ``1/N`` below 1/2."""
+    if base < 1 / 16:
+        return "n/a"
+    r = jx / base
+    if r == 0:
+        return "0"
+    return f"1/{1 / r:.0f}" if r < 0.5 else f"{r:.2f}"
+
+
+def _err(e: float | None) -> str:
+    return "n/a" if e is None else f"{e:.1e}"
+
+
+def _k(v: int) -> str:
+    return f"{v // 1024}k" if v % 1024 == 0 else str(v)
+
+
+def caption(record: dict, path: str | None = None) -> str:
+    """Where and how a table was measured: file, command, date, machine, versions, load."""
+    env, load = record["environment"], record.get("load", {})
+    versions = ", ".join(
+        f"{k} {env[k]}" for k in ("jax", "jaxlib", "optax", "jax-cce", "tokamax") if k in env
+    )
+    if env.get("jxent_commit"):
+        modified = " with uncommitted changes" if env.get("jxent_modified") else ""
+        versions = f"jxent at {env['jxent_commit']}{modified}, {versions}"
+    start = load.get("loadavg_start")
+    end = load.get("loadavg_end")
+    load_text = ""
+    if start:
+        load_text = f"; load average {start[0]:.2f} at the start"
+        if end:
+            load_text += f", {end[0]:.2f} at the end"
+    where = f"`{path}`, " if path else ""
+    return (
+        f"*{where}{record['date'][:10]}: {machine_summary(record['machine'])}; "
+        f"{env['backend']} backend; {versions}{load_text}. Command: `{record['command']}`.*"
+    )
+
+
+def _table(head: list[str], align: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Suite tables (also printed by `python -m benchmarks` after each suite)
+# --------------------------------------------------------------------------------------------
+
+
+def sweep(record: dict, *, cases=None, dtypes=None, vocabs=None) -> str:
+    """categorical / losses: jxent beside its baseline, one row per case, dtype and K."""
+    lines = []
+    for r in record["rows"]:
+        if cases and r["case"] not in cases or dtypes and r["dtype"] not in dtypes:
+            continue
+        if vocabs and r["vocab"] not in vocabs:
+            continue
+        jx, base = r["contenders"]["jxent"], r["contenders"][r["baseline"]]
+        lines.append(
+            [
+                r["case"],
+                r["baseline"],
+                r["dtype"],
+                r["shape"],
+                _ms(jx["ms"]),
+                _ms(base["ms"]),
+                _ratio(base["ms"], jx["ms"]),
+                _mib(jx["temp_mib"]),
+                _mib(base["temp_mib"]),
+                _mem_ratio(jx["temp_mib"], base["temp_mib"]),
+            ]
+        )
+    head = ["case", "baseline", "dtype", "N x K", "jxent ms", "baseline ms", "speed-up"]
+    head += ["jxent temp", "baseline temp", "memory jxent / baseline"]
+    return _table(head, ["---"] * 4 + ["---:"] * 6, lines)
+
+
+def _skipped(record: dict) -> str:
+    return "\n".join(
+        f"- **{s['contender']}**: not measured. {s['reason']}" for s in record.get("skipped", [])
+    )
+
+
+def linear_memory(record: dict) -> str:
+    """The fused loss at model shapes: compiled temporary and output memory per contender."""
+    lines = []
+    for r in record["rows"]:
+        if r.get("kind") != "memory":
+            continue
+        base = r["contenders"]["optax"]["temp_mib"]
+        for name, c in r["contenders"].items():
+            lines.append(
+                [
+                    f"{r['case']} {r['shape']}",
+                    r["dtype"],
+                    name,
+                    _mib(c["temp_mib"]),
+                    _mib(c["output_mib"]),
+                    "1" if name == "optax" else _mem_ratio(c["temp_mib"], base),
+                ]
+            )
+    head = ["shape N x D x V", "dtype", "contender", "temp", "outputs", "temp / optax's"]
+    return _table(head, ["---"] * 3 + ["---:"] * 3, lines)
+
+
+def linear_time(record: dict) -> str:
+    """The fused loss's timed steps: time, memory and error against float64, per contender."""
+    lines = []
+    peak = any("peak_mib" in c for r in record["rows"] for c in r["contenders"].values())
+    for r in record["rows"]:
+        if r.get("kind") != "time":
+            continue
+        base = r["contenders"].get("optax", {}).get("ms")
+        for name, c in r["contenders"].items():
+            cells = [
+                r["shape"],
+                r["dtype"],
+                name,
+                _ms(c["ms"]),
+                "1" if name == "optax" else _ratio(base, c["ms"]),
+                _mib(c["temp_mib"]),
+                _mib(c["output_mib"]),
+                _err(c.get("loss_rel_error")),
+                _err(c.get("grad_rel_error")),
+            ]
+            if peak:
+                cells.append(_mib(c.get("peak_mib")))
+            lines.append(cells)
+    head = ["N x D x V", "dtype", "contender", "ms", "optax ms / ms", "temp", "outputs"]
+    head += ["loss rel. error", "gradient rel. error"]
+    if peak:
+        head.append("peak device memory")
+    table = _table(head, ["---"] * 3 + ["---:"] * (len(head) - 3), lines)
+    skipped = _skipped(record)
+    return table + ("\n\n" + skipped if skipped else "")
+
+
+def parallel(record: dict) -> str:
+    """Per-device compiled memory of the sharded programs against one device."""
+    lines = []
+    for r in record["rows"]:
+        s, one = r["contenders"]["sharded"], r["contenders"]["1 device"]
+        lines.append(
+            [
+                r["case"],
+                r["dtype"],
+                r["shape"],
+                _mib(s["temp_mib"]),
+                _mib(one["temp_mib"]),
+                _mib(s["io_mib"]),
+                _mib(one["io_mib"]),
+                _ratio(one["io_mib"], s["io_mib"]),
+            ]
+        )
+    head = ["case", "dtype", "shape", "temp per device", "temp on 1 device"]
+    head += ["args + outputs per device", "args + outputs on 1 device", "saving"]
+    return _table(head, ["---"] * 3 + ["---:"] * 5, lines)
+
+
+def suite_tables(record: dict) -> str:
+    """A suite's tables, as ``python -m benchmarks`` prints them after the suite."""
+    suite = record["suite"]
+    if suite == "linear":
+        parts = [linear_memory(record), linear_time(record)]
+        return "\n\n".join(p for p in parts if p.count("\n") > 1 or "not measured" in p)
+    if suite == "parallel":
+        return parallel(record)
+    return sweep(record)
+
+
+# --------------------------------------------------------------------------------------------
+# The tables of the READMEs, by marker name
+# --------------------------------------------------------------------------------------------
+
+
+class Results:
+    """The committed records, loaded on demand; remembers which files were read."""
+
+    def __init__(self, directory: Path = RESULTS):
+        self.directory = directory
+        self.read: set[str] = set()
+
+    def __call__(self, name: str) -> dict:
+        path = self.directory / name
+        self.read.add(name)
+        return json.loads(path.read_text())
+
+    def glob(self, pattern: str) -> list[tuple[str, dict]]:
+        return [(p.name, self(p.name)) for p in sorted(self.directory.glob(pattern))]
+
+    def rel(self, name: str) -> str:
+        return f"benchmarks/results/{name}"
+
+
+def _with_caption(res: Results, name: str, body: Callable[[dict], str], note: str = "") -> str:
+    record = res(name)
+    parts = [caption(record, res.rel(name))]
+    if note:
+        parts.append(note)
+    parts.append(body(record))
+    return "\n\n".join(parts)
+
+
+def _sweep_block(res: Results, name: str) -> str:
+    record = res(name)
+    figure = Path(name).with_suffix(".png").name
+    return "\n\n".join(
+        [caption(record, res.rel(name)), sweep(record), f"![{record['suite']}](results/{figure})"]
+    )
+
+
+def _linear_block(res: Results) -> str:
+    name = "cpu_linear.json"
+    record = res(name)
+    return "\n\n".join(
+        [
+            caption(record, res.rel(name)),
+            "Compiled memory at the output layers of Gemma 2 2B and Llama 3 8B (nothing "
+            "allocated):",
+            linear_memory(record),
+            "Timed steps (gradients with respect to `x` and `w`; errors are relative to a "
+            "float64 NumPy reference on the same rounded inputs: the loss's absolute error "
+            "over its value, the gradients' Frobenius norm of the difference over the "
+            "reference's, the larger of `dx` and `dw`):",
+            linear_time(record),
+            "![linear](results/cpu_linear.png)",
+        ]
+    )
+
+
+def _isa_block(res: Results) -> str:
+    """The fused loss against optax at 4096 x 1024 x 32000 with each CPU instruction set."""
+    lines, captions = [], []
+    for name, record in res.glob("cpu_isa_*.json"):
+        captions.append("- " + caption(record, res.rel(name)))
+        for r in record["rows"]:
+            jx, ox = r["contenders"]["jxent"], r["contenders"]["optax"]
+            isa = record["machine"].get("xla_cpu_max_isa") or "native"
+            lines.append(
+                [
+                    isa,
+                    r["shape"],
+                    r["dtype"],
+                    _ms(jx["ms"]),
+                    _ms(ox["ms"]),
+                    _ratio(ox["ms"], jx["ms"]),
+                    _mib(jx["temp_mib"]),
+                    _mib(ox["temp_mib"]),
+                    _err(jx.get("loss_rel_error")),
+                    _err(ox.get("loss_rel_error")),
+                ]
+            )
+    head = ["XLA:CPU instruction set", "N x D x V", "dtype", "jxent ms", "optax ms"]
+    head += ["optax / jxent", "jxent temp", "optax temp", "jxent loss error", "optax loss error"]
+    table = _table(head, ["---"] * 3 + ["---:"] * 7, lines)
+    return "\n".join(captions) + "\n\n" + table
+
+
+def _parallel_block(res: Results) -> str:
+    name = "cpu_parallel.json"
+    record = res(name)
+    return "\n\n".join(
+        [caption(record, res.rel(name)), parallel(record), "![parallel](results/cpu_parallel.png)"]
+    )
+
+
+def _accelerators(res: Results, target: str) -> str:
+    name = f"accelerators_{target}.json"
+    record = res(name)
+    peak = record["peaks"]
+    lines = [
+        [
+            f"{r['shape_name']} ({r['shape']})",
+            r["dtype"],
+            r["contender"],
+            f"{r['temp_mib']:.1f}",
+            f"{r['output_mib']:.1f}",
+            f"{r['xla_gflops']:.0f}",
+            f"{r['xla_gbytes_accessed']:.1f}",
+            f"{r['matmul_gflops']:.0f}",
+            f"{r['roofline_ms']:.2f}",
+        ]
+        for r in record["rows"]
+    ]
+    head = ["shape", "dtype", "contender", "temp MiB", "outputs MiB", "XLA GFLOP", "XLA GB"]
+    head += ["matmul GFLOP", "roofline ms"]
+    note = (
+        f"Compiled for {target} without a device: compile-time facts, not timings. XLA's "
+        "cost analysis counts a loop body once (the fused loss's figures are one block's); "
+        f"the roofline is the matrix products' flops over the peak of {peak['source']} "
+        "(jxent's float32 products at a sixth: six passes at HIGHEST; the unfused float32 "
+        "product at the default precision, one pass)."
+    )
+    return "\n\n".join(
+        [caption(record, res.rel(name)), note, _table(head, ["---"] * 3 + ["---:"] * 6, lines)]
+    )
+
+
+def _find(record: dict, case: str, dtype: str, vocab: int | None = None, kind=None) -> dict:
+    for r in record["rows"]:
+        if r["case"] == case and r["dtype"] == dtype and (vocab is None or r["vocab"] == vocab):
+            if kind is None or r.get("kind") == kind:
+                return r
+    raise KeyError(f"no row {case!r} {dtype} {vocab} in {record['suite']}")
+
+
+def _headline(res: Results) -> str:
+    """README.md's summary: a few rows of each suite, each with its machine and file."""
+    lines = []
+    for suite, picks in (
+        (
+            "categorical",
+            [("integer labels", "float32"), ("integer labels", "bfloat16"),
+             ("integer labels, smoothing 0.1", "bfloat16")],
+        ),
+        ("losses", [("sigmoid binary cross-entropy", "bfloat16"), ("entropy", "float32")]),
+    ):  # fmt: skip
+        record = res(f"cpu_{suite}.json")
+        vocab = 32768 if any(r["vocab"] == 32768 for r in record["rows"]) else None
+        for case, dtype in picks:
+            r = _find(record, case, dtype, vocab)
+            jx, base = r["contenders"]["jxent"], r["contenders"][r["baseline"]]
+            lines.append(
+                [
+                    f"{case} ({r['baseline']})",
+                    dtype,
+                    r["shape"],
+                    _ratio(base["ms"], jx["ms"]),
+                    f"{_mib(jx['temp_mib'])} vs {_mib(base['temp_mib'])}",
+                    f"CPU, `cpu_{suite}.json`",
+                ]
+            )
+    linear = res("cpu_linear.json")
+    times = [r for r in linear["rows"] if r.get("kind") == "time"]
+    if times:
+        largest = max(r["vocab"] for r in times)
+        for dtype in ("float32", "bfloat16"):
+            r = _find(linear, "timed step", dtype, largest, "time")
+            jx, ox = r["contenders"]["jxent"], r["contenders"]["optax"]
+            lines.append(
+                [
+                    "fused linear cross-entropy (`x @ w` + optax)",
+                    dtype,
+                    r["shape"],
+                    _ratio(ox["ms"], jx["ms"]),
+                    f"{_mib(jx['temp_mib'])} vs {_mib(ox['temp_mib'])}",
+                    "CPU, `cpu_linear.json`",
+                ]
+            )
+    r = _find(linear, "gemma2", "bfloat16", kind="memory")
+    jx, ox = r["contenders"]["jxent"], r["contenders"]["optax"]
+    lines.append(
+        [
+            "fused linear cross-entropy (`x @ w` + optax), Gemma 2's output layer",
+            "bfloat16",
+            r["shape"],
+            "(compiled only)",
+            f"{_mib(jx['temp_mib'])} vs {_mib(ox['temp_mib'])}",
+            "CPU compiler, `cpu_linear.json`",
+        ]
+    )
+    tpu = res("accelerators_tpu-v5e.json")
+    rs = {r["contender"]: r for r in tpu["rows"]
+          if r["shape_name"] == "gemma2" and r["dtype"] == "bfloat16"}  # fmt: skip
+    if len(rs) == 2:
+        jx, ox = rs["jxent"], rs["x @ w + optax"]
+        lines.append(
+            [
+                "the same, compiled for TPU v5e",
+                "bfloat16",
+                jx["shape"],
+                "(compiled only)",
+                f"{_mib(jx['temp_mib'])} vs {_mib(ox['temp_mib'])}",
+                "TPU v5e compiler, `accelerators_tpu-v5e.json`",
+            ]
+        )
+    machine = machine_summary(res("cpu_categorical.json")["machine"])
+    head = ["loss (baseline)", "dtype", "shape", "speed-up", "temp memory jxent vs baseline"]
+    head.append("measured on, file")
+    return (
+        f"*CPU rows: {machine}; files in `benchmarks/results/`, tables and captions in "
+        "[benchmarks/README.md](benchmarks/README.md).*\n\n"
+        + _table(head, ["---"] * 3 + ["---:"] * 2 + ["---"], lines)
+    )
+
+
+def _gemma2_phrase(res: Results) -> str:
+    """The README's sentence on Gemma 2's output layer (compiled memory on CPU)."""
+    r = _find(res("cpu_linear.json"), "gemma2", "bfloat16", kind="memory")
+    jx, ox = r["contenders"]["jxent"]["temp_mib"], r["contenders"]["optax"]["temp_mib"]
+    big = f"{ox / 1024:.1f} GiB" if ox >= 1024 else f"{ox:.0f} MiB"
+    return (
+        f"about {jx:.0f} MiB, against {big} for `x @ w` followed by optax's loss "
+        f"(1/{ox / jx:.0f}; compiled on CPU)"
+    )
+
+
+GENERATORS: dict[str, Callable[[Results], str]] = {
+    "headline": _headline,
+    "gemma2-memory": _gemma2_phrase,
+    "categorical": lambda res: _sweep_block(res, "cpu_categorical.json"),
+    "losses": lambda res: _sweep_block(res, "cpu_losses.json"),
+    "linear": _linear_block,
+    "linear-isa": _isa_block,
+    "parallel": _parallel_block,
+    "accelerators-tpu-v5e": lambda res: _accelerators(res, "tpu-v5e"),
+    "accelerators-tpu-v6e": lambda res: _accelerators(res, "tpu-v6e"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Markers
+# --------------------------------------------------------------------------------------------
+
+
+def render(text: str, res: Results) -> tuple[str, list[str]]:
+    """``text`` with every marked table regenerated, and the unknown marker names."""
+    unknown = []
+
+    def replace(m: re.Match) -> str:
+        name = m["name"]
+        if name not in GENERATORS:
+            unknown.append(name)
+            return m[0]
+        body = GENERATORS[name](res)
+        block = m["body"].startswith("\n")
+        inner = f"\n{body}\n" if block else body
+        return f"<!-- table:{name} -->{inner}<!-- /table:{name} -->"
+
+    return MARKER.sub(replace, text), unknown
+
+
+def problems_with_results(res: Results) -> list[str]:
+    """Results no table reads, and suites' results without their figure."""
+    out = []
+    for path in sorted(res.directory.glob("*.json")):
+        if path.name not in res.read:
+            out.append(f"{path.relative_to(ROOT)}: read by no table (stale? remove it)")
+        record = json.loads(path.read_text())
+        is_sweep = record.get("suite") in SUITES_WITH_FIGURES and not path.name.startswith(
+            "cpu_isa_"
+        )
+        if is_sweep and not path.with_suffix(".png").exists():
+            out.append(
+                f"{path.relative_to(ROOT)}: no figure beside it (python -m benchmarks.plots)"
+            )
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if anything is stale")
+    parser.add_argument("--list", action="store_true", help="the tables and the files they read")
+    args = parser.parse_args(argv)
+    res = Results()
+    if args.list:
+        for name, gen in GENERATORS.items():
+            before = set(res.read)
+            gen(res)
+            print(f"{name}: {', '.join(sorted(res.read - before)) or '(cached)'}")
+        return 0
+    failures = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        new, unknown = render(text, res)
+        failures += [f"{doc.relative_to(ROOT)}: unknown table marker {n!r}" for n in unknown]
+        if new == text:
+            continue
+        if args.check:
+            diff = difflib.unified_diff(
+                text.splitlines(), new.splitlines(), str(doc.relative_to(ROOT)), "generated",
+                lineterm="", n=1,
+            )  # fmt: skip
+            failures.append("\n".join(diff))
+        else:
+            doc.write_text(new)
+            print(f"updated {doc.relative_to(ROOT)}")
+    failures += problems_with_results(res)
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        if args.check:
+            print(
+                "benchmark tables disagree with benchmarks/results: run "
+                "`python -m benchmarks.tables`",
+                file=sys.stderr,
+            )
+        return 1
+    if args.check:
+        print("benchmark tables agree with benchmarks/results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
