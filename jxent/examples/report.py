@@ -15,15 +15,35 @@ def title(args, task) -> str:
 
 
 def _devices_text(mesh) -> str:
+    if num_processes(mesh) > 1:
+        return layout(mesh)
     kinds = ", ".join(sorted({d.device_kind for d in mesh.devices.flat}))
     backend = jax.default_backend()
     return f"{mesh.devices.size} x {kinds}" + ("" if kinds == backend else f" ({backend})")
 
 
+def num_processes(mesh) -> int:
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def layout(mesh) -> str:
+    """The processes and devices of a run, e.g. ``"2 processes x 2 cpu devices"``."""
+    processes = num_processes(mesh)
+    per_process = mesh.devices.size // processes
+    kinds = ", ".join(sorted({d.device_kind for d in mesh.devices.flat}))
+    return (
+        f"{processes} process{'es' if processes > 1 else ''} x {per_process} {kinds} "
+        f"device{'s' if per_process > 1 else ''}"
+    )
+
+
 def header(args, task, n_params: int, mesh, out: Path, start_step: int) -> str:
     rows = "examples" if task.unit == "ex" else "sequences"
+    parallel = f"data parallel over {_devices_text(mesh)}"
+    if task.name == "lm" and mesh.shape["model"] > 1:
+        parallel += f", output layer vocabulary parallel over {mesh.shape['model']} of them"
     lines = [
-        f"{title(args, task)}: {n_params:,} parameters, data parallel over {_devices_text(mesh)}",
+        f"{title(args, task)}: {n_params:,} parameters, {parallel}",
         f"  {args.steps} steps of {args.batch_size} {rows}; output in {out}",
     ]
     if start_step:
@@ -87,6 +107,9 @@ def metrics_json(
         "config": config,
         "parameters": n_params,
         "devices": int(mesh.devices.size),
+        "processes": num_processes(mesh),
+        "layout": layout(mesh),
+        "mesh": {name: int(size) for name, size in mesh.shape.items()},
         "backend": jax.default_backend(),
         "final": final,
         "wall_seconds": wall_seconds,
@@ -105,7 +128,11 @@ def summary_table(metrics: dict[str, Any], task, out: Path, checkpoint_steps: li
     rows += [(r.name, r.value) for r in task.describe()]
     rows += [
         ("parameters", f"{metrics['parameters']:,}"),
-        ("devices", f"{metrics['devices']} {metrics['backend']}, batch split over the mesh"),
+        (
+            "devices",
+            f"{metrics['layout']}; mesh data {metrics['mesh']['data']} x model "
+            f"{metrics['mesh']['model']}, batch split over all",
+        ),
         (
             "optimizer",
             f"adamw, lr {cfg['learning_rate']:g} (warm-up {cfg['warmup_steps']}, cosine), "

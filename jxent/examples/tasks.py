@@ -3,7 +3,9 @@
 A task owns its data, builds its model, and supplies pure functions of
 ``(model, batch)`` that the trainer (:mod:`jxent.examples.train`) compiles: the
 training loss and a per-example evaluation. Batches are dicts of host NumPy
-arrays whose leading axis is the batch axis (the trainer shards it over devices).
+arrays whose leading axis is the batch axis (the trainer shards it over devices). In a
+multi-process run each process asks only for its own rows of a batch (``rows``, a
+slice of the global batch), and reads only those examples.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jxent
 from jxent.examples import data as data_lib
@@ -23,6 +27,7 @@ from jxent.examples import metrics as metrics_lib
 from jxent.examples.models import ByteTransformer, MLPClassifier
 
 Batch = dict[str, np.ndarray]
+ALL_ROWS = slice(None)
 
 
 def pad_rows(batch: Batch, multiple: int) -> Batch:
@@ -35,6 +40,38 @@ def pad_rows(batch: Batch, multiple: int) -> Batch:
     }
     out["valid"] = np.arange(n + extra) < n
     return out
+
+
+def padded_indices(indices: np.ndarray, multiple: int) -> np.ndarray:
+    """``indices`` padded with ``-1`` (no example) to a multiple of ``multiple``."""
+    return np.concatenate([indices, np.full(-len(indices) % multiple, -1, indices.dtype)])
+
+
+def gather_rows(arrays: dict[str, np.ndarray], indices: np.ndarray) -> Batch:
+    """The rows ``indices`` of ``arrays`` (``-1``: a zero row), with the ``"valid"`` mask
+    of :func:`pad_rows`."""
+    valid = indices >= 0
+    out = {}
+    for k, v in arrays.items():
+        rows = v[np.where(valid, indices, 0)]
+        out[k] = np.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), rows, np.zeros((), v.dtype))
+    out["valid"] = valid
+    return out
+
+
+class EvalSet:
+    """Held-out batches as padded index arrays: a process gathers only its own rows."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batches: list[np.ndarray]):
+        self.arrays, self.batches = arrays, batches
+
+    def full(self) -> list[Batch]:
+        return [gather_rows(self.arrays, idx) for idx in self.batches]
+
+    def parts(self, rows) -> list[tuple[Batch, int]]:
+        """``(this process's rows of each batch, the batch's global row count)``;
+        ``rows(n)`` is the slice of a batch of ``n`` rows that the process holds."""
+        return [(gather_rows(self.arrays, idx[rows(len(idx))]), len(idx)) for idx in self.batches]
 
 
 @dataclass(frozen=True)
@@ -59,14 +96,14 @@ class DigitsTask:
     name = "digits"
     unit = "ex"  # throughput unit: examples
 
-    def __init__(self, cfg: Any, num_devices: int):
+    def __init__(self, cfg: Any, num_devices: int, mesh: Mesh | None = None):
         self.cfg = cfg
         self.data = data_lib.load_digits()
         self.num_classes = self.data.num_classes
         self.schedule = data_lib.BatchSchedule(len(self.data.train), cfg.batch_size, cfg.seed)
         self.items_per_step = cfg.batch_size
-        x, y = self.data.test.inputs, self.data.test.labels
-        self._eval_batches = [pad_rows({"x": x, "y": y}, num_devices)]
+        test = {"x": self.data.test.inputs, "y": self.data.test.labels}
+        self._eval = EvalSet(test, [padded_indices(np.arange(len(self.data.test)), num_devices)])
 
     def init_model(self, rngs: nnx.Rngs) -> MLPClassifier:
         return MLPClassifier(
@@ -77,8 +114,8 @@ class DigitsTask:
             rngs=rngs,
         )
 
-    def train_batch(self, step: int) -> Batch:
-        x, y = self.data.train.take(self.schedule.indices(step - 1))
+    def train_batch(self, step: int, rows: slice = ALL_ROWS) -> Batch:
+        x, y = self.data.train.take(self.schedule.indices(step - 1)[rows])
         return {"x": x, "y": y}
 
     def describe_batch(self, step: int) -> str:
@@ -111,8 +148,10 @@ class DigitsTask:
             return jax.nn.softmax(logits, axis=-1)
         return jax.nn.sigmoid(logits)
 
-    def eval_batches(self) -> list[Batch]:
-        return self._eval_batches
+    def eval_batches(self, rows=None) -> list:
+        """The held-out batches (padded to split over the devices); with ``rows``, the
+        pairs ``(this process's rows of a batch, its global row count)``."""
+        return self._eval.full() if rows is None else self._eval.parts(rows)
 
     def eval_step(self, model: MLPClassifier, batch: Batch) -> dict[str, jax.Array]:
         logits = model(batch["x"])
@@ -184,8 +223,9 @@ class LMTask:
     # Periodic evaluations use at most this many held-out rows (evenly spaced).
     max_eval_rows = 512
 
-    def __init__(self, cfg: Any, num_devices: int):
+    def __init__(self, cfg: Any, num_devices: int, mesh: Mesh | None = None):
         self.cfg = cfg
+        self.mesh = mesh
         self.corpus = data_lib.load_byte_corpus(cfg.seq_len, cfg.corpus_bytes)
         self.schedule = data_lib.BatchSchedule(len(self.corpus.train), cfg.batch_size, cfg.seed)
         self.items_per_step = cfg.batch_size * cfg.seq_len
@@ -195,15 +235,13 @@ class LMTask:
         )
         self.num_eval_rows = len(rows)
         per_batch = cfg.batch_size
-        self._eval_batches = [
-            pad_rows({"tokens": val.inputs[r], "labels": val.labels[r]}, per_batch)
-            for r in (rows[i : i + per_batch] for i in range(0, len(rows), per_batch))
+        # Batches of --batch-size rows (the last one padded), each also a multiple of the
+        # number of devices.
+        batches = [
+            padded_indices(padded_indices(rows[i : i + per_batch], per_batch), num_devices)
+            for i in range(0, len(rows), per_batch)
         ]
-        # An evaluation batch must split evenly over the devices too.
-        self._eval_batches = [
-            b if len(b["tokens"]) % num_devices == 0 else pad_rows(b, num_devices)
-            for b in self._eval_batches
-        ]
+        self._eval = EvalSet({"tokens": val.inputs, "labels": val.labels}, batches)
 
     def init_model(self, rngs: nnx.Rngs) -> ByteTransformer:
         cfg = self.cfg
@@ -216,8 +254,8 @@ class LMTask:
             rngs=rngs,
         )
 
-    def train_batch(self, step: int) -> Batch:
-        tokens, labels = self.corpus.train.take(self.schedule.indices(step - 1))
+    def train_batch(self, step: int, rows: slice = ALL_ROWS) -> Batch:
+        tokens, labels = self.corpus.train.take(self.schedule.indices(step - 1)[rows])
         return {"tokens": tokens, "labels": labels}
 
     def describe_batch(self, step: int) -> str:
@@ -227,21 +265,60 @@ class LMTask:
         self, model: ByteTransformer, tokens, labels, z_loss: float, reduction: str
     ) -> jax.Array:
         hidden = model(tokens)
-        return jxent.linear_softmax_cross_entropy(
+        return self.output_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             model.unembedding(),
             labels.reshape(-1),
+            z_loss=z_loss,
+            reduction=reduction,
+        )
+
+    def output_loss(self, x, w, labels, *, z_loss: float, reduction: str) -> jax.Array:
+        """The fused loss of the output layer: hidden states ``x [tokens, D]``, the
+        unembedding ``w [D, V]``. Without a mesh, :func:`jxent.linear_softmax_cross_entropy`;
+        on the trainer's mesh, vocabulary parallel: under ``jax.shard_map`` each device
+        takes its ``"data"`` shard of the tokens (the batch, split over every device in
+        the rest of the model, is gathered over ``"model"``) and its ``"model"`` shard of
+        the columns of ``w``, and :func:`jxent.parallel.linear_softmax_cross_entropy`
+        combines the shards' per-token numbers across the ``"model"`` axis (across the
+        processes, in a multi-process run)."""
+        options = dict(
             ignore_index=data_lib.PAD,
             z_loss=z_loss,
             reduction=reduction,
             chunk_size=self.cfg.chunk_size,
         )
+        if self.mesh is None:
+            return jxent.linear_softmax_cross_entropy(x, w, labels, **options)
+        shards, vocab = self.mesh.shape["model"], w.shape[1]
+        # jxent.parallel's padding rule: columns up to a multiple of the shards.
+        w = jnp.pad(w, ((0, 0), (0, -vocab % shards)))
+
+        def local(x, w, labels):
+            return jxent.parallel.linear_softmax_cross_entropy(
+                x,
+                w,
+                labels,
+                axis_name="model",
+                batch_axis_name="data",
+                num_classes=vocab,
+                **options,
+            )
+
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(P("data", None), P(None, "model"), P("data")),
+            out_specs=P("data") if reduction == "none" else P(),
+        )(x, w, labels)
 
     def loss(self, model: ByteTransformer, batch: Batch) -> jax.Array:
         return self._token_losses(model, batch["tokens"], batch["labels"], self.cfg.z_loss, "mean")
 
-    def eval_batches(self) -> list[Batch]:
-        return self._eval_batches
+    def eval_batches(self, rows=None) -> list:
+        """The held-out batches (padded to split over the devices); with ``rows``, the
+        pairs ``(this process's rows of a batch, its global row count)``."""
+        return self._eval.full() if rows is None else self._eval.parts(rows)
 
     def eval_step(self, model: ByteTransformer, batch: Batch) -> dict[str, jax.Array]:
         # Rows that only pad the batch are ignored like the padding inside rows.
@@ -282,7 +359,10 @@ class LMTask:
         return f"val loss {final['val_loss']:.4f} | {final['val_bits_per_byte']:.3f} bits/byte"
 
     def extras(self, model: ByteTransformer, out_dir) -> list[str]:
-        """Samples a continuation of each prompt; writes them to ``samples.txt``."""
+        """Samples a continuation of each prompt; writes them to ``samples.txt``
+        (nothing with ``--sample-bytes 0``)."""
+        if self.cfg.sample_bytes == 0:
+            return []
         texts = sample(
             model,
             self.prompts,
@@ -342,5 +422,7 @@ def _generate(graphdef, state, buf, lengths, key, num_new, max_len, temperature)
     return jax.vmap(one_row)(buf, lengths, keys)
 
 
-def make_task(cfg: Any, num_devices: int) -> DigitsTask | LMTask:
-    return {"digits": DigitsTask, "lm": LMTask}[cfg.task](cfg, num_devices)
+def make_task(cfg: Any, num_devices: int, mesh: Mesh | None = None) -> DigitsTask | LMTask:
+    """The task of ``cfg.task``; batches split over ``num_devices`` devices, and on
+    ``mesh`` (the trainer's) the lm task's output layer runs vocabulary parallel."""
+    return {"digits": DigitsTask, "lm": LMTask}[cfg.task](cfg, num_devices, mesh)

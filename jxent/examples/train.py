@@ -1,10 +1,16 @@
 """The example trainer: ``python -m jxent.examples.train [digits|lm] [options]``.
 
 Trains a Flax NNX model with Optax and a jxent loss, data parallel over every
-local device (a ``jax.sharding.Mesh`` with one ``"data"`` axis: the batch is
-split over it, the parameters are replicated), with a progress bar, periodic
+device (a ``jax.sharding.Mesh`` with ``"data"`` and ``"model"`` axes: the batch is
+split over all its devices, the parameters are replicated, and the lm task's output
+layer is vocabulary parallel over ``"model"``), with a progress bar, periodic
 evaluation, orbax checkpoints and ``--resume``, and writes ``metrics.json``,
 ``curves.png`` and a summary table at the end. ``--help`` lists every option.
+
+Several processes (hosts) train together on JAX's distributed runtime: ``--spawn N``
+on one machine, ``--num-processes``/``--process-id``/``--coordinator`` by hand, or no
+flag at all where JAX detects the cluster (a Cloud TPU slice, SLURM, Open MPI); see
+:mod:`jxent.examples.distributed`.
 
 Every batch is a pure function of the seed and the step, and the training state
 (parameters, optimizer state) is checkpointed whole, so a resumed run reproduces
@@ -12,23 +18,27 @@ an uninterrupted one bit for bit where XLA is deterministic: always on CPU; on
 GPUs with ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``.
 
 Exit codes: 0 done, 1 training stopped on a non-finite loss, 2 bad flags or an
-unusable output directory, 130 interrupted (Ctrl-C) after saving a checkpoint.
+unusable output directory, 3 a multi-process run lost a process (or could not start),
+130 interrupted (Ctrl-C) after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PROG = "python -m jxent.examples.train"
 TASKS = ("digits", "lm")
-EXIT_NONFINITE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_NONFINITE, EXIT_USAGE, EXIT_PEER, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -100,6 +110,16 @@ def _fraction(text: str) -> float:
 _fraction.__name__ = "number in [0, 1]"
 
 
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not (host and sep and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError
+    return text
+
+
+_address.__name__ = "HOST:PORT"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         raise UsageError(f"{message} (see --help)")
@@ -123,9 +143,10 @@ def _add(
 
 
 _DESCRIPTION = """\
-Train a Flax NNX model with Optax and a jxent loss, data parallel over all local
-devices (CPU, GPUs or TPU cores), with checkpoints, --resume, a progress bar, a
-summary table, metrics.json and curves.png in --out-dir.
+Train a Flax NNX model with Optax and a jxent loss, data parallel over all devices
+(CPU, GPUs or TPU cores, of one process or of several cooperating ones), with
+checkpoints, --resume, a progress bar, a summary table, metrics.json and curves.png
+in --out-dir.
 
 tasks:
   digits  (default) an MLP on scikit-learn's bundled 8x8 handwritten digits;
@@ -140,9 +161,11 @@ examples:
   {PROG} lm                     # a few minutes on a CPU
   {PROG} lm --d-model 256 --num-layers 4 --steps 2000 --out-dir runs/lm-big
   {PROG} --resume               # continue runs/digits after Ctrl-C
+  {PROG} lm --spawn 2 --cpu-devices 2   # 2 processes x 2 CPU devices on this machine
 
 exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad flags or an unusable
-output directory; 130 interrupted (Ctrl-C or SIGTERM) after saving a checkpoint."""
+output directory; 3 a multi-process run lost a process or could not start; 130
+interrupted (Ctrl-C or SIGTERM) after saving a checkpoint."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} [digits|lm] [options]",
+        allow_abbrev=False,  # --spawn passes the command line on: flags are spelt out
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -272,6 +296,84 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         defines_run=False,
         help="no progress bar (it is also off when stderr is not a terminal)",
+    )
+
+    g = parser.add_argument_group(
+        "several processes (JAX's distributed runtime; on a TPU slice, SLURM or Open MPI "
+        "no flag is needed: JAX detects the processes)"
+    )
+    _add(
+        g,
+        "--spawn",
+        type=_positive_int,
+        default=None,
+        shown="none",
+        defines_run=False,
+        help="start N cooperating processes on this machine (on the CPU unless JAX_PLATFORMS "
+        "is set) and show process 0's output; the exit code is the first failure's",
+    )
+    _add(
+        g,
+        "--num-processes",
+        type=_positive_int,
+        default=None,
+        shown="detected, else 1",
+        defines_run=False,
+        help="the number of processes of the run (with --process-id and --coordinator)",
+    )
+    _add(
+        g,
+        "--process-id",
+        type=_nonnegative_int,
+        default=None,
+        shown="none",
+        defines_run=False,
+        help="this process's index, 0 to N-1; process 0 hosts the coordinator and reports",
+    )
+    _add(
+        g,
+        "--coordinator",
+        type=_address,
+        default=None,
+        shown="none",
+        defines_run=False,
+        help="HOST:PORT of process 0, where the processes meet",
+    )
+    _add(
+        g,
+        "--cpu-devices",
+        type=_positive_int,
+        default=None,
+        shown="JAX's",
+        defines_run=False,
+        help="CPU devices of each process (to try the multi-device code on a CPU)",
+    )
+    _add(
+        g,
+        "--model-parallel",
+        type=_positive_int,
+        default=None,
+        shown="the number of processes",
+        defines_run=False,
+        help="devices on the mesh's model axis, over which the lm output layer's vocabulary "
+        "is split (a divisor of the number of devices)",
+    )
+    _add(
+        g,
+        "--init-timeout",
+        type=_positive_int,
+        default=300,
+        defines_run=False,
+        help="seconds to wait for every process to join",
+    )
+    _add(
+        g,
+        "--heartbeat-timeout",
+        type=_positive_int,
+        default=100,
+        defines_run=False,
+        help="seconds without a sign of life after which a process is declared dead and "
+        "the others stop",
     )
 
     g = parser.add_argument_group("digits task")
@@ -425,8 +527,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError("--label-smoothing applies to --loss xent and bce, not focal")
     if args.task == "lm" and args.d_model % args.num_heads:
         raise UsageError(f"--num-heads {args.num_heads} must divide --d-model {args.d_model}")
+    _check_processes(args)
     _resolve_warmup(args)
     return args
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    joined = [n for n in ("num_processes", "process_id", "coordinator") if n in args.explicit]
+    if args.spawn is not None and joined:
+        flag = "--" + joined[0].replace("_", "-")
+        raise UsageError(f"--spawn starts the processes itself: drop {flag}")
+    if joined and (args.num_processes or 1) > 1 and len(joined) < 3:
+        raise UsageError("--num-processes, --process-id and --coordinator go together")
+    if joined and "num_processes" not in joined:
+        raise UsageError("--process-id and --coordinator need --num-processes")
+    if args.process_id is not None and args.process_id >= (args.num_processes or 1):
+        raise UsageError(
+            f"--process-id {args.process_id} must be less than --num-processes "
+            f"{args.num_processes or 1}"
+        )
 
 
 def _resolve_warmup(args: argparse.Namespace) -> None:
@@ -439,7 +558,21 @@ def _resolve_warmup(args: argparse.Namespace) -> None:
 
 
 # Flags about this invocation only, never saved with a run.
-_INVOCATION_FLAGS = {"out_dir", "resume", "overwrite"}
+_INVOCATION_FLAGS = {
+    "out_dir",
+    "resume",
+    "overwrite",
+    # how the processes meet and how the devices are laid out: a run may be resumed
+    # with other processes and devices
+    "spawn",
+    "num_processes",
+    "process_id",
+    "coordinator",
+    "cpu_devices",
+    "model_parallel",
+    "init_timeout",
+    "heartbeat_timeout",
+}
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -476,12 +609,16 @@ def apply_saved_config(args: argparse.Namespace, saved: dict[str, Any]) -> None:
 OUTPUT_FILES = ("metrics.json", "curves.png", "samples.txt")
 
 
-def prepare_out_dir(args: argparse.Namespace) -> Path:
-    """Creates and checks the output directory; raises :class:`UsageError` if unusable."""
+def prepare_out_dir(args: argparse.Namespace, main_process: bool = True) -> Path:
+    """Creates and checks the output directory; raises :class:`UsageError` if unusable.
+
+    Every process of a run checks it (they share it: a shared file system across hosts);
+    only the main process deletes an earlier run's files for ``--overwrite``.
+    """
     out = Path(args.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".jxent-write-test"
+        probe = out / f".jxent-write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -490,9 +627,10 @@ def prepare_out_dir(args: argparse.Namespace) -> Path:
     ckpt = out / "checkpoints"
     has_run = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
     if args.overwrite:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+        if main_process:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            for name in OUTPUT_FILES:
+                (out / name).unlink(missing_ok=True)
     elif args.resume and not has_run:
         raise UsageError(f"--resume: no checkpoint in {ckpt}")
     elif has_run and not args.resume:
@@ -506,29 +644,59 @@ def prepare_out_dir(args: argparse.Namespace) -> Path:
 # ------------------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> int:
-    """Trains, evaluates, checkpoints and reports; returns the exit code."""
+def join_processes(args: argparse.Namespace):
+    """Joins the run's other processes (or finds there are none): a ``Runtime``."""
+    from jxent.examples import distributed
+
     try:
+        return distributed.initialize(
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            coordinator=args.coordinator,
+            cpu_devices=args.cpu_devices,
+            init_timeout=args.init_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run(args: argparse.Namespace, runtime=None) -> int:
+    """Trains, evaluates, checkpoints and reports; returns the exit code.
+
+    In a multi-process run every process calls it; process 0 reports.
+    """
+    try:
+        from jax.experimental import multihost_utils
+
         from jxent.examples import trainer as trainer_lib
         from jxent.examples.checkpointing import Checkpoints
+        from jxent.examples.distributed import Runtime
     except ImportError as e:
         raise UsageError(
             f"the example trainer needs the 'examples' extra ({e.name} is missing): "
             f'pip install -e ".[examples]"'
         ) from None
 
+    runtime = runtime or Runtime()
+    main_process = runtime.is_main
     wall_start = time.perf_counter()
-    out = prepare_out_dir(args)
+    out = prepare_out_dir(args, main_process)
+    if runtime.multiprocess:  # the main process has cleared an earlier run (--overwrite)
+        multihost_utils.sync_global_devices("jxent.examples: output directory ready")
     checkpoints = Checkpoints(out / "checkpoints", keep=args.keep_checkpoints)
     resume_step = None
     if args.resume:
         resume_step = checkpoints.latest_step()
         apply_saved_config(args, checkpoints.read_meta(resume_step)["config"])
     try:
-        trainer = trainer_lib.Trainer(args, run_config(args), out, checkpoints, resume_step)
+        trainer = trainer_lib.Trainer(
+            args, run_config(args), out, checkpoints, resume_step, runtime=runtime
+        )
     except trainer_lib.SetupError as e:
         raise UsageError(str(e)) from None
-    print(trainer.header(), flush=True)
+    if main_process:
+        print(trainer.header(), flush=True)
 
     with trainer_lib.StopFlag() as stop:
         try:
@@ -536,37 +704,86 @@ def run(args: argparse.Namespace) -> int:
         except trainer_lib.NonFiniteLoss as e:
             checkpoints.wait()
             last = checkpoints.latest_step()
-            print(
-                f"{PROG}: error: {e.describe()}, {trainer.task.describe_batch(e.step)}; stopped "
-                f"without saving non-finite parameters (latest checkpoint: "
-                f"{'none' if last is None else f'step {last}'}). Try a lower --learning-rate.",
-                file=sys.stderr,
-            )
+            if main_process:
+                print(
+                    f"{PROG}: error: {e.describe()}, {trainer.task.describe_batch(e.step)}; "
+                    f"stopped without saving non-finite parameters (latest checkpoint: "
+                    f"{'none' if last is None else f'step {last}'}). Try a lower "
+                    f"--learning-rate.",
+                    file=sys.stderr,
+                )
             return EXIT_NONFINITE
-        finally:
-            checkpoints.wait()
+        except BaseException:
+            # One process waits for its last checkpoint; several must not: a save waits
+            # for every process, and one of them may be gone.
+            if not runtime.multiprocess:
+                checkpoints.wait()
+            raise
         trainer.finish(outcome, wall_seconds=time.perf_counter() - wall_start)
         checkpoints.close()
     if outcome == "interrupted":
-        print(
-            f"\nInterrupted at step {trainer.step}; saved a checkpoint. Continue with:\n"
-            f"  {PROG} {args.task} --out-dir {out} --resume",
-            file=sys.stderr,
-        )
+        if main_process:
+            again = " with the same process flags (e.g. --spawn)" if runtime.multiprocess else ""
+            print(
+                f"\nInterrupted at step {trainer.step}; saved a checkpoint. Continue with:\n"
+                f"  {PROG} {args.task} --out-dir {out} --resume{again}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     return 0
 
 
+def _without_spawn(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--spawn":
+            skip = i + 1 < len(argv)
+        elif not a.startswith("--spawn="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    runtime = None
     try:
         args = parse_args(argv)
-        return run(args)
+        if args.spawn is not None:
+            from jxent.examples import distributed
+
+            # The survivors of a lost process get to notice it themselves (their own message,
+            # or JAX's after the heartbeat timeout) before the launcher stops them.
+            grace = args.heartbeat_timeout + 5
+            return distributed.spawn(
+                _without_spawn(argv), args.spawn, prog=PROG, grace_seconds=grace
+            )
+        runtime = join_processes(args)
+        code = run(args, runtime)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    except Exception as e:
+        from jxent.examples import distributed
+
+        if isinstance(e, distributed.DistributedError):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            code = EXIT_PEER
+        elif runtime is not None and runtime.multiprocess:
+            import jax
+
+            if not isinstance(e, jax.errors.JaxRuntimeError):
+                traceback.print_exc()
+            print(f"{PROG}: error: {distributed.peer_failure_message(runtime, e)}", file=sys.stderr)
+            code = EXIT_PEER
+        else:
+            raise
+    # A failed multi-process run ends here at once (no shutdown barrier with lost peers).
+    return runtime.exit(code) if runtime is not None else code
 
 
 if __name__ == "__main__":

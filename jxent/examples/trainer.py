@@ -1,9 +1,14 @@
 """The training loop: data parallel steps, evaluation, checkpoints, progress and reports.
 
 :class:`Trainer` is driven by the command line in :mod:`jxent.examples.train`. The
-parameters and optimizer state are replicated over a 1-D device mesh and every
-batch is split over its ``"data"`` axis (``NamedSharding``), so the same code runs
-on one CPU, several GPUs or a TPU slice; XLA inserts the gradient all-reduce.
+devices of every process form a 2-D ``("data", "model")`` mesh (:func:`make_mesh`); the
+parameters and optimizer state are replicated over it, every batch is split over all
+its devices (data parallel: XLA inserts the gradient all-reduce), and the lm task's
+output layer runs vocabulary parallel over the ``"model"`` axis
+(:func:`jxent.parallel.linear_softmax_cross_entropy` under ``jax.shard_map``). The same
+code runs on one CPU, several GPUs, a TPU slice, or several processes joined by
+:mod:`jxent.examples.distributed`: each process builds its own rows of a batch, and
+``jax.make_array_from_process_local_data`` makes them one global array.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jxent.examples import report, training
 from jxent.examples.checkpointing import Checkpoints
+from jxent.examples.distributed import Runtime
 from jxent.examples.models import count_params
 from jxent.examples.tasks import make_task
 
@@ -103,20 +110,59 @@ class History:
         return self.evals[-1]["step"] if self.evals else 0
 
 
-def make_mesh(num_devices: int | None) -> Mesh:
-    """A 1-D ``"data"`` mesh over the first ``num_devices`` local devices (all by default)."""
-    devices = jax.local_devices()
-    if num_devices is not None:
-        if num_devices > len(devices):
-            raise SetupError(
-                f"--num-devices {num_devices}: only {len(devices)} local device(s) available"
-            )
-        devices = devices[:num_devices]
-    return Mesh(np.array(devices), ("data",))
+DATA, MODEL = "data", "model"
+# A batch's leading axis is split over every device of the mesh, "model" major: device
+# k of the mesh's flat order (see make_mesh) holds the k-th block of rows, so each
+# process holds one contiguous range of rows.
+BATCH_AXES = (MODEL, DATA)
+
+
+def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
+    """A ``("data", "model")`` mesh over the first ``num_devices`` local devices of every
+    process (all by default), with ``model_parallel`` devices on the ``"model"`` axis.
+
+    The devices are listed process by process and cut into ``model_parallel`` groups of
+    consecutive devices, one per model index: with one model group per process (the
+    multi-process default), the ``"model"`` axis spans the processes and the ``"data"``
+    axis each process's own devices.
+    """
+    per_process: dict[int, list] = {}
+    for d in jax.devices():
+        per_process.setdefault(d.process_index, []).append(d)
+    local = len(jax.local_devices())
+    if num_devices is not None and num_devices > local:
+        raise SetupError(f"--num-devices {num_devices}: only {local} local device(s) available")
+    if len({len(v) for v in per_process.values()}) != 1:
+        raise SetupError("every process must have the same number of devices")
+    devices = []
+    for p in sorted(per_process):
+        devices += sorted(per_process[p], key=lambda d: d.id)[:num_devices]
+    if len(devices) % model_parallel:
+        raise SetupError(
+            f"--model-parallel {model_parallel} must divide the number of devices, {len(devices)}"
+        )
+    grid = np.array(devices).reshape(model_parallel, len(devices) // model_parallel).T
+    return Mesh(grid, (DATA, MODEL))
+
+
+def local_rows(sharding: NamedSharding, num_rows: int) -> slice:
+    """The rows of a ``[num_rows, ...]`` array split by ``sharding`` that this process
+    holds (one contiguous range, by construction of :func:`make_mesh`)."""
+    index = sharding.addressable_devices_indices_map((num_rows,))
+    ranges = sorted({s[0].indices(num_rows)[:2] for s in index.values()})
+    start, stop = ranges[0][0], ranges[-1][1]
+    covered = sum(b - a for a, b in ranges)
+    if covered != stop - start:
+        raise SetupError("this process's rows of a batch are not contiguous")
+    return slice(start, stop)
 
 
 class Trainer:
     """One run: builds the task, model and optimizer (or restores them) and trains.
+
+    Every process of a multi-process run builds its own ``Trainer`` and calls the same
+    methods in the same order (the steps, evaluations and checkpoints are collective);
+    only process 0 shows progress and writes the reports.
 
     Args:
       args: the resolved flags (see :mod:`jxent.examples.train`).
@@ -124,6 +170,7 @@ class Trainer:
       out: the output directory (already checked).
       checkpoints: the run's checkpoints; with ``resume_step`` the state is restored
         from that step.
+      runtime: this process among the cooperating ones (one process by default).
     """
 
     def __init__(
@@ -133,18 +180,21 @@ class Trainer:
         out: Path,
         checkpoints: Checkpoints,
         resume_step: int | None = None,
+        runtime: Runtime | None = None,
     ):
         self.args, self.config, self.out, self.checkpoints = args, config, out, checkpoints
-        self.mesh = make_mesh(args.num_devices)
+        self.runtime = runtime or Runtime()
+        model_parallel = getattr(args, "model_parallel", None) or self.runtime.process_count
+        self.mesh = make_mesh(args.num_devices, model_parallel)
         num_devices = self.mesh.devices.size
         if args.batch_size % num_devices:
             raise SetupError(
                 f"--batch-size {args.batch_size} must be a multiple of the {num_devices} devices"
             )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
         try:
-            self.task = make_task(args, num_devices)
+            self.task = make_task(args, num_devices, mesh=self.mesh)
         except ValueError as e:  # e.g. a batch larger than the data set
             raise SetupError(str(e)) from None
 
@@ -155,6 +205,7 @@ class Trainer:
             weight_decay=args.weight_decay,
             grad_clip=args.grad_clip,
         )
+        # Every process builds the same initial state from the seed.
         self.model_def, opt_def, state = training.init_training(self.task, tx, args.seed)
         self.num_params = count_params(training.merge_model(self.model_def, state))
         self.state = jax.device_put(state, self.replicated)
@@ -166,23 +217,48 @@ class Trainer:
             self.step = resume_step
         self.start_step = self.step
         self._train_step = jax.jit(
-            training.make_train_step(self.task, self.model_def, opt_def),
+            _with_stop_vote(training.make_train_step(self.task, self.model_def, opt_def)),
             out_shardings=(self.replicated, self.replicated),
         )
-        self._eval_step = jax.jit(training.make_eval_step(self.task, self.model_def))
+        self._eval_step = jax.jit(
+            training.make_eval_step(self.task, self.model_def), out_shardings=self.replicated
+        )
         self.speed = report.Throughput(self.task.items_per_step, self.task.unit)
+        self.stopping = False  # agreed by every process: save and stop (Ctrl-C, SIGTERM)
 
     # -- pieces -------------------------------------------------------------------------
 
-    def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Places a host batch on the devices, split along its leading (batch) axis."""
-        return jax.device_put(batch, self.batch_sharding)
+    def rows(self, num_rows: int) -> slice:
+        """This process's rows of a global batch of ``num_rows`` rows."""
+        return local_rows(self.batch_sharding, num_rows)
+
+    def shard(self, batch: dict[str, np.ndarray], num_rows: int | None = None) -> dict:
+        """Makes one global batch, split over every device along its leading axis, from
+        this process's rows of it (``num_rows`` in all; all of them in one process)."""
+
+        def put(x):
+            rows = len(x) if num_rows is None else num_rows
+            return jax.make_array_from_process_local_data(
+                self.batch_sharding, x, (rows,) + x.shape[1:]
+            )
+
+        return jax.tree.map(put, batch)
+
+    def train_batch(self, step: int) -> dict:
+        rows = self.rows(self.args.batch_size)
+        return self.shard(self.task.train_batch(step, rows), self.args.batch_size)
+
+    def _votes(self, stop: StopFlag) -> jax.Array:
+        """This process's vote to stop, one per device; the step returns their "or"."""
+        rows = self.rows(self.mesh.devices.size)
+        local = np.full(rows.stop - rows.start, bool(stop))
+        return self.shard({"stop": local}, self.mesh.devices.size)["stop"]
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current parameters, plus the recent training loss."""
         outs = [
-            jax.device_get(self._eval_step(self.state["model"], self.shard(b)))
-            for b in self.task.eval_batches()
+            jax.device_get(self._eval_step(self.state["model"], self.shard(b, n)))
+            for b, n in self.task.eval_batches(self.rows)
         ]
         merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         return (
@@ -198,6 +274,7 @@ class Trainer:
     def _record(self, step: int, metrics: dict[str, jax.Array], bar: tqdm) -> None:
         """Reads a step's metrics back from the devices (blocking) and logs them."""
         loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+        self.stopping |= bool(metrics["stop"])
         if not finite:
             raise NonFiniteLoss(step, loss)
         self.history.train_step.append(step)
@@ -210,15 +287,20 @@ class Trainer:
         """Trains up to ``--steps``; returns ``"completed"`` or ``"interrupted"``.
 
         Evaluates every ``--eval-every`` steps and checkpoints every
-        ``--checkpoint-every`` steps, at the end, and when ``stop`` is raised.
+        ``--checkpoint-every`` steps, at the end, and when a stop is requested.
         Raises :class:`NonFiniteLoss` before saving anything non-finite.
+
+        A stop (``stop``: Ctrl-C or SIGTERM) is voted: each step takes every process's
+        vote and returns whether any voted, so that all processes read the same answer
+        after the same step, save the same checkpoint and stop together.
         """
         args = self.args
         bar = tqdm(
             total=args.steps,
             initial=self.step,
             unit="step",
-            disable=True if args.no_progress else None,  # None: off when not a terminal
+            # None: off when not a terminal; only process 0 shows progress
+            disable=True if args.no_progress or not self.runtime.is_main else None,
             dynamic_ncols=True,
             file=sys.stderr,
         )
@@ -230,7 +312,7 @@ class Trainer:
             while self.step < args.steps:
                 step = self.step + 1
                 self.state, metrics = self._train_step(
-                    self.state, self.shard(self.task.train_batch(step))
+                    self.state, self.train_batch(step), self._votes(stop)
                 )
                 self.step = step
                 if pending is not None:
@@ -239,19 +321,19 @@ class Trainer:
                 bar.update(1)
                 self.speed.tick()
                 eval_now = step % args.eval_every == 0 or step == args.steps
-                save_now = step % args.checkpoint_every == 0 or step == args.steps or stop
-                if eval_now or save_now:
+                save_due = step % args.checkpoint_every == 0 or step == args.steps
+                if eval_now or save_due or self.stopping:
                     self._record(*pending, bar)
                     pending = None
                     self.history.train_seconds += time.perf_counter() - clock
                     if eval_now:
                         self.history.evals.append(self.evaluate())
                         bar.write(self.eval_line(self.history.evals[-1]))
-                    if save_now:
+                    if save_due or self.stopping:
                         self.save()
                     self.speed.pause()
                     clock = time.perf_counter()
-                if stop and step < args.steps:
+                if self.stopping and step < args.steps:
                     return "interrupted"
         finally:
             bar.close()
@@ -269,11 +351,16 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------
 
     def finish(self, outcome: str, wall_seconds: float) -> None:
-        """Writes metrics.json, curves.png (and lm samples) and prints the summary."""
+        """Writes metrics.json, curves.png (and lm samples) and prints the summary
+        (process 0 only; the others just wait for the last checkpoint)."""
         self.checkpoints.wait()
+        if not self.runtime.is_main:
+            return
         samples = []
         if outcome == "completed":
-            samples = self.task.extras(training.merge_model(self.model_def, self.state), self.out)
+            # Sampling runs on this process's own copy of the (replicated) parameters.
+            local = jax.tree.map(lambda x: x.addressable_data(0), self.state)
+            samples = self.task.extras(training.merge_model(self.model_def, local), self.out)
         metrics = report.metrics_json(
             self.config,
             self.task,
@@ -300,3 +387,14 @@ class Trainer:
         return report.header(
             self.args, self.task, self.num_params, self.mesh, self.out, self.start_step
         )
+
+
+def _with_stop_vote(train_step):
+    """``step(state, batch, votes)``: ``train_step`` plus ``metrics["stop"]``, whether any
+    process voted to stop (one vote per device, so the "or" is one small all-reduce)."""
+
+    def step(state, batch, votes):
+        new_state, metrics = train_step(state, batch)
+        return new_state, metrics | {"stop": jnp.any(votes)}
+
+    return step
