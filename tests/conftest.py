@@ -20,7 +20,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # parallel_checks.py is a script run in a subprocess with 8 simulated devices: importing it
 # here (doctest collection) would set XLA_FLAGS for this process.
 # accelerator_checks.py takes libtpu's lock when run: only its subprocess may run it.
-collect_ignore = ["parallel_checks.py", "accelerator_checks.py"]
+collect_ignore = ["parallel_checks.py", "accelerator_checks.py", "multiprocess_checks.py"]
 
 _COMMON = {
     "deadline": None,
