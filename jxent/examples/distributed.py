@@ -9,8 +9,9 @@ machine, a local process with its own CPU devices). :func:`initialize` joins the
 each process feeds only its own rows of every batch.
 
 :func:`spawn` is ``--spawn N``: it starts the N processes on this machine (each joins a
-coordinator on a free localhost port), streams process 0's output, forwards Ctrl-C and
-SIGTERM, and returns the first failing process's exit code after stopping the others.
+coordinator on a free localhost port), streams process 0's output (the others' goes to
+``<out-dir>/logs/process-<i>.log``), forwards Ctrl-C and SIGTERM, and returns the first
+failing process's exit code after stopping the others.
 
 Failures: a process that loses a peer (a collective fails when the peer's connection
 drops) reports it and exits with :data:`EXIT_PEER` *without* JAX's shutdown barrier,
@@ -28,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,12 +181,14 @@ def _signal_text(code: int) -> str:
     return f"was killed by {name}"
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def _tail(path: Path, lines: int) -> str:
+    """The last lines of a log, without gloo's connection notices."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if not line.startswith("[Gloo] ")]
+    return "\n".join(kept[-lines:])
 
 
 def spawn(
@@ -194,25 +196,30 @@ def spawn(
     num_processes: int,
     *,
     prog: str,
+    log_dir: Path,
     grace_seconds: float = 5.0,
     poll_seconds: float = 0.05,
 ) -> int:
     """Runs ``python -m jxent.examples.train *child_argv`` as ``num_processes`` cooperating
     processes on this machine; returns the exit code of the run.
 
-    Process 0 writes to this process's stdout and stderr; the others write to log files,
-    whose last lines are shown if one of them fails. The processes run on the CPU unless
-    ``JAX_PLATFORMS`` is set. Ctrl-C and SIGTERM are forwarded to every process (they
-    save a checkpoint and stop together). When a process fails, the others get
-    ``grace_seconds`` to notice and report it, then are killed; on Linux they are also
-    killed if this launcher itself dies. The exit code is the first failure's (128 + N
+    Process 0 writes to this process's stdout and stderr; process ``i`` > 0 writes to
+    ``log_dir/process-<i>.log``, whose last lines are shown if it fails. The processes
+    run on the CPU unless ``JAX_PLATFORMS`` is set. Ctrl-C and SIGTERM are forwarded to
+    every process (they save a checkpoint and stop together). When a process fails, the
+    others get ``grace_seconds`` to notice and report it, then are killed; on Linux they
+    are also killed if this launcher itself dies. The exit code is the first failure's (128 + N
     for a process killed by signal N), or 0.
     """
+    logs = Path(log_dir)
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the processes' logs to {logs}: {e.strerror}") from None
     port = free_port()
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONUNBUFFERED"] = "1"  # process 0's lines reach the terminal as they come
-    logs = Path(tempfile.mkdtemp(prefix="jxent-spawn-"))
     procs: list[subprocess.Popen] = []
     files = []
     previous = {}
@@ -272,8 +279,14 @@ def spawn(
                 f"stopped the others",
                 file=sys.stderr,
             )
-            if i > 0 and (tail := _tail(logs / f"process-{i}.log")):
-                print(f"--- last lines of process {i} ---\n{tail}", file=sys.stderr)
+            # The others' last words (process 0's are already on the terminal).
+            for j, p in enumerate(procs):
+                if j > 0 and p.returncode != 0:
+                    tail = _tail(logs / f"process-{j}.log", lines=20 if j == i else 3)
+                    print(
+                        f"--- last lines of process {j} ({_signal_text(p.returncode)}) ---\n{tail}",
+                        file=sys.stderr,
+                    )
         return code if code > 0 else 128 - code
     finally:
         for p in procs:
@@ -284,6 +297,3 @@ def spawn(
             f.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for f in logs.iterdir():
-            f.unlink()
-        logs.rmdir()

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         shown="runs/<task>",
         defines_run=False,
-        help="output directory: metrics.json, curves.png, checkpoints/ (lm: samples.txt)",
+        help="output directory: metrics.json, curves.png, checkpoints/ (lm: samples.txt; "
+        "--spawn: logs/)",
     )
     _add(
         g,
@@ -310,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         shown="none",
         defines_run=False,
         help="start N cooperating processes on this machine (on the CPU unless JAX_PLATFORMS "
-        "is set) and show process 0's output; the exit code is the first failure's",
+        "is set), show process 0's output and log the others' to <out-dir>/logs/; the exit "
+        "code is the first failure's",
     )
     _add(
         g,
@@ -723,7 +725,7 @@ def run(args: argparse.Namespace, runtime=None) -> int:
         checkpoints.close()
     if outcome == "interrupted":
         if main_process:
-            again = " with the same process flags (e.g. --spawn)" if runtime.multiprocess else ""
+            again = "  # and --spawn, or each process's flags" if runtime.multiprocess else ""
             print(
                 f"\nInterrupted at step {trainer.step}; saved a checkpoint. Continue with:\n"
                 f"  {PROG} {args.task} --out-dir {out} --resume{again}",
@@ -756,9 +758,16 @@ def main(argv: list[str] | None = None) -> int:
             # The survivors of a lost process get to notice it themselves (their own message,
             # or JAX's after the heartbeat timeout) before the launcher stops them.
             grace = args.heartbeat_timeout + 5
-            return distributed.spawn(
-                _without_spawn(argv), args.spawn, prog=PROG, grace_seconds=grace
-            )
+            try:
+                return distributed.spawn(
+                    _without_spawn(argv),
+                    args.spawn,
+                    prog=PROG,
+                    log_dir=Path(args.out_dir) / "logs",
+                    grace_seconds=grace,
+                )
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         runtime = join_processes(args)
         code = run(args, runtime)
     except UsageError as e:

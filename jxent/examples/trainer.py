@@ -328,7 +328,8 @@ class Trainer:
                     self.history.train_seconds += time.perf_counter() - clock
                     if eval_now:
                         self.history.evals.append(self.evaluate())
-                        bar.write(self.eval_line(self.history.evals[-1]))
+                        if self.runtime.is_main:
+                            bar.write(self.eval_line(self.history.evals[-1]))
                     if save_due or self.stopping:
                         self.save()
                     self.speed.pause()
