@@ -277,3 +277,59 @@ def test_pad_rows():
     assert padded["x"].shape == (8, 2) and padded["y"].shape == (8,)
     np.testing.assert_array_equal(padded["valid"], [1, 1, 1, 1, 1, 0, 0, 0])
     assert (padded["x"][5:] == 0).all()
+
+
+# ------------------------------------------------------------- several processes' pieces
+
+
+def test_process_rows_of_a_batch_are_rows_of_the_global_batch():
+    """A process reads only its rows of a batch: the same examples as the global batch's."""
+    cfg = parse_args(LM_FLAGS)
+    task = tasks.make_task(cfg, num_devices=1)
+    whole = task.train_batch(3)
+    for part in (slice(0, 4), slice(4, 8)):
+        got = task.train_batch(3, part)
+        for k in whole:
+            np.testing.assert_array_equal(got[k], whole[k][part])
+
+
+def test_eval_parts_split_the_padded_eval_batches():
+    cfg = parse_args([*LM_FLAGS, "--batch-size", "6"])
+    task = tasks.make_task(cfg, num_devices=4)  # batches of 6 rows, padded to 8
+    full = task.eval_batches()
+    assert all(len(b["tokens"]) == 8 for b in full) and not full[-1]["valid"].all()
+    halves = [task.eval_batches(lambda n, i=i: slice(i * n // 2, (i + 1) * n // 2)) for i in (0, 1)]
+    for b, (lo, n_lo), (hi, n_hi) in zip(full, *halves, strict=True):
+        assert n_lo == n_hi == len(b["tokens"])
+        for k in b:
+            np.testing.assert_array_equal(np.concatenate([lo[k], hi[k]]), b[k])
+
+
+def test_gather_rows_pads_like_pad_rows():
+    arrays = {"x": np.arange(10, dtype=np.float32).reshape(5, 2), "y": np.arange(5, dtype=np.int32)}
+    idx = tasks.padded_indices(np.array([4, 0, 2]), 4)
+    np.testing.assert_array_equal(idx, [4, 0, 2, -1])
+    got = tasks.gather_rows(arrays, idx)
+    want = tasks.pad_rows({k: v[[4, 0, 2]] for k, v in arrays.items()}, 4)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+        assert got[k].dtype == want[k].dtype
+
+
+def test_one_process_mesh_and_rows():
+    from jxent.examples import trainer
+
+    mesh = trainer.make_mesh()
+    assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (1, 1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(trainer.BATCH_AXES))
+    assert trainer.local_rows(sharding, 8) == slice(0, 8)
+    with pytest.raises(trainer.SetupError, match="--model-parallel 2 must divide"):
+        trainer.make_mesh(None, 2)
+
+
+def test_spawn_passes_the_command_line_on_without_spawn():
+    from jxent.examples.train import _without_spawn
+
+    argv = ["lm", "--spawn", "2", "--steps", "5", "--spawn=3", "--out-dir", "x"]
+    assert _without_spawn(argv) == ["lm", "--steps", "5", "--out-dir", "x"]

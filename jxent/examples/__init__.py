@@ -3,7 +3,10 @@
 Run ``python -m jxent.examples.train --help`` for the tasks and options. The
 modules here need the ``examples`` extra (``pip install -e ".[examples]"``):
 
-- :mod:`jxent.examples.train`: the command line, the training loop, the summary;
+- :mod:`jxent.examples.train`: the command line, the run, its exit codes;
+- :mod:`jxent.examples.trainer`: the mesh, the training loop, evaluation, reports;
+- :mod:`jxent.examples.distributed`: several processes on JAX's distributed runtime
+  (joining it, ``--spawn``'s local launcher);
 - :mod:`jxent.examples.data`: the digits and byte-level corpus pipelines;
 - :mod:`jxent.examples.models`: the digits classifier and the byte transformer;
 - :mod:`jxent.examples.tasks`: losses, train and eval steps for each task;
