@@ -22,7 +22,13 @@ from jxent._divergence import (
 )
 from jxent._focal import sigmoid_focal_loss
 from jxent._poly import poly_loss_cross_entropy
-from jxent.linear import linear_softmax_cross_entropy
+from jxent.linear import (
+    linear_distillation_loss,
+    linear_entropy,
+    linear_log_probs,
+    linear_softmax_cross_entropy,
+    linear_softmax_kl_divergence,
+)
 
 __version__ = "0.1.0"
 
@@ -32,7 +38,11 @@ __all__ = [
     "entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_distillation_loss",
+    "linear_entropy",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
+    "linear_softmax_kl_divergence",
     "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",

@@ -7,6 +7,7 @@ never turns into a plausible wrong number.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from collections.abc import Sequence
@@ -159,7 +160,6 @@ def linear_inputs(
     """
     x = as_array("x", x)
     w = as_array(w_name, w)
-    labels = as_array("labels", labels)
     check_floating("x", x)
     check_floating(w_name, w)
     if x.ndim < 1:
@@ -169,9 +169,11 @@ def linear_inputs(
             f"{w_name} must have shape {w_shape.format(D=x.shape[-1])} to multiply x of shape "
             f"{x.shape}, got shape {w.shape}."
         )
-    check_integer("labels", labels, " Labels are class indices.")
     batch_shape = x.shape[:-1]
-    check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
+    if labels is not None:  # None: a loss without labels (the entropy)
+        labels = as_array("labels", labels)
+        check_integer("labels", labels, " Labels are class indices.")
+        check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
     columns = (w.shape[1],)
     if bias is not None:
         bias = as_array("bias", bias)
@@ -187,3 +189,51 @@ def linear_inputs(
             raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
         check_shape("where", where, batch_shape, "x.shape[:-1]: one flag per token")
     return LinearInputs(x, w, labels, bias, class_weights, where)
+
+
+def check_dtypes(x: jax.Array, w: jax.Array, bias: jax.Array | None) -> None:
+    """``x``, ``w`` and ``bias`` must promote to one dtype under strict promotion."""
+    dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
+    try:
+        functools.reduce(jnp.promote_types, dtypes)
+    except jax.dtypes.TypePromotionError:
+        raise TypeError(
+            f"x, w and bias have dtypes {[str(d) for d in dtypes]}, which "
+            "jax_numpy_dtype_promotion='strict' does not promote: cast them to one dtype."
+        ) from None
+
+
+def checked_normalizer(normalizer, reduction: str, acc):
+    """The mean's denominator given by the caller, as a scalar of ``acc`` (or None)."""
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f'normalizer divides the "mean" reduction; got it with reduction={reduction!r}.'
+        )
+    normalizer = as_array("normalizer", normalizer)
+    if normalizer.ndim != 0:
+        raise ValueError(
+            f"normalizer must be a scalar (the global token count), got shape {normalizer.shape}."
+        )
+    return jax.lax.stop_gradient(normalizer.astype(acc))
+
+
+def checked_num_classes(num_classes, columns: int) -> int:
+    """``num_classes`` checked against ``w``'s ``columns`` (``None``: all of them)."""
+    if num_classes is None:
+        return columns
+    if isinstance(num_classes, bool):
+        raise TypeError(f"num_classes must be a positive int or None, got {num_classes!r}.")
+    try:
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(
+            f"num_classes must be a positive int or None, got {num_classes!r}."
+        ) from None
+    if not 1 <= num_classes <= columns:
+        raise ValueError(
+            f"num_classes must be in [1, {columns}] (the classes among w's {columns} "
+            f"columns, padding after them), got {num_classes}."
+        )
+    return num_classes

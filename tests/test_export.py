@@ -20,6 +20,7 @@ LABELS = jnp.asarray(RNG.integers(0, 40, size=(6,)), jnp.int32)
 BINARY = jnp.asarray(RNG.integers(0, 2, size=(6, 40)), jnp.float32)
 X = jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)
 W = jnp.asarray(RNG.normal(size=(8, 40)), jnp.float32)
+TOP_K = jax.lax.top_k(jax.nn.log_softmax(LOGITS), 5)[::-1]  # (indices, log-probabilities)
 
 # name -> (loss of one differentiable array, that array)
 CASES = {
@@ -61,6 +62,23 @@ CASES = {
     ),
     "linear_softmax_cross_entropy (single pass)": (
         lambda x: jxent.linear_softmax_cross_entropy(x, W, LABELS, label_smoothing=0.1)[None],
+        X,
+    ),
+    "linear_log_probs": (
+        lambda x: jnp.stack(
+            jxent.linear_log_probs(x, W, LABELS, temperature=0.8, return_entropy=True)
+        ),
+        X,
+    ),
+    "linear_entropy": (lambda x: jxent.linear_entropy(x, W), X),
+    "linear_softmax_kl_divergence": (
+        lambda x: jxent.linear_softmax_kl_divergence(x, W, TOP_K, reduction="none"),
+        X,
+    ),
+    "linear_distillation_loss": (
+        lambda x: jxent.linear_distillation_loss(
+            x, W, LABELS, TOP_K, temperature=2.0, reduction="none"
+        ),
         X,
     ),
 }

@@ -187,6 +187,31 @@ class Inputs(NamedTuple):
     real_columns: jax.Array | None = None  # bool [V]: False on padding columns
 
 
+def pick_columns(z: jax.Array, view: View, index: jax.Array) -> jax.Array:
+    """``z`` read at the columns ``index`` (``[n]`` or ``[n, k]``, vocabulary indices on
+    this device; -1 or any index the block does not hold reads 0): a gather of one
+    element per index (no ``[n, vb]`` compare-select)."""
+    col = view.column_of(index)
+    here = (col >= 0) & (col < z.shape[-1])
+    safe = jnp.clip(col, 0, z.shape[-1] - 1)
+    flat = safe[:, None] if safe.ndim == 1 else safe
+    picked = jnp.take_along_axis(z, flat, axis=-1)
+    picked = picked[:, 0] if safe.ndim == 1 else picked
+    return jnp.where(here, picked, jnp.zeros((), z.dtype))
+
+
+def add_at_columns(dz: jax.Array, view: View, index: jax.Array, values: jax.Array) -> jax.Array:
+    """``dz [n, vb]`` plus ``values [n, k]`` at the columns ``index [n, k]`` (repeated
+    indices add up; those the block does not hold are dropped): a scatter of ``n * k``
+    elements, not ``k`` compare-selects over the block."""
+    col = view.column_of(index)
+    width = dz.shape[-1]
+    # Out-of-range indices are dropped; a negative one would wrap, so it is moved out.
+    col = jnp.where((col >= 0) & (col < width), col, width)
+    rows = lax.broadcasted_iota(col.dtype, col.shape, 0)
+    return dz.at[rows, col].add(values.astype(dz.dtype), mode="drop")
+
+
 def weighted(weights: jax.Array | None, loss: jax.Array, coefs):
     """A per-token loss and its gradient coefficients times per-token ``weights``
     (None: unchanged): the loss is linear in its coefficients."""
@@ -461,13 +486,13 @@ def _scaled(coefs: Coefficients, g) -> Coefficients:
     if not isinstance(g, tuple):
         return coefs._replace(loss=jax.tree.map(lambda c: c * g, coefs.loss))
     acc = coefs.lse_rel.dtype
-    scaled = tuple(
-        jax.tree.map(
-            lambda c, gi=gi: jnp.zeros_like(c) if isinstance(gi, SymbolicZero) else c * gi.astype(acc),
-            part,
-        )
-        for part, gi in zip(coefs.loss, g, strict=True)
-    )
+
+    def times(part, gi):
+        if isinstance(gi, SymbolicZero):
+            return jax.tree.map(jnp.zeros_like, part)
+        return jax.tree.map(lambda c: c * gi.astype(acc), part)
+
+    scaled = tuple(times(part, gi) for part, gi in zip(coefs.loss, g, strict=True))
     return coefs._replace(loss=scaled)
 
 

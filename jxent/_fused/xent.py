@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import engine, plan
+from jxent._fused import driver, engine
 from jxent._layout import XentConfig
-from jxent._reduction import mean_weight, safe_divide
+from jxent._reduction import mean_weight
 from jxent._softmax import finish_rows, take_classes
 from jxent._validation import accumulation_dtype
 
@@ -62,15 +62,13 @@ class CrossEntropy(NamedTuple):
         return {"z_label": ()} if class_weights is None else {"z_label": (), "w_label": ()}
 
     def picks(self, z, view: engine.View):
-        # The label's logit: a gather of one element per row (no [n, vb] compare-select).
-        index = view.column_of(view.rows.labels)
-        here = (index >= 0) & (index < z.shape[-1])
-        safe = jnp.clip(index, 0, z.shape[-1] - 1)
-        zero = jnp.zeros((), z.dtype)
-        picked = jnp.take_along_axis(z, safe[:, None], axis=-1)[:, 0]
-        out = {"z_label": jnp.where(here, picked, zero)}
+        out = {"z_label": engine.pick_columns(z, view, view.rows.labels)}
         if view.columns is not None:
-            out["w_label"] = jnp.where(here, take_classes(view.columns, safe), zero)
+            # The label's class weight: a gather from the block's [vb] weights.
+            col = view.column_of(view.rows.labels)
+            here = (col >= 0) & (col < z.shape[-1])
+            w_label = take_classes(view.columns, jnp.clip(col, 0, z.shape[-1] - 1))
+            out["w_label"] = jnp.where(here, w_label, jnp.zeros((), z.dtype))
         return out
 
     def finish(self, sums: engine.RowSums, rows: XentRows, num_classes: int):
@@ -154,46 +152,41 @@ def linear_cross_entropy(
     reduction: str,
     chunk_size,
     num_classes: int,
-) -> jax.Array:
+    token_weights: jax.Array | None = None,
+    normalizer: jax.Array | None = None,
+    return_lse: bool = False,
+):
     """The fused cross-entropy of validated arrays on one device (``row_mask`` already
-    includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``)."""
+    includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``;
+    ``token_weights`` ``[N]`` in the accumulation dtype). With ``return_lse``: the loss
+    and each token's log-sum-exp (of shape ``x.shape[:-1]``)."""
     n, columns = labels.size, w.shape[1]
     batch_shape = x.shape[:-1]
-    cdt = engine.compute_dtype(x, w, bias)
-    acc = accumulation_dtype(cdt)
-    plans, single_pass = plan.plans(
-        n,
-        x.shape[-1],
-        columns,
-        reduction,
-        chunk_size,
-        jnp.dtype(acc).itemsize,
-        float32=cdt == jnp.float32,
-    )
-    spec = engine.Spec(
-        CrossEntropy(config._replace(soft_cap=None, class_axes=None)),
-        plans,
-        config.soft_cap,
-        None if num_classes == columns else num_classes,
-    )
-    # Padding columns: the engine selects their logits to a large finite negative number
-    # and their dx weights to 0, whatever w and bias hold there (inf and NaN included).
+    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
     real = jnp.arange(columns) < num_classes if num_classes < columns else None
     cw = column_weights(class_weights, real, config.label_smoothing > 0, acc)
     keep = None if row_mask is None else row_mask.reshape(n)
-    rows = XentRows(prepare_labels(labels.reshape(n), num_classes), None, keep)
-    args = (x.reshape(n, x.shape[-1]), w, bias, rows, cw, real)
-    if single_pass:
-        total = engine.summed_loss(spec, *args)
-    else:
-        per_token = engine.per_token_loss(spec, *args).reshape(batch_shape)
-        if reduction == "none":
-            return per_token
-        total = jnp.sum(per_token)
-    if reduction == "sum":
-        return total
+    rows = XentRows(prepare_labels(labels.reshape(n), num_classes), None, keep, token_weights)
+    result, summed = driver.run(
+        CrossEntropy(config._replace(soft_cap=None, class_axes=None), return_lse),
+        x.reshape(n, x.shape[-1]),
+        w,
+        bias,
+        rows,
+        cw,
+        num_classes=num_classes,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        soft_cap=config.soft_cap,
+        per_token=return_lse,
+    )
+    lse = None
+    if return_lse:
+        result, lse = result
     take = lambda table, y: take_classes(table, jnp.clip(y, 0, num_classes - 1))  # noqa: E731
-    weight = mean_weight(row_mask, class_weights, labels, reduction, total.dtype, take)
-    if weight is None:
-        return total / max(n, 1)
-    return safe_divide(total, jnp.sum(weight.astype(total.dtype)))
+    weight = mean_weight(row_mask, class_weights, labels, reduction, acc, take)
+    if token_weights is not None and reduction == "mean":
+        tw = token_weights.reshape(batch_shape)
+        weight = tw if weight is None else weight.astype(acc) * tw
+    loss = driver.reduce(result, summed, batch_shape, reduction, weight, normalizer)
+    return loss if lse is None else (loss, lse.reshape(batch_shape))

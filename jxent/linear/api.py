@@ -8,13 +8,10 @@ GSPMD partitions its grouped blocks).
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import jax
-import jax.numpy as jnp
 
 from jxent import _validation as v
+from jxent._fused import driver, engine
 from jxent._fused.xent import linear_cross_entropy
 from jxent._layout import and_masks, xent_config
 from jxent.linear import explicit
@@ -35,7 +32,10 @@ def linear_softmax_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
-) -> jax.Array:
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
     Computes exactly
@@ -99,11 +99,21 @@ def linear_softmax_cross_entropy(
         a multiple of the devices the vocabulary is sharded over): they take no part
         in the loss and get exactly zero gradient; a label
         ``>= num_classes`` is out of range. ``None`` (default): every column is a class.
+      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants: no
+        gradient flows to them), multiplying each token's loss; ``"mean"`` then divides
+        by their sum over the kept tokens (times :math:`w_y` with class weights).
+      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
+        token count of the whole batch when the loss is accumulated over
+        micro-batches); a constant.
+      return_lse: also return each token's log-sum-exp :math:`\mathrm{lse}(z)` (to
+        monitor, or to reuse in an auxiliary loss: it is differentiable). The loss then
+        takes the streaming schedule.
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
       ``x.shape[:-1]`` with ``reduction="none"``. A token with a label outside
-      ``[0, V)`` that is not ``ignore_index`` gets a NaN loss.
+      ``[0, V)`` that is not ``ignore_index`` gets a NaN loss. With ``return_lse``:
+      ``(loss, lse)``, ``lse`` of shape ``x.shape[:-1]``.
 
     Raises:
       TypeError: non-floating ``x``/``w``/``bias``/``class_weights``, non-integer
@@ -182,13 +192,21 @@ def linear_softmax_cross_entropy(
         w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
         per_column="w.shape[1]",
     )
-    num_classes = _num_classes(num_classes, w.shape[1])
+    num_classes = v.checked_num_classes(num_classes, w.shape[1])
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     if class_weights is not None:
         # Constants (see Args): no gradient, the mean's denominator included.
         class_weights = jax.lax.stop_gradient(class_weights)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
     if explicit.explicitly_sharded(x, w, labels):
+        if token_weights is not None or normalizer is not None or return_lse:
+            raise NotImplementedError(
+                "token_weights, normalizer and return_lse are not supported for arrays "
+                "with Explicit mesh axes yet; call jxent.parallel."
+                "linear_softmax_cross_entropy under jax.shard_map, or use Auto axes."
+            )
         # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
         # no typed sharded form; the loss runs per device under shard_map.
         return explicit.linear_from_explicit_sharding(
@@ -208,14 +226,8 @@ def linear_softmax_cross_entropy(
         )
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
-    dtypes = [x.dtype, w.dtype] + ([] if bias is None else [bias.dtype])
-    try:
-        functools.reduce(jnp.promote_types, dtypes)
-    except jax.dtypes.TypePromotionError:
-        raise TypeError(
-            f"x, w and bias have dtypes {[str(d) for d in dtypes]}, which "
-            "jax_numpy_dtype_promotion='strict' does not promote: cast them to one dtype."
-        ) from None
+    v.check_dtypes(x, w, bias)
+    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
     return linear_cross_entropy(
         x,
         w,
@@ -227,24 +239,7 @@ def linear_softmax_cross_entropy(
         reduction=reduction,
         chunk_size=chunk_size,
         num_classes=num_classes,
+        token_weights=driver.token_weights(token_weights, x.shape[:-1], acc),
+        normalizer=v.checked_normalizer(normalizer, reduction, acc),
+        return_lse=return_lse,
     )
-
-
-def _num_classes(num_classes, columns: int) -> int:
-    """``num_classes`` checked against ``w``'s ``columns`` (``None``: all of them)."""
-    if num_classes is None:
-        return columns
-    if isinstance(num_classes, bool):
-        raise TypeError(f"num_classes must be a positive int or None, got {num_classes!r}.")
-    try:
-        num_classes = operator.index(num_classes)
-    except TypeError:
-        raise TypeError(
-            f"num_classes must be a positive int or None, got {num_classes!r}."
-        ) from None
-    if not 1 <= num_classes <= columns:
-        raise ValueError(
-            f"num_classes must be in [1, {columns}] (the classes among w's {columns} "
-            f"columns, padding after them), got {num_classes}."
-        )
-    return num_classes

@@ -1,0 +1,321 @@
+"""``linear_softmax_kl_divergence`` and ``linear_distillation_loss``: knowledge
+distillation from the student's hidden states, with the teacher's top-k
+log-probabilities, without the student's ``[tokens, V]`` logits."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jxent import _validation as v
+from jxent._fused import driver, engine
+from jxent._fused.distill import Distillation, TopKRows
+from jxent._fused.xent import prepare_labels
+
+
+def _teacher(teacher, batch_shape):
+    """The checked top-k teacher: ``(indices int [..., k], log_probs float [..., k])``."""
+    if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+        raise TypeError(
+            "teacher must be a pair (indices, log_probs) of the teacher's top-k classes, "
+            f"each of shape x.shape[:-1] + (k,); got {type(teacher).__name__}."
+        )
+    indices, log_probs = v.as_array("teacher[0]", teacher[0]), v.as_array("teacher[1]", teacher[1])
+    if jnp.issubdtype(indices.dtype, jnp.floating):
+        raise NotImplementedError(
+            "teacher=(x_t, w_t), the teacher's own hidden states and weight, is not "
+            "supported yet; pass the teacher's top-k (indices, log_probs) (e.g. from "
+            "jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k))."
+        )
+    v.check_integer("teacher[0] (indices)", indices, " The teacher's classes are indices.")
+    v.check_floating("teacher[1] (log_probs)", log_probs)
+    if indices.ndim != len(batch_shape) + 1 or indices.shape[:-1] != tuple(batch_shape):
+        raise ValueError(
+            f"teacher[0] (indices) must have shape x.shape[:-1] + (k,) = {tuple(batch_shape)} "
+            f"+ (k,), got {indices.shape}."
+        )
+    v.check_shape("teacher[1] (log_probs)", log_probs, indices.shape, "teacher[0]'s shape")
+    if indices.shape[-1] == 0:
+        raise ValueError("teacher's top-k must have k >= 1 classes, got k = 0.")
+    return indices, log_probs
+
+
+def _distill(
+    x,
+    w,
+    labels,
+    teacher,
+    *,
+    alpha,
+    temperature,
+    bias,
+    where,
+    token_weights,
+    normalizer,
+    logit_soft_cap,
+    reduction,
+    chunk_size,
+    num_classes,
+):
+    x, w, labels, bias, _, row_mask = v.linear_inputs(
+        x,
+        w,
+        labels,
+        bias,
+        None,
+        where,
+        w_name="w",
+        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
+        per_column="w.shape[1]",
+    )
+    v.check_dtypes(x, w, bias)
+    v.check_reduction(reduction)
+    num_classes = v.checked_num_classes(num_classes, w.shape[1])
+    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
+    if logit_soft_cap is not None:
+        logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
+    batch_shape = x.shape[:-1]
+    indices, log_probs = _teacher(teacher, batch_shape)
+    n, k = math.prod(batch_shape), indices.shape[-1]
+    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    weights = driver.token_weights(token_weights, batch_shape, acc)
+    flat_index = indices.reshape(n, k)
+    known = (flat_index >= 0) & (flat_index < num_classes)
+    rows = TopKRows(
+        index=jnp.where(known, flat_index, -1).astype(jnp.int32),
+        known=known,
+        log_p=jax.lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
+        labels=None if labels is None else prepare_labels(labels.reshape(n), num_classes),
+        valid=None,
+        keep=None if row_mask is None else row_mask.reshape(n),
+        weights=weights,
+    )
+    result, summed = driver.run(
+        Distillation(temperature, alpha, k),
+        x.reshape(n, x.shape[-1]),
+        w,
+        bias,
+        rows,
+        None,
+        num_classes=num_classes,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        soft_cap=logit_soft_cap,
+        temperature=None if temperature == 1 else temperature,
+    )
+    weight = row_mask
+    if weights is not None and reduction == "mean":
+        tw = weights.reshape(batch_shape)
+        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
+    return driver.reduce(
+        result,
+        summed,
+        batch_shape,
+        reduction,
+        weight,
+        v.checked_normalizer(normalizer, reduction, acc),
+    )
+
+
+def linear_softmax_kl_divergence(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
+    *,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+) -> jax.Array:
+    r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
+
+    The teacher is given by its top-k classes and their log-probabilities (the form
+    distillation data is stored in offline); the student's logits
+    :math:`z = c \tanh((x W + b)/c) / T` are never materialised. Per token, with
+    :math:`q = \mathrm{softmax}(z)` normalised over the whole vocabulary and the
+    teacher's :math:`p_k = \exp(\text{log\_probs}_k)` on its classes :math:`K`,
+
+    .. math::
+      \ell = T^2 \sum_{k \in K} p_k \left(\log p_k - \log q_k\right),
+
+    the sum over the ``k`` given classes (all of them if the teacher's full distribution
+    is passed as ``k = V``). Computed as
+    :math:`T^2 [\sum_k p_k \log p_k + \sum_k p_k (m - z_k) + P \log s]` with
+    :math:`m` the row maximum, :math:`s = \sum_j e^{z_j - m}` and :math:`P = \sum_k p_k`
+    (no ``exp`` of the difference of logs); classes with :math:`p_k = 0`
+    (``log_probs = -inf``) contribute exactly 0. The gradient,
+    :math:`\partial \ell / \partial z_j = T^2 (P q_j - p_j [j \in K])` (then through
+    the temperature and the cap), flows to ``x``, ``w`` and ``bias``; the teacher is a
+    constant. Memory and schedules as :func:`jxent.linear_softmax_cross_entropy`.
+
+    Args:
+      x: the student's hidden states ``[..., D]``, floating.
+      w: the student's output projection ``[D, V]``.
+      teacher: ``(indices, log_probs)``, each of shape ``x.shape[:-1] + (k,)``: the
+        teacher's classes (integers; ``-1`` or any index outside ``[0, V)`` may pad
+        the top-k where its log-probability is ``-inf``) and its log-probabilities.
+        (The teacher's own hidden states and weight, ``(x_t, w_t)``, are not
+        supported yet: pass its top-k.)
+      temperature: :math:`T > 0`, a static Python number: the student's logits are
+        divided by it (the teacher's top-k log-probabilities are taken as given, at
+        the temperature they were computed at) and the divergence scaled by
+        :math:`T^2`, so that its gradient keeps its size as :math:`T` changes.
+      bias: optional ``[V]`` bias.
+      where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
+        multiplying each token's loss; ``"mean"`` divides by their sum.
+      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
+        token count over micro-batches); a constant.
+      logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
+      reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
+      chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
+      num_classes: the number of real classes when ``w`` has padding columns.
+
+    Returns:
+      The loss in float32 (float64 for float64 inputs): a scalar, or per token with
+      ``reduction="none"``. A kept token whose teacher puts probability on a class
+      outside ``[0, V)`` gets NaN.
+
+    Raises:
+      TypeError: non-floating ``x``/``w``/``bias``/``log_probs``, non-integer
+        ``indices``, a bad option type.
+      ValueError: shapes that do not match, an option out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jxent
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2, 0.1], [1.5, 0.3, -0.7, 0.0]])
+      >>> teacher_logits = jnp.array([[2.0, 0.5, -1.0, 0.0], [0.1, 1.0, 0.3, -2.0]])
+      >>> top = jax.lax.top_k(jax.nn.log_softmax(teacher_logits), 4)[::-1]
+      >>> loss = jxent.linear_softmax_kl_divergence(x, w, top)
+      >>> want = jxent.softmax_kl_divergence(x @ w, teacher_logits).mean()
+      >>> bool(jnp.allclose(loss, want, atol=1e-6))
+      True
+
+    References:
+      Hinton, Vinyals & Dean, `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015.
+      Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused
+      distillation losses).
+    """
+    return _distill(
+        x,
+        w,
+        None,
+        teacher,
+        alpha=0.0,
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        num_classes=num_classes,
+    )
+
+
+def linear_distillation_loss(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+) -> jax.Array:
+    r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
+
+    .. math::
+      \ell = \alpha\, \mathrm{CE}(z_1, y) + (1 - \alpha)\, T^2\, \mathrm{KL}(p \,\|\,
+      \mathrm{softmax}(z_1 / T)),
+
+    with :math:`z_1` the student's (soft-capped) logits ``x @ w + bias`` at
+    temperature 1, :math:`y` the label and the KL term exactly that of
+    :func:`jxent.linear_softmax_kl_divergence`. Each vocabulary block is read once for
+    both terms: the engine keeps the log-sum-exp at temperature :math:`T` and, for the
+    cross-entropy, the sum of :math:`e^{T(z_j - m)}` beside it.
+
+    Args:
+      x: the student's hidden states ``[..., D]``, floating.
+      w: the student's output projection ``[D, V]``.
+      labels: integer class indices of shape ``x.shape[:-1]`` (the data's labels).
+      teacher: ``(indices, log_probs)`` of the teacher's top-k, as
+        :func:`jxent.linear_softmax_kl_divergence`.
+      alpha: :math:`\alpha \in [0, 1]`, the cross-entropy's share (static).
+      temperature: :math:`T > 0`, a static Python number: the student's logits are
+        divided by it (the teacher's top-k log-probabilities are taken as given, at
+        the temperature they were computed at) and the divergence scaled by
+        :math:`T^2`, so that its gradient keeps its size as :math:`T` changes.
+      bias: optional ``[V]`` bias.
+      where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
+        multiplying each token's loss; ``"mean"`` divides by their sum.
+      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
+        token count over micro-batches); a constant.
+      logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
+      reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
+      chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
+      num_classes: the number of real classes when ``w`` has padding columns.
+
+    Returns:
+      The loss in float32 (float64 for float64 inputs): a scalar, or per token with
+      ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_softmax_kl_divergence`, and for
+        non-integer ``labels`` or their shape.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jxent
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2, 0.1], [1.5, 0.3, -0.7, 0.0]])
+      >>> labels = jnp.array([0, 2])
+      >>> teacher_logits = jnp.array([[2.0, 0.5, -1.0, 0.0], [0.1, 1.0, 0.3, -2.0]])
+      >>> top = jax.lax.top_k(jax.nn.log_softmax(teacher_logits / 2.0), 2)[::-1]
+      >>> loss = jxent.linear_distillation_loss(x, w, labels, top, alpha=0.3,
+      ...                                       temperature=2.0)
+      >>> loss.shape
+      ()
+
+    References:
+      Hinton, Vinyals & Dean, `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015.
+    """
+    alpha = v.static_number("alpha", alpha, lo=0, hi=1)
+    if labels is None:
+        raise TypeError("labels must be an integer array of shape x.shape[:-1], got None.")
+    return _distill(
+        x,
+        w,
+        labels,
+        teacher,
+        alpha=alpha,
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        num_classes=num_classes,
+    )
