@@ -193,6 +193,8 @@ class Trainer:
             )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        self._rows: dict[int, slice] = {}
+        self._vote_arrays: dict[bool, jax.Array] = {}
         try:
             self.task = make_task(args, num_devices, mesh=self.mesh)
         except ValueError as e:  # e.g. a batch larger than the data set
@@ -230,11 +232,16 @@ class Trainer:
 
     def rows(self, num_rows: int) -> slice:
         """This process's rows of a global batch of ``num_rows`` rows."""
-        return local_rows(self.batch_sharding, num_rows)
+        if num_rows not in self._rows:
+            self._rows[num_rows] = local_rows(self.batch_sharding, num_rows)
+        return self._rows[num_rows]
 
     def shard(self, batch: dict[str, np.ndarray], num_rows: int | None = None) -> dict:
         """Makes one global batch, split over every device along its leading axis, from
         this process's rows of it (``num_rows`` in all; all of them in one process)."""
+
+        if not self.runtime.multiprocess:  # the whole batch: the same, and faster
+            return jax.device_put(batch, self.batch_sharding)
 
         def put(x):
             rows = len(x) if num_rows is None else num_rows
@@ -250,9 +257,13 @@ class Trainer:
 
     def _votes(self, stop: StopFlag) -> jax.Array:
         """This process's vote to stop, one per device; the step returns their "or"."""
-        rows = self.rows(self.mesh.devices.size)
-        local = np.full(rows.stop - rows.start, bool(stop))
-        return self.shard({"stop": local}, self.mesh.devices.size)["stop"]
+        vote = bool(stop)
+        if vote not in self._vote_arrays:
+            n = self.mesh.devices.size
+            rows = self.rows(n)
+            local = np.full(rows.stop - rows.start, vote)
+            self._vote_arrays[vote] = self.shard({"stop": local}, n)["stop"]
+        return self._vote_arrays[vote]
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current parameters, plus the recent training loss."""
@@ -273,9 +284,10 @@ class Trainer:
 
     def _record(self, step: int, metrics: dict[str, jax.Array], bar: tqdm) -> None:
         """Reads a step's metrics back from the devices (blocking) and logs them."""
-        loss, finite = float(metrics["loss"]), bool(metrics["finite"])
-        self.stopping |= bool(metrics["stop"])
-        if not finite:
+        loss, finite, stop = jax.device_get((metrics["loss"], metrics["finite"], metrics["stop"]))
+        loss = float(loss)
+        self.stopping |= bool(stop)
+        if not bool(finite):
             raise NonFiniteLoss(step, loss)
         self.history.train_step.append(step)
         self.history.train_loss.append(loss)
