@@ -318,3 +318,16 @@ def test_bad_process_flags_exit_2():
     ]:
         with pytest.raises(train.UsageError, match=message):
             train.parse_args(argv)
+
+
+def test_missing_coordinator_exits_3_in_bounded_time(tmp_path):
+    """A process whose coordinator never comes says so once --init-timeout has passed."""
+    port = free_port()  # nothing listens there
+    with processes() as start:
+        started = time.monotonic()
+        joined = ["--num-processes", 2, "--process-id", 1, "--coordinator", f"localhost:{port}"]
+        proc = start(_train("lm", *joined, "--init-timeout", 1, "--out-dir", tmp_path))
+        code, out, err = _finish(proc, timeout=60)
+    assert code == 3, f"{code}\n{out}\n{err}"
+    assert f"process 1 of 2: nothing listens at the coordinator address localhost:{port}" in err
+    assert "Traceback" not in err and time.monotonic() - started < 60

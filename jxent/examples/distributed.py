@@ -119,6 +119,10 @@ def initialize(
         return Runtime(jax.process_index(), jax.process_count())
     if num_processes == 1:
         return Runtime()
+    if process_id != 0:
+        # JAX ends the process from C++ (no Python error, no clear message) when it cannot
+        # reach the coordinator in time: check that it listens first.
+        _wait_for_coordinator(coordinator, init_timeout, num_processes, process_id)
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
     except RuntimeError as e:
@@ -130,6 +134,23 @@ def initialize(
     except Exception as e:  # a timeout, an unreachable or busy address
         raise DistributedError(_join_failure(coordinator, num_processes, process_id, e)) from e
     return Runtime(jax.process_index(), jax.process_count())
+
+
+def _wait_for_coordinator(address: str, timeout: float, num_processes: int, process_id: int):
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"process {process_id} of {num_processes}: nothing listens at the "
+                    f"coordinator address {address} after {timeout:g} s ({e.strerror or e}); "
+                    f"is process 0 running, with the same --coordinator?"
+                ) from None
+        time.sleep(0.2)
 
 
 def _join_failure(coordinator, num_processes, process_id, error) -> str:

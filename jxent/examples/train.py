@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         shown="all",
         defines_run=False,
-        help="use only the first N local devices",
+        help="use only the first N local devices (of each process)",
     )
     _add(
         g,
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--spawn",
+        metavar="N",
         type=_positive_int,
         default=None,
         shown="none",
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--num-processes",
+        metavar="N",
         type=_positive_int,
         default=None,
         shown="detected, else 1",
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--process-id",
+        metavar="I",
         type=_nonnegative_int,
         default=None,
         shown="none",
@@ -335,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--coordinator",
+        metavar="HOST:PORT",
         type=_address,
         default=None,
         shown="none",
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--cpu-devices",
+        metavar="K",
         type=_positive_int,
         default=None,
         shown="JAX's",
@@ -353,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--model-parallel",
+        metavar="M",
         type=_positive_int,
         default=None,
         shown="the number of processes",
@@ -363,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--init-timeout",
+        metavar="SECONDS",
         type=_positive_int,
         default=300,
         defines_run=False,
@@ -371,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         g,
         "--heartbeat-timeout",
+        metavar="SECONDS",
         type=_positive_int,
         default=100,
         defines_run=False,
