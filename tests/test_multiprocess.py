@@ -246,8 +246,9 @@ def test_trainer_on_two_processes(tmp_path):
         killed_at = time.monotonic()
         code, out, err = _finish(run_killed)
         # The survivor notices at once (its collective fails) or, if it waits elsewhere,
-        # after the heartbeat timeout; the launcher gives it that long plus 5 s.
-        assert time.monotonic() - killed_at < HEARTBEAT + 20, err
+        # after the heartbeat timeout (JAX checks within about twice that); the launcher
+        # gives it 2 timeouts + 5 s.
+        assert time.monotonic() - killed_at < 2 * HEARTBEAT + 30, err
         assert code == 128 + signal.SIGKILL, f"{code}\n{out}\n{err[-6000:]}"
         assert "process 1 of 2 was killed by SIGKILL; stopped the others" in err, err
         assert (

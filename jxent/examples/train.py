@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # The survivors of a lost process get to notice it themselves (their own message,
             # or JAX's after the heartbeat timeout) before the launcher stops them.
-            grace = args.heartbeat_timeout + 5
+            grace = 2 * args.heartbeat_timeout + 5  # JAX notices within about 2 timeouts
             try:
                 return distributed.spawn(
                     _without_spawn(argv),
