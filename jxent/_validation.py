@@ -150,7 +150,17 @@ class LinearInputs(NamedTuple):
 
 
 def linear_inputs(
-    x, w, labels, bias, class_weights, where, *, w_name: str, w_shape: str, per_column: str
+    x,
+    w,
+    labels,
+    bias,
+    class_weights,
+    where,
+    *,
+    w_name: str,
+    w_shape: str,
+    per_column: str,
+    w_layout: str = "dv",
 ) -> LinearInputs:
     """Checks the arguments of a fused linear cross-entropy (one shard's or the whole).
 
@@ -164,17 +174,26 @@ def linear_inputs(
     check_floating(w_name, w)
     if x.ndim < 1:
         raise ValueError(f"x must have shape [..., D] (hidden states), got a scalar {x.shape}.")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
+    if w_layout not in ("dv", "vd"):
         raise ValueError(
-            f"{w_name} must have shape {w_shape.format(D=x.shape[-1])} to multiply x of shape "
-            f"{x.shape}, got shape {w.shape}."
+            f'w_layout must be "dv" (w is [D, V]) or "vd" (w is [V, D], e.g. a tied '
+            f"embedding table), got {w_layout!r}."
+        )
+    d_axis = 0 if w_layout == "dv" else 1
+    if w.ndim != 2 or w.shape[d_axis] != x.shape[-1] or w.shape[1 - d_axis] == 0:
+        want = w_shape.format(D=x.shape[-1])
+        if w_layout == "vd":
+            want = f"(V, D) = (num_classes >= 1, {x.shape[-1]}) (w_layout='vd')"
+        raise ValueError(
+            f"{w_name} must have shape {want} to multiply x of shape {x.shape}, got shape "
+            f"{w.shape}."
         )
     batch_shape = x.shape[:-1]
     if labels is not None:  # None: a loss without labels (the entropy)
         labels = as_array("labels", labels)
         check_integer("labels", labels, " Labels are class indices.")
         check_shape("labels", labels, batch_shape, "x.shape[:-1]: one label per token")
-    columns = (w.shape[1],)
+    columns = (w.shape[1 - d_axis],)
     if bias is not None:
         bias = as_array("bias", bias)
         check_floating("bias", bias)

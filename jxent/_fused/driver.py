@@ -33,14 +33,16 @@ def run(
     soft_cap: float | None = None,
     temperature: float | None = None,
     per_token: bool = False,
+    w_layout: str = "dv",
 ):
     """``(result, summed)`` for ``x [N, D] @ w [D, V]``: the loss's per-token output(s)
-    ``[N]`` from the streaming schedule, or, when the plan takes the single pass (a
+    ``[N]`` (``w`` is ``[D, V]``, or ``[V, D]`` with ``w_layout="vd"``) from the streaming
+    schedule, or, when the plan takes the single pass (a
     summed or averaged loss with a small ``[D, V]``; never with ``per_token``), their
     sum over the tokens with ``summed=True``. Padding columns (``num_classes < V``) are
     marked for the engine here."""
     n, d = x.shape
-    cols = w.shape[1]
+    cols = w.shape[1 if w_layout == "dv" else 0]
     cdt = engine.compute_dtype(x, w, bias)
     acc = v.accumulation_dtype(cdt)
     plans, single_pass = plan.plans(
@@ -58,6 +60,7 @@ def run(
         soft_cap,
         None if num_classes == cols else num_classes,
         temperature=temperature,
+        w_layout=w_layout,
     )
     real = jnp.arange(cols) < num_classes if num_classes < cols else None
     args = (x, w, bias, rows, columns, real)

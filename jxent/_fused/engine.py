@@ -174,6 +174,9 @@ class Spec(NamedTuple):
     # z = soft_cap(x @ w + bias) / temperature: the engine's logits, p = softmax(z); the
     # backward pass multiplies dloss/dz by 1 / temperature. None: 1.
     temperature: float | None = None
+    # w's layout: "dv" ([D, V], a Dense kernel) or "vd" ([V, D], a tied embedding table,
+    # read in place: blocks are its rows, and dw is written in that layout).
+    w_layout: str = "dv"
 
 
 class Inputs(NamedTuple):
@@ -229,8 +232,17 @@ def _acc(inp: Inputs):
     return accumulation_dtype(compute_dtype(inp.x, inp.w, inp.bias))
 
 
+def _vocab_axis(spec: Spec) -> int:
+    """The axis of ``w`` that runs over the vocabulary."""
+    return 0 if spec.w_layout == "vd" else 1
+
+
+def _columns(spec: Spec, inp: Inputs) -> int:
+    return inp.w.shape[_vocab_axis(spec)]
+
+
 def _num_classes(spec: Spec, inp: Inputs) -> int:
-    return inp.w.shape[1] if spec.num_classes is None else spec.num_classes
+    return _columns(spec, inp) if spec.num_classes is None else spec.num_classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +254,14 @@ def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=N
     """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
     cdt = compute_dtype(inp.x, inp.w, inp.bias)
     acc = accumulation_dtype(cdt)
-    logits = jnp.matmul(
-        x_blk.astype(cdt), w_blk.astype(cdt), precision=plan.precision, preferred_element_type=acc
+    # x [n, D] times w's block, [D, vb] or [vb, D]: contract D either way (no transpose).
+    dims = (((1,), (_vocab_axis(spec) ^ 1,)), ((), ()))
+    logits = lax.dot_general(
+        x_blk.astype(cdt),
+        w_blk.astype(cdt),
+        dims,
+        precision=plan.precision,
+        preferred_element_type=acc,
     )
     if b_blk is not None:
         logits = logits + b_blk.astype(acc)[None, :]
@@ -263,7 +281,7 @@ def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=N
     return logits, dcap
 
 
-def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None) -> jax.Array:
+def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None, axis: int) -> jax.Array:
     """``w_blk`` with its padding columns zeroed, for ``dx = dz @ w.T``.
 
     ``dz`` is exactly 0 on the padding, but ``0 * inf`` and ``0 * NaN`` are NaN: a padding
@@ -272,7 +290,8 @@ def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None) -> jax.Array:
     """
     if real_blk is None:
         return w_blk
-    return jnp.where(real_blk[None, :], w_blk, jnp.zeros((), w_blk.dtype))
+    real = real_blk[None, :] if axis == 1 else real_blk[:, None]
+    return jnp.where(real, w_blk, jnp.zeros((), w_blk.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,17 +413,17 @@ def _statistics(spec: Spec, plan: Plan, inp: Inputs):
     """Per-token running statistics over every vocabulary block (streaming), and each
     gap's total weight."""
     loss = spec.loss
-    n, v = inp.x.shape[0], inp.w.shape[1]
+    n, v, ax = inp.x.shape[0], _columns(spec, inp), _vocab_axis(spec)
     tg, vg = plan.token_groups, plan.vocab_groups
     acc = _acc(inp)
     x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
-    w = B.group(inp.w, 1, vg)
+    w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
 
     def vocab_step(v0, vb, carry):
         run, seen = carry
-        w_blk = B.block(w, v0, vb, 1, vg)
+        w_blk = B.block(w, v0, vb, ax, vg)
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
 
@@ -504,8 +523,10 @@ class _Wanted(NamedTuple):
     bias: bool
 
 
-def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
-    """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype.
+def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted, ax: int):
+    """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype; with
+    ``w`` as ``[V, D]`` (``ax = 0``): ``(dz @ w_blk, dz.T @ x_blk)``, ``xt_blk`` then
+    being the block of ``x`` itself.
 
     ``dz`` is rounded to the inputs' dtype for the products, as the unfused
     computation's gradient of bfloat16 logits would be.
@@ -515,19 +536,24 @@ def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: _Wanted):
     dzc = dz.astype(cdt)
     dx = dw = None
     if wanted.x:
-        dims = (((1,), (1,)), ((), ()))
+        dims = (((1,), (ax,)), ((), ()))
         dx = lax.dot_general(
             dzc, w_blk.astype(cdt), dims, precision=plan.precision, preferred_element_type=acc
         )
-    if wanted.w:
+    if wanted.w and ax == 1:
         dw = jnp.matmul(
             xt_blk.astype(cdt), dzc, precision=plan.precision, preferred_element_type=acc
+        )
+    elif wanted.w:
+        dims = (((0,), (0,)), ((), ()))
+        dw = lax.dot_general(
+            dzc, xt_blk.astype(cdt), dims, precision=plan.precision, preferred_element_type=acc
         )
     return dx, dw
 
 
 def _add_products(
-    plan: Plan, inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, write_dx
+    plan: Plan, inp: Inputs, x, rows_blk, dz, w_blk, wanted: _Wanted, grads, write_dx, ax
 ):
     """``grads = (dx, dw, db)`` plus one block's products: ``dz @ w_blk.T`` written into
     ``dx``'s rows of the token block ``rows_blk = (start, length, groups)`` with
@@ -535,8 +561,13 @@ def _add_products(
     ``dw`` and ``dz``'s column sums to ``db``."""
     dx, dw, db = grads
     start, length, groups = rows_blk
-    xt_blk = B.transposed_block(x, start, length, groups) if wanted.w else None
-    dx_part, dw_part = _block_grads(plan, inp, dz, xt_blk, w_blk, wanted)
+    xt_blk = None
+    if wanted.w:
+        if ax == 1:
+            xt_blk = B.transposed_block(x, start, length, groups)
+        else:
+            xt_blk = B.block(x, start, length, 0, groups)
+    dx_part, dw_part = _block_grads(plan, inp, dz, xt_blk, w_blk, wanted, ax)
     if wanted.x:
         dx = write_dx(dx, dx_part, start, 0, groups)
     if wanted.w:
@@ -548,21 +579,21 @@ def _add_products(
 
 def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, wanted: _Wanted):
     """``(dx, dw, dbias)`` of ``sum_n loss_n * g_n`` (``g`` folded into ``coefs``)."""
-    (n, d), v = inp.x.shape, inp.w.shape[1]
+    (n, d), v, ax = inp.x.shape, _columns(spec, inp), _vocab_axis(spec)
     tg, vg = plan.token_groups, plan.vocab_groups
     acc = coefs.lse_rel.dtype
     x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
     coefs = jax.tree.map(lambda f: B.group(f, 0, tg), coefs)
-    w = B.group(inp.w, 1, vg)
+    w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
-        w_blk = B.block(w, v0, vb, 1, vg)
+        w_blk = B.block(w, v0, vb, ax, vg)
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
-        w_dx = _real_weights(w_blk, c_blk) if wanted.x else w_blk
+        w_dx = _real_weights(w_blk, c_blk, ax) if wanted.x else w_blk
 
         def token_step(r0, nb, inner):
             z, dcap = _logits(spec, plan, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
@@ -571,27 +602,29 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
                 jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
             )
             dz = _dlogits(spec, z, dcap, sub, view)
-            return _add_products(plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block)
+            return _add_products(
+                plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax
+            )
 
         inner = (
             dx,
-            jnp.zeros((d, vg * vb), acc) if wanted.w else None,
+            jnp.zeros((d, vg * vb) if ax == 1 else (vg * vb, d), acc) if wanted.w else None,
             jnp.zeros((vg * vb,), acc) if wanted.bias else None,
         )
         dx, dw_blk, db_blk = B.for_blocks(n // tg, plan.token_block // tg, token_step, inner)
         if wanted.w:
-            dw = B.put_block(dw, dw_blk.astype(dw.dtype), v0, 1, vg)
+            dw = B.put_block(dw, dw_blk.astype(dw.dtype), v0, ax, vg)
         if wanted.bias:
             db = B.put_block(db, db_blk.astype(db.dtype), v0, 0, vg)
         return dx, dw, db
 
     carry = (
         B.group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
-        B.group(jnp.zeros(inp.w.shape, inp.w.dtype), 1, vg) if wanted.w else None,
+        B.group(jnp.zeros(inp.w.shape, inp.w.dtype), ax, vg) if wanted.w else None,
         B.group(jnp.zeros(inp.bias.shape, inp.bias.dtype), 0, vg) if wanted.bias else None,
     )
     dx, dw, db = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, carry)
-    dx, dw, db = B.ungroup(dx, 0, tg), B.ungroup(dw, 1, vg), B.ungroup(db, 0, vg)
+    dx, dw, db = B.ungroup(dx, 0, tg), B.ungroup(dw, ax, vg), B.ungroup(db, 0, vg)
     return (None if dx is None else dx.astype(inp.x.dtype)), dw, db
 
 
@@ -603,13 +636,13 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
     over the blocks in the accumulation dtype. Returns them unscaled, in that dtype.
     """
     loss = spec.loss
-    (n, d), v = inp.x.shape, inp.w.shape[1]
+    (n, d), v, ax = inp.x.shape, _columns(spec, inp), _vocab_axis(spec)
     tg = plan.token_groups
     acc = _acc(inp)
     x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
     # With padding columns, dx's product needs w with its padding zeroed: a copy of w
     # (loop-invariant, made once), beside the [D, V] float32 accumulator of dw.
-    w_dx = _real_weights(inp.w, inp.real_columns) if wanted.x else inp.w
+    w_dx = _real_weights(inp.w, inp.real_columns, ax) if wanted.x else inp.w
     declared = loss.row_sums(inp.columns)
     no_weight = {k: jnp.zeros((), acc) for k in _gap_totals(declared, v, acc)}
 
@@ -627,14 +660,14 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
         coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))
         dz = _dlogits(spec, z, dcap, coefs, view)
         grads = _add_products(
-            plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block
+            plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block, ax
         )
         return total + jnp.sum(loss_blk), *grads
 
     carry = (
         jnp.zeros((), acc),
         B.group(jnp.zeros((n, d), acc), 0, tg) if wanted.x else None,
-        jnp.zeros((d, v), acc) if wanted.w else None,
+        jnp.zeros(inp.w.shape, acc) if wanted.w else None,
         jnp.zeros((v,), acc) if wanted.bias else None,
     )
     total, dx, dw, db = B.for_blocks(n // tg, plan.token_block // tg, token_step, carry)

@@ -155,12 +155,13 @@ def linear_cross_entropy(
     token_weights: jax.Array | None = None,
     normalizer: jax.Array | None = None,
     return_lse: bool = False,
+    w_layout: str = "dv",
 ):
     """The fused cross-entropy of validated arrays on one device (``row_mask`` already
     includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``;
     ``token_weights`` ``[N]`` in the accumulation dtype). With ``return_lse``: the loss
     and each token's log-sum-exp (of shape ``x.shape[:-1]``)."""
-    n, columns = labels.size, w.shape[1]
+    n, columns = labels.size, w.shape[1] if w_layout == "dv" else w.shape[0]
     batch_shape = x.shape[:-1]
     acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
     real = jnp.arange(columns) < num_classes if num_classes < columns else None
@@ -179,6 +180,7 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         soft_cap=config.soft_cap,
         per_token=return_lse,
+        w_layout=w_layout,
     )
     lse = None
     if return_lse:

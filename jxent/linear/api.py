@@ -35,6 +35,7 @@ def linear_softmax_cross_entropy(
     token_weights: jax.typing.ArrayLike | None = None,
     normalizer: jax.typing.ArrayLike | None = None,
     return_lse: bool = False,
+    w_layout: str = "dv",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
@@ -108,6 +109,9 @@ def linear_softmax_cross_entropy(
       return_lse: also return each token's log-sum-exp :math:`\mathrm{lse}(z)` (to
         monitor, or to reuse in an auxiliary loss: it is differentiable). The loss then
         takes the streaming schedule.
+      w_layout: ``"dv"`` (default): ``w`` is ``[D, V]``; ``"vd"``: ``w`` is ``[V, D]``,
+        e.g. a tied embedding table, read in place (no transposed copy; its gradient
+        comes back ``[V, D]``).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
@@ -190,9 +194,10 @@ def linear_softmax_cross_entropy(
         w_name="w",
         # A [D, 0] w gets this message too: at least one column (class) is wanted.
         w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]",
+        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
+        w_layout=w_layout,
     )
-    num_classes = v.checked_num_classes(num_classes, w.shape[1])
+    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     if class_weights is not None:
@@ -201,10 +206,10 @@ def linear_softmax_cross_entropy(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
     if explicit.explicitly_sharded(x, w, labels):
-        if token_weights is not None or normalizer is not None or return_lse:
+        if token_weights is not None or normalizer is not None or return_lse or w_layout != "dv":
             raise NotImplementedError(
-                "token_weights, normalizer and return_lse are not supported for arrays "
-                "with Explicit mesh axes yet; call jxent.parallel."
+                "token_weights, normalizer, return_lse and w_layout='vd' are not supported "
+                "for arrays with Explicit mesh axes yet; call jxent.parallel."
                 "linear_softmax_cross_entropy under jax.shard_map, or use Auto axes."
             )
         # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
@@ -242,4 +247,5 @@ def linear_softmax_cross_entropy(
         token_weights=driver.token_weights(token_weights, x.shape[:-1], acc),
         normalizer=v.checked_normalizer(normalizer, reduction, acc),
         return_lse=return_lse,
+        w_layout=w_layout,
     )

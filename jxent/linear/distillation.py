@@ -58,6 +58,7 @@ def _distill(
     reduction,
     chunk_size,
     num_classes,
+    w_layout,
 ):
     x, w, labels, bias, _, row_mask = v.linear_inputs(
         x,
@@ -68,11 +69,12 @@ def _distill(
         where,
         w_name="w",
         w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]",
+        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
+        w_layout=w_layout,
     )
     v.check_dtypes(x, w, bias)
     v.check_reduction(reduction)
-    num_classes = v.checked_num_classes(num_classes, w.shape[1])
+    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
@@ -104,6 +106,7 @@ def _distill(
         chunk_size=chunk_size,
         soft_cap=logit_soft_cap,
         temperature=None if temperature == 1 else temperature,
+        w_layout=w_layout,
     )
     weight = row_mask
     if weights is not None and reduction == "mean":
@@ -133,6 +136,7 @@ def linear_softmax_kl_divergence(
     reduction: str = "mean",
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
@@ -177,6 +181,8 @@ def linear_softmax_kl_divergence(
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
+      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
+        embedding table, read in place).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -221,6 +227,7 @@ def linear_softmax_kl_divergence(
         reduction=reduction,
         chunk_size=chunk_size,
         num_classes=num_classes,
+        w_layout=w_layout,
     )
 
 
@@ -240,6 +247,7 @@ def linear_distillation_loss(
     reduction: str = "mean",
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
 
@@ -274,6 +282,8 @@ def linear_distillation_loss(
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
+      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
+        embedding table, read in place).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -318,4 +328,5 @@ def linear_distillation_loss(
         reduction=reduction,
         chunk_size=chunk_size,
         num_classes=num_classes,
+        w_layout=w_layout,
     )

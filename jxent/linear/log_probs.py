@@ -14,7 +14,18 @@ from jxent._fused.xent import prepare_labels
 
 
 def _per_token(
-    x, w, labels, *, bias, where, temperature, soft_cap, chunk_size, num_classes, with_entropy
+    x,
+    w,
+    labels,
+    *,
+    bias,
+    where,
+    temperature,
+    soft_cap,
+    chunk_size,
+    num_classes,
+    with_entropy,
+    w_layout,
 ):
     """Validated per-token outputs of :class:`LogProbs` (shaped as the tokens) and the
     token mask."""
@@ -27,10 +38,11 @@ def _per_token(
         where,
         w_name="w",
         w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]",
+        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
+        w_layout=w_layout,
     )
     v.check_dtypes(x, w, bias)
-    num_classes = v.checked_num_classes(num_classes, w.shape[1])
+    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if soft_cap is not None:
         soft_cap = v.static_number("logit_soft_cap", soft_cap, lo=0, lo_open=True)
@@ -52,6 +64,7 @@ def _per_token(
         soft_cap=soft_cap,
         temperature=None if temperature == 1 else temperature,
         per_token=True,
+        w_layout=w_layout,
     )
     return tuple(o.reshape(batch_shape) for o in outputs), row_mask
 
@@ -68,6 +81,7 @@ def linear_log_probs(
     logit_soft_cap: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Per-token log-probability of ``labels`` under ``softmax(x @ w / T)``, fused.
 
@@ -100,6 +114,8 @@ def linear_log_probs(
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns after
         them (they take no part and get zero gradient).
+      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
+        embedding table, read in place).
 
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` in float32 (float64 for float64 inputs),
@@ -145,6 +161,7 @@ def linear_log_probs(
         chunk_size=chunk_size,
         num_classes=num_classes,
         with_entropy=return_entropy,
+        w_layout=w_layout,
     )
     return outputs if return_entropy else outputs[0]
 
@@ -160,6 +177,7 @@ def linear_entropy(
     reduction: str = "none",
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r"""Per-token entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits).
 
@@ -183,6 +201,7 @@ def linear_entropy(
         kept tokens.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
+      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
 
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
@@ -216,5 +235,6 @@ def linear_entropy(
         chunk_size=chunk_size,
         num_classes=num_classes,
         with_entropy=True,
+        w_layout=w_layout,
     )
     return driver.reduce(h, False, h.shape, reduction, row_mask)
