@@ -1,0 +1,574 @@
+"""The fused losses beyond cross-entropy (issue 14): ``linear_log_probs`` (and its
+entropy), ``linear_entropy``, ``linear_softmax_kl_divergence`` (teacher's top-k),
+``linear_distillation_loss``, and the cross-entropy's ``token_weights``, ``normalizer`` and
+``return_lse``.
+
+Each is checked against the float64 NumPy reference of ``tests/reference_fused.py``
+(values and the gradients w.r.t. ``x``, ``w``, ``bias``): in float64 to a tight
+tolerance, in float32 and bfloat16 with x64 off to tolerances derived from the dtype's
+epsilon and the reference's error scales (``checks.float_tolerance``), with
+``jax.test_util.check_grads``, with blocks that do not divide the tokens or the
+vocabulary, with the single-pass schedule, all-ignored batches, the teacher's ``-inf``
+classes, padding columns holding NaN and inf, temperatures, soft caps and ``where``; then
+against the unfused composition of jxent's own logits losses, for bad inputs (errors at
+trace time naming the argument), and for the structural memory bound (compiled
+temporary memory at a language model's output layer, compile only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import checks
+import hypothesis.strategies as st
+import jax
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_fused as ref
+from hypothesis import given
+
+import jxent
+
+MiB = 2**20
+NAMES = ("log_probs", "entropy", "kl", "distill", "ce")
+PAD_VALUES = {"+inf": np.inf, "-inf": -np.inf, "nan": np.nan, "finite": 7.0}
+
+# --------------------------------------------------------------------------------------------
+# One call for every function: options static (hashable), arrays in a dict
+# --------------------------------------------------------------------------------------------
+
+
+def call(name, x, w, b, data, opts):
+    """The jxent function ``name`` on ``(x, w, b)``; its outputs as a tuple."""
+    common = dict(
+        bias=b,
+        where=data.get("where"),
+        logit_soft_cap=opts.get("soft_cap"),
+        chunk_size=opts.get("chunk_size"),
+        num_classes=opts.get("num_classes"),
+    )
+    t = opts.get("temperature", 1.0)
+    reduced = dict(
+        reduction=opts.get("reduction", "mean"),
+        token_weights=data.get("token_weights"),
+        normalizer=data.get("normalizer"),
+    )
+    teacher = (data.get("indices"), data.get("log_probs"))
+    if name == "log_probs":
+        entropy = opts.get("return_entropy", False)
+        out = jxent.linear_log_probs(
+            x, w, data["labels"], temperature=t, return_entropy=entropy, **common
+        )
+        return out if entropy else (out,)
+    if name == "entropy":
+        red = opts.get("reduction", "none")
+        return (jxent.linear_entropy(x, w, temperature=t, reduction=red, **common),)
+    if name == "kl":
+        return (jxent.linear_softmax_kl_divergence(x, w, teacher, temperature=t, **common, **reduced),)
+    if name == "distill":
+        alpha = opts.get("alpha", 0.5)
+        return (
+            jxent.linear_distillation_loss(
+                x, w, data["labels"], teacher, alpha=alpha, temperature=t, **common, **reduced
+            ),
+        )
+    if name == "ce":
+        lse = opts.get("return_lse", False)
+        out = jxent.linear_softmax_cross_entropy(
+            x,
+            w,
+            data["labels"],
+            class_weights=data.get("class_weights"),
+            return_lse=lse,
+            **common,
+            **reduced,
+        )
+        return out if lse else (out,)
+    raise ValueError(name)
+
+
+def reference(name, x, w, b, data, opts, cts):
+    """The float64 NumPy reference of ``call`` and the gradients of ``sum(ct * out)``."""
+    common = dict(
+        bias=b,
+        where=data.get("where"),
+        logit_soft_cap=opts.get("soft_cap"),
+        num_classes=opts.get("num_classes"),
+    )
+    t = opts.get("temperature", 1.0)
+    reduced = dict(
+        reduction=opts.get("reduction", "mean"),
+        token_weights=data.get("token_weights"),
+        normalizer=data.get("normalizer"),
+    )
+    teacher = (data.get("indices"), data.get("log_probs"))
+    if name == "log_probs":
+        return ref.linear_log_probs(
+            x,
+            w,
+            data["labels"],
+            temperature=t,
+            return_entropy=opts.get("return_entropy", False),
+            cotangents=cts,
+            **common,
+        )
+    if name == "entropy":
+        red = opts.get("reduction", "none")
+        return ref.linear_entropy(
+            x, w, temperature=t, reduction=red, cotangent=cts[0], **common
+        )
+    if name == "kl":
+        return ref.linear_softmax_kl_divergence(
+            x, w, teacher, temperature=t, cotangent=cts[0], **common, **reduced
+        )
+    if name == "distill":
+        return ref.linear_distillation_loss(
+            x,
+            w,
+            data["labels"],
+            teacher,
+            alpha=opts.get("alpha", 0.5),
+            temperature=t,
+            cotangent=cts[0],
+            **common,
+            **reduced,
+        )
+    if name == "ce":
+        lse = opts.get("return_lse", False)
+        return ref.linear_softmax_cross_entropy(
+            x,
+            w,
+            data["labels"],
+            class_weights=data.get("class_weights"),
+            return_lse=lse,
+            cotangent=cts[0],
+            lse_cotangent=cts[1] if lse else None,
+            **common,
+            **reduced,
+        )
+    raise ValueError(name)
+
+
+def per_token_outputs(name, opts):
+    """Which outputs are per token (the others are scalars)."""
+    if name == "log_probs":
+        return (True, True) if opts.get("return_entropy") else (True,)
+    default = "none" if name == "entropy" else "mean"
+    loss = opts.get("reduction", default) == "none"
+    return (loss, True) if name == "ce" and opts.get("return_lse") else (loss,)
+
+
+@functools.lru_cache(maxsize=None)
+def vjp_function(name, opts_key, jit=True):
+    """``(x, w, b, data, cts) -> (outputs, (dx, dw, db))``, compiled once per options."""
+    opts = dict(opts_key)
+
+    def run(x, w, b, data, cts):
+        out, vjp = jax.vjp(lambda x, w, b: call(name, x, w, b, data, opts), x, w, b)
+        return out, vjp(tuple(c.astype(o.dtype) for c, o in zip(cts, out)))
+
+    return jax.jit(run) if jit else run
+
+
+def key(opts):
+    return tuple(sorted(opts.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def make_data(
+    name,
+    batch,
+    d,
+    v,
+    *,
+    pad=0,
+    k=4,
+    seed=0,
+    pad_value="finite",
+    offset=0.0,
+    where=False,
+    token_weights=False,
+    class_weights=False,
+    normalizer=None,
+    dropped_teacher=True,
+    w_scale=1.0,
+):
+    """float64 inputs ``(x, w, b)`` and a dict of the other arrays (NumPy).
+
+    The teacher's top-k: ``k`` classes (duplicates possible) with the log-probabilities of
+    part of a distribution (``P < 1``); with ``dropped_teacher`` some entries are
+    ``-inf`` at index -1, a padding column, far out of range, or a real class.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(batch + (d,))
+    w = rng.standard_normal((d, v + pad)) * (w_scale / np.sqrt(d))
+    b = 0.5 * rng.standard_normal(v + pad) + offset
+    fill = PAD_VALUES[pad_value]
+    w[:, v:], b[v:] = fill, fill
+    data = {"labels": rng.integers(0, v, batch).astype(np.int32)}
+    if name in ("kl", "distill"):
+        indices = rng.integers(0, v, batch + (k,)).astype(np.int32)
+        probs = rng.dirichlet(np.ones(k + 1), batch)[..., :k]
+        log_probs = np.log(probs)
+        if dropped_teacher:
+            drop = rng.random(batch + (k,)) < 0.3
+            log_probs[drop] = -np.inf
+            junk = rng.choice(np.array([-1, v, v + pad + 5, 0], np.int32), batch + (k,))
+            indices[drop] = junk[drop]
+        data["indices"], data["log_probs"] = indices, log_probs
+    if where:
+        data["where"] = rng.random(batch) < 0.75
+    if token_weights:
+        data["token_weights"] = rng.uniform(0.2, 2.0, batch)
+    if class_weights:
+        cw = rng.uniform(0.5, 2.0, v + pad)
+        cw[v:] = fill
+        data["class_weights"] = cw
+    if normalizer is not None:
+        data["normalizer"] = np.float64(normalizer)
+    return (x, w, b), data
+
+
+def make_cts(name, opts, batch, seed=1):
+    rng = np.random.default_rng(seed)
+    return tuple(
+        rng.uniform(0.5, 1.5, batch) if per_token else np.float64(0.75)
+        for per_token in per_token_outputs(name, opts)
+    )
+
+
+def to_jax(data, float_dtype):
+    """The data dict as JAX arrays: floats in ``float_dtype``, integers int32."""
+    out = {}
+    for k, a in data.items():
+        a = np.asarray(a)
+        if a.dtype == bool:
+            out[k] = jnp.asarray(a)
+        elif np.issubdtype(a.dtype, np.integer):
+            out[k] = jnp.asarray(a, jnp.int32)
+        elif k in ("token_weights", "class_weights", "normalizer"):
+            out[k] = jnp.asarray(a, jnp.float32 if float_dtype == jnp.bfloat16 else float_dtype)
+        else:
+            out[k] = jnp.asarray(a, float_dtype)
+    return out
+
+
+def exact(data):
+    """The data as the library sees it: floats rounded as ``to_jax`` rounded them."""
+    return {k: np.asarray(a).astype(np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a) for k, a in data.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_against_reference(
+    name, opts, arrays, data, cts, *, dtype=jnp.float64, jit=True, padding_zero=True
+):
+    """Runs the fused function (x64 on for float64, off otherwise) and compares its
+    outputs and gradients with the reference, to the dtype's tolerance. Returns both."""
+    x, w, b = arrays
+    if dtype == jnp.float64:
+        jx = [jnp.asarray(a) if a is not None else None for a in (x, w, b)]
+        jdata = to_jax(data, jnp.float64)
+        jcts = tuple(jnp.asarray(c) for c in cts)
+        out, grads = vjp_function(name, key(opts), jit)(*jx, jdata, jcts)
+    else:
+        with checks.x64_off():
+            jx = [jnp.asarray(a, dtype) if a is not None else None for a in (x, w, b)]
+            jdata = to_jax(data, dtype)
+            jcts = tuple(jnp.asarray(c, jnp.float32) for c in cts)
+            out, grads = vjp_function(name, key(opts), jit)(*jx, jdata, jcts)
+        # The reference sees exactly the rounded inputs.
+        x, w, b = (None if a is None else np.asarray(a, np.float64) for a in jx)
+        data = {k: np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a) for k, a in jdata.items()}
+        data = exact(data)
+    r = reference(name, x, w, b, data, opts, cts)
+    v = opts.get("num_classes") or w.shape[1]
+    terms = x.size // x.shape[-1] * x.shape[-1] * w.shape[1]
+    acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    value_tol = checks.float_tolerance(acc, terms)
+    grad_tol = value_tol + (checks.float_tolerance(dtype, terms) if dtype == jnp.bfloat16 else 0.0)
+    rel = 1e-9 if dtype == jnp.float64 else 0.0  # float64: also checks.F64's relative part
+    assert len(out) == len(r.values)
+    for i, (o, e, s) in enumerate(zip(out, r.values, r.value_scales)):
+        assert o.dtype == acc, (i, o.dtype)
+        ref.assert_within(o, e, value_tol * s + rel * np.abs(e), f"output {i}")
+    gx, gw, gb = grads
+    assert gx.dtype == gw.dtype == dtype
+    ref.assert_within(gx, r.grad_x, grad_tol * r.grad_x_scale + rel * np.abs(r.grad_x), "dx")
+    ref.assert_within(
+        gw[:, :v], r.grad_w[:, :v], grad_tol * r.grad_w_scale[:, :v] + rel * np.abs(r.grad_w[:, :v]), "dw"
+    )
+    # Padding columns: exactly zero gradient, whatever they hold.
+    if padding_zero:
+        assert np.all(np.asarray(gw[:, v:], np.float64) == 0), "dw padding"
+    if b is not None:
+        ref.assert_within(
+            gb[:v], r.grad_bias[:v], grad_tol * r.grad_bias_scale[:v] + rel * np.abs(r.grad_bias[:v]), "dbias"
+        )
+        if padding_zero:
+            assert np.all(np.asarray(gb[v:], np.float64) == 0), "dbias padding"
+    return out, grads, r
+
+
+BATCH, D, V, PAD = (5, 6), 8, 70, 3  # N = 30 tokens, 73 columns
+BLOCKS = (8, 24)  # divides neither N, V nor the columns
+
+#: (id, name, options, make_data keywords): every option of each function, blocks that
+#: divide nothing, padding holding NaN.
+FULL = dict(chunk_size=BLOCKS, num_classes=V, soft_cap=5.0)
+FULL_DATA = dict(pad=PAD, pad_value="nan", where=True)
+CASES = [
+    ("log_probs", "log_probs", dict(FULL, temperature=1.0), FULL_DATA),
+    (
+        "log_probs_entropy_T",
+        "log_probs",
+        dict(FULL, temperature=0.7, return_entropy=True),
+        FULL_DATA,
+    ),
+    ("entropy_none_T", "entropy", dict(FULL, temperature=1.6, reduction="none"), FULL_DATA),
+    ("entropy_mean_T", "entropy", dict(FULL, temperature=0.5, reduction="mean"), FULL_DATA),
+    ("kl_none_T", "kl", dict(FULL, temperature=2.0, reduction="none"), dict(FULL_DATA, token_weights=True)),
+    ("kl_mean_weighted_T", "kl", dict(FULL, temperature=0.6, reduction="mean"), dict(FULL_DATA, token_weights=True)),
+    ("kl_mean_normalizer", "kl", dict(FULL, reduction="mean"), dict(FULL_DATA, normalizer=57.0)),
+    ("distill_none_T", "distill", dict(FULL, alpha=0.3, temperature=0.7, reduction="none"), FULL_DATA),
+    ("distill_mean_weighted", "distill", dict(FULL, alpha=0.5, temperature=1.5, reduction="mean"), dict(FULL_DATA, token_weights=True)),
+    ("ce_mean_weights_lse", "ce", dict(FULL, reduction="mean", return_lse=True), dict(FULL_DATA, token_weights=True, class_weights=True)),
+    ("ce_none_weights", "ce", dict(FULL, reduction="none"), dict(FULL_DATA, token_weights=True, class_weights=True)),
+    ("ce_mean_normalizer", "ce", dict(FULL, reduction="mean"), dict(FULL_DATA, token_weights=True, normalizer=40.0)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_float64_matches_reference(case):
+    _, name, opts, kw = case
+    arrays, data = make_data(name, BATCH, D, V, seed=11, **kw)
+    cts = make_cts(name, opts, BATCH)
+    out, _, r = check_against_reference(name, opts, arrays, data, cts)
+    for o in out:
+        checks.assert_finite(o)
+
+
+#: float32 and bfloat16: each function with its options, padding cycling through values,
+#: a logit offset, blocks that divide nothing.
+LOW = [
+    ("log_probs", dict(FULL, temperature=0.8, return_entropy=True), dict(pad=PAD, pad_value="+inf", where=True, offset=30.0)),
+    ("entropy", dict(FULL, temperature=1.5, reduction="mean"), dict(pad=PAD, pad_value="-inf", where=True)),
+    ("kl", dict(FULL, temperature=2.0, reduction="mean"), dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=100.0)),
+    ("distill", dict(FULL, alpha=0.4, temperature=1.7, reduction="none"), dict(pad=PAD, pad_value="finite", where=True, token_weights=True)),
+    ("ce", dict(FULL, reduction="mean", return_lse=True), dict(pad=PAD, pad_value="nan", where=True, token_weights=True, class_weights=True, offset=10.0)),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", LOW, ids=[c[0] for c in LOW])
+def test_low_precision_matches_reference(case, dtype):
+    name, opts, kw = case
+    arrays, data = make_data(name, BATCH, D, V, seed=12, **kw)
+    cts = make_cts(name, opts, BATCH)
+    check_against_reference(name, opts, arrays, data, cts, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# check_grads (float64)
+# --------------------------------------------------------------------------------------------
+
+GRAD_CASES = [
+    # Default blocks (one block at this size: compiles fast); the blocked schedules'
+    # gradients are checked against the reference above. kl: blocks of 3 x 5.
+    ("log_probs", dict(temperature=0.7, return_entropy=True, soft_cap=3.0, num_classes=9)),
+    ("entropy", dict(temperature=1.3, reduction="sum", num_classes=9)),
+    ("kl", dict(temperature=2.0, reduction="mean", soft_cap=3.0, chunk_size=(3, 5), num_classes=9)),
+    ("distill", dict(alpha=0.3, temperature=0.8, reduction="none", num_classes=9)),
+    ("ce", dict(reduction="mean", return_lse=True, soft_cap=4.0, num_classes=9)),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_check_grads(case):
+    name, opts = case
+    (x, w, b), data = make_data(name, (7,), 4, 9, pad=2, pad_value="+inf", where=True, token_weights=name != "entropy", seed=13)
+    w_pad = w[:, 9:]
+    jdata = to_jax(data, jnp.float64)
+
+    @jax.jit
+    def f(x, w_real, b):
+        w_all = jnp.concatenate([w_real, jnp.asarray(w_pad)], axis=1)
+        out = call(name, x, w_all, b, jdata, opts)
+        return sum(jnp.sum(o * (i + 1.0)) for i, o in enumerate(out))
+
+    # The padding columns (+inf) are held fixed: numerical differences through them are
+    # meaningless; the analytic gradient there is checked to be 0 elsewhere.
+    jax.test_util.check_grads(f, (x, w[:, :9], b), order=1, modes=["rev"])
+
+
+# --------------------------------------------------------------------------------------------
+# The single pass (blocks as wide as w) against the reference and the streaming schedule
+# --------------------------------------------------------------------------------------------
+
+SINGLE = [c for c in CASES if c[0] in ("kl_mean_weighted_T", "distill_mean_weighted", "ce_mean_normalizer")]
+SINGLE += [
+    ("kl_sum", "kl", dict(FULL, temperature=1.4, reduction="sum"), dict(FULL_DATA, token_weights=True)),
+    ("distill_sum", "distill", dict(FULL, alpha=0.7, temperature=2.0, reduction="sum"), FULL_DATA),
+]
+
+
+@pytest.mark.parametrize("case", SINGLE, ids=[c[0] for c in SINGLE])
+def test_single_pass_matches_reference_and_streaming(case):
+    _, name, opts, kw = case
+    single = dict(opts, chunk_size=(8, V + PAD))
+    n, columns = math.prod(BATCH), V + PAD
+    # The plan takes the single pass here (and streams with BLOCKS).
+    assert jxent._fused.plan.plans(n, D, columns, opts["reduction"], single["chunk_size"], 8)[1]
+    assert not jxent._fused.plan.plans(n, D, columns, opts["reduction"], BLOCKS, 8)[1]
+    arrays, data = make_data(name, BATCH, D, V, seed=14, **kw)
+    cts = make_cts(name, opts, BATCH)
+    out_1, grads_1, _ = check_against_reference(name, single, arrays, data, cts)
+    out_s, grads_s, _ = check_against_reference(name, opts, arrays, data, cts)
+    for a, b in zip(out_1 + tuple(grads_1), out_s + tuple(grads_s)):
+        checks.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# All tokens ignored; jit and no jit
+# --------------------------------------------------------------------------------------------
+
+IGNORED = [
+    ("log_probs", dict(return_entropy=True, temperature=0.5, num_classes=11)),
+    ("entropy", dict(reduction="mean", num_classes=11)),
+    ("kl", dict(reduction="mean", temperature=2.0, num_classes=11, chunk_size=(4, 13))),
+    ("distill", dict(reduction="mean", alpha=0.5, num_classes=11, chunk_size=(4, 13))),
+    ("ce", dict(reduction="mean", return_lse=True, num_classes=11)),
+]
+
+
+@pytest.mark.parametrize("case", IGNORED, ids=[c[0] for c in IGNORED])
+def test_all_tokens_ignored(case, jit_mode):
+    """``where`` all False (labels and teachers there out of range, padding NaN): every
+    output 0 (the mean of nothing is 0; the lse is every token's all the same), gradients
+    exactly 0, no NaN; the single pass (kl, distill) likewise."""
+    name, opts = case
+    batch = (2, 3)
+    arrays, data = make_data(name, batch, 4, 11, pad=2, pad_value="nan", token_weights=name in ("kl", "distill", "ce"), seed=15)
+    data["where"] = np.zeros(batch, bool)
+    data["labels"][0, 0] = -1
+    data["labels"][1, 2] = 11
+    if "indices" in data:
+        data["indices"][0, 1, 0], data["log_probs"][0, 1, 0] = -1, -0.1
+    cts = make_cts(name, opts, batch)
+    out, grads, r = check_against_reference(name, opts, arrays, data, cts, jit=jit_mode is jax.jit)
+    losses = out[:1] if name != "log_probs" else out
+    for o in losses:
+        assert np.all(np.asarray(o) == 0), o
+    checks.assert_no_nan(*out, *grads)
+    if name != "ce":  # ce's lse still has a gradient (the lse of every token)
+        for g in grads:
+            assert np.all(np.asarray(g) == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher: -inf classes anywhere, bad classes, a constant
+# --------------------------------------------------------------------------------------------
+
+
+def test_teacher_minus_inf_classes_contribute_nothing():
+    """Entries with log-probability -inf at index -1, at a padding column, far outside the
+    vocabulary, duplicated, or on a real class add nothing (value or gradient); a token
+    whose teacher is all -inf has loss 0 and no gradient."""
+    batch, d, v, pad, k = (6,), 5, 13, 2, 4
+    (x, w, b), data = make_data("kl", batch, d, v, pad=pad, k=k, pad_value="+inf", dropped_teacher=False, seed=16)
+    indices, log_probs = data["indices"], data["log_probs"]
+    junk_index = np.array([-1, v, v + pad, 2**31 - 1, int(indices[0, 0]), 0], np.int32)
+    wide_i = np.concatenate([indices, junk_index[:, None], np.full((6, 1), -7, np.int32)], axis=1)
+    wide_p = np.concatenate([log_probs, np.full((6, 2), -np.inf)], axis=1)
+    wide_p[3] = -np.inf  # a token whose teacher is all -inf
+    opts = dict(temperature=1.5, reduction="none", num_classes=v, chunk_size=(4, 5))
+    cts = make_cts("kl", opts, batch)
+    wide = dict(data, indices=wide_i, log_probs=wide_p)
+    out, grads, r = check_against_reference("kl", opts, (x, w, b), wide, cts)
+    assert float(out[0][3]) == 0.0
+    narrow_p = log_probs.copy()
+    narrow_p[3] = -np.inf
+    out_n, grads_n, _ = check_against_reference("kl", opts, (x, w, b), dict(data, log_probs=narrow_p), cts)
+    for a, e in zip(out + tuple(grads), out_n + tuple(grads_n)):
+        checks.assert_close(a, e)
+
+
+def test_teacher_is_a_constant():
+    """No gradient flows to the teacher's log-probabilities (nor to token_weights or the
+    normalizer): they are constants."""
+    (x, w, b), data = make_data("distill", (5,), 4, 9, token_weights=True, normalizer=7.0, seed=17)
+    jd = to_jax(data, jnp.float64)
+
+    def f(log_probs, tw, norm):
+        kl = jxent.linear_softmax_kl_divergence(x, w, (jd["indices"], log_probs), token_weights=tw, normalizer=norm)
+        ds = jxent.linear_distillation_loss(x, w, jd["labels"], (jd["indices"], log_probs), alpha=0.4, temperature=2.0, token_weights=tw)
+        ce = jxent.linear_softmax_cross_entropy(x, w, jd["labels"], token_weights=tw, normalizer=norm)
+        return kl + ds + ce
+
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(jd["log_probs"], jd["token_weights"], jd["normalizer"])
+    for g in grads:
+        assert np.all(np.asarray(g) == 0), g
+
+
+@pytest.mark.parametrize("name", ["kl", "distill"])
+def test_teacher_mass_outside_the_vocabulary_is_nan(name):
+    """A kept token whose teacher puts p > 0 on index -1, a padding column or an index
+    past w's columns gets NaN (loss and gradient), as an out-of-range label does; the
+    other tokens are unaffected, and a dropped token with such a teacher gives 0."""
+    batch, v, pad = (7,), 9, 2
+    (x, w, b), data = make_data(name, batch, 4, v, pad=pad, k=3, dropped_teacher=False, seed=18)
+    data["indices"][0, 1] = -1
+    data["indices"][1, 0] = v  # a padding column
+    data["indices"][2, 2] = v + pad + 3
+    data["where"] = np.ones(batch, bool)
+    data["where"][2] = False
+    opts = dict(reduction="none", num_classes=v, alpha=0.5, temperature=1.5)
+    cts = make_cts(name, opts, batch)
+    out, grads, r = check_against_reference(name, opts, (x, w, b), data, cts, padding_zero=False)
+    loss = np.asarray(out[0])
+    assert np.isnan(loss[:2]).all() and loss[2] == 0 and np.isfinite(loss[3:]).all()
+
+
+@pytest.mark.parametrize("name", ["log_probs", "distill", "ce"])
+def test_label_outside_the_classes_is_nan(name):
+    """A kept token with a label -1, at a padding column or past the columns: NaN (value
+    and gradient); a dropped one: 0."""
+    batch, v, pad = (7,), 9, 2
+    (x, w, b), data = make_data(name, batch, 4, v, pad=pad, k=3, seed=19)
+    data["labels"][:4] = [-1, v, v + pad + 1, -1]
+    data["where"] = np.array([1, 1, 1, 0, 1, 1, 1], bool)
+    opts = dict(reduction="none", num_classes=v, alpha=0.5, return_entropy=True, return_lse=True)
+    cts = make_cts(name, opts, batch)
+    out, _, _ = check_against_reference(name, opts, (x, w, b), data, cts, padding_zero=False)
+    loss = np.asarray(out[0])
+    assert np.isnan(loss[:3]).all() and loss[3] == 0 and np.isfinite(loss[4:]).all()
+
+
+@pytest.mark.parametrize("name", ["log_probs", "kl", "distill", "ce"])
+def test_padding_gradient_is_zero_beside_a_nan_token(name):
+    """Padding columns get exactly zero gradient, also when a kept token's loss (and so
+    its gradient) is NaN: a bad label or teacher class is not a reason to write NaN
+    into the padding of ``w`` and ``bias``."""
+    batch, v, pad = (4,), 9, 2
+    (x, w, b), data = make_data(name, batch, 4, v, pad=pad, k=3, dropped_teacher=False, seed=20)
+    data["labels"][0] = -1
+    if "indices" in data:
+        data["indices"][0, 0] = -1
+    opts = dict(reduction="sum", num_classes=v, alpha=0.5)
+    fn = vjp_function(name, key(opts))
+    jd = to_jax(data, jnp.float64)
+    cts = tuple(jnp.asarray(c) for c in make_cts(name, opts, batch))
+    out, (gx, gw, gb) = fn(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jd, cts)
+    assert np.isnan(np.asarray(out[0])).any()
+    assert np.all(np.asarray(gw)[:, v:] == 0), np.asarray(gw)[:, v:]
+    assert np.all(np.asarray(gb)[v:] == 0), np.asarray(gb)[v:]
