@@ -215,7 +215,7 @@ def _gradients(lg, outputs, cotangents):
     gradients of ``sum_o sum(cotangents[o] * output_o)`` (``cotangents[o]`` per token)."""
     n, v = lg.u.shape
     grad_u, gu_scale = np.zeros((n, v)), np.zeros((n, v))
-    for (_, _, du, du_scale), g in zip(outputs, cotangents):
+    for (_, _, du, du_scale), g in zip(outputs, cotangents, strict=True):
         # NaN rows stay NaN (0 * NaN): a token whose value is NaN has a NaN gradient.
         live = g != 0
         grad_u[live] += g[live, None] * du[live]
@@ -283,9 +283,7 @@ def linear_log_probs(
     keep = _keep(where, lg.n)
     ys = np.asarray(labels).reshape(-1).astype(np.int64)
     t = float(temperature)
-    outputs = [
-        _rows(lg, keep, lambda r: _log_prob_row(lg.u[r], lg.umag[r], int(ys[r]), t))
-    ]
+    outputs = [_rows(lg, keep, lambda r: _log_prob_row(lg.u[r], lg.umag[r], int(ys[r]), t))]
     if return_entropy:
         outputs.append(_rows(lg, keep, lambda r: _entropy_row(lg.u[r], lg.umag[r], t)))
     if cotangents is None:
@@ -408,11 +406,15 @@ def linear_softmax_cross_entropy(
     )
     if not return_lse:
         return loss
-    values, du, scales, du_scales = _rows(lg, np.ones(lg.n, bool), lambda r: _lse_row(lg.u[r], lg.umag[r]))
-    g = np.ones(lg.n) if lse_cotangent is None else np.broadcast_to(lse_cotangent, lg.batch).reshape(-1)
-    lse = _gradients(
-        lg, [(values.reshape(lg.batch), scales.reshape(lg.batch), du, du_scales)], [g]
+    values, du, scales, du_scales = _rows(
+        lg, np.ones(lg.n, bool), lambda r: _lse_row(lg.u[r], lg.umag[r])
     )
+    g = (
+        np.ones(lg.n)
+        if lse_cotangent is None
+        else np.broadcast_to(lse_cotangent, lg.batch).reshape(-1)
+    )
+    lse = _gradients(lg, [(values.reshape(lg.batch), scales.reshape(lg.batch), du, du_scales)], [g])
     return Result(
         values=loss.values + lse.values,
         grad_x=loss.grad_x + lse.grad_x,

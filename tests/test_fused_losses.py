@@ -23,8 +23,8 @@ import math
 import checks
 import hypothesis.strategies as st
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 import reference_fused as ref
@@ -67,7 +67,9 @@ def call(name, x, w, b, data, opts):
         red = opts.get("reduction", "none")
         return (jxent.linear_entropy(x, w, temperature=t, reduction=red, **common),)
     if name == "kl":
-        return (jxent.linear_softmax_kl_divergence(x, w, teacher, temperature=t, **common, **reduced),)
+        return (
+            jxent.linear_softmax_kl_divergence(x, w, teacher, temperature=t, **common, **reduced),
+        )
     if name == "distill":
         alpha = opts.get("alpha", 0.5)
         return (
@@ -117,9 +119,7 @@ def reference(name, x, w, b, data, opts, cts):
         )
     if name == "entropy":
         red = opts.get("reduction", "none")
-        return ref.linear_entropy(
-            x, w, temperature=t, reduction=red, cotangent=cts[0], **common
-        )
+        return ref.linear_entropy(x, w, temperature=t, reduction=red, cotangent=cts[0], **common)
     if name == "kl":
         return ref.linear_softmax_kl_divergence(
             x, w, teacher, temperature=t, cotangent=cts[0], **common, **reduced
@@ -161,14 +161,14 @@ def per_token_outputs(name, opts):
     return (loss, True) if name == "ce" and opts.get("return_lse") else (loss,)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vjp_function(name, opts_key, jit=True):
     """``(x, w, b, data, cts) -> (outputs, (dx, dw, db))``, compiled once per options."""
     opts = dict(opts_key)
 
     def run(x, w, b, data, cts):
         out, vjp = jax.vjp(lambda x, w, b: call(name, x, w, b, data, opts), x, w, b)
-        return out, vjp(tuple(c.astype(o.dtype) for c, o in zip(cts, out)))
+        return out, vjp(tuple(c.astype(o.dtype) for c, o in zip(cts, out, strict=True)))
 
     return jax.jit(run) if jit else run
 
@@ -262,7 +262,10 @@ def to_jax(data, float_dtype):
 
 def exact(data):
     """The data as the library sees it: floats rounded as ``to_jax`` rounded them."""
-    return {k: np.asarray(a).astype(np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a) for k, a in data.items()}
+    return {
+        k: np.asarray(a).astype(np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
+        for k, a in data.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +292,10 @@ def check_against_reference(
             out, grads = vjp_function(name, key(opts), jit)(*jx, jdata, jcts)
         # The reference sees exactly the rounded inputs.
         x, w, b = (None if a is None else np.asarray(a, np.float64) for a in jx)
-        data = {k: np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a) for k, a in jdata.items()}
+        data = {
+            k: np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a)
+            for k, a in jdata.items()
+        }
         data = exact(data)
     r = reference(name, x, w, b, data, opts, cts)
     v = opts.get("num_classes") or w.shape[1]
@@ -299,21 +305,27 @@ def check_against_reference(
     grad_tol = value_tol + (checks.float_tolerance(dtype, terms) if dtype == jnp.bfloat16 else 0.0)
     rel = 1e-9 if dtype == jnp.float64 else 0.0  # float64: also checks.F64's relative part
     assert len(out) == len(r.values)
-    for i, (o, e, s) in enumerate(zip(out, r.values, r.value_scales)):
+    for i, (o, e, s) in enumerate(zip(out, r.values, r.value_scales, strict=True)):
         assert o.dtype == acc, (i, o.dtype)
         ref.assert_within(o, e, value_tol * s + rel * np.abs(e), f"output {i}")
     gx, gw, gb = grads
     assert gx.dtype == gw.dtype == dtype
     ref.assert_within(gx, r.grad_x, grad_tol * r.grad_x_scale + rel * np.abs(r.grad_x), "dx")
     ref.assert_within(
-        gw[:, :v], r.grad_w[:, :v], grad_tol * r.grad_w_scale[:, :v] + rel * np.abs(r.grad_w[:, :v]), "dw"
+        gw[:, :v],
+        r.grad_w[:, :v],
+        grad_tol * r.grad_w_scale[:, :v] + rel * np.abs(r.grad_w[:, :v]),
+        "dw",
     )
     # Padding columns: exactly zero gradient, whatever they hold.
     if padding_zero:
         assert np.all(np.asarray(gw[:, v:], np.float64) == 0), "dw padding"
     if b is not None:
         ref.assert_within(
-            gb[:v], r.grad_bias[:v], grad_tol * r.grad_bias_scale[:v] + rel * np.abs(r.grad_bias[:v]), "dbias"
+            gb[:v],
+            r.grad_bias[:v],
+            grad_tol * r.grad_bias_scale[:v] + rel * np.abs(r.grad_bias[:v]),
+            "dbias",
         )
         if padding_zero:
             assert np.all(np.asarray(gb[v:], np.float64) == 0), "dbias padding"
@@ -337,14 +349,49 @@ CASES = [
     ),
     ("entropy_none_T", "entropy", dict(FULL, temperature=1.6, reduction="none"), FULL_DATA),
     ("entropy_mean_T", "entropy", dict(FULL, temperature=0.5, reduction="mean"), FULL_DATA),
-    ("kl_none_T", "kl", dict(FULL, temperature=2.0, reduction="none"), dict(FULL_DATA, token_weights=True)),
-    ("kl_mean_weighted_T", "kl", dict(FULL, temperature=0.6, reduction="mean"), dict(FULL_DATA, token_weights=True)),
+    (
+        "kl_none_T",
+        "kl",
+        dict(FULL, temperature=2.0, reduction="none"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        "kl_mean_weighted_T",
+        "kl",
+        dict(FULL, temperature=0.6, reduction="mean"),
+        dict(FULL_DATA, token_weights=True),
+    ),
     ("kl_mean_normalizer", "kl", dict(FULL, reduction="mean"), dict(FULL_DATA, normalizer=57.0)),
-    ("distill_none_T", "distill", dict(FULL, alpha=0.3, temperature=0.7, reduction="none"), FULL_DATA),
-    ("distill_mean_weighted", "distill", dict(FULL, alpha=0.5, temperature=1.5, reduction="mean"), dict(FULL_DATA, token_weights=True)),
-    ("ce_mean_weights_lse", "ce", dict(FULL, reduction="mean", return_lse=True), dict(FULL_DATA, token_weights=True, class_weights=True)),
-    ("ce_none_weights", "ce", dict(FULL, reduction="none"), dict(FULL_DATA, token_weights=True, class_weights=True)),
-    ("ce_mean_normalizer", "ce", dict(FULL, reduction="mean"), dict(FULL_DATA, token_weights=True, normalizer=40.0)),
+    (
+        "distill_none_T",
+        "distill",
+        dict(FULL, alpha=0.3, temperature=0.7, reduction="none"),
+        FULL_DATA,
+    ),
+    (
+        "distill_mean_weighted",
+        "distill",
+        dict(FULL, alpha=0.5, temperature=1.5, reduction="mean"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        "ce_mean_weights_lse",
+        "ce",
+        dict(FULL, reduction="mean", return_lse=True),
+        dict(FULL_DATA, token_weights=True, class_weights=True),
+    ),
+    (
+        "ce_none_weights",
+        "ce",
+        dict(FULL, reduction="none"),
+        dict(FULL_DATA, token_weights=True, class_weights=True),
+    ),
+    (
+        "ce_mean_normalizer",
+        "ce",
+        dict(FULL, reduction="mean"),
+        dict(FULL_DATA, token_weights=True, normalizer=40.0),
+    ),
 ]
 
 
@@ -361,11 +408,38 @@ def test_float64_matches_reference(case):
 #: float32 and bfloat16: each function with its options, padding cycling through values,
 #: a logit offset, blocks that divide nothing.
 LOW = [
-    ("log_probs", dict(FULL, temperature=0.8, return_entropy=True), dict(pad=PAD, pad_value="+inf", where=True, offset=30.0)),
-    ("entropy", dict(FULL, temperature=1.5, reduction="mean"), dict(pad=PAD, pad_value="-inf", where=True)),
-    ("kl", dict(FULL, temperature=2.0, reduction="mean"), dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=100.0)),
-    ("distill", dict(FULL, alpha=0.4, temperature=1.7, reduction="none"), dict(pad=PAD, pad_value="finite", where=True, token_weights=True)),
-    ("ce", dict(FULL, reduction="mean", return_lse=True), dict(pad=PAD, pad_value="nan", where=True, token_weights=True, class_weights=True, offset=10.0)),
+    (
+        "log_probs",
+        dict(FULL, temperature=0.8, return_entropy=True),
+        dict(pad=PAD, pad_value="+inf", where=True, offset=30.0),
+    ),
+    (
+        "entropy",
+        dict(FULL, temperature=1.5, reduction="mean"),
+        dict(pad=PAD, pad_value="-inf", where=True),
+    ),
+    (
+        "kl",
+        dict(FULL, temperature=2.0, reduction="mean"),
+        dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=100.0),
+    ),
+    (
+        "distill",
+        dict(FULL, alpha=0.4, temperature=1.7, reduction="none"),
+        dict(pad=PAD, pad_value="finite", where=True, token_weights=True),
+    ),
+    (
+        "ce",
+        dict(FULL, reduction="mean", return_lse=True),
+        dict(
+            pad=PAD,
+            pad_value="nan",
+            where=True,
+            token_weights=True,
+            class_weights=True,
+            offset=10.0,
+        ),
+    ),
 ]
 
 
@@ -396,7 +470,17 @@ GRAD_CASES = [
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_check_grads(case):
     name, opts = case
-    (x, w, b), data = make_data(name, (7,), 4, 9, pad=2, pad_value="+inf", where=True, token_weights=name != "entropy", seed=13)
+    (x, w, b), data = make_data(
+        name,
+        (7,),
+        4,
+        9,
+        pad=2,
+        pad_value="+inf",
+        where=True,
+        token_weights=name != "entropy",
+        seed=13,
+    )
     w_pad = w[:, 9:]
     jdata = to_jax(data, jnp.float64)
 
@@ -415,9 +499,18 @@ def test_check_grads(case):
 # The single pass (blocks as wide as w) against the reference and the streaming schedule
 # --------------------------------------------------------------------------------------------
 
-SINGLE = [c for c in CASES if c[0] in ("kl_mean_weighted_T", "distill_mean_weighted", "ce_mean_normalizer")]
+SINGLE = [
+    c
+    for c in CASES
+    if c[0] in ("kl_mean_weighted_T", "distill_mean_weighted", "ce_mean_normalizer")
+]
 SINGLE += [
-    ("kl_sum", "kl", dict(FULL, temperature=1.4, reduction="sum"), dict(FULL_DATA, token_weights=True)),
+    (
+        "kl_sum",
+        "kl",
+        dict(FULL, temperature=1.4, reduction="sum"),
+        dict(FULL_DATA, token_weights=True),
+    ),
     ("distill_sum", "distill", dict(FULL, alpha=0.7, temperature=2.0, reduction="sum"), FULL_DATA),
 ]
 
@@ -434,7 +527,7 @@ def test_single_pass_matches_reference_and_streaming(case):
     cts = make_cts(name, opts, BATCH)
     out_1, grads_1, _ = check_against_reference(name, single, arrays, data, cts)
     out_s, grads_s, _ = check_against_reference(name, opts, arrays, data, cts)
-    for a, b in zip(out_1 + tuple(grads_1), out_s + tuple(grads_s)):
+    for a, b in zip(out_1 + tuple(grads_1), out_s + tuple(grads_s), strict=True):
         checks.assert_close(a, b)
 
 
@@ -458,7 +551,16 @@ def test_all_tokens_ignored(case, jit_mode):
     exactly 0, no NaN; the single pass (kl, distill) likewise."""
     name, opts = case
     batch = (2, 3)
-    arrays, data = make_data(name, batch, 4, 11, pad=2, pad_value="nan", token_weights=name in ("kl", "distill", "ce"), seed=15)
+    arrays, data = make_data(
+        name,
+        batch,
+        4,
+        11,
+        pad=2,
+        pad_value="nan",
+        token_weights=name in ("kl", "distill", "ce"),
+        seed=15,
+    )
     data["where"] = np.zeros(batch, bool)
     data["labels"][0, 0] = -1
     data["labels"][1, 2] = 11
@@ -485,7 +587,9 @@ def test_teacher_minus_inf_classes_contribute_nothing():
     vocabulary, duplicated, or on a real class add nothing (value or gradient); a token
     whose teacher is all -inf has loss 0 and no gradient."""
     batch, d, v, pad, k = (6,), 5, 13, 2, 4
-    (x, w, b), data = make_data("kl", batch, d, v, pad=pad, k=k, pad_value="+inf", dropped_teacher=False, seed=16)
+    (x, w, b), data = make_data(
+        "kl", batch, d, v, pad=pad, k=k, pad_value="+inf", dropped_teacher=False, seed=16
+    )
     indices, log_probs = data["indices"], data["log_probs"]
     junk_index = np.array([-1, v, v + pad, 2**31 - 1, int(indices[0, 0]), 0], np.int32)
     wide_i = np.concatenate([indices, junk_index[:, None], np.full((6, 1), -7, np.int32)], axis=1)
@@ -498,8 +602,10 @@ def test_teacher_minus_inf_classes_contribute_nothing():
     assert float(out[0][3]) == 0.0
     narrow_p = log_probs.copy()
     narrow_p[3] = -np.inf
-    out_n, grads_n, _ = check_against_reference("kl", opts, (x, w, b), dict(data, log_probs=narrow_p), cts)
-    for a, e in zip(out + tuple(grads), out_n + tuple(grads_n)):
+    out_n, grads_n, _ = check_against_reference(
+        "kl", opts, (x, w, b), dict(data, log_probs=narrow_p), cts
+    )
+    for a, e in zip(out + tuple(grads), out_n + tuple(grads_n), strict=True):
         checks.assert_close(a, e)
 
 
@@ -510,12 +616,26 @@ def test_teacher_is_a_constant():
     jd = to_jax(data, jnp.float64)
 
     def f(log_probs, tw, norm):
-        kl = jxent.linear_softmax_kl_divergence(x, w, (jd["indices"], log_probs), token_weights=tw, normalizer=norm)
-        ds = jxent.linear_distillation_loss(x, w, jd["labels"], (jd["indices"], log_probs), alpha=0.4, temperature=2.0, token_weights=tw)
-        ce = jxent.linear_softmax_cross_entropy(x, w, jd["labels"], token_weights=tw, normalizer=norm)
+        kl = jxent.linear_softmax_kl_divergence(
+            x, w, (jd["indices"], log_probs), token_weights=tw, normalizer=norm
+        )
+        ds = jxent.linear_distillation_loss(
+            x,
+            w,
+            jd["labels"],
+            (jd["indices"], log_probs),
+            alpha=0.4,
+            temperature=2.0,
+            token_weights=tw,
+        )
+        ce = jxent.linear_softmax_cross_entropy(
+            x, w, jd["labels"], token_weights=tw, normalizer=norm
+        )
         return kl + ds + ce
 
-    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(jd["log_probs"], jd["token_weights"], jd["normalizer"])
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(
+        jd["log_probs"], jd["token_weights"], jd["normalizer"]
+    )
     for g in grads:
         assert np.all(np.asarray(g) == 0), g
 
@@ -572,3 +692,488 @@ def test_padding_gradient_is_zero_beside_a_nan_token(name):
     assert np.isnan(np.asarray(out[0])).any()
     assert np.all(np.asarray(gw)[:, v:] == 0), np.asarray(gw)[:, v:]
     assert np.all(np.asarray(gb)[v:] == 0), np.asarray(gb)[v:]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: errors at trace time (eagerly and under jit), naming the argument
+# --------------------------------------------------------------------------------------------
+
+_EN, _ED, _EV, _EK = 6, 4, 10, 3
+_rng = np.random.default_rng(21)
+EX = jnp.asarray(_rng.normal(size=(2, 3, _ED)))
+EW = jnp.asarray(_rng.normal(size=(_ED, _EV)))
+EY = jnp.asarray(_rng.integers(0, _EV, (2, 3)), jnp.int32)
+EI = jnp.asarray(_rng.integers(0, _EV, (2, 3, _EK)), jnp.int32)
+ELP = jnp.asarray(np.log(_rng.dirichlet(np.ones(_EK), (2, 3))))
+KL = jxent.linear_softmax_kl_divergence
+DISTILL = jxent.linear_distillation_loss
+LOGP = jxent.linear_log_probs
+ENT = jxent.linear_entropy
+XENT = jxent.linear_softmax_cross_entropy
+
+ERRORS = [
+    # (id, function, args, kwargs, exception, words in the message)
+    ("teacher_not_pair", KL, (EX, EW, EI), {}, TypeError, ["teacher", "(indices, log_probs)"]),
+    ("teacher_triple", KL, (EX, EW, (EI, ELP, ELP)), {}, TypeError, ["teacher"]),
+    (
+        "indices_shape",
+        KL,
+        (EX, EW, (EI[0], ELP)),
+        {},
+        ValueError,
+        ["teacher[0] (indices)", "x.shape[:-1] + (k,)"],
+    ),
+    (
+        "indices_batch",
+        KL,
+        (EX, EW, (EI[:, :2], ELP[:, :2])),
+        {},
+        ValueError,
+        ["teacher[0] (indices)"],
+    ),
+    (
+        "log_probs_shape",
+        KL,
+        (EX, EW, (EI, ELP[..., :2])),
+        {},
+        ValueError,
+        ["teacher[1] (log_probs)"],
+    ),
+    ("log_probs_integer", KL, (EX, EW, (EI, EI)), {}, TypeError, ["teacher[1] (log_probs)"]),
+    ("k_zero", KL, (EX, EW, (EI[..., :0], ELP[..., :0])), {}, ValueError, ["k >= 1"]),
+    (
+        "teacher_hidden_states",
+        KL,
+        (EX, EW, (EX, EW)),
+        {},
+        NotImplementedError,
+        ["(x_t, w_t)", "top-k"],
+    ),
+    (
+        "teacher_hidden_states_distill",
+        DISTILL,
+        (EX, EW, EY, (EX, EW)),
+        {},
+        NotImplementedError,
+        ["(x_t, w_t)"],
+    ),
+    (
+        "kl_temperature_zero",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(temperature=0.0),
+        ValueError,
+        ["temperature"],
+    ),
+    (
+        "kl_temperature_negative",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(temperature=-1.0),
+        ValueError,
+        ["temperature"],
+    ),
+    (
+        "kl_temperature_nan",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(temperature=float("nan")),
+        ValueError,
+        ["temperature"],
+    ),
+    (
+        "distill_temperature",
+        DISTILL,
+        (EX, EW, EY, (EI, ELP)),
+        dict(temperature=0.0),
+        ValueError,
+        ["temperature"],
+    ),
+    (
+        "log_probs_temperature",
+        LOGP,
+        (EX, EW, EY),
+        dict(temperature=-0.5),
+        ValueError,
+        ["temperature"],
+    ),
+    ("entropy_temperature", ENT, (EX, EW), dict(temperature=0.0), ValueError, ["temperature"]),
+    (
+        "temperature_string",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(temperature="2"),
+        TypeError,
+        ["temperature"],
+    ),
+    ("alpha_negative", DISTILL, (EX, EW, EY, (EI, ELP)), dict(alpha=-0.1), ValueError, ["alpha"]),
+    ("alpha_above_one", DISTILL, (EX, EW, EY, (EI, ELP)), dict(alpha=1.5), ValueError, ["alpha"]),
+    (
+        "alpha_array",
+        DISTILL,
+        (EX, EW, EY, (EI, ELP)),
+        dict(alpha=jnp.ones(2)),
+        TypeError,
+        ["alpha"],
+    ),
+    (
+        "kl_normalizer_sum",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(normalizer=3.0, reduction="sum"),
+        ValueError,
+        ["normalizer", "sum"],
+    ),
+    (
+        "kl_normalizer_none",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(normalizer=3.0, reduction="none"),
+        ValueError,
+        ["normalizer"],
+    ),
+    (
+        "kl_normalizer_vector",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(normalizer=jnp.ones(2)),
+        ValueError,
+        ["normalizer must be a scalar"],
+    ),
+    (
+        "distill_normalizer_sum",
+        DISTILL,
+        (EX, EW, EY, (EI, ELP)),
+        dict(normalizer=3.0, reduction="sum"),
+        ValueError,
+        ["normalizer"],
+    ),
+    (
+        "xent_normalizer_sum",
+        XENT,
+        (EX, EW, EY),
+        dict(normalizer=3.0, reduction="sum"),
+        ValueError,
+        ["normalizer", "sum"],
+    ),
+    (
+        "xent_normalizer_vector",
+        XENT,
+        (EX, EW, EY),
+        dict(normalizer=jnp.ones((1,))),
+        ValueError,
+        ["normalizer must be a scalar"],
+    ),
+    (
+        "kl_token_weights_shape",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(token_weights=jnp.ones(6)),
+        ValueError,
+        ["token_weights"],
+    ),
+    (
+        "kl_token_weights_int",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(token_weights=jnp.ones((2, 3), jnp.int32)),
+        TypeError,
+        ["token_weights"],
+    ),
+    (
+        "xent_token_weights_shape",
+        XENT,
+        (EX, EW, EY),
+        dict(token_weights=jnp.ones((2, 3, 1))),
+        ValueError,
+        ["token_weights"],
+    ),
+    ("xent_return_lse_not_bool", XENT, (EX, EW, EY), dict(return_lse=1), TypeError, ["return_lse"]),
+    (
+        "return_entropy_not_bool",
+        LOGP,
+        (EX, EW, EY),
+        dict(return_entropy="yes"),
+        TypeError,
+        ["return_entropy"],
+    ),
+    ("log_probs_labels_none", LOGP, (EX, EW, None), {}, TypeError, ["labels"]),
+    ("distill_labels_none", DISTILL, (EX, EW, None, (EI, ELP)), {}, TypeError, ["labels"]),
+    ("log_probs_labels_float", LOGP, (EX, EW, EY.astype(jnp.float32)), {}, TypeError, ["labels"]),
+    ("log_probs_w_transposed", LOGP, (EX, EW.T, EY), {}, ValueError, ["embedding.T"]),
+    ("entropy_reduction", ENT, (EX, EW), dict(reduction="avg"), ValueError, ["reduction"]),
+    ("kl_reduction", KL, (EX, EW, (EI, ELP)), dict(reduction="avg"), ValueError, ["reduction"]),
+    (
+        "kl_soft_cap",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(logit_soft_cap=0.0),
+        ValueError,
+        ["logit_soft_cap"],
+    ),
+    ("entropy_num_classes", ENT, (EX, EW), dict(num_classes=_EV + 1), ValueError, ["num_classes"]),
+    (
+        "kl_where_shape",
+        KL,
+        (EX, EW, (EI, ELP)),
+        dict(where=jnp.ones((6,), bool)),
+        ValueError,
+        ["where"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
+def test_bad_inputs_raise_naming_the_argument(case):
+    _, fn, args, kwargs, exc, words = case
+    checks.assert_raises_naming(exc, fn, args, kwargs, words)
+
+
+def test_traced_temperature_and_alpha_are_rejected():
+    """Static hyperparameters: a traced value raises TypeError naming it."""
+    with pytest.raises(TypeError, match="temperature"):
+        jax.jit(lambda t: KL(EX, EW, (EI, ELP), temperature=t))(2.0)
+    with pytest.raises(TypeError, match="alpha"):
+        jax.jit(lambda a: DISTILL(EX, EW, EY, (EI, ELP), alpha=a))(0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The unfused composition with jxent's own logits losses (float64)
+# --------------------------------------------------------------------------------------------
+
+
+def _composition_inputs():
+    rng = np.random.default_rng(22)
+    batch, d, v = (2, 5), 6, 12
+    x = jnp.asarray(rng.normal(size=batch + (d,)))
+    w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d) * 2)
+    b = jnp.asarray(rng.normal(size=(v,)))
+    y = jnp.asarray(rng.integers(0, v, batch), jnp.int32)
+    teacher = jnp.asarray(2 * rng.normal(size=batch + (v,)))
+    tw = jnp.asarray(rng.uniform(0.2, 2.0, batch))
+    cw = jnp.asarray(rng.uniform(0.5, 2.0, v))
+    ct = jnp.asarray(rng.uniform(0.5, 1.5, batch))
+    return x, w, b, y, teacher, tw, cw, ct
+
+
+def _top_all(teacher_logits, t):
+    """The teacher's whole distribution as a top-k with k = V (sorted, as top_k gives)."""
+    lp = jax.nn.log_softmax(teacher_logits / t)
+    values, indices = jax.lax.top_k(lp, lp.shape[-1])
+    return indices.astype(jnp.int32), values
+
+
+def _capped(x, w, b, cap=None):
+    z = x @ w + b[None, None, :]
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+T_C, CAP_C, ALPHA_C = 1.7, 4.0, 0.3
+
+
+def _compositions():
+    x, w, b, y, teacher, tw, cw, ct = _composition_inputs()
+    top = _top_all(teacher, T_C)
+    xent = jxent.softmax_cross_entropy_with_integer_labels
+    return {
+        # KL with the full teacher distribution: jxent.softmax_kl_divergence of the logits.
+        "kl": (
+            lambda x, w, b: KL(x, w, top, temperature=T_C, bias=b),
+            lambda x, w, b: jxent.softmax_kl_divergence(
+                _capped(x, w, b), teacher, temperature=T_C, reduction="mean"
+            ),
+        ),
+        "kl_capped_weighted": (
+            lambda x, w, b: KL(
+                x, w, top, temperature=T_C, bias=b, logit_soft_cap=CAP_C, token_weights=tw
+            ),
+            lambda x, w, b: (
+                jnp.sum(
+                    tw
+                    * jxent.softmax_kl_divergence(_capped(x, w, b, CAP_C), teacher, temperature=T_C)
+                )
+                / jnp.sum(tw)
+            ),
+        ),
+        "entropy": (
+            lambda x, w, b: ENT(x, w, temperature=T_C, bias=b, reduction="mean"),
+            lambda x, w, b: jxent.entropy(_capped(x, w, b) / T_C, reduction="mean"),
+        ),
+        "log_probs": (
+            lambda x, w, b: jnp.sum(
+                ct * LOGP(x, w, y, temperature=T_C, bias=b, logit_soft_cap=CAP_C)
+            ),
+            lambda x, w, b: -jnp.sum(ct * xent(_capped(x, w, b, CAP_C) / T_C, y)),
+        ),
+        "log_probs_entropy": (
+            lambda x, w, b: jnp.sum(
+                ct * LOGP(x, w, y, temperature=T_C, bias=b, return_entropy=True)[1]
+            ),
+            lambda x, w, b: jnp.sum(ct * jxent.entropy(_capped(x, w, b) / T_C)),
+        ),
+        "distill": (
+            lambda x, w, b: DISTILL(x, w, y, top, alpha=ALPHA_C, temperature=T_C, bias=b),
+            lambda x, w, b: (
+                ALPHA_C * xent(_capped(x, w, b), y, reduction="mean")
+                + (1 - ALPHA_C)
+                * jxent.softmax_kl_divergence(
+                    _capped(x, w, b), teacher, temperature=T_C, reduction="mean"
+                )
+            ),
+        ),
+        "xent_weights": (
+            lambda x, w, b: XENT(x, w, y, bias=b, token_weights=tw, class_weights=cw),
+            lambda x, w, b: (
+                jnp.sum(tw * xent(_capped(x, w, b), y, class_weights=cw)) / jnp.sum(tw * cw[y])
+            ),
+        ),
+        "xent_normalizer": (
+            lambda x, w, b: XENT(x, w, y, bias=b, token_weights=tw, normalizer=jnp.float64(17.0)),
+            lambda x, w, b: jnp.sum(tw * xent(_capped(x, w, b), y)) / 17.0,
+        ),
+        "xent_lse": (
+            lambda x, w, b: (lambda out: out[0] + 0.3 * jnp.sum(ct * out[1]))(
+                XENT(x, w, y, bias=b, logit_soft_cap=CAP_C, return_lse=True)
+            ),
+            lambda x, w, b: (
+                xent(_capped(x, w, b, CAP_C), y, reduction="mean")
+                + 0.3 * jnp.sum(ct * jax.nn.logsumexp(_capped(x, w, b, CAP_C), axis=-1))
+            ),
+        ),
+    }
+
+
+COMPOSITIONS = list(_compositions())
+
+
+@pytest.mark.parametrize("which", COMPOSITIONS)
+def test_equals_the_unfused_composition(which):
+    fused, unfused = _compositions()[which]
+    x, w, b = _composition_inputs()[:3]
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, w, b)
+    with checks.standard_promotion():
+        want = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1, 2)))(x, w, b)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        checks.assert_close(g, e)
+
+
+# --------------------------------------------------------------------------------------------
+# Structural memory: compiled temporary memory at a language model's output layer
+# --------------------------------------------------------------------------------------------
+
+# Gemma 2's output layer, bfloat16; a teacher top-k of 64. Compiled only, never run.
+LM_N, LM_D, LM_V, LM_K = 8192, 2304, 256000, 64
+
+
+def _lm_temp_mib(loss, *extra):
+    specs = (
+        jax.ShapeDtypeStruct((LM_N, LM_D), jnp.bfloat16),
+        jax.ShapeDtypeStruct((LM_D, LM_V), jnp.bfloat16),
+        *extra,
+    )
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return step.lower(*specs).compile().memory_analysis().temp_size_in_bytes / MiB
+
+
+def test_language_model_shape_temp_memory():
+    """value_and_grad (x, w) of the KL (top-64), the distillation loss and the log-probs
+    with the entropy (summed with weights) each take at most 2x the fused cross-entropy's
+    compiled temporary memory, and at most 1/20 of the [N, V] float32 logits."""
+    labels = jax.ShapeDtypeStruct((LM_N,), jnp.int32)
+    indices = jax.ShapeDtypeStruct((LM_N, LM_K), jnp.int32)
+    log_probs = jax.ShapeDtypeStruct((LM_N, LM_K), jnp.float32)
+    weights = jax.ShapeDtypeStruct((LM_N,), jnp.float32)
+
+    def log_probs_entropy(x, w, y, a, c):
+        lp, h = LOGP(x, w, y, return_entropy=True)
+        return jnp.sum(a * lp) + jnp.sum(c * h)
+
+    temps = {
+        "linear_softmax_cross_entropy": _lm_temp_mib(lambda x, w, y: XENT(x, w, y), labels),
+        "linear_softmax_kl_divergence": _lm_temp_mib(
+            lambda x, w, i, lp: KL(x, w, (i, lp), temperature=2.0), indices, log_probs
+        ),
+        "linear_distillation_loss": _lm_temp_mib(
+            lambda x, w, y, i, lp: DISTILL(x, w, y, (i, lp), alpha=0.5, temperature=2.0),
+            labels,
+            indices,
+            log_probs,
+        ),
+        "linear_log_probs(return_entropy)": _lm_temp_mib(
+            log_probs_entropy, labels, weights, weights
+        ),
+    }
+    logits_mib = LM_N * LM_V * 4 / MiB
+    print(
+        f"\ncompiled temp memory at N={LM_N} D={LM_D} V={LM_V} bfloat16 "
+        f"(the float32 logits: {logits_mib:.0f} MiB):"
+    )
+    for name, mib in temps.items():
+        print(f"  {name}: {mib:.1f} MiB")
+    base = temps["linear_softmax_cross_entropy"]
+    for name, mib in temps.items():
+        assert mib <= 2 * base, (name, mib, base)
+        assert mib <= logits_mib / 20, (name, mib, logits_mib)
+
+
+# --------------------------------------------------------------------------------------------
+# Property test (float64): small shapes, options drawn
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def property_cases(draw):
+    name = draw(st.sampled_from(NAMES))
+    batch = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    d = draw(st.integers(1, 5))
+    v = draw(st.integers(3, 40))
+    pad = draw(st.integers(0, 3))
+    k = draw(st.integers(1, 5))
+    opts = {"temperature": draw(st.sampled_from([0.5, 1.0, 2.5]))}
+    if pad:
+        opts["num_classes"] = v
+    if draw(st.booleans()):
+        opts["soft_cap"] = draw(st.sampled_from([2.0, 30.0]))
+    n = math.prod(batch)
+    # Default blocks mostly (one block at these sizes: fast to compile); blocks that
+    # divide nothing and the single pass are drawn too.
+    chunk = draw(st.sampled_from(["default", "default", "blocks", "wide"]))
+    if chunk == "blocks":
+        opts["chunk_size"] = (draw(st.integers(1, n)), draw(st.integers(1, v + pad)))
+    elif chunk == "wide":
+        opts["chunk_size"] = (draw(st.integers(1, n)), v + pad)
+    if name != "log_probs":
+        reductions = ["none", "sum", "mean"]
+        opts["reduction"] = draw(st.sampled_from(reductions))
+    kw = dict(
+        pad=pad,
+        k=k,
+        pad_value=draw(st.sampled_from(list(PAD_VALUES))),
+        where=draw(st.booleans()),
+        offset=draw(st.sampled_from([0.0, 10.0])),
+        w_scale=draw(st.sampled_from([1.0, 4.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    if name in ("kl", "distill", "ce"):
+        kw["token_weights"] = draw(st.booleans())
+        if opts["reduction"] == "mean" and draw(st.booleans()):
+            kw["normalizer"] = draw(st.sampled_from([1.0, 13.5]))
+    if name == "log_probs":
+        opts["return_entropy"] = draw(st.booleans())
+    if name == "distill":
+        opts["alpha"] = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    if name == "ce":
+        opts["return_lse"] = draw(st.booleans())
+        kw["class_weights"] = draw(st.booleans())
+        opts.pop("temperature")
+    if name in ("kl", "distill"):
+        kw["dropped_teacher"] = draw(st.booleans())
+    return name, batch, d, v, opts, kw
+
+
+@given(property_cases())
+def test_property_float64_matches_reference(case):
+    name, batch, d, v, opts, kw = case
+    arrays, data = make_data(name, batch, d, v, **kw)
+    cts = make_cts(name, opts, batch, seed=kw["seed"] + 1)
+    check_against_reference(name, opts, arrays, data, cts)
