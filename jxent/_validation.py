@@ -256,3 +256,30 @@ def checked_num_classes(num_classes, columns: int) -> int:
             f"columns, padding after them), got {num_classes}."
         )
     return num_classes
+
+
+def top_k_teacher(teacher, batch_shape):
+    """The checked top-k teacher: ``(indices int [..., k], log_probs float [..., k])``."""
+    if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+        raise TypeError(
+            "teacher must be a pair (indices, log_probs) of the teacher's top-k classes, "
+            f"each of shape x.shape[:-1] + (k,); got {type(teacher).__name__}."
+        )
+    indices, log_probs = as_array("teacher[0]", teacher[0]), as_array("teacher[1]", teacher[1])
+    if jnp.issubdtype(indices.dtype, jnp.floating):
+        raise NotImplementedError(
+            "teacher=(x_t, w_t), the teacher's own hidden states and weight, is not "
+            "supported yet; pass the teacher's top-k (indices, log_probs) (e.g. from "
+            "jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k))."
+        )
+    check_integer("teacher[0] (indices)", indices, " The teacher's classes are indices.")
+    check_floating("teacher[1] (log_probs)", log_probs)
+    if indices.ndim != len(batch_shape) + 1 or indices.shape[:-1] != tuple(batch_shape):
+        raise ValueError(
+            f"teacher[0] (indices) must have shape x.shape[:-1] + (k,) = {tuple(batch_shape)} "
+            f"+ (k,), got {indices.shape}."
+        )
+    check_shape("teacher[1] (log_probs)", log_probs, indices.shape, "teacher[0]'s shape")
+    if indices.shape[-1] == 0:
+        raise ValueError("teacher's top-k must have k >= 1 classes, got k = 0.")
+    return indices, log_probs

@@ -1,0 +1,309 @@
+"""The fused log-probabilities, entropy and distillation losses with the output weight
+split over a mesh axis (inside ``jax.shard_map``): each shard runs the blocked engine on
+its own columns of ``w``, and the engine's vocabulary-parallel combine gives every shard
+the whole vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is
+that of :func:`jxent.parallel.linear_softmax_cross_entropy`; the teacher's top-k
+indices and labels are global class ids, split over the tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent import _validation as v
+from jxent._fused import driver, engine, plan
+from jxent._fused.distill import Distillation, TopKRows
+from jxent._fused.logprobs import LabelRows, LogProbs
+from jxent._reduction import reduce_across
+from jxent.parallel._split import (
+    AxisName,
+    Layout,
+    check_split,
+    check_unsplit,
+    local_labels,
+    real_columns,
+    vocab_layout,
+)
+
+_TOKENS = 'P("data") as x\'s tokens'
+
+
+def _inputs(x, local_w, labels, bias, where, axis_name, num_classes):
+    """Checked arrays, the split, and the token mask (flattened later)."""
+    x, w, labels, bias, _, row_mask = v.linear_inputs(
+        x,
+        local_w,
+        labels,
+        bias,
+        None,
+        where,
+        w_name="local_w",
+        w_shape="(D, V_local) = ({D}, columns on this shard)",
+        per_column="this shard's slice of the columns",
+    )
+    v.check_dtypes(x, w, bias)
+    split = vocab_layout(axis_name, w.shape[1], num_classes)
+    check_split("local_w", w, split)
+    check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
+    check_unsplit("labels", labels, split, _TOKENS)
+    check_unsplit("where", row_mask, split, _TOKENS)
+    return x, w, labels, bias, row_mask, split
+
+
+def _labels(split: Layout, labels, n):
+    """``(local column or -1, the label is a class)`` of global labels, ``[N]``."""
+    if labels is None:
+        return None, None
+    flat = labels.reshape(n)
+    if flat.dtype != jnp.int64:
+        flat = flat.astype(jnp.int32)
+    here, _ = local_labels(split, flat)
+    return here, (flat >= 0) & (flat < split.num_classes)
+
+
+def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature):
+    """Per-token output(s) ``[N]`` of ``loss`` over the whole (split) vocabulary."""
+    n, d = math.prod(x.shape[:-1]), x.shape[-1]
+    cdt = engine.compute_dtype(x, w, bias)
+    acc = v.accumulation_dtype(cdt)
+    # The streaming schedule with contiguous blocks: this shard's columns are its own.
+    plans, _ = plan.plans(
+        n,
+        d,
+        w.shape[1],
+        "none",
+        chunk_size,
+        jnp.dtype(acc).itemsize,
+        grouped=False,
+        float32=cdt == jnp.float32,
+    )
+    spec = engine.Spec(
+        loss,
+        plans,
+        soft_cap,
+        split.num_classes,
+        split.axis_name,
+        temperature=None if temperature == 1 else temperature,
+    )
+    return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real_columns(split))
+
+
+def _static(temperature, logit_soft_cap):
+    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
+    if logit_soft_cap is not None:
+        logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
+    return temperature, logit_soft_cap
+
+
+def linear_log_probs(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    axis_name: AxisName,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    num_classes: int | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r""":func:`jxent.linear_log_probs` with the output weight split over ``axis_name``.
+
+    Call it inside ``jax.shard_map`` with the layout of
+    :func:`jxent.parallel.linear_softmax_cross_entropy`: ``x`` and ``labels`` (global
+    token ids) the same on every shard of ``axis_name``, ``local_w`` this shard's
+    ``[D, V_local]`` columns (padded at the end to equal shards, with ``num_classes``).
+    The result (and the entropy) is the whole vocabulary's, equal on every shard; the
+    backward pass sums ``dx`` over ``axis_name``.
+
+    Args:
+      x: hidden states ``[..., D]``.
+      local_w: this shard's ``[D, V_local]`` columns of the output projection.
+      labels: integer global token ids of shape ``x.shape[:-1]``.
+      axis_name: the mesh axis (or axes) the vocabulary is split over.
+      temperature: :math:`T > 0` (static).
+      return_entropy: also return the per-token entropy.
+      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
+      where: boolean mask of shape ``x.shape[:-1]``; False gives 0.
+      logit_soft_cap: :math:`c > 0`, or ``None``.
+      num_classes: the true vocabulary size when the last shard is padded.
+      chunk_size: blocks on each shard, as :func:`jxent.linear_softmax_cross_entropy`.
+
+    Returns:
+      ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
+      ``(log_probs, entropy)``.
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_log_probs` and
+        :func:`jxent.parallel.linear_softmax_cross_entropy`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> labels = jnp.array([1, 0])
+      >>> fn = jax.shard_map(
+      ...     lambda x, w, y: jxent.parallel.linear_log_probs(x, w, y, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P())
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> got = jax.jit(fn)(put(x), put(w, None, "model"), put(labels))
+      >>> bool(jnp.allclose(got, jxent.linear_log_probs(x, w, labels)))
+      True
+
+    References:
+      Shoeybi et al., `Megatron-LM <https://arxiv.org/abs/1909.08053>`_, 2019.
+    """
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
+    x, w, labels, bias, row_mask, split = _inputs(
+        x, local_w, labels, bias, where, axis_name, num_classes
+    )
+    temperature, soft_cap = _static(temperature, logit_soft_cap)
+    batch_shape = x.shape[:-1]
+    n = math.prod(batch_shape)
+    here, valid = _labels(split, labels, n)
+    keep = None if row_mask is None else row_mask.reshape(n)
+    outputs = _run(
+        LogProbs(label=True, entropy=return_entropy),
+        x,
+        w,
+        bias,
+        LabelRows(here, valid, keep),
+        split,
+        chunk_size=chunk_size,
+        soft_cap=soft_cap,
+        temperature=temperature,
+    )
+    outputs = tuple(o.reshape(batch_shape) for o in outputs)
+    return outputs if return_entropy else outputs[0]
+
+
+def linear_distillation_loss(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike | None,
+    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
+    *,
+    axis_name: AxisName,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "mean",
+    num_classes: int | None = None,
+    batch_axis_name: AxisName | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r""":func:`jxent.linear_distillation_loss` (``alpha > 0``, with ``labels``) or
+    :func:`jxent.linear_softmax_kl_divergence` (``labels=None``, ``alpha=0``) with the
+    output weight split over ``axis_name``, inside ``jax.shard_map``.
+
+    The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over
+    the tokens as ``x`` (not over ``axis_name``); each shard reads the student's
+    logits at the indices it owns, and the combine sums them.
+
+    Args:
+      x: the student's hidden states ``[..., D]``.
+      local_w: this shard's ``[D, V_local]`` columns of the student's projection.
+      labels: integer global class ids of shape ``x.shape[:-1]``, or ``None`` with
+        ``alpha=0`` (the KL divergence alone).
+      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``.
+      axis_name: the mesh axis (or axes) the vocabulary is split over.
+      alpha: the cross-entropy's share in ``[0, 1]`` (static).
+      temperature: :math:`T > 0` (static).
+      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: float per-token weights (constants); ``"mean"`` divides by their
+        sum over the kept tokens.
+      logit_soft_cap: :math:`c > 0`, or ``None``.
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
+        tokens, or over every device of ``batch_axis_name`` if given.
+      num_classes: the true vocabulary size when the last shard is padded.
+      batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
+      chunk_size: blocks on each shard.
+
+    Returns:
+      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
+      scalar; equal on every shard of ``axis_name``.
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_distillation_loss` and
+        :func:`jxent.parallel.linear_softmax_cross_entropy`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> top = jax.lax.top_k(jax.nn.log_softmax(jnp.array([[1.0, 0.0, -1.0],
+      ...                                                    [0.0, 2.0, 0.5]])), 2)[::-1]
+      >>> fn = jax.shard_map(
+      ...     lambda x, w, i, l: jxent.parallel.linear_distillation_loss(
+      ...         x, w, None, (i, l), axis_name="model", alpha=0.0),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P()), out_specs=P())
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> got = jax.jit(fn)(put(x), put(w, None, "model"), put(top[0]), put(top[1]))
+      >>> bool(jnp.allclose(got, jxent.linear_softmax_kl_divergence(x, w, top)))
+      True
+
+    References:
+      Hinton, Vinyals & Dean, `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015.
+    """
+    alpha = v.static_number("alpha", alpha, lo=0, hi=1)
+    if alpha > 0 and labels is None:
+        raise TypeError("labels must be given (integer class ids) when alpha > 0, got None.")
+    v.check_reduction(reduction)
+    x, w, labels, bias, row_mask, split = _inputs(
+        x, local_w, labels, bias, where, axis_name, num_classes
+    )
+    temperature, soft_cap = _static(temperature, logit_soft_cap)
+    batch_shape = x.shape[:-1]
+    indices, log_probs = v.top_k_teacher(teacher, batch_shape)
+    check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
+    check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
+    n, k = math.prod(batch_shape), indices.shape[-1]
+    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    weights = driver.token_weights(token_weights, batch_shape, acc)
+    flat = indices.reshape(n, k)
+    flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
+    local, _ = local_labels(split, flat)
+    here, valid = _labels(split, labels if alpha > 0 else None, n)
+    rows = TopKRows(
+        index=local,
+        known=(flat >= 0) & (flat < split.num_classes),
+        log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
+        labels=here,
+        valid=valid,
+        keep=None if row_mask is None else row_mask.reshape(n),
+        weights=weights,
+    )
+    loss = _run(
+        Distillation(temperature, alpha, k),
+        x,
+        w,
+        bias,
+        rows,
+        split,
+        chunk_size=chunk_size,
+        soft_cap=soft_cap,
+        temperature=temperature,
+    ).reshape(batch_shape)
+    weight = row_mask
+    if weights is not None and reduction == "mean":
+        tw = weights.reshape(batch_shape)
+        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
+    return reduce_across(loss, reduction, weight, batch_axis_name)

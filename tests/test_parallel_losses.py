@@ -1,0 +1,217 @@
+"""jxent.parallel's fused log-probabilities and distillation losses (issue 14): inside
+``shard_map`` on a 2 x 2 ("data", "model") mesh, with the vocabulary of 62 classes padded
+to 64 columns (the padding holding NaN and inf), they equal the one-device functions,
+values and gradients with respect to ``x``, ``w`` and ``bias``, in float64. Run in a
+subprocess with 4 CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jxent
+
+V, PADDED, N, D, K = 62, 64, 12, 5, 4
+
+
+def test_parallel_forms_equal_one_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 12, errors
+    for name, err in errors.items():
+        # float64 throughout; the shards' sums are regrouped, nothing else differs.
+        assert err < 1e-10, (name, err)
+
+
+def _inputs():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(N, D))
+    w = rng.normal(size=(D, V))
+    b = rng.normal(size=(V,))
+    labels = rng.integers(0, V, size=(N,))
+    teacher_logits = rng.normal(size=(N, V)) * 2
+    teacher_logits[0, :3] = -np.inf  # classes the teacher rules out
+    top = jax.lax.top_k(jax.nn.log_softmax(jnp.asarray(teacher_logits) / 2.0), K)
+    where = np.arange(N) % 5 != 1
+    weights = rng.uniform(0.5, 2.0, size=(N,))
+    return x, w, b, labels, (np.asarray(top[1]), np.asarray(top[0])), where, weights
+
+
+def _main() -> None:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 4
+    x, w, b, labels, (idx, logp), where, weights = _inputs()
+    w_pad = np.concatenate([w, np.full((D, PADDED - V), np.nan)], axis=1)
+    w_pad[0, -1] = np.inf
+    b_pad = np.concatenate([b, np.full((PADDED - V,), np.nan)])
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(auto, auto))
+    put = lambda a, *spec: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P(*spec)))  # noqa: E731
+    tok, col = P("data"), P(None, "model")
+    errors = {}
+
+    def compare(name, sharded_fn, in_specs, args, one_fn, one_args):
+        sharded = jax.jit(jax.shard_map(sharded_fn, mesh=mesh, in_specs=in_specs, out_specs=P()))
+        got, grads = jax.value_and_grad(sharded, argnums=(0, 1, 2))(*args)
+        want, want_grads = jax.value_and_grad(one_fn, argnums=(0, 1, 2))(*one_args)
+        errors[name] = float(abs(got - want))
+        gx, gw, gb = (np.asarray(g) for g in grads)
+        errors[name + " dx"] = float(np.max(np.abs(gx - want_grads[0])))
+        pad_grads = max(np.max(np.abs(gw[:, V:])), np.max(np.abs(gb[V:])))
+        errors[name + " dw, dbias"] = float(
+            max(
+                np.max(np.abs(gw[:, :V] - want_grads[1])),
+                np.max(np.abs(gb[:V] - want_grads[2])),
+                pad_grads,
+            )
+        )
+
+    # Log-probabilities and entropy, summed with different weights (both cotangents).
+    def lp_sharded(x, w, b, y, m):
+        lp, h = jxent.parallel.linear_log_probs(
+            x,
+            w,
+            y,
+            axis_name="model",
+            temperature=0.7,
+            return_entropy=True,
+            bias=b,
+            where=m,
+            num_classes=V,
+            chunk_size=(4, 8),
+            logit_soft_cap=4.0,
+        )
+        return jax.lax.psum(jnp.sum(lp) + 0.3 * jnp.sum(h), "data")
+
+    def lp_one(x, w, b):
+        lp, h = jxent.linear_log_probs(
+            x,
+            w,
+            labels,
+            temperature=0.7,
+            return_entropy=True,
+            bias=b,
+            where=where,
+            logit_soft_cap=4.0,
+        )
+        return jnp.sum(lp) + 0.3 * jnp.sum(h)
+
+    args = (
+        put(x, "data"),
+        put(w_pad, *col),
+        put(b_pad, "model"),
+        put(labels, "data"),
+        put(where, "data"),
+    )
+    compare("log_probs", lp_sharded, (tok, col, P("model"), tok, tok), args, lp_one, (x, w, b))
+
+    for alpha in (0.0, 0.3):
+
+        def kd_sharded(x, w, b, y, i, lp, m, tw, alpha=alpha):
+            return jxent.parallel.linear_distillation_loss(
+                x,
+                w,
+                y if alpha else None,
+                (i, lp),
+                axis_name="model",
+                alpha=alpha,
+                temperature=2.0,
+                bias=b,
+                where=m,
+                token_weights=tw,
+                num_classes=V,
+                chunk_size=(4, 8),
+                batch_axis_name="data",
+            )
+
+        def kd_one(x, w, b, alpha=alpha):
+            if alpha:
+                return jxent.linear_distillation_loss(
+                    x,
+                    w,
+                    labels,
+                    (idx, logp),
+                    alpha=alpha,
+                    temperature=2.0,
+                    bias=b,
+                    where=where,
+                    token_weights=weights,
+                )
+            return jxent.linear_softmax_kl_divergence(
+                x, w, (idx, logp), temperature=2.0, bias=b, where=where, token_weights=weights
+            )
+
+        args = (
+            put(x, "data"),
+            put(w_pad, *col),
+            put(b_pad, "model"),
+            put(labels, "data"),
+            put(idx, "data"),
+            put(logp, "data"),
+            put(where, "data"),
+            put(weights, "data"),
+        )
+        specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
+        compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
+    # Entropy alone is the contract's own test (tests/test_fused_contract.py); here the
+    # three losses' values also match the unfused float64 composition.
+    z = x @ w + b
+    lq = jax.nn.log_softmax(z / 2.0)
+    kl = 4.0 * np.sum(
+        np.where(
+            np.isfinite(logp),
+            np.exp(logp) * (logp - np.take_along_axis(np.asarray(lq), idx, -1)),
+            0,
+        ),
+        -1,
+    )
+    want = np.sum(np.where(where, weights * kl, 0)) / np.sum(np.where(where, weights, 0))
+    got = jxent.linear_softmax_kl_divergence(
+        x, w, (idx, logp), temperature=2.0, bias=b, where=where, token_weights=weights
+    )
+    errors["kl vs unfused"] = float(abs(got - want))
+    ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(z)), labels[:, None], -1)[:, 0]
+    mixed = 0.3 * ce + 0.7 * kl
+    want = np.sum(np.where(where, weights * mixed, 0)) / np.sum(np.where(where, weights, 0))
+    got = jxent.linear_distillation_loss(
+        x,
+        w,
+        labels,
+        (idx, logp),
+        alpha=0.3,
+        temperature=2.0,
+        bias=b,
+        where=where,
+        token_weights=weights,
+    )
+    errors["distillation vs unfused"] = float(abs(got - want))
+    lp = np.take_along_axis(
+        np.asarray(jax.nn.log_softmax(np.tanh(z / 4.0) * 4.0 / 0.7)), labels[:, None], -1
+    )[:, 0]
+    got = jxent.linear_log_probs(x, w, labels, temperature=0.7, bias=b, logit_soft_cap=4.0)
+    errors["log_probs vs unfused"] = float(np.max(np.abs(np.asarray(got) - lp)))
+    print(json.dumps(errors))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _main()
