@@ -18,6 +18,7 @@ from jxent._divergence import (
     entropy,
     kl_divergence,
     kl_divergence_with_log_targets,
+    softmax_jensen_shannon_divergence,
     softmax_kl_divergence,
 )
 from jxent._focal import sigmoid_focal_loss
@@ -50,5 +51,6 @@ __all__ = [
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_jensen_shannon_divergence",
     "softmax_kl_divergence",
 ]

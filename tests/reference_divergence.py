@@ -179,6 +179,69 @@ def softmax_kl_divergence(
     return _run(_distill_row(temperature), (student, teacher), axis, where, reduction, cotangent)
 
 
+def _jsd_row(beta, temperature):
+    """The generalised JSD of softmax(te / T) (p) and softmax(s / T) (q): its partial
+    derivatives in p and q as independent vectors, from the definition, then the chain
+    rule through each softmax's Jacobian (diag(q) - q q^T) / T."""
+
+    def row(s, te, m):
+        p, log_p, has_p = _softmax(te / temperature, m)
+        q, log_q, has_q = _softmax(s / temperature, m)
+        if not (has_p and has_q):
+            return 0.0, np.zeros_like(s), np.zeros_like(te)
+        pp, qp = p > 0, q > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if beta == 0:  # KL(p || q)
+                loss = float(np.sum(p[pp] * (log_p[pp] - log_q[pp])))
+                d_p = np.where(pp, log_p - log_q + 1, 0.0)
+                d_q = np.where(qp, -p / q, 0.0)
+            elif beta == 1:  # KL(q || p)
+                loss = float(np.sum(q[qp] * (log_q[qp] - log_p[qp])))
+                d_q = np.where(qp, log_q - log_p + 1, 0.0)
+                d_p = np.where(pp, -q / p, 0.0)
+            else:
+                mix = beta * p + (1 - beta) * q
+                log_m = np.log(mix)
+                loss = float(
+                    beta * np.sum(p[pp] * (log_p[pp] - log_m[pp]))
+                    + (1 - beta) * np.sum(q[qp] * (log_q[qp] - log_m[qp]))
+                )
+                ok = mix > 0
+                d_p = np.where(
+                    ok,
+                    beta * (np.where(pp, log_p - log_m, 0.0) + 1 - np.where(ok, p / mix, 0) * beta)
+                    - (1 - beta) * np.where(ok, q / mix, 0) * beta,
+                    0.0,
+                )
+                d_q = np.where(
+                    ok,
+                    (1 - beta)
+                    * (np.where(qp, log_q - log_m, 0.0) + 1 - np.where(ok, q / mix, 0) * (1 - beta))
+                    - beta * np.where(ok, p / mix, 0) * (1 - beta),
+                    0.0,
+                )
+        jac_q = (np.diag(q) - np.outer(q, q)) / temperature
+        jac_p = (np.diag(p) - np.outer(p, p)) / temperature
+        return loss, jac_q @ d_q, jac_p @ d_p
+
+    return row
+
+
+def softmax_jensen_shannon_divergence(
+    student,
+    teacher,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    axis=-1,
+    where=None,
+    reduction="none",
+    cotangent=None,
+):
+    row = _jsd_row(beta, temperature)
+    return _run(row, (student, teacher), axis, where, reduction, cotangent)
+
+
 def _entropy_row(z, m):
     p, log_p, has = _softmax(z, m)
     if not has:

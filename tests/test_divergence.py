@@ -18,8 +18,10 @@ from checks import (
     assert_close,
     assert_no_nan,
     assert_raises_naming,
+    float_tolerance,
     large_residuals,
     standard_promotion,
+    x64_off,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,6 +32,7 @@ KL = jxent.kl_divergence
 KL_LOG = jxent.kl_divergence_with_log_targets
 DISTILL = jxent.softmax_kl_divergence
 ENTROPY = jxent.entropy
+JSD = jxent.softmax_jensen_shannon_divergence
 
 
 def log_softmax64(x, axis=-1):
@@ -78,6 +81,7 @@ def make_where(kind, rng, shape, axis):
 def cases(draw, kind):
     shape, axis = draw(layouts())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    beta = draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])) if kind == "jsd" else None
     scale = draw(st.sampled_from([0.5, 3.0]))
     a = rng.normal(size=shape) * scale
     b = rng.normal(size=shape) * scale
@@ -95,13 +99,16 @@ def cases(draw, kind):
         both = rng.random(shape) < 0.25
         a[both] = -np.inf
         b[both] = -np.inf
-        if kind == "distill":
+        # Teacher-only -inf classes (the reverse KL, beta = 1, is then +inf).
+        if kind == "distill" or (kind == "jsd" and beta < 1):
             b[rng.random(shape) < 0.2] = -np.inf
     kinds = ["none", "class", "class_bcast"] + ([] if axis is None else ["row"])
     where = make_where(draw(st.sampled_from(kinds)), rng, shape, axis)
     kwargs = {"reduction": draw(st.sampled_from(["none", "sum", "mean"]))}
-    if kind == "distill":
+    if kind in ("distill", "jsd"):
         kwargs["temperature"] = draw(st.sampled_from([1.0, 0.5, 3.0]))
+    if kind == "jsd":
+        kwargs["beta"] = beta
     return a, b, axis, where, kwargs, rng
 
 
@@ -112,6 +119,8 @@ def _call(kind, a, b, axis, where, kwargs):
         return KL_LOG(a, b, axis, where, **kwargs)
     if kind == "distill":
         return DISTILL(a, b, axis=axis, where=where, **kwargs)
+    if kind == "jsd":
+        return JSD(a, b, axis=axis, where=where, **kwargs)
     return ENTROPY(a, axis, where, **kwargs)
 
 
@@ -122,10 +131,14 @@ def _reference(kind, a, b, axis, where, kwargs, cot):
         return ref.kl_divergence_with_log_targets(a, b, axis, where, cotangent=cot, **kwargs)
     if kind == "distill":
         return ref.softmax_kl_divergence(a, b, axis=axis, where=where, cotangent=cot, **kwargs)
+    if kind == "jsd":
+        return ref.softmax_jensen_shannon_divergence(
+            a, b, axis=axis, where=where, cotangent=cot, **kwargs
+        )
     return ref.entropy(a, axis, where, cotangent=cot, **kwargs)
 
 
-KINDS = ("kl", "kl_log", "distill", "entropy")
+KINDS = ("kl", "kl_log", "distill", "entropy", "jsd")
 
 
 def _check_against_reference(kind, case, transform):
@@ -173,6 +186,7 @@ def test_eager_matches_reference(kind):
         with np.errstate(divide="ignore"):
             b = np.log(t) if kind == "kl_log" else t
     kwargs = {"reduction": "mean"} | ({"temperature": 2.0} if kind == "distill" else {})
+    kwargs |= {"temperature": 0.7, "beta": 0.3} if kind == "jsd" else {}
     _check_against_reference(kind, (a, b, -1, rng.random(3) < 0.7, kwargs, rng), lambda f: f)
 
 
@@ -187,6 +201,7 @@ def test_check_grads(kind):
         "kl_log": lambda a, b: KL_LOG(jax.nn.log_softmax(a), b),
         "distill": lambda a, b: DISTILL(a, b, temperature=1.7),
         "entropy": lambda a, b: ENTROPY(a * b),
+        "jsd": lambda a, b: JSD(a, b, beta=0.3, temperature=1.7),
     }[kind]
     fn = jax.jit(fn)
     jax.test_util.check_grads(fn, (a, b), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
@@ -576,3 +591,62 @@ def test_empty_batch(fn, reduction):
             assert out.shape == (0,)
         else:
             np.testing.assert_array_equal(out, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Generalised Jensen-Shannon divergence
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_check_grads_at_every_beta(beta):
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(3, 6)) * 2, rng.normal(size=(3, 6)) * 2
+    fn = jax.jit(lambda a, b: JSD(a, b, beta=beta, temperature=0.8))
+    jax.test_util.check_grads(fn, (a, b), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def test_jsd_ends_and_bounds():
+    """beta = 0 and 1 are the forward and reverse KL; beta = 1/2 is at most log 2, 0 for
+    equal inputs; a row the teacher rules out everywhere but one class stays finite."""
+    rng = np.random.default_rng(4)
+    s, t = rng.normal(size=(5, 9)) * 3, rng.normal(size=(5, 9)) * 3
+    assert_close(JSD(s, t, beta=0.0, temperature=2.0), DISTILL(s, t, temperature=2.0) / 4)
+    assert_close(JSD(s, t, beta=1.0), DISTILL(t, s))
+    half = np.asarray(JSD(s, t))
+    assert np.all(half >= 0) and np.all(half <= np.log(2))
+    assert_close(JSD(s, s, beta=0.3), np.zeros(5), atol=1e-15)
+    t[0, 1:] = -np.inf
+    out, grads = jax.value_and_grad(lambda s, t: jnp.sum(JSD(s, t)), (0, 1))(s, t)
+    assert np.isfinite(out)
+    assert_no_nan(*grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_jsd_low_precision(dtype, beta):
+    """x64 off, float32/bfloat16 inputs: within a tolerance derived from float32's epsilon
+    and the class count of the float64 reference of the same (rounded) inputs."""
+    rng = np.random.default_rng(5)
+    k = 300
+    s = np.asarray(jnp.asarray(rng.normal(size=(8, k)) * 3, dtype), np.float64)
+    t = np.asarray(jnp.asarray(rng.normal(size=(8, k)) * 3, dtype), np.float64)
+    r = ref.softmax_jensen_shannon_divergence(
+        s, t, beta=beta, temperature=1.5, cotangent=np.ones(8)
+    )
+    with x64_off():
+        fn = lambda s, t: JSD(s, t, beta=beta, temperature=1.5)  # noqa: E731
+        out, grads = jax.jit(
+            lambda s, t: (fn(s, t), jax.grad(lambda s, t: jnp.sum(fn(s, t)), (0, 1))(s, t))
+        )(jnp.asarray(s, dtype), jnp.asarray(t, dtype))
+    assert out.dtype == jnp.float32
+    # Each term is a probability times a log-ratio of logits up to ~|z| / T + log k.
+    cond = 2 * (np.max(np.abs(s)) + np.max(np.abs(t))) / 1.5 + np.log(k)
+    tol = float_tolerance(jnp.float32, k, cond)
+    np.testing.assert_allclose(np.asarray(out, np.float64), r.loss, rtol=tol, atol=tol)
+    # Gradients come back in the inputs' dtype: one more rounding, half an ulp of it.
+    rounding = float(jnp.finfo(dtype).eps) / 2 if dtype != jnp.float32 else 0.0
+    for g, want in zip(grads, r.grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g.astype(jnp.float32), np.float64), want, rtol=rounding, atol=tol
+        )

@@ -17,6 +17,7 @@ RNG = np.random.default_rng(0)
 LOGITS = jnp.asarray(RNG.normal(size=(6, 40)), jnp.float32)
 TARGETS = jax.nn.softmax(jnp.asarray(RNG.normal(size=(6, 40)), jnp.float32))
 LABELS = jnp.asarray(RNG.integers(0, 40, size=(6,)), jnp.int32)
+TARGETS_LOGITS = jnp.asarray(RNG.normal(size=(6, 40)), jnp.float32)
 BINARY = jnp.asarray(RNG.integers(0, 2, size=(6, 40)), jnp.float32)
 X = jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)
 W = jnp.asarray(RNG.normal(size=(8, 40)), jnp.float32)
@@ -46,6 +47,10 @@ CASES = {
         LOGITS,
     ),
     "entropy": (lambda z: jxent.entropy(z), LOGITS),
+    "softmax_jensen_shannon_divergence": (
+        lambda z: jxent.softmax_jensen_shannon_divergence(z, TARGETS_LOGITS, beta=0.3),
+        LOGITS,
+    ),
     "sigmoid_binary_cross_entropy": (
         lambda z: jxent.sigmoid_binary_cross_entropy(z, BINARY),
         LOGITS,

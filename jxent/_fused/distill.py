@@ -95,6 +95,8 @@ class Distillation(NamedTuple):
             ce = t * (m - sums.picks["z_label"]) + log_s
             loss = loss + a * jnp.where(valid, ce, jnp.nan)
             c_ce = jnp.where(valid, jnp.full_like(m, a * t), jnp.nan)
+        # The loss is NaN there: so is its gradient (never a plausible training signal).
+        c_q, c_top = (jnp.where(bad, jnp.nan, c) for c in (c_q, c_top))
         coefs = (c_q, c_top, c_ce)
         if rows.keep is not None:
             loss = jnp.where(rows.keep, loss, zero)

@@ -493,10 +493,15 @@ def _forward(spec: Spec, plan: Plan, inp: Inputs):
 # --------------------------------------------------------------------------------------------
 
 
-def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View):
+def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View, real_blk=None):
     log_p = (z - coefs.row_max[:, None]) - coefs.lse_rel[:, None]
     dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view._replace(fixed=coefs.fixed))
-    return dz if dcap is None else dz * dcap
+    dz = dz if dcap is None else dz * dcap
+    if real_blk is not None:
+        # A NaN token's coefficients (a label that is not a class) times p = 0 would make
+        # the padding's gradient NaN: it is exactly 0 whatever the token.
+        dz = jnp.where(real_blk[None, :], dz, jnp.zeros((), dz.dtype))
+    return dz
 
 
 def _scaled(coefs: Coefficients, g) -> Coefficients:
@@ -601,7 +606,7 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
             view = _view(
                 jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
             )
-            dz = _dlogits(spec, z, dcap, sub, view)
+            dz = _dlogits(spec, z, dcap, sub, view, c_blk)
             return _add_products(
                 plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax
             )
@@ -658,7 +663,7 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
         # The block's maximum behind a barrier: otherwise XLA:CPU shares z - max between
         # the sum of exponentials above and the softmax below, and materialises it.
         coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))
-        dz = _dlogits(spec, z, dcap, coefs, view)
+        dz = _dlogits(spec, z, dcap, coefs, view, inp.real_columns)
         grads = _add_products(
             plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block, ax
         )
