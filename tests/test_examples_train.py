@@ -3,13 +3,16 @@
 Each run is short (a few steps, tiny models). The README's main command is
 ``python -m jxent.examples.train`` with no task: the digits test runs it in
 short form. The resume test kills a run mid-way (Ctrl-C, then SIGKILL) and
-checks that resuming gives bit-identical parameters to an uninterrupted run.
+checks that resuming gives bit-identical parameters to an uninterrupted run; the
+distill test resumes its student from an earlier checkpoint the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +40,25 @@ TINY_LM = [
     "--checkpoint-every", "3",
     "--sample-bytes", "24",
 ]  # fmt: skip
+TINY_DISTILL = [
+    "distill",
+    "--seq-len", "32",
+    "--d-model", "16",
+    "--num-heads", "2",
+    "--num-layers", "1",
+    "--teacher-d-model", "32",
+    "--teacher-num-heads", "2",
+    "--teacher-num-layers", "1",
+    "--teacher-steps", "8",
+    "--steps", "8",
+    "--batch-size", "8",
+    "--corpus-bytes", "40000",
+    "--top-k", "4",
+    "--temperature", "1.5",
+    "--eval-every", "4",
+    "--checkpoint-every", "4",
+    "--no-progress",
+]  # fmt: skip
 
 
 def _env(devices: int = 1) -> dict[str, str]:
@@ -51,9 +73,15 @@ def _command(args) -> list[str]:
     return [sys.executable, "-m", "jxent.examples.train", *map(str, args)]
 
 
-def run_trainer(args, *, devices: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_trainer(
+    args, *, devices: int = 1, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        _command(args), env=_env(devices), capture_output=True, text=True, timeout=timeout
+        _command(args),
+        env=_env(devices) | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -205,6 +233,63 @@ def test_resume_after_interrupt_and_kill_equals_uninterrupted(tmp_path):
     assert ma["train"] == mb["train"] and ma["eval"] == mb["eval"]
 
 
+def test_distill_end_to_end_then_resume_the_student(tmp_path):
+    """The teacher (an lm run), then the distilled student, in one command; then the
+    student resumed from its step-4 checkpoint ends bit-identical. (--baseline and
+    --teacher-checkpoint: tests/test_examples_units.py.)"""
+    out = tmp_path / "run"
+    # The resumed run loads the programs the first one compiled (13 s less on 2 cores).
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    proc = run_trainer([*TINY_DISTILL, "--out-dir", out], env=cache)
+    _check_ok(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "distill" and metrics["outcome"] == "completed"
+    assert metrics["config"]["top_k"] == 4 and metrics["config"]["temperature"] == 1.5
+    report = metrics["distillation"]
+    teacher, student = report["teacher"], report["student"]
+    assert student["val_bits_per_byte"] == metrics["final"]["val_bits_per_byte"]
+    assert report["baseline"] is None
+    for r in (teacher, student):
+        assert math.isfinite(r["val_bits_per_byte"]) and 0 < r["val_bits_per_byte"] < 9
+        assert r["val_bits_per_byte"] == pytest.approx(r["val_loss"] / np.log(2))
+    # the teacher's figure is its own run's, on the same held-out data
+    teacher_run = json.loads((out / "teacher" / "metrics.json").read_text())
+    assert teacher_run["task"] == "lm" and teacher_run["config"]["d_model"] == 32
+    assert teacher["val_bits_per_byte"] == pytest.approx(
+        teacher_run["final"]["val_bits_per_byte"], rel=1e-5
+    )
+    assert teacher["parameters"] > metrics["parameters"]
+    losses = metrics["history"]["train"]["loss"]
+    assert len(losses) == 8 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    for name in ("teacher", "student"):
+        assert f"held-out bits per byte: {name}" in proc.stdout
+    assert "jxent.linear_distillation_loss (alpha=0.5, temperature=1.5" in proc.stdout
+    assert _steps(out) == [4, 8] and _steps(out / "teacher") == [4, 8]
+
+    # Resume the student from step 4: the finished teacher is not trained again.
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    for name in ("metrics.json", "curves.png"):
+        (again / name).unlink()
+    shutil.rmtree(again / "checkpoints" / "8")
+    proc = run_trainer(["distill", "--out-dir", again, "--resume", "--no-progress"], env=cache)
+    _check_ok(proc)
+    assert "resuming from the checkpoint at step 4" in proc.stdout
+    assert "=== teacher: done in" in proc.stdout
+    assert proc.stdout.count("jxent example: byte-level LM") == 1  # the student only
+    a, b = _leaves(_params(out, 8)), _leaves(_params(again, 8))
+    assert a.keys() == b.keys() and len(a) > 5
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    resumed = json.loads((again / "metrics.json").read_text())
+    assert resumed["history"]["train"] == metrics["history"]["train"]
+    assert resumed["history"]["eval"] == metrics["history"]["eval"]
+    assert resumed["distillation"]["teacher"] == teacher | {"directory": str(again / "teacher")}
+
+
 def test_data_parallel_on_four_devices(digits_run, tmp_path):
     """The same run on 4 forced CPU devices: batch split 4 ways, same losses as 1 device."""
     single_out, single_proc = digits_run
@@ -262,7 +347,7 @@ BAD_FLAGS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["mnist"], "invalid choice: 'mnist'"),
     (["--loss", "hinge"], "invalid choice: 'hinge'"),
-    (["digits", "--d-model", "64"], "--d-model applies to the lm task, not digits"),
+    (["digits", "--d-model", "64"], "--d-model applies to the lm and distill tasks, not digits"),
     (["lm", "--loss", "focal"], "--loss applies to the digits task, not lm"),
     (["--focal-gamma", "1"], "apply only with --loss focal"),
     (["--loss", "focal", "--label-smoothing", "0.1"], "not focal"),
@@ -271,6 +356,12 @@ BAD_FLAGS = [
     (["--resume", "--overwrite"], "contradict"),
     (["--num-devices", "64"], "only 1 local device"),
     (["--batch-size", "5000"], "batch size must be in [1, 1438]"),
+    (["lm", "--alpha", "0.5"], "--alpha applies to the distill task, not lm"),
+    (["distill", "--alpha", "1.5"], "invalid number in [0, 1] value: '1.5'"),
+    (["distill", "--top-k", "300"], "--top-k 300 is more than the 256 byte values"),
+    (["distill", "--teacher-d-model", "30"], "--teacher-num-heads 4 must divide"),
+    (["distill", "--teacher-checkpoint", "x", "--teacher-steps", "5"], "--teacher-steps desc"),
+    (["distill", "--teacher-checkpoint", "/nonexistent"], "no checkpoint in /nonexistent"),
 ]
 
 
@@ -313,4 +404,6 @@ def test_command_line_errors_and_help_as_a_subprocess(tmp_path):
     train.build_parser()
     for name in train.FLAGS:
         assert "--" + name.replace("_", "-") in helped.stdout
-    assert "digits" in helped.stdout and "lm" in helped.stdout and "exit codes" in helped.stdout
+    for task in train.TASKS:
+        assert task in helped.stdout
+    assert "exit codes" in helped.stdout

@@ -5,6 +5,7 @@ modules here need the ``examples`` extra (``pip install -e ".[examples]"``):
 
 - :mod:`jxent.examples.train`: the command line, the run, its exit codes;
 - :mod:`jxent.examples.trainer`: the mesh, the training loop, evaluation, reports;
+- :mod:`jxent.examples.distill`: the distill task's phases (a teacher, then a student);
 - :mod:`jxent.examples.distributed`: several processes on JAX's distributed runtime
   (joining it, ``--spawn``'s local launcher);
 - :mod:`jxent.examples.data`: the digits and byte-level corpus pipelines;

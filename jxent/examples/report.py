@@ -10,7 +10,11 @@ import jax
 
 
 def title(args, task) -> str:
-    what = {"digits": f"digits, loss {getattr(args, 'loss', '')}", "lm": "byte-level LM"}
+    what = {
+        "digits": f"digits, loss {getattr(args, 'loss', '')}",
+        "lm": "byte-level LM",
+        "distill": "byte-level LM distillation",
+    }
     return f"jxent example: {what[args.task]}"
 
 
@@ -40,8 +44,10 @@ def layout(mesh) -> str:
 def header(args, task, n_params: int, mesh, out: Path, start_step: int) -> str:
     rows = "examples" if task.unit == "ex" else "sequences"
     parallel = f"data parallel over {_devices_text(mesh)}"
-    if task.name == "lm" and mesh.shape["model"] > 1:
+    if task.name in ("lm", "distill") and mesh.shape["model"] > 1:
         parallel += f", output layer vocabulary parallel over {mesh.shape['model']} of them"
+        if task.name == "distill":
+            parallel += " in evaluation (the distillation loss is data parallel)"
     lines = [
         f"{title(args, task)}: {n_params:,} parameters, {parallel}",
         f"  {args.steps} steps of {args.batch_size} {rows}; output in {out}",
@@ -117,7 +123,7 @@ def metrics_json(
         "throughput_per_second": throughput,
         "throughput_unit": task.unit,
         "history": history.to_json(),
-    }
+    } | task.report_metrics(final)
 
 
 def summary_table(metrics: dict[str, Any], task, out: Path, checkpoint_steps: list[int]) -> str:
@@ -173,8 +179,11 @@ _METRIC_NAMES = {
 }
 
 
-def plot_curves(history, path: Path, *, title: str) -> None:
-    """Training loss per step, held-out loss and the other held-out metrics per evaluation."""
+def plot_curves(history, path: Path, *, title: str, references: dict | None = None) -> None:
+    """Training loss per step, held-out loss and the other held-out metrics per evaluation;
+    ``references`` adds other models' lines to a metric's panel: ``{metric: [(label,
+    steps, values)]}``, ``steps`` None for a constant (a horizontal line)."""
+    references = references or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,8 +202,16 @@ def plot_curves(history, path: Path, *, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
     for ax, key in zip(axes[1:], extra, strict=True):
-        ax.plot([e["step"] for e in history.evals], [e[key] for e in history.evals], "s-")
+        steps = [e["step"] for e in history.evals]
+        ax.plot(steps, [e[key] for e in history.evals], "s-", label="this run")
         ax.set(xlabel="step", title=f"{_METRIC_NAMES.get(key, key)} (held out)")
+        for label, ref_steps, values in references.get(key, []):
+            if ref_steps is None:
+                ax.axhline(values[0], ls="--", color="gray", label=label)
+            else:
+                ax.plot(ref_steps, values, "^:", label=label)
+        if references.get(key):
+            ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)

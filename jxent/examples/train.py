@@ -1,11 +1,13 @@
-"""The example trainer: ``python -m jxent.examples.train [digits|lm] [options]``.
+"""The example trainer: ``python -m jxent.examples.train [digits|lm|distill] [options]``.
 
 Trains a Flax NNX model with Optax and a jxent loss, data parallel over every
 device (a ``jax.sharding.Mesh`` with ``"data"`` and ``"model"`` axes: the batch is
 split over all its devices, the parameters are replicated, and the lm task's output
 layer is vocabulary parallel over ``"model"``), with a progress bar, periodic
 evaluation, orbax checkpoints and ``--resume``, and writes ``metrics.json``,
-``curves.png`` and a summary table at the end. ``--help`` lists every option.
+``curves.png`` and a summary table at the end. ``--help`` lists every option. The
+``distill`` task runs in phases, each an ordinary run in its own directory (a teacher
+``lm`` run, then the student); see :mod:`jxent.examples.distill`.
 
 Several processes (hosts) train together on JAX's distributed runtime: ``--spawn N``
 on one machine, ``--num-processes``/``--process-id``/``--coordinator`` by hand, or no
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 PROG = "python -m jxent.examples.train"
-TASKS = ("digits", "lm")
+TASKS = ("digits", "lm", "distill")
 EXIT_NONFINITE, EXIT_USAGE, EXIT_PEER, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -53,8 +55,13 @@ class Flag:
     name: str  # the attribute name, e.g. "batch_size" for --batch-size
     default: Any  # a value, or a {task: value} dict for per-task defaults
     tasks: tuple[str, ...] = TASKS  # the tasks the flag applies to
-    defines_run: bool = True  # on --resume it must match the checkpoint's value
+    # on --resume it must match the checkpoint's value (True, False, or for these tasks)
+    defines_run: bool | tuple[str, ...] = True
     shown: str | None = None  # how --help shows a default that is computed later
+
+    def defines(self, task: str) -> bool:
+        """Whether the flag's value changes what a run of ``task`` computes."""
+        return self.defines_run if isinstance(self.defines_run, bool) else task in self.defines_run
 
 
 FLAGS: dict[str, Flag] = {}
@@ -152,7 +159,10 @@ tasks:
   digits  (default) an MLP on scikit-learn's bundled 8x8 handwritten digits;
           --loss picks softmax cross-entropy, focal loss or sigmoid BCE
   lm      a byte-level decoder-only transformer on Python's standard-library
-          sources, trained with linear_softmax_cross_entropy (z-loss, padding)"""
+          sources, trained with linear_softmax_cross_entropy (z-loss, padding)
+  distill a smaller byte-level transformer distilled from a larger one (trained
+          first as an lm run in <out-dir>/teacher, or --teacher-checkpoint) with
+          linear_distillation_loss on the teacher's top-k log-probabilities"""
 
 _EPILOG = f"""\
 examples:
@@ -162,6 +172,9 @@ examples:
   {PROG} lm --d-model 256 --num-layers 4 --steps 2000 --out-dir runs/lm-big
   {PROG} --resume               # continue runs/digits after Ctrl-C
   {PROG} lm --spawn 2 --cpu-devices 2   # 2 processes x 2 CPU devices on this machine
+  {PROG} distill                # teacher, then student: under a minute on a CPU
+  {PROG} distill --baseline --out-dir runs/distill-vs-baseline
+  {PROG} distill --teacher-checkpoint runs/lm --out-dir runs/distill-from-lm
 
 exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad flags or an unusable
 output directory; 3 a multi-process run lost a process or could not start; 130
@@ -172,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     FLAGS.clear()
     parser = _Parser(
         prog=PROG,
-        usage=f"{PROG} [digits|lm] [options]",
+        usage=f"{PROG} [digits|lm|distill] [options]",
         allow_abbrev=False,  # --spawn passes the command line on: flags are spelt out
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_DESCRIPTION,
@@ -187,22 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
         g,
         "--steps",
         type=_positive_int,
-        default={"digits": 300, "lm": 400},
-        help="optimizer steps in total",
+        default={"digits": 300, "lm": 400, "distill": 200},
+        help="optimizer steps in total (distill: the student's, and the baseline's)",
     )
     _add(
         g,
         "--batch-size",
         type=_positive_int,
-        default={"digits": 128, "lm": 32},
-        help="global batch size (examples for digits, sequences for lm); split over the "
-        "devices, so it must be a multiple of their number",
+        default={"digits": 128, "lm": 32, "distill": 16},
+        help="global batch size (examples for digits, sequences for lm and distill); split "
+        "over the devices, so it must be a multiple of their number",
     )
     _add(
         g,
         "--learning-rate",
         type=_positive_float,
-        default={"digits": 3e-3, "lm": 2e-3},
+        default={"digits": 3e-3, "lm": 2e-3, "distill": 3e-3},
         help="peak learning rate of AdamW (linear warm-up, then cosine decay to 1%%)",
     )
     _add(
@@ -217,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         g,
         "--weight-decay",
         type=_nonnegative_float,
-        default={"digits": 1e-4, "lm": 0.01},
+        default={"digits": 1e-4, "lm": 0.01, "distill": 0.01},
         help="AdamW decoupled weight decay (matrices only, not biases or norms)",
     )
     _add(g, "--grad-clip", type=_positive_float, default=1.0, help="global gradient-norm clip")
@@ -234,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         g,
         "--eval-every",
         type=_positive_int,
-        default={"digits": 25, "lm": 50},
+        default={"digits": 25, "lm": 50, "distill": 50},
         defines_run=False,
         help="evaluate on the held-out data every this many steps (and at the end)",
     )
@@ -438,23 +451,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of hidden layers",
     )
 
-    g = parser.add_argument_group("lm task")
+    lm = ("lm", "distill")
+    g = parser.add_argument_group("lm and distill tasks (distill: the student's model)")
     _add(
         g,
         "--seq-len",
         type=_positive_int,
-        default=128,
-        tasks=("lm",),
+        default={"lm": 128, "distill": 64},
+        tasks=lm,
         help="bytes per training sequence (and the sampling context)",
     )
-    _add(g, "--d-model", type=_positive_int, default=128, tasks=("lm",), help="transformer width")
-    _add(g, "--num-layers", type=_positive_int, default=2, tasks=("lm",), help="transformer blocks")
+    _add(
+        g,
+        "--d-model",
+        type=_positive_int,
+        default={"lm": 128, "distill": 32},
+        tasks=lm,
+        help="transformer width",
+    )
+    _add(
+        g,
+        "--num-layers",
+        type=_positive_int,
+        default={"lm": 2, "distill": 1},
+        tasks=lm,
+        help="transformer blocks",
+    )
     _add(
         g,
         "--num-heads",
         type=_positive_int,
-        default=4,
-        tasks=("lm",),
+        default={"lm": 4, "distill": 2},
+        tasks=lm,
         help="attention heads (must divide --d-model)",
     )
     _add(
@@ -470,16 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=_positive_int,
         default=None,
-        tasks=("lm",),
+        tasks=lm,
         shown="the library's choice",
-        help="vocabulary columns per block of linear_softmax_cross_entropy",
+        help="vocabulary columns per block of the fused losses",
     )
     _add(
         g,
         "--corpus-bytes",
         type=_positive_int,
         default=1_000_000,
-        tasks=("lm",),
+        tasks=lm,
         help="bytes of standard-library source to use (files in sorted order)",
     )
     _add(
@@ -495,10 +523,85 @@ def build_parser() -> argparse.ArgumentParser:
         g,
         "--temperature",
         type=_positive_float,
-        default=0.8,
-        tasks=("lm",),
-        defines_run=False,
-        help="sampling temperature",
+        default={"lm": 0.8, "distill": 1.0},
+        tasks=lm,
+        defines_run=("distill",),
+        help="lm: the sampling temperature; distill: the distillation temperature T (the "
+        "teacher's top-k are those of log_softmax(teacher_logits / T), the student's logits "
+        "are divided by T and the divergence is scaled by T^2)",
+    )
+
+    g = parser.add_argument_group("distill task (the teacher: an lm run)")
+    _add(
+        g,
+        "--teacher-checkpoint",
+        metavar="DIR",
+        type=str,
+        default=None,
+        tasks=("distill",),
+        shown="none: train one in <out-dir>/teacher",
+        help="the --out-dir of an lm run (or its checkpoints/ folder) whose latest checkpoint "
+        "is the teacher; its --seq-len must be at least the student's",
+    )
+    _add(
+        g,
+        "--teacher-steps",
+        type=_positive_int,
+        default=300,
+        tasks=("distill",),
+        help="steps of the teacher's lm run (with the student's batch size, learning rate, "
+        "data and seed)",
+    )
+    _add(
+        g,
+        "--teacher-d-model",
+        type=_positive_int,
+        default=96,
+        tasks=("distill",),
+        help="the teacher's width",
+    )
+    _add(
+        g,
+        "--teacher-num-layers",
+        type=_positive_int,
+        default=2,
+        tasks=("distill",),
+        help="the teacher's transformer blocks",
+    )
+    _add(
+        g,
+        "--teacher-num-heads",
+        type=_positive_int,
+        default=4,
+        tasks=("distill",),
+        help="the teacher's attention heads (must divide --teacher-d-model)",
+    )
+    _add(
+        g,
+        "--alpha",
+        type=_fraction,
+        default=0.5,
+        tasks=("distill",),
+        help="the share of the hard-label cross-entropy in the student's loss, "
+        "alpha CE + (1 - alpha) T^2 KL(teacher || student)",
+    )
+    _add(
+        g,
+        "--top-k",
+        type=_positive_int,
+        default=16,
+        tasks=("distill",),
+        help="the teacher's most likely bytes per position passed to the student's loss "
+        "(at most 256)",
+    )
+    _add(
+        g,
+        "--baseline",
+        action="store_true",
+        default=False,
+        tasks=("distill",),
+        help="also train the student's model without the teacher (an lm run with no z-loss, "
+        "the same steps, in <out-dir>/baseline) and compare",
     )
     return parser
 
@@ -515,15 +618,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in sorted(explicit):
         if args.task not in FLAGS[name].tasks:
             flag = "--" + name.replace("_", "-")
-            raise UsageError(
-                f"{flag} applies to the {'/'.join(FLAGS[name].tasks)} task, not {args.task}"
+            tasks = FLAGS[name].tasks
+            which = (
+                f"the {tasks[0]} task" if len(tasks) == 1 else f"the {' and '.join(tasks)} tasks"
             )
+            raise UsageError(f"{flag} applies to {which}, not {args.task}")
     for name, flag in FLAGS.items():
         if name in explicit:
             continue
         default = flag.default
         if isinstance(default, dict):
-            default = default[args.task]
+            default = default.get(args.task)  # None where the flag does not apply
         setattr(args, name, default)
     args.explicit = explicit
     if args.out_dir is None:
@@ -535,11 +640,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError("--focal-alpha and --focal-gamma apply only with --loss focal")
         if args.loss == "focal" and "label_smoothing" in explicit:
             raise UsageError("--label-smoothing applies to --loss xent and bce, not focal")
-    if args.task == "lm" and args.d_model % args.num_heads:
+    if args.task in ("lm", "distill") and args.d_model % args.num_heads:
         raise UsageError(f"--num-heads {args.num_heads} must divide --d-model {args.d_model}")
+    if args.task == "distill":
+        _check_distill(args)
     _check_processes(args)
     _resolve_warmup(args)
     return args
+
+
+_TEACHER_FLAGS = ("teacher_steps", "teacher_d_model", "teacher_num_layers", "teacher_num_heads")
+
+
+def _check_distill(args: argparse.Namespace) -> None:
+    if args.teacher_checkpoint is not None:
+        given = [n for n in _TEACHER_FLAGS if n in args.explicit]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(
+                f"{flag} describes a teacher trained here; --teacher-checkpoint loads one"
+            )
+    elif args.teacher_d_model % args.teacher_num_heads:
+        raise UsageError(
+            f"--teacher-num-heads {args.teacher_num_heads} must divide --teacher-d-model "
+            f"{args.teacher_d_model}"
+        )
+    if args.top_k > 256:
+        raise UsageError(f"--top-k {args.top_k} is more than the 256 byte values")
 
 
 def _check_processes(args: argparse.Namespace) -> None:
@@ -603,7 +730,7 @@ def apply_saved_config(args: argparse.Namespace, saved: dict[str, Any]) -> None:
         if name == "task" or name not in FLAGS:
             continue
         if name in args.explicit:
-            if FLAGS[name].defines_run and getattr(args, name) != value:
+            if FLAGS[name].defines(args.task) and getattr(args, name) != value:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(
                     f"--resume: {flag} {getattr(args, name)} differs from the run's {value}; "
@@ -619,13 +746,9 @@ def apply_saved_config(args: argparse.Namespace, saved: dict[str, Any]) -> None:
 OUTPUT_FILES = ("metrics.json", "curves.png", "samples.txt")
 
 
-def prepare_out_dir(args: argparse.Namespace, main_process: bool = True) -> Path:
-    """Creates and checks the output directory; raises :class:`UsageError` if unusable.
-
-    Every process of a run checks it (they share it: a shared file system across hosts);
-    only the main process deletes an earlier run's files for ``--overwrite``.
-    """
-    out = Path(args.out_dir)
+def usable_dir(path) -> Path:
+    """Creates ``path`` and checks that it can be written; raises :class:`UsageError`."""
+    out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".jxent-write-test-{socket.gethostname()}-{os.getpid()}"
@@ -634,8 +757,23 @@ def prepare_out_dir(args: argparse.Namespace, main_process: bool = True) -> Path
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise UsageError(f"--out-dir {out} is not a usable directory: {reason}") from None
+    return out
+
+
+def has_checkpoint(ckpt: Path) -> bool:
+    """Whether the checkpoint folder ``ckpt`` holds a complete checkpoint."""
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def prepare_out_dir(args: argparse.Namespace, main_process: bool = True) -> Path:
+    """Creates and checks the output directory; raises :class:`UsageError` if unusable.
+
+    Every process of a run checks it (they share it: a shared file system across hosts);
+    only the main process deletes an earlier run's files for ``--overwrite``.
+    """
+    out = usable_dir(args.out_dir)
     ckpt = out / "checkpoints"
-    has_run = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    has_run = has_checkpoint(ckpt)
     if args.overwrite:
         if main_process:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -671,10 +809,12 @@ def join_processes(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
-def run(args: argparse.Namespace, runtime=None) -> int:
+def run(args: argparse.Namespace, runtime=None, *, resume_command: str | None = None) -> int:
     """Trains, evaluates, checkpoints and reports; returns the exit code.
 
-    In a multi-process run every process calls it; process 0 reports.
+    In a multi-process run every process calls it; process 0 reports. A run that is one
+    phase of another (the distill task's) names the command that resumes the whole in
+    ``resume_command``.
     """
     try:
         from jax.experimental import multihost_utils
@@ -734,9 +874,10 @@ def run(args: argparse.Namespace, runtime=None) -> int:
     if outcome == "interrupted":
         if main_process:
             again = "  # and --spawn, or each process's flags" if runtime.multiprocess else ""
+            command = resume_command or f"{PROG} {args.task} --out-dir {out} --resume"
             print(
                 f"\nInterrupted at step {trainer.step}; saved a checkpoint. Continue with:\n"
-                f"  {PROG} {args.task} --out-dir {out} --resume{again}",
+                f"  {command}{again}",
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
@@ -777,7 +918,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise UsageError(str(e)) from None
         runtime = join_processes(args)
-        code = run(args, runtime)
+        if args.task == "distill":
+            from jxent.examples import distill
+
+            code = distill.run(args, runtime)
+        else:
+            code = run(args, runtime)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
@@ -804,4 +950,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as jxent.examples.train, not as a second copy of it named __main__: the distill
+    # task's module imports this one and must share its flags and exceptions.
+    from jxent.examples import train
+
+    sys.exit(train.main())

@@ -227,6 +227,8 @@ class Trainer:
         )
         self.speed = report.Throughput(self.task.items_per_step, self.task.unit)
         self.stopping = False  # agreed by every process: save and stop (Ctrl-C, SIGTERM)
+        # Fixed models (the distill task's teacher) are scored once on the held-out data.
+        self.task.evaluate_references(self.evaluate_model)
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -253,7 +255,8 @@ class Trainer:
 
     def train_batch(self, step: int) -> dict:
         rows = self.rows(self.args.batch_size)
-        return self.shard(self.task.train_batch(step, rows), self.args.batch_size)
+        batch = self.shard(self.task.train_batch(step, rows), self.args.batch_size)
+        return self.task.device_batch(batch)
 
     def _votes(self, stop: StopFlag) -> jax.Array:
         """This process's vote to stop, one per device; the step returns their "or"."""
@@ -265,18 +268,29 @@ class Trainer:
             self._vote_arrays[vote] = self.shard({"stop": local}, n)["stop"]
         return self._vote_arrays[vote]
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics of the current parameters, plus the recent training loss."""
+    def _held_out(self, eval_step, model_state) -> dict[str, float]:
         outs = [
-            jax.device_get(self._eval_step(self.state["model"], self.shard(b, n)))
+            jax.device_get(eval_step(model_state, self.shard(b, n)))
             for b, n in self.task.eval_batches(self.rows)
         ]
         merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return self.task.summarize_eval(merged)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current parameters, plus the recent training loss."""
         return (
             {"step": self.step}
-            | self.task.summarize_eval(merged)
+            | self._held_out(self._eval_step, self.state["model"])
             | {"train_loss": self.history.mean_train_loss(self.history.last_eval_step)}
         )
+
+    def evaluate_model(self, model_def, model_state) -> dict[str, float]:
+        """Held-out metrics of another model of the task's kind (its state replicated
+        over the mesh)."""
+        eval_step = jax.jit(
+            training.make_eval_step(self.task, model_def), out_shardings=self.replicated
+        )
+        return self._held_out(eval_step, model_state)
 
     def save(self) -> None:
         meta = {"config": self.config, "history": self.history.to_json()}
@@ -387,7 +401,10 @@ class Trainer:
         )
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         report.plot_curves(
-            self.history, self.out / "curves.png", title=report.title(self.args, self.task)
+            self.history,
+            self.out / "curves.png",
+            title=report.title(self.args, self.task),
+            references=self.task.plot_references(),
         )
         print(
             report.summary_table(metrics, self.task, self.out, self.checkpoints.all_steps()),
