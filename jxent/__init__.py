@@ -28,6 +28,7 @@ from jxent.linear import (
     linear_entropy,
     linear_log_probs,
     linear_softmax_cross_entropy,
+    linear_softmax_jensen_shannon_divergence,
     linear_softmax_kl_divergence,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "linear_entropy",
     "linear_log_probs",
     "linear_softmax_cross_entropy",
+    "linear_softmax_jensen_shannon_divergence",
     "linear_softmax_kl_divergence",
     "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",

@@ -119,6 +119,72 @@ def _kl_row(u, umag, index, log_p, t):
     return value, du, scale, t * (big_p * r.q * r.q_cond + at)
 
 
+def _jsd_row(u, umag, index, log_p, t, beta):
+    """The generalised JSD of the teacher's sparse ``p`` (its classes distinct) and
+    ``q = softmax(u / t)``, from the definition over every class: its partials in ``q``
+    (``p`` held fixed), then the chain rule through the softmax's Jacobian."""
+    v = u.shape[0]
+    p = np.exp(log_p)
+    given = p > 0
+    if np.any(given & ((index < 0) | (index >= v))):
+        return _nan_row(v)
+    zmag = umag / t
+    r = _Row(u / t, zmag)
+    p_full = np.zeros(v)
+    p_full[index[given]] = p[given]
+    q, log_q = r.q, r.log_q
+    pos = p_full > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_pf = np.where(pos, np.log(np.where(pos, p_full, 1.0)), -np.inf)
+        if beta == 0:
+            value = float(np.sum(p_full[pos] * (log_pf[pos] - log_q[pos])))
+            d_q = -p_full / q
+        else:
+            mix = beta * p_full + (1 - beta) * q
+            log_m = np.log(mix)
+            value = float(
+                beta * np.sum(p_full[pos] * (log_pf[pos] - log_m[pos]))
+                + (1 - beta) * np.sum(q * (log_q - log_m))
+            )
+            d_q = (1 - beta) * (log_q - log_m + 1 - (1 - beta) * q / mix) - beta * (
+                1 - beta
+            ) * p_full / mix
+    d_q = np.where(q > 0, d_q, 0.0)
+    du = (np.diag(q) - np.outer(q, q)) @ d_q / t
+    mag = np.abs(log_q) + zmag + r.lse_mag
+    scale = float(np.sum((p_full + q) * (np.abs(np.where(pos, log_pf, 0.0)) + mag))) + 1.0
+    du_scale = q * r.q_cond * (np.abs(d_q) + float(np.sum(q * np.abs(d_q)))) / t + p_full / t
+    return value, du, scale, du_scale
+
+
+def linear_softmax_jensen_shannon_divergence(
+    x,
+    w,
+    teacher,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    bias=None,
+    where=None,
+    token_weights=None,
+    normalizer=None,
+    logit_soft_cap=None,
+    reduction="mean",
+    num_classes=None,
+    cotangent=None,
+) -> Result:
+    lg = _logits(x, w, bias, num_classes, logit_soft_cap)
+    keep = _keep(where, lg.n)
+    tw = _token_weights(token_weights, lg.n)
+    index = np.asarray(teacher[0]).astype(np.int64).reshape(lg.n, -1)
+    log_p = np.asarray(teacher[1], np.float64).reshape(lg.n, -1)
+
+    def row(r):
+        return _jsd_row(lg.u[r], lg.umag[r], index[r], log_p[r], float(temperature), beta)
+
+    return _weighted_loss(lg, keep, tw, row, reduction, normalizer, cotangent)
+
+
 def _ce_row(u, umag, y, weight=1.0, t=1.0):
     """``weight * (lse(u) - u_y)`` at temperature 1 (``t``: the temperature the fused
     distillation loss reads its logits at, which conditions its softmax)."""

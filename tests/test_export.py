@@ -80,6 +80,12 @@ CASES = {
         lambda x: jxent.linear_softmax_kl_divergence(x, W, TOP_K, reduction="none"),
         X,
     ),
+    "linear_softmax_jensen_shannon_divergence": (
+        lambda x: jxent.linear_softmax_jensen_shannon_divergence(
+            x, W, TOP_K, beta=0.3, reduction="none"
+        ),
+        X,
+    ),
     "linear_distillation_loss": (
         lambda x: jxent.linear_distillation_loss(
             x, W, LABELS, TOP_K, temperature=2.0, reduction="none"

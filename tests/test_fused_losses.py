@@ -77,6 +77,12 @@ def call(name, x, w, b, data, opts):
                 x, w, data["labels"], teacher, alpha=alpha, temperature=t, **common, **reduced
             ),
         )
+    if name == "jsd":
+        return (
+            jxent.linear_softmax_jensen_shannon_divergence(
+                x, w, teacher, beta=opts["beta"], temperature=t, **common, **reduced
+            ),
+        )
     if name == "ce":
         lse = opts.get("return_lse", False)
         out = jxent.linear_softmax_cross_entropy(
@@ -135,6 +141,10 @@ def reference(name, x, w, b, data, opts, cts):
             cotangent=cts[0],
             **common,
             **reduced,
+        )
+    if name == "jsd":
+        return ref.linear_softmax_jensen_shannon_divergence(
+            x, w, teacher, beta=opts["beta"], temperature=t, cotangent=cts[0], **common, **reduced
         )
     if name == "ce":
         lse = opts.get("return_lse", False)
@@ -213,8 +223,10 @@ def make_data(
     fill = PAD_VALUES[pad_value]
     w[:, v:], b[v:] = fill, fill
     data = {"labels": rng.integers(0, v, batch).astype(np.int32)}
-    if name in ("kl", "distill"):
+    if name in ("kl", "distill", "jsd"):
         indices = rng.integers(0, v, batch + (k,)).astype(np.int32)
+        if name == "jsd":  # the generalised JSD takes distinct classes (a top-k)
+            indices = np.argsort(rng.random(batch + (v,)), -1)[..., :k].astype(np.int32)
         probs = rng.dirichlet(np.ones(k + 1), batch)[..., :k]
         log_probs = np.log(probs)
         if dropped_teacher:
@@ -380,6 +392,14 @@ CASES = [
         dict(FULL, reduction="mean", return_lse=True),
         dict(FULL_DATA, token_weights=True, class_weights=True),
     ),
+    ("jsd_none_T", "jsd", dict(FULL, beta=0.5, temperature=1.3, reduction="none"), FULL_DATA),
+    (
+        "jsd_mean_weighted",
+        "jsd",
+        dict(FULL, beta=0.2, reduction="mean"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    ("jsd_forward_kl", "jsd", dict(FULL, beta=0.0, temperature=0.8, reduction="sum"), FULL_DATA),
     (
         "ce_none_weights",
         "ce",
@@ -429,6 +449,11 @@ LOW = [
         dict(pad=PAD, pad_value="finite", where=True, token_weights=True),
     ),
     (
+        "jsd",
+        dict(FULL, beta=0.5, temperature=1.2, reduction="mean"),
+        dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=50.0),
+    ),
+    (
         "ce",
         dict(FULL, reduction="mean", return_lse=True),
         dict(
@@ -464,6 +489,7 @@ GRAD_CASES = [
     ("kl", dict(temperature=2.0, reduction="mean", soft_cap=3.0, chunk_size=(3, 5), num_classes=9)),
     ("distill", dict(alpha=0.3, temperature=0.8, reduction="none", num_classes=9)),
     ("ce", dict(reduction="mean", return_lse=True, soft_cap=4.0, num_classes=9)),
+    ("jsd", dict(beta=0.4, temperature=1.4, reduction="mean", chunk_size=(3, 5), num_classes=9)),
 ]
 
 
@@ -1184,3 +1210,26 @@ def test_property_float64_matches_reference(case):
     arrays, data = make_data(name, batch, d, v, **kw)
     cts = make_cts(name, opts, batch, seed=kw["seed"] + 1)
     check_against_reference(name, opts, arrays, data, cts)
+
+
+def test_jensen_shannon_beta_one_is_refused():
+    """The reverse KL end is infinite for a top-k teacher: refused at trace time, naming
+    beta; beta outside [0, 1] too."""
+    for beta, exc in ((1.0, ValueError), (1.5, ValueError), (-0.1, ValueError)):
+        with pytest.raises(exc, match="beta"):
+            jxent.linear_softmax_jensen_shannon_divergence(EX, EW, (EI, ELP), beta=beta)
+
+
+def test_jensen_shannon_dropped_entries_duplicating_a_class():
+    """Entries with p = 0 may repeat a class of the top-k: they change nothing."""
+    rng = np.random.default_rng(8)
+    x, w = rng.normal(size=(4, 3)), rng.normal(size=(3, 11))
+    idx = np.argsort(rng.random((4, 11)), -1)[:, :4]
+    lp = np.log(rng.dirichlet(np.ones(5), 4)[:, :4])
+    extra_idx = np.concatenate([idx, idx[:, :2]], -1)
+    extra_lp = np.concatenate([lp, np.full((4, 2), -np.inf)], -1)
+    f = jxent.linear_softmax_jensen_shannon_divergence
+    want, want_g = jax.value_and_grad(lambda w: f(x, w, (idx, lp), beta=0.4))(w)
+    got, got_g = jax.value_and_grad(lambda w: f(x, w, (extra_idx, extra_lp), beta=0.4))(w)
+    checks.assert_close(got, want)
+    checks.assert_close(got_g, want_g)

@@ -20,11 +20,13 @@ with ``c_q = (1 - alpha) T^2 P``, ``c_K = (1 - alpha) T^2``, ``c_CE = alpha T`` 
 cotangent), ``p1_j = exp(T log q_j + T log s - log S)`` (``T log s - log S`` is the
 unscaled per-token number of the backward pass).
 
-Internal API: :class:`Distillation` (the loss), :class:`TopKRows` (its inputs).
+Internal API: :class:`Distillation` and :class:`JensenShannon` (the losses),
+:class:`TopKRows` (their inputs).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -116,3 +118,85 @@ class Distillation(NamedTuple):
             is_label = lax.broadcasted_iota(index.dtype, q.shape, 1) == index[:, None]
             dz = dz + c_ce[:, None] * (p1 - is_label.astype(q.dtype))
         return dz
+
+
+class JensenShannon(NamedTuple):
+    """The generalised JSD of the teacher's top-k ``p`` (0 off its classes ``K``: those
+    with ``p > 0``, which must be distinct) and the student's ``q = softmax(z)``, with
+    ``m = beta p + (1 - beta) q``, ``0 <= beta < 1`` (static):
+
+        JSD = beta KL(p || m) + (1 - beta) KL(q || m)         (beta = 0: KL(p || q))
+        KL(p || m) = sum_K p_k (log p_k - log m_k)
+        KL(q || m) = sum_K q_k (log q_k - log m_k) - (1 - Q) log(1 - beta)
+
+    with ``Q = sum_K q_k``: off ``K``, ``m_j = (1 - beta) q_j``. Only picks: the student's
+    logits at ``K``. With ``g_j = dJSD/dq_j`` (``(1 - beta)(log q_j - log m_j)`` on ``K``,
+    ``c0 = -(1 - beta) log(1 - beta)`` off it) and ``gbar = sum_j q_j g_j``:
+
+        d/dz_j = (c0 - gbar) q_j + [j in K] q_j (g_j - c0)
+
+    (``beta = 0``: ``P q_j - p_j [j in K]``). Coefficients: ``c0 - gbar`` and the ``k``
+    per-class values, scattered into the block."""
+
+    beta: float
+    k: int
+
+    def row_sums(self, columns):
+        return {}
+
+    def pick_shapes(self, columns):
+        return {"z_top": (self.k,)}
+
+    def picks(self, z, view: engine.View):
+        return {"z_top": engine.pick_columns(z, view, view.rows.index)}
+
+    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+        b = self.beta
+        m = sums.row_max
+        zero = jnp.zeros((), m.dtype)
+        log_p = rows.log_p
+        p = jnp.exp(log_p)
+        given = p > 0
+        bad = jnp.any(given & ~rows.known, axis=-1)
+        # An entry with p = 0 is a class off K (whatever its index, even one repeated):
+        # its q stays in the off-K mass 1 - Q.
+        in_k = given & rows.known
+        log_q = (sums.picks["z_top"] - m[:, None]) - sums.lse_rel[:, None]
+        q = jnp.where(in_k, jnp.exp(log_q), zero)
+        log_q = jnp.where(in_k, log_q, zero)
+
+        def xlog(a, log_a, log_b):  # a (log a - log b), 0 where a = 0
+            ok = a > 0
+            return jnp.where(ok, a * (log_a - jnp.where(ok, log_b, zero)), zero)
+
+        if b == 0:
+            loss = jnp.sum(xlog(p, log_p, log_q), -1)
+            c_q = jnp.sum(p, -1)
+            values = -p
+        else:
+            log_m = jnp.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
+            log_m = jnp.where(in_k, log_m, zero)
+            rest = 1 - jnp.sum(q, -1)  # the student's mass off the teacher's classes
+            c0 = -(1 - b) * math.log1p(-b)
+            kl_q = jnp.sum(xlog(q, log_q, log_m), -1) + rest * -math.log1p(-b)
+            loss = b * jnp.sum(xlog(p, log_p, log_m), -1) + (1 - b) * kl_q
+            g = jnp.where(q > 0, (1 - b) * (log_q - log_m), zero)
+            gbar = c0 * rest + jnp.sum(q * g, -1)
+            c_q = c0 - gbar
+            values = jnp.where(in_k, q * (g - c0), zero)
+        loss = jnp.where(bad, jnp.nan, jnp.maximum(loss, zero))
+        coefs = (jnp.where(bad, jnp.nan, c_q), jnp.where(bad[:, None], jnp.nan, values))
+        if rows.keep is not None:
+            loss = jnp.where(rows.keep, loss, zero)
+            coefs = (
+                jnp.where(rows.keep, coefs[0], zero),
+                jnp.where(rows.keep[:, None], coefs[1], zero),
+            )
+        if rows.weights is not None:
+            loss = loss * rows.weights
+            coefs = (coefs[0] * rows.weights, coefs[1] * rows.weights[:, None])
+        return loss, coefs
+
+    def dlogits(self, q, log_q, coefs, view: engine.View):
+        c_q, values = coefs
+        return engine.add_at_columns(c_q[:, None] * q, view, view.rows.index, values)

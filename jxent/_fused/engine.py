@@ -504,17 +504,22 @@ def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View, real_blk=None
     return dz
 
 
+def _row_scale(g: jax.Array, c: jax.Array) -> jax.Array:
+    """The per-token cotangent ``g [n]`` shaped to scale a coefficient ``c [n, ...]``."""
+    return g.reshape(g.shape + (1,) * (c.ndim - 1))
+
+
 def _scaled(coefs: Coefficients, g) -> Coefficients:
     """Coefficients times each row's cotangent ``g`` (a tuple of them for a loss with
     several outputs, each scaling its own coefficients; a symbolic zero drops them)."""
     if not isinstance(g, tuple):
-        return coefs._replace(loss=jax.tree.map(lambda c: c * g, coefs.loss))
+        return coefs._replace(loss=jax.tree.map(lambda c: c * _row_scale(g, c), coefs.loss))
     acc = coefs.lse_rel.dtype
 
     def times(part, gi):
         if isinstance(gi, SymbolicZero):
             return jax.tree.map(jnp.zeros_like, part)
-        return jax.tree.map(lambda c: c * gi.astype(acc), part)
+        return jax.tree.map(lambda c: c * _row_scale(gi.astype(acc), c), part)
 
     scaled = tuple(times(part, gi) for part, gi in zip(coefs.loss, g, strict=True))
     return coefs._replace(loss=scaled)

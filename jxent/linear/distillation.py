@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jxent import _validation as v
 from jxent._fused import driver, engine
-from jxent._fused.distill import Distillation, TopKRows
+from jxent._fused.distill import Distillation, JensenShannon, TopKRows
 from jxent._fused.xent import prepare_labels
 
 
@@ -21,7 +21,7 @@ def _distill(
     labels,
     teacher,
     *,
-    alpha,
+    make_loss,
     temperature,
     bias,
     where,
@@ -48,7 +48,6 @@ def _distill(
     v.check_dtypes(x, w, bias)
     v.check_reduction(reduction)
     num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     batch_shape = x.shape[:-1]
@@ -68,7 +67,7 @@ def _distill(
         weights=weights,
     )
     result, summed = driver.run(
-        Distillation(temperature, alpha, k),
+        make_loss(k),
         x.reshape(n, x.shape[-1]),
         w,
         bias,
@@ -185,12 +184,13 @@ def linear_softmax_kl_divergence(
       Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused
       distillation losses).
     """
+    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     return _distill(
         x,
         w,
         None,
         teacher,
-        alpha=0.0,
+        make_loss=lambda k: Distillation(temperature, 0.0, k),
         temperature=temperature,
         bias=bias,
         where=where,
@@ -284,6 +284,7 @@ def linear_distillation_loss(
       <https://arxiv.org/abs/1503.02531>`_, 2015.
     """
     alpha = v.static_number("alpha", alpha, lo=0, hi=1)
+    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if labels is None:
         raise TypeError("labels must be an integer array of shape x.shape[:-1], got None.")
     return _distill(
@@ -291,7 +292,118 @@ def linear_distillation_loss(
         w,
         labels,
         teacher,
-        alpha=alpha,
+        make_loss=lambda k: Distillation(temperature, alpha, k),
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        num_classes=num_classes,
+        w_layout=w_layout,
+    )
+
+
+def linear_softmax_jensen_shannon_divergence(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    w_layout: str = "dv",
+) -> jax.Array:
+    r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
+
+    :func:`jxent.softmax_jensen_shannon_divergence` of the teacher's top-k distribution
+    :math:`p` (0 off its classes :math:`K`) and the student's
+    :math:`q = \mathrm{softmax}(z)`, :math:`z = c \tanh((x W + b)/c) / T`, without the
+    student's logits array: with :math:`m = \beta p + (1 - \beta) q`,
+
+    .. math::
+      \ell = \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m),
+
+    :math:`\beta = 0` the forward :math:`\mathrm{KL}(p \,\|\, q)`. Off the teacher's
+    classes :math:`m_j = (1 - \beta) q_j`, so the student's mass there enters in closed
+    form, :math:`-(1 - Q) \log(1 - \beta)` with :math:`Q = \sum_K q_k`: the loss needs
+    only the student's logits at :math:`K` and its log-sum-exp (Agarwal et al.'s GKD
+    objective with a top-k teacher). Not scaled by :math:`T^2`. The teacher is a
+    constant.
+
+    Args:
+      x: the student's hidden states ``[..., D]``, floating.
+      w: the student's output projection ``[D, V]``.
+      teacher: ``(indices, log_probs)`` of the teacher's top-k, each of shape
+        ``x.shape[:-1] + (k,)``, the classes with a finite log-probability distinct
+        within a token (as ``jax.lax.top_k`` gives them); entries with log-probability
+        ``-inf`` may hold any index.
+      beta: :math:`\beta \in [0, 1)`, a static Python number. (:math:`\beta = 1`, the
+        reverse KL, is infinite for a top-k teacher: the student's mass off the top-k
+        has no teacher mass to be compared with.)
+      temperature: :math:`T > 0`, a static Python number (the student's logits are
+        divided by it; the teacher's log-probabilities are taken as given).
+      bias: optional ``[V]`` bias.
+      where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
+        multiplying each token's loss; ``"mean"`` divides by their sum.
+      normalizer: a scalar to divide the ``"mean"``'s sum by instead; a constant.
+      logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
+      reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
+      chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
+      num_classes: the number of real classes when ``w`` has padding columns.
+      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
+        embedding table, read in place).
+
+    Returns:
+      The loss in float32 (float64 for float64 inputs): a scalar, or per token with
+      ``reduction="none"``. A kept token whose teacher puts probability on a class
+      outside ``[0, V)`` gets NaN (its gradient too).
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_softmax_kl_divergence`, and for
+        ``beta`` outside ``[0, 1)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jxent
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2, 0.1], [1.5, 0.3, -0.7, 0.0]])
+      >>> teacher_logits = jnp.array([[2.0, 0.5, -1.0, 0.0], [0.1, 1.0, 0.3, -2.0]])
+      >>> top = jax.lax.top_k(jax.nn.log_softmax(teacher_logits), 4)[::-1]  # all classes
+      >>> loss = jxent.linear_softmax_jensen_shannon_divergence(x, w, top, beta=0.3)
+      >>> want = jxent.softmax_jensen_shannon_divergence(
+      ...     x @ w, teacher_logits, beta=0.3).mean()
+      >>> bool(jnp.allclose(loss, want, atol=1e-6))
+      True
+
+    References:
+      Agarwal et al., `On-Policy Distillation of Language Models: Learning from
+      Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
+      Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused JSD).
+    """
+    beta = v.static_number("beta", beta, lo=0, hi=1)
+    if beta == 1:
+        raise ValueError(
+            "beta must be in [0, 1) with a top-k teacher, got 1.0: the reverse KL is "
+            "infinite wherever the student has mass off the teacher's top-k classes."
+        )
+    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
+    return _distill(
+        x,
+        w,
+        None,
+        teacher,
+        make_loss=lambda k: JensenShannon(beta, k),
         temperature=temperature,
         bias=bias,
         where=where,
