@@ -52,6 +52,7 @@ def plot_record(record: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     from benchmarks.common import machine_summary
 
@@ -98,7 +99,14 @@ def plot_record(record: dict, path: Path) -> Path | None:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xticks(vocabs, [_k(v) for v in vocabs])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(NullLocator())
+            # Labelled ticks at 1, 2 and 5 per decade where the range is narrow (so that a
+            # range within one decade still reads), at the powers of 10 otherwise.
+            lo, hi = ax.get_ylim()
+            subs = (1.0, 2.0, 5.0) if hi / lo < 300 else (1.0,)
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
             ax.tick_params(labelsize=7)
             ax.grid(True, which="major", alpha=0.3)
             if i == 0:
@@ -115,12 +123,12 @@ def plot_record(record: dict, path: Path) -> Path | None:
     if suite == "parallel":
         where += "; 8 simulated devices, compiled memory only (no time: the devices share cores)"
     fig.suptitle(
-        f"{suite}: {env['backend']}, {where}; jax {env.get('jax')}, {record['date'][:10]}",
+        f"{suite}: {env['backend']}, jax {env.get('jax')}, {record['date'][:10]}\n{where}",
         fontsize=9,
         x=0.01,
         ha="left",
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.93))
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return path

@@ -52,6 +52,8 @@ def _mib(m: float | None) -> str:
         return "n/a"
     if m == 0:
         return "0"
+    if m < 1 / 1024:
+        return f"{m * 2**20:.0f} B"
     if m < 1:
         kib = m * 1024
         return f"{kib:.3g} KiB" if kib < 100 else f"{kib:.0f} KiB"
@@ -302,11 +304,13 @@ def _linear_block(res: Results) -> str:
 def _isa_block(res: Results) -> str:
     """The fused loss against optax at 4096 x 1024 x 32000 with each CPU instruction set."""
     lines, captions = [], []
-    for name, record in res.glob("cpu_isa_*.json"):
+    found = res.glob("cpu_isa_*.json")
+    found.sort(key=lambda nr: nr[1]["machine"].get("xla_cpu_max_isa") is not None)
+    for name, record in found:
         captions.append("- " + caption(record, res.rel(name)))
         for r in record["rows"]:
             jx, ox = r["contenders"]["jxent"], r["contenders"]["optax"]
-            isa = record["machine"].get("xla_cpu_max_isa") or "native"
+            isa = record["machine"].get("xla_cpu_max_isa") or "native (all of the CPU's)"
             lines.append(
                 [
                     isa,
@@ -446,6 +450,12 @@ def _headline(res: Results) -> str:
             ]
         )
     machine = machine_summary(res("cpu_categorical.json")["machine"])
+    loads = [
+        x
+        for name in ("cpu_categorical.json", "cpu_losses.json", "cpu_linear.json")
+        for x in (res(name)["load"]["loadavg_start"][0], res(name)["load"]["loadavg_end"][0])
+    ]
+    machine += f"; 1-minute load average {min(loads):.1f} to {max(loads):.1f} during the runs"
     head = ["loss (baseline)", "dtype", "shape", "speed-up", "temp memory jxent vs baseline"]
     head.append("measured on, file")
     return (
@@ -459,9 +469,10 @@ def _gemma2_phrase(res: Results) -> str:
     """The README's sentence on Gemma 2's output layer (compiled memory on CPU)."""
     r = _find(res("cpu_linear.json"), "gemma2", "bfloat16", kind="memory")
     jx, ox = r["contenders"]["jxent"]["temp_mib"], r["contenders"]["optax"]["temp_mib"]
-    big = f"{ox / 1024:.1f} GiB" if ox >= 1024 else f"{ox:.0f} MiB"
+    big = f"{ox / 1024:.1f} GiB" if ox >= 1024 else _mib(ox)
+    small = f"{jx:.0f} MiB" if jx >= 10 else _mib(jx)
     return (
-        f"about {jx:.0f} MiB, against {big} for `x @ w` followed by optax's loss "
+        f"about {small}, against {big} for `x @ w` followed by optax's loss "
         f"(1/{ox / jx:.0f}; compiled on CPU)"
     )
 
