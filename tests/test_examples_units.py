@@ -6,11 +6,13 @@ conftest.py), so they also check that the example code is explicit about dtypes.
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -333,3 +335,175 @@ def test_spawn_passes_the_command_line_on_without_spawn():
 
     argv = ["lm", "--spawn", "2", "--steps", "5", "--spawn=3", "--out-dir", "x"]
     assert _without_spawn(argv) == ["lm", "--steps", "5", "--out-dir", "x"]
+
+
+# -------------------------------------------------------------------------- distillation
+
+DISTILL_FLAGS = [
+    "distill",
+    "--seq-len", "32",
+    "--d-model", "16",
+    "--num-heads", "2",
+    "--num-layers", "1",
+    "--batch-size", "8",
+    "--corpus-bytes", "40000",
+    "--top-k", "4",
+    "--temperature", "2",
+    "--alpha", "0.3",
+]  # fmt: skip
+
+
+def _init_jitted(task, tx, seed: int):
+    """``training.init_training`` under ``jax.jit`` (op by op, it takes seconds)."""
+    defs = {}
+
+    def init():
+        defs["model"], defs["opt"], state = training.init_training(task, tx, seed)
+        return state
+
+    state = jax.jit(init)()
+    return defs["model"], defs["opt"], state
+
+
+def _save_run(out, argv, edit=None):
+    """An lm (or digits) run's checkpoint at step 1 holding its initial state, without
+    training (``edit`` may change the state first)."""
+    from jxent.examples.checkpointing import Checkpoints
+    from jxent.examples.train import run_config
+
+    cfg = parse_args([*argv, "--out-dir", str(out)])
+    task = tasks.make_task(cfg, num_devices=1)
+    with jax.numpy_dtype_promotion("standard"):
+        tx = training.make_optimizer(
+            learning_rate=cfg.learning_rate,
+            steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+        )
+        _, _, state = _init_jitted(task, tx, cfg.seed)
+    if edit is not None:
+        state = edit(state)
+    checkpoints = Checkpoints(out / "checkpoints", keep=1)
+    checkpoints.save(1, state, {"config": run_config(cfg), "history": {}})
+    checkpoints.close()
+    return state
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A teacher lm run (untrained, with embeddings scaled so that its next-byte
+    distributions are far from uniform); returns its directory and saved state."""
+    out = tmp_path_factory.mktemp("teacher")
+
+    def sharpen(state):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: a * 60.0 if "embedding" in jax.tree_util.keystr(path) else a, state
+        )
+
+    return out, _save_run(out, LM_FLAGS, sharpen)
+
+
+def _distill_task(teacher_dir, out, *extra, mesh=None):
+    cfg = parse_args(
+        [*DISTILL_FLAGS, "--teacher-checkpoint", str(teacher_dir), "--out-dir", str(out), *extra]
+    )
+    return cfg, tasks.make_task(cfg, num_devices=1, mesh=mesh)
+
+
+def test_distill_task_loss_is_the_unfused_composition(teacher_run, tmp_path):
+    """The teacher's top-k per batch, and the fused loss on them (on the trainer's mesh,
+    as it trains), against float64 NumPy:
+    alpha CE + (1 - alpha) T^2 sum_k p_k (log p_k - log softmax(z / T)_k)."""
+    from jxent.examples import trainer
+
+    teacher_dir, teacher_state = teacher_run
+    cfg, task = _distill_task(teacher_dir, tmp_path, mesh=trainer.make_mesh())
+    assert task.teacher.step == 1 and task.teacher.config["d_model"] == 32
+    host = task.train_batch(1)
+    host["labels"][-1, 20:] = data.PAD  # the end of a file: padding, which the loss skips
+    batch = task.device_batch(host)
+    index, log_p = np.asarray(batch["teacher_index"]), np.asarray(batch["teacher_log_probs"])
+    assert index.shape == log_p.shape == (8, 32, 4) and index.dtype == np.int32
+    # the teacher's own top-k at temperature 2, from its parameters as saved
+    teacher = nnx.merge(task.teacher.model_def, teacher_state["model"])
+    logits = np.asarray(jax.jit(lambda m, t: m.logits(t))(teacher, batch["tokens"]), np.float64)
+    assert logits.std() > 1.0  # not a uniform teacher
+    z_t = logits / 2.0
+    lp_t = z_t - np.log(np.exp(z_t - z_t.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    lp_t -= z_t.max(-1, keepdims=True)
+    np.testing.assert_allclose(log_p, np.take_along_axis(lp_t, index, -1), rtol=1e-5, atol=1e-5)
+    assert (np.diff(log_p, axis=-1) <= 0).all()
+    np.testing.assert_array_equal(np.sort(index, -1), np.sort(np.argsort(-lp_t, -1)[..., :4], -1))
+
+    with jax.numpy_dtype_promotion("standard"):
+        model_def, _, state = _init_jitted(task, optax.sgd(0.1), cfg.seed)
+    model = nnx.merge(model_def, state["model"])
+    loss = float(jax.jit(task.loss)(model, batch))
+    # float64 reference of the same loss from the student's logits
+    hidden, w = jax.jit(lambda m, t: (m(t), m.unembedding()))(model, batch["tokens"])
+    z = np.asarray(hidden, np.float64).reshape(-1, 16) @ np.asarray(w, np.float64)
+    labels = np.asarray(batch["labels"]).reshape(-1)
+    keep = labels != data.PAD
+    lse = np.log(np.exp(z).sum(-1))
+    ce = lse - z[np.arange(len(z)), np.where(keep, labels, 0)]
+    log_q = z / 2.0 - np.log(np.exp(z / 2.0).sum(-1, keepdims=True))
+    lp, idx = log_p.reshape(-1, 4).astype(np.float64), index.reshape(-1, 4)
+    kl = 4.0 * np.sum(np.exp(lp) * (lp - np.take_along_axis(log_q, idx, -1)), -1)
+    want = np.mean((0.3 * ce + 0.7 * kl)[keep])
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+
+
+def test_distill_reports_teacher_student_and_baseline(teacher_run, tmp_path):
+    teacher_dir, _ = teacher_run
+    final = {"step": 5, "val_loss": 2.0, "val_bits_per_byte": 2.0 / math.log(2)}
+    baseline = {
+        "final": {"val_loss": 2.5, "val_bits_per_byte": 2.5 / math.log(2)},
+        "parameters": 123,
+        "steps_done": 5,
+        "history": {"eval": [{"step": 5, "val_bits_per_byte": 2.5 / math.log(2)}]},
+    }
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "metrics.json").write_text(json.dumps(baseline))
+    _, task = _distill_task(teacher_dir, tmp_path, "--baseline")
+    task.evaluate_references(lambda d, s: {"val_loss": 1.5, "val_bits_per_byte": 1.5 / math.log(2)})
+    rows = {r.name: r.value for r in task.final_metric_rows(final)}
+    assert rows["held-out bits per byte: teacher"] == f"{1.5 / math.log(2):.4f}"
+    assert rows["held-out bits per byte: student"] == f"{2.0 / math.log(2):.4f}"
+    assert rows["held-out bits per byte: without teacher"].startswith(f"{2.5 / math.log(2):.4f}")
+    report = task.report_metrics(final)["distillation"]
+    assert report["teacher"]["val_loss"] == 1.5 and report["student"]["val_loss"] == 2.0
+    assert report["baseline"]["val_loss"] == 2.5 and report["baseline"]["parameters"] == 123
+    assert (report["alpha"], report["temperature"], report["top_k"]) == (0.3, 2.0, 4)
+    json.dumps(report)  # metrics.json can hold it
+    lines = task.plot_references()["val_bits_per_byte"]
+    assert [label for label, _, _ in lines] == ["teacher", "without teacher"]
+
+
+def test_distill_teacher_errors(teacher_run, tmp_path):
+    teacher_dir, _ = teacher_run
+    with pytest.raises(ValueError, match="reads at most 32 bytes"):
+        _distill_task(teacher_dir, tmp_path, "--seq-len", "64")
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        _distill_task(tmp_path / "nothing", tmp_path)
+    digits_run = tmp_path / "digits"
+    _save_run(digits_run, ["digits", "--hidden", "8"])
+    with pytest.raises(ValueError, match="must be an lm run; .* holds a digits run"):
+        _distill_task(digits_run, tmp_path)
+
+
+def test_distill_phases_command_lines():
+    """The teacher's and the baseline's lm runs share the student's data and optimizer;
+    the baseline has the student's model and schedule and no z-loss."""
+    from jxent.examples.distill import _lm_argv
+
+    cfg = parse_args([*DISTILL_FLAGS, "--learning-rate", "0.0007", "--teacher-steps", "12"])
+    teacher = parse_args(_lm_argv(cfg, teacher=True))
+    baseline = parse_args(_lm_argv(cfg, teacher=False))
+    for run in (teacher, baseline):
+        assert run.task == "lm" and run.sample_bytes == 0
+        for name in ("batch_size", "learning_rate", "seq_len", "corpus_bytes", "seed"):
+            assert getattr(run, name) == getattr(cfg, name), name
+    assert (teacher.steps, teacher.d_model, teacher.num_layers) == (12, 96, 2)
+    assert (baseline.steps, baseline.warmup_steps) == (cfg.steps, cfg.warmup_steps)
+    assert (baseline.d_model, baseline.num_layers, baseline.z_loss) == (16, 1, 0.0)

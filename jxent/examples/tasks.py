@@ -534,10 +534,21 @@ def load_teacher(directory: Path, mesh: Mesh | None = None, max_len: int | None 
             weight_decay=cfg.weight_decay,
             grad_clip=cfg.grad_clip,
         )
-        # The state's structure, to restore into (the optimizer's part is dropped).
-        model_def, _, like = training.init_training(shape, tx, cfg.seed)
-        if mesh is not None:
-            like = jax.device_put(like, NamedSharding(mesh, P()))
+        # The state's structure, to restore into (the optimizer's part is dropped): traced,
+        # not computed.
+        defs = {}
+
+        def build():
+            defs["model"], _, state = training.init_training(shape, tx, cfg.seed)
+            return state
+
+        abstract = jax.eval_shape(build)
+        model_def = defs["model"]
+        place = NamedSharding(mesh, P()) if mesh is not None else None
+        place = place or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place), abstract
+        )
         state, _ = checkpoints.restore(step, like)
     finally:
         checkpoints.close()
