@@ -459,6 +459,10 @@ def _generate(graphdef, state, buf, lengths, key, num_new, max_len, temperature)
 # ------------------------------------------------------------------------- distillation
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer{'s' if n > 1 else ''}"
+
+
 def teacher_directory(cfg: Any) -> Path:
     """Where the distill task's teacher is: ``--teacher-checkpoint``, else the lm run the
     task trains first in ``<out-dir>/teacher``."""
@@ -482,7 +486,7 @@ class Teacher:
     def describe(self) -> str:
         c = self.config
         return (
-            f"d_model {c['d_model']}, {c['num_layers']} layers, {self.num_params:,} parameters "
+            f"d_model {c['d_model']}, {_layers(c['num_layers'])}, {self.num_params:,} parameters "
             f"(lm run {self.directory}, step {self.step} of {c['steps']})"
         )
 
@@ -667,7 +671,7 @@ class DistillTask(LMTask):
             SummaryRow("teacher", self.teacher.describe()),
             SummaryRow(
                 "student",
-                f"d_model {cfg.d_model}, {cfg.num_layers} layer{'s' if cfg.num_layers > 1 else ''}",
+                f"d_model {cfg.d_model}, {_layers(cfg.num_layers)}",
             ),
         ]
 
@@ -680,7 +684,7 @@ class DistillTask(LMTask):
     def final_metric_rows(self, final: dict[str, float]) -> list[SummaryRow]:
         bits = self._bits()
         rows = [
-            SummaryRow("held-out loss (nats/byte)", f"{final['val_loss']:.4f}"),
+            SummaryRow("held-out cross-entropy (nats/byte)", f"{final['val_loss']:.4f}"),
             SummaryRow("held-out bits per byte: teacher", f"{bits['teacher']:.4f}"),
             SummaryRow("held-out bits per byte: student", f"{final['val_bits_per_byte']:.4f}"),
         ]
