@@ -477,6 +477,51 @@ def _gemma2_phrase(res: Results) -> str:
     )
 
 
+def _fused_losses(res: Results) -> str:
+    """README's table of the fused losses beyond cross-entropy: compiled temporary memory
+    at Gemma 2's output layer on CPU and TPU v5e, and the timed KL against optax."""
+    cpu, tpu = "cpu_fused_losses.json", "tpu-v5e_fused_losses.json"
+    rc, rt = res(cpu), res(tpu)
+
+    def cell(c: dict) -> str:
+        if "error" in c:
+            kind = c["error"].split(":")[0]
+            return "exceeds the chip's memory" if kind == "RESOURCE_EXHAUSTED" else kind
+        return _mib(c["temp_mib"])
+
+    mem_c, mem_t = (_find(r, "gemma2", "bfloat16") for r in (rc, rt))
+    lines = [
+        [name, cell(c), cell(mem_t["contenders"][name])] for name, c in mem_c["contenders"].items()
+    ]
+    memory = _table(["loss", "CPU temp", "TPU v5e temp"], ["---", "---:", "---:"], lines)
+    timed = []
+    for r in rc["rows"]:
+        if r["case"] != "kl-time":
+            continue
+        a, b = (r["contenders"][n] for n in r["contenders"])
+        names = list(r["contenders"])
+        timed.append(
+            [r["dtype"], r["shape"], f"{a['ms']:.0f} ms, {_mib(a['temp_mib'])}",
+             f"{b['ms']:.0f} ms, {_mib(b['temp_mib'])}", _ratio(b["ms"], a["ms"])]
+        )  # fmt: skip
+    time_table = _table(
+        ["dtype", "shape", names[0], names[1], "speed-up"],
+        ["---", "---", "---:", "---:", "---:"],
+        timed,
+    )
+    return "\n\n".join(
+        [
+            caption(rc, res.rel(cpu)),
+            caption(rt, res.rel(tpu)),
+            "Compiled temporary memory of `value_and_grad` at Gemma 2's output layer "
+            f"({mem_c['shape']}, bfloat16, the teacher's top-64; nothing runs):",
+            memory,
+            "CPU time of `value_and_grad` (medians after warm-up, interleaved):",
+            time_table,
+        ]
+    )
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "headline": _headline,
     "gemma2-memory": _gemma2_phrase,
@@ -485,6 +530,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "linear": _linear_block,
     "linear-isa": _isa_block,
     "parallel": _parallel_block,
+    "fused-losses": _fused_losses,
     "accelerators-tpu-v5e": lambda res: _accelerators(res, "tpu-v5e"),
     "accelerators-tpu-v6e": lambda res: _accelerators(res, "tpu-v6e"),
 }
