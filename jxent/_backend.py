@@ -272,9 +272,22 @@ PANEL_BYTES = {"cpu": 32 * MiB, "tpu": 128 * MiB, "default": 128 * MiB}
 PLATFORMS = ("cpu", "tpu", "default")
 
 
-def panel_bytes(platform: str) -> int:
-    """The panel size for ``platform`` (``"cpu"``, ``"tpu"`` or ``"default"``)."""
-    return PANEL_BYTES.get(platform, PANEL_BYTES["default"])
+#: Panels for a fused loss that scatters per-token values into its block of ``dz`` (a
+#: teacher's top-k): XLA:TPU materialises that block (the other losses' block is fused
+#: into its products), so its panel is this fraction. Compiled temporary memory of the
+#: top-64 KL's ``value_and_grad`` at Gemma-2 (8192 x 2304 x 256000, bfloat16, TPU v5e,
+#: jax 0.10.2, libtpu 0.0.42): 249 MiB with the 128 MiB panel's 8192 x 4096 blocks,
+#: 91-135 MiB with quarter panels (the cross-entropy: 72.5 MiB). CPU: unchanged (160 MiB).
+SCATTER_PANEL_FRACTION = {"cpu": 1, "tpu": 4, "default": 4}
+
+
+def panel_bytes(platform: str, scatters: bool = False) -> int:
+    """The panel size for ``platform`` (``"cpu"``, ``"tpu"`` or ``"default"``), for a loss
+    that ``scatters`` into its block of ``dz`` or not."""
+    size = PANEL_BYTES.get(platform, PANEL_BYTES["default"])
+    if scatters:
+        size //= SCATTER_PANEL_FRACTION.get(platform, SCATTER_PANEL_FRACTION["default"])
+    return size
 
 
 #: Whether the fused losses' blocked axes are grouped (``jxent._fused.blocks``) on each

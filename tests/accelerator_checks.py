@@ -57,6 +57,16 @@ def main(target: str) -> None:
             "floor_mib": (N * D * 4 + tpu.token_block * tpu.vocab_block * 4) / MiB,
         }
     out["bfloat16"]["unfused_temp_mib"] = compiled(unfused, jnp.bfloat16).temp_size_in_bytes / MiB
+    # The distillation KL from a teacher's top-64 (issue 14): it scatters into dz's blocks.
+    k = 64
+    top = (struct((N, k), jnp.int32), struct((N, k), jnp.float32))
+
+    def kl(x, w, i, lp):
+        return jxent.linear_softmax_kl_divergence(x, w, (i, lp), temperature=2.0)
+
+    args = (struct((N, D), jnp.bfloat16), struct((D, V), jnp.bfloat16), *top)
+    mem = jax.jit(jax.value_and_grad(kl, argnums=(0, 1))).lower(*args).compile()
+    out["bfloat16"]["kl_temp_mib"] = mem.memory_analysis().temp_size_in_bytes / MiB
     print(json.dumps(out))
 
 

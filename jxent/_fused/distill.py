@@ -60,6 +60,8 @@ class Distillation(NamedTuple):
     alpha: float
     k: int
 
+    scatters = True  # the teacher's k values go into each block of dz (smaller panels)
+
     def row_sums(self, columns):
         if self.alpha == 0:
             return {}
@@ -140,6 +142,8 @@ class JensenShannon(NamedTuple):
 
     beta: float
     k: int
+
+    scatters = True
 
     def row_sums(self, columns):
         return {}

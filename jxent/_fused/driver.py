@@ -53,6 +53,7 @@ def run(
         chunk_size,
         jnp.dtype(acc).itemsize,
         float32=cdt == jnp.float32,
+        scatters=getattr(loss, "scatters", False),
     )
     spec = engine.Spec(
         loss,

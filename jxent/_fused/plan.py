@@ -102,6 +102,7 @@ def plan_blocks(
     chunk_size: int | tuple[int, int] | None,
     acc_bytes: int = 4,
     platform: str = "cpu",
+    scatters: bool = False,
 ) -> tuple[int, int, bool]:
     """``(token_block, vocab_block, single_pass)`` for a call on ``platform`` (all static).
 
@@ -127,7 +128,7 @@ def plan_blocks(
     """
     n, d, k = num_tokens, hidden, num_classes
     summed = reduction != "none"
-    panel = _backend.panel_bytes(platform) // acc_bytes  # elements
+    panel = _backend.panel_bytes(platform, scatters) // acc_bytes  # elements
     if chunk_size is not None:
         if isinstance(chunk_size, (tuple, list)):
             if len(chunk_size) != 2:
@@ -166,17 +167,19 @@ def plans(
     *,
     grouped: bool = True,
     float32: bool = False,
+    scatters: bool = False,
 ) -> tuple[tuple[tuple[str, Plan], ...], bool]:
     """Every platform's :class:`Plan` (as ``((platform, plan), ...)``, hashable) and
     whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
     group), as on a shard of a vocabulary already split over devices; platforms whose
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
-    ``_backend.FLOAT32_PRECISION``)."""
+    ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
+    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``)."""
     out, single = [], None
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
-            num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform
+            num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform, scatters
         )
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:

@@ -80,6 +80,7 @@ def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, tempera
         jnp.dtype(acc).itemsize,
         grouped=False,
         float32=cdt == jnp.float32,
+        scatters=getattr(loss, "scatters", False),
     )
     spec = engine.Spec(
         loss,
