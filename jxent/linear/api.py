@@ -184,20 +184,9 @@ def linear_softmax_cross_entropy(
       Milakov & Gimelshein, `Online normalizer calculation for softmax
       <https://arxiv.org/abs/1805.02867>`_, 2018.
     """
-    x, w, labels, bias, class_weights, row_mask = v.linear_inputs(
-        x,
-        w,
-        labels,
-        bias,
-        class_weights,
-        where,
-        w_name="w",
-        # A [D, 0] w gets this message too: at least one column (class) is wanted.
-        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
-        w_layout=w_layout,
+    (x, w, labels, bias, class_weights, row_mask), num_classes = checked_inputs(
+        x, w, labels, bias, class_weights, where, w_layout, num_classes
     )
-    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     v.check_reduction(reduction)
     config = xent_config(label_smoothing, z_loss, logit_soft_cap)
     if class_weights is not None:
@@ -249,3 +238,24 @@ def linear_softmax_cross_entropy(
         return_lse=return_lse,
         w_layout=w_layout,
     )
+
+
+def checked_inputs(x, w, labels, bias, class_weights, where, w_layout: str, num_classes):
+    """The checked arguments of a fused loss on one device's ``w`` (``[D, V]``, or
+    ``[V, D]`` with ``w_layout="vd"``), and its number of classes."""
+    inputs = v.linear_inputs(
+        x,
+        w,
+        labels,
+        bias,
+        class_weights,
+        where,
+        w_name="w",
+        # A [D, 0] w gets this message too: at least one column (class) is wanted.
+        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings pass embedding.T, "
+        "or the [V, D] table with w_layout='vd')",
+        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
+        w_layout=w_layout,
+    )
+    columns = inputs.w.shape[1] if w_layout == "dv" else inputs.w.shape[0]
+    return inputs, v.checked_num_classes(num_classes, columns)

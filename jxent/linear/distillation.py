@@ -13,6 +13,7 @@ from jxent import _validation as v
 from jxent._fused import driver, engine
 from jxent._fused.distill import Distillation, JensenShannon, TopKRows
 from jxent._fused.xent import prepare_labels
+from jxent.linear.api import checked_inputs
 
 
 def _distill(
@@ -33,21 +34,11 @@ def _distill(
     num_classes,
     w_layout,
 ):
-    x, w, labels, bias, _, row_mask = v.linear_inputs(
-        x,
-        w,
-        labels,
-        bias,
-        None,
-        where,
-        w_name="w",
-        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
-        w_layout=w_layout,
+    (x, w, labels, bias, _, row_mask), num_classes = checked_inputs(
+        x, w, labels, bias, None, where, w_layout, num_classes
     )
     v.check_dtypes(x, w, bias)
     v.check_reduction(reduction)
-    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     batch_shape = x.shape[:-1]

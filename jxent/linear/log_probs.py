@@ -11,6 +11,7 @@ from jxent import _validation as v
 from jxent._fused import driver
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._fused.xent import prepare_labels
+from jxent.linear.api import checked_inputs
 
 
 def _per_token(
@@ -29,20 +30,10 @@ def _per_token(
 ):
     """Validated per-token outputs of :class:`LogProbs` (shaped as the tokens) and the
     token mask."""
-    x, w, labels, bias, _, row_mask = v.linear_inputs(
-        x,
-        w,
-        labels,
-        bias,
-        None,
-        where,
-        w_name="w",
-        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings [V, D] pass embedding.T)",
-        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
-        w_layout=w_layout,
+    (x, w, labels, bias, _, row_mask), num_classes = checked_inputs(
+        x, w, labels, bias, None, where, w_layout, num_classes
     )
     v.check_dtypes(x, w, bias)
-    num_classes = v.checked_num_classes(num_classes, w.shape[1] if w_layout == "dv" else w.shape[0])
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if soft_cap is not None:
         soft_cap = v.static_number("logit_soft_cap", soft_cap, lo=0, lo_open=True)
