@@ -76,6 +76,16 @@ class _KLStats(NamedTuple):
     keep: jax.Array
 
 
+def _pair_rows(name_a: str, a, b, axis, where, reduction: str):
+    """Two checked same-shape arrays as rows with their class axes last, and the row and
+    class masks of ``where`` (``reduction`` and ``axis`` checked too)."""
+    v.check_reduction(reduction)
+    axes = v.normalize_axes(axis, a.ndim)
+    v.check_classes(name_a, a.shape, axes, axis)
+    a_rows, _, row_mask, class_mask = rows_and_masks(a, axes, where)
+    return a_rows, flatten_classes(b, axes), row_mask, class_mask
+
+
 def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     """Per row: ``sum_k t_k (log t_k - lp_k)`` and the target mass on ``-inf`` log-predictions.
 
@@ -161,11 +171,9 @@ _kl = custom_jvp_loss(_kl_forward, _kl_tangent)
 def _kl_public(log_targets_given, log_predictions, targets, axis, where, reduction):
     t_name = "log_targets" if log_targets_given else "targets"
     lp, t = _floating_pair("log_predictions", log_predictions, t_name, targets, broadcast=True)
-    v.check_reduction(reduction)
-    axes = v.normalize_axes(axis, lp.ndim)
-    v.check_classes("log_predictions", lp.shape, axes, axis)
-    lp_rows, _, row_mask, class_mask = rows_and_masks(lp, axes, where)
-    t_rows = flatten_classes(t, axes)
+    lp_rows, t_rows, row_mask, class_mask = _pair_rows(
+        "log_predictions", lp, t, axis, where, reduction
+    )
     loss = _kl(log_targets_given, lp_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -450,11 +458,9 @@ def softmax_kl_divergence(
         "student_logits", student_logits, "teacher_logits", teacher_logits
     )
     temperature = v.static_number("temperature", temperature, lo=0.0, lo_open=True)
-    v.check_reduction(reduction)
-    axes = v.normalize_axes(axis, student.ndim)
-    v.check_classes("student_logits", student.shape, axes, axis)
-    s_rows, _, row_mask, class_mask = rows_and_masks(student, axes, where)
-    t_rows = flatten_classes(teacher, axes)
+    s_rows, t_rows, row_mask, class_mask = _pair_rows(
+        "student_logits", student, teacher, axis, where, reduction
+    )
     loss = _distill(temperature, s_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
@@ -640,11 +646,9 @@ def softmax_jensen_shannon_divergence(
     )
     beta = v.static_number("beta", beta, lo=0.0, hi=1.0)
     temperature = v.static_number("temperature", temperature, lo=0.0, lo_open=True)
-    v.check_reduction(reduction)
-    axes = v.normalize_axes(axis, student.ndim)
-    v.check_classes("student_logits", student.shape, axes, axis)
-    s_rows, _, row_mask, class_mask = rows_and_masks(student, axes, where)
-    t_rows = flatten_classes(teacher, axes)
+    s_rows, t_rows, row_mask, class_mask = _pair_rows(
+        "student_logits", student, teacher, axis, where, reduction
+    )
     loss = _jsd((beta, temperature), s_rows, t_rows, class_mask, row_mask)
     return reduce_loss(loss, reduction, row_mask)
 
