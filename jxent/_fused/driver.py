@@ -34,13 +34,16 @@ def run(
     temperature: float | None = None,
     per_token: bool = False,
     w_layout: str = "dv",
+    teacher=None,
 ):
     """``(result, summed)`` for ``x [N, D] @ w [D, V]``: the loss's per-token output(s)
     ``[N]`` (``w`` is ``[D, V]``, or ``[V, D]`` with ``w_layout="vd"``) from the streaming
     schedule, or, when the plan takes the single pass (a
     summed or averaged loss with a small ``[D, V]``; never with ``per_token``), their
     sum over the tokens with ``summed=True``. Padding columns (``num_classes < V``) are
-    marked for the engine here."""
+    marked for the engine here. ``teacher``: ``(x_t [N, D_t], w_t, bias_t)`` with ``w_t``
+    in ``w``'s layout over the same columns, a second logits stream for losses that
+    compare the student with a teacher's full distribution (a constant), or None."""
     n, d = x.shape
     cols = w.shape[1 if w_layout == "dv" else 0]
     cdt = engine.compute_dtype(x, w, bias)
@@ -53,7 +56,9 @@ def run(
         chunk_size,
         jnp.dtype(acc).itemsize,
         float32=cdt == jnp.float32,
-        scatters=getattr(loss, "scatters", False),
+        # A teacher's logits block sits beside the student's: smaller panels, as for a
+        # loss that scatters into its block.
+        scatters=getattr(loss, "scatters", False) or teacher is not None,
     )
     spec = engine.Spec(
         loss,
@@ -64,7 +69,7 @@ def run(
         w_layout=w_layout,
     )
     real = jnp.arange(cols) < num_classes if num_classes < cols else None
-    args = (x, w, bias, rows, columns, real)
+    args = (x, w, bias, rows, columns, real, teacher)
     if single_pass:
         return engine.summed_loss(spec, *args), True
     return engine.per_token_loss(spec, *args), False

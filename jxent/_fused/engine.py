@@ -786,17 +786,25 @@ def _summed_bwd(spec, res, g):
 _summed.defvjp(_summed_fwd, _summed_bwd, symbolic_zeros=True)
 
 
-def per_token_loss(spec: Spec, x, w, bias, rows, columns, real_columns=None) -> jax.Array:
+def per_token_loss(
+    spec: Spec, x, w, bias, rows, columns, real_columns=None, teacher=None
+) -> jax.Array:
     """Per-token losses ``[N]`` of ``x [N, D] @ w [D, V] (+ bias [V])``, streaming schedule.
 
     ``rows``/``columns``: the loss's per-token / per-column inputs (pytrees of ``[N]`` /
     ``[V]`` arrays, constants); ``real_columns``: bool ``[V]``, False on padding columns
     (with ``spec.num_classes``), or None. Differentiable in ``x``, ``w`` and ``bias``.
     """
+    if teacher is not None:
+        raise NotImplementedError("a teacher's logits stream is not built yet")
     return _per_token(spec, x, w, bias, rows, columns, real_columns)
 
 
-def summed_loss(spec: Spec, x, w, bias, rows, columns, real_columns=None) -> jax.Array:
+def summed_loss(
+    spec: Spec, x, w, bias, rows, columns, real_columns=None, teacher=None
+) -> jax.Array:
     """``sum_n loss_n`` with the single-pass schedule (every plan's ``vocab_block >= V``;
     one device's whole vocabulary)."""
+    if teacher is not None:
+        raise NotImplementedError("a teacher's logits stream is not built yet")
     return _summed(spec, x, w, bias, rows, columns, real_columns)
