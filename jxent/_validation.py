@@ -258,6 +258,58 @@ def checked_num_classes(num_classes, columns: int) -> int:
     return num_classes
 
 
+def is_hidden_teacher(teacher) -> bool:
+    """Whether ``teacher`` is ``(x_t, w_t[, bias_t])``, the teacher's hidden states and
+    weight (a floating first entry), rather than its top-k ``(indices, log_probs)``."""
+    if not isinstance(teacher, (tuple, list)) or len(teacher) not in (2, 3):
+        return False
+    first = teacher[0]
+    return len(teacher) == 3 or (
+        hasattr(first, "dtype") and jnp.issubdtype(first.dtype, jnp.floating)
+    )
+
+
+def hidden_teacher(teacher, batch_shape, w: jax.Array, w_layout: str, acc):
+    """The checked teacher ``(x_t [..., D_t], w_t, bias_t or None)``, ``w_t`` in ``w``'s
+    layout over its columns, whose products accumulate in ``acc`` as the student's."""
+    x_t, w_t = as_array("teacher[0] (x_t)", teacher[0]), as_array("teacher[1] (w_t)", teacher[1])
+    b_t = None if len(teacher) < 3 or teacher[2] is None else as_array("teacher[2]", teacher[2])
+    for name, a in (("teacher[0] (x_t)", x_t), ("teacher[1] (w_t)", w_t), ("teacher[2]", b_t)):
+        if a is not None:
+            check_floating(name, a)
+    if x_t.ndim != len(batch_shape) + 1 or x_t.shape[:-1] != tuple(batch_shape):
+        raise ValueError(
+            f"teacher[0] (x_t), the teacher's hidden states, must have shape x.shape[:-1] + "
+            f"(D_t,) = {tuple(batch_shape)} + (D_t,), got {x_t.shape}."
+        )
+    vocab_axis = 1 if w_layout == "dv" else 0
+    want = [x_t.shape[-1], w.shape[vocab_axis]]
+    want = tuple(want if w_layout == "dv" else want[::-1])
+    if w_t.shape != want:
+        layout = "(D_t, V)" if w_layout == "dv" else "(V, D_t)"
+        raise ValueError(
+            f"teacher[1] (w_t) must have shape {layout} = {want} (x_t's last axis and w's "
+            f"{w.shape[vocab_axis]} columns, in w_layout={w_layout!r}), got {w_t.shape}."
+        )
+    if b_t is not None:
+        check_shape("teacher[2] (bias_t)", b_t, (w.shape[vocab_axis],), "one entry per column")
+    dtypes = [a.dtype for a in (x_t, w_t, b_t) if a is not None]
+    try:
+        teacher_acc = accumulation_dtype(functools.reduce(jnp.promote_types, dtypes))
+    except jax.dtypes.TypePromotionError:
+        raise TypeError(
+            f"the teacher's x_t, w_t (and bias_t) have dtypes {[str(d) for d in dtypes]}, "
+            "which jax_numpy_dtype_promotion='strict' does not promote: cast them to one dtype."
+        ) from None
+    if teacher_acc != acc:
+        raise TypeError(
+            f"the teacher's products would accumulate in {teacher_acc} and the student's in "
+            f"{acc}: give x_t and w_t dtypes that accumulate like x and w (e.g. both "
+            "float32/bfloat16 with x64 off)."
+        )
+    return x_t, w_t, b_t
+
+
 def top_k_teacher(teacher, batch_shape):
     """The checked top-k teacher: ``(indices int [..., k], log_probs float [..., k])``."""
     if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
@@ -266,12 +318,6 @@ def top_k_teacher(teacher, batch_shape):
             f"each of shape x.shape[:-1] + (k,); got {type(teacher).__name__}."
         )
     indices, log_probs = as_array("teacher[0]", teacher[0]), as_array("teacher[1]", teacher[1])
-    if jnp.issubdtype(indices.dtype, jnp.floating):
-        raise NotImplementedError(
-            "teacher=(x_t, w_t), the teacher's own hidden states and weight, is not "
-            "supported yet; pass the teacher's top-k (indices, log_probs) (e.g. from "
-            "jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k))."
-        )
     check_integer("teacher[0] (indices)", indices, " The teacher's classes are indices.")
     check_floating("teacher[1] (log_probs)", log_probs)
     if indices.ndim != len(batch_shape) + 1 or indices.shape[:-1] != tuple(batch_shape):

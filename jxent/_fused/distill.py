@@ -20,8 +20,18 @@ with ``c_q = (1 - alpha) T^2 P``, ``c_K = (1 - alpha) T^2``, ``c_CE = alpha T`` 
 cotangent), ``p1_j = exp(T log q_j + T log s - log S)`` (``T log s - log S`` is the
 unscaled per-token number of the backward pass).
 
-Internal API: :class:`Distillation` and :class:`JensenShannon` (the losses),
-:class:`TopKRows` (their inputs).
+With the teacher given as its own hidden states and weight (:class:`TeacherDistillation`,
+the engine's second logits stream ``t``, at the same temperature and cap, with its
+log-sum-exp ``lse_t = m_t + log s_t`` and ``p = softmax(t)``), the sum runs over the
+whole vocabulary and needs one cross row sum ``X = sum_j exp(t_j - m_t) (t_j - z_j)``:
+
+    KL  = T^2 [ X / s_t - lse_t + lse ],       d/dz_j = c_q (q_j - p_j)
+
+``p_j`` recomputed in the backward pass from the teacher's block and the unscaled
+per-token ``m_t``, ``log s_t``.
+
+Internal API: :class:`Distillation`, :class:`TeacherDistillation` and
+:class:`JensenShannon` (the losses), :class:`TopKRows` (their inputs).
 """
 
 from __future__ import annotations
@@ -39,17 +49,51 @@ from jxent._fused import engine
 class TopKRows(NamedTuple):
     """Per-token inputs: ``index`` int32 ``[N, k]`` (the teacher's classes as columns on
     this device, -1 elsewhere), ``known`` bool ``[N, k]`` (the index is a real class),
-    ``log_p`` ``[N, k]`` (the teacher's log-probabilities, accumulation dtype),
+    ``log_p`` ``[N, k]`` (the teacher's log-probabilities, accumulation dtype; these
+    three None with a teacher given as hidden states),
     ``labels``/``valid`` ``[N]`` for the hard-label term (None without it), ``keep``
     bool ``[N]`` and ``weights`` float ``[N]`` (None: all)."""
 
-    index: jax.Array
-    known: jax.Array
-    log_p: jax.Array
+    index: jax.Array | None
+    known: jax.Array | None
+    log_p: jax.Array | None
     labels: jax.Array | None
     valid: jax.Array | None
     keep: jax.Array | None
     weights: jax.Array | None
+
+
+def _hard_label(temperature: float, alpha: float, sums: engine.RowSums, rows: TopKRows):
+    """``alpha`` times the cross-entropy at temperature 1 of the engine's logits ``z``
+    at ``T``: ``(alpha CE, its coefficient, log S)`` (``(0, None, 0)`` for ``alpha = 0``),
+    NaN for a kept label that is not a class."""
+    m = sums.row_max
+    if not alpha:
+        return jnp.zeros_like(m), None, jnp.zeros_like(m)
+    log_s = jnp.log(sums.sums["ce"])
+    valid = rows.labels >= 0 if rows.valid is None else rows.valid
+    ce = temperature * (m - sums.picks["z_label"]) + log_s
+    c_ce = jnp.where(valid, jnp.full_like(m, alpha * temperature), jnp.nan)
+    return alpha * jnp.where(valid, ce, jnp.nan), c_ce, log_s
+
+
+def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: engine.View):
+    """The hard-label term's ``dloss/dz``: ``c_ce (p1 - [j = y])``, ``p1`` the softmax
+    at temperature 1, ``exp(T log q + shift)`` (``shift = T log s - log S``)."""
+    p1 = jnp.exp(temperature * log_q + shift[:, None])
+    index = view.column_of(view.rows.labels)
+    is_label = lax.broadcasted_iota(index.dtype, q.shape, 1) == index[:, None]
+    return c_ce[:, None] * (p1 - is_label.astype(q.dtype))
+
+
+def _dropped(rows: TopKRows, loss, coefs):
+    """The loss and its coefficients 0 on dropped tokens, times the token weights."""
+    if rows.keep is not None:
+        zero = jnp.zeros((), loss.dtype)
+        loss = jnp.where(rows.keep, loss, zero)
+        keep = lambda c: rows.keep.reshape(rows.keep.shape + (1,) * (c.ndim - 1))  # noqa: E731
+        coefs = jax.tree.map(lambda c: jnp.where(keep(c), c, zero), coefs)
+    return engine.weighted(rows.weights, loss, coefs)
 
 
 class Distillation(NamedTuple):
@@ -91,21 +135,10 @@ class Distillation(NamedTuple):
         kl = jnp.where(bad, jnp.nan, kl)
         loss = (1 - a) * kl
         c_q, c_top = (1 - a) * (t * t) * big_p, jnp.full_like(m, (1 - a) * (t * t))
-        log_s = jnp.zeros_like(m)
-        c_ce = None
-        if a:
-            log_s = jnp.log(sums.sums["ce"])
-            valid = rows.labels >= 0 if rows.valid is None else rows.valid
-            ce = t * (m - sums.picks["z_label"]) + log_s
-            loss = loss + a * jnp.where(valid, ce, jnp.nan)
-            c_ce = jnp.where(valid, jnp.full_like(m, a * t), jnp.nan)
+        ce, c_ce, log_s = _hard_label(t, a, sums, rows)
         # The loss is NaN there: so is its gradient (never a plausible training signal).
         c_q, c_top = (jnp.where(bad, jnp.nan, c) for c in (c_q, c_top))
-        coefs = (c_q, c_top, c_ce)
-        if rows.keep is not None:
-            loss = jnp.where(rows.keep, loss, zero)
-            coefs = jax.tree.map(lambda c: jnp.where(rows.keep, c, zero), coefs)
-        loss, coefs = engine.weighted(rows.weights, loss, coefs)
+        loss, coefs = _dropped(rows, loss + ce, (c_q, c_top, c_ce))
         return loss, coefs, t * sums.lse_rel - log_s
 
     def dlogits(self, q, log_q, coefs, view: engine.View):
@@ -115,10 +148,49 @@ class Distillation(NamedTuple):
         dz = c_q[:, None] * q
         dz = engine.add_at_columns(dz, view, rows.index, -c_top[:, None] * p_top)
         if c_ce is not None:
-            p1 = jnp.exp(self.temperature * log_q + view.fixed[:, None])
-            index = view.column_of(rows.labels)
-            is_label = lax.broadcasted_iota(index.dtype, q.shape, 1) == index[:, None]
-            dz = dz + c_ce[:, None] * (p1 - is_label.astype(q.dtype))
+            dz = dz + _hard_label_dlogits(self.temperature, q, log_q, c_ce, view.fixed, view)
+        return dz
+
+
+class TeacherDistillation(NamedTuple):
+    """``alpha`` CE + (1 - ``alpha``) KL at ``temperature`` (static numbers), the teacher's
+    full distribution from its own logits stream (``engine.Inputs.teacher``)."""
+
+    temperature: float
+    alpha: float
+
+    def row_sums(self, columns):
+        sums = {"kl": engine.RowSum("cross")}
+        if self.alpha:
+            sums["ce"] = engine.RowSum("exp", power=self.temperature)
+        return sums
+
+    def pick_shapes(self, columns):
+        return {"z_label": ()} if self.alpha else {}
+
+    def picks(self, z, view: engine.View):
+        if not self.alpha:
+            return {}
+        return {"z_label": engine.pick_columns(z, view, view.rows.labels)}
+
+    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+        t, a = self.temperature, self.alpha
+        m, mt = sums.row_max, sums.teacher_max
+        s_t = jnp.exp(sums.teacher_lse_rel)
+        # E_p[t - z] - lse_t + lse: the maxima's difference apart, each part is small.
+        kl = sums.sums["kl"] / s_t + (m - mt) + (sums.lse_rel - sums.teacher_lse_rel)
+        kl = (t * t) * jnp.maximum(kl, jnp.zeros((), m.dtype))
+        ce, c_ce, log_s = _hard_label(t, a, sums, rows)
+        loss, coefs = _dropped(rows, (1 - a) * kl + ce, (jnp.full_like(m, (1 - a) * t * t), c_ce))
+        return loss, coefs, (t * sums.lse_rel - log_s, mt, sums.teacher_lse_rel)
+
+    def dlogits(self, q, log_q, coefs, view: engine.View):
+        c_q, c_ce = coefs
+        shift, mt, lse_t = view.fixed
+        p = jnp.exp((view.teacher - mt[:, None]) - lse_t[:, None])
+        dz = c_q[:, None] * (q - p)
+        if c_ce is not None:
+            dz = dz + _hard_label_dlogits(self.temperature, q, log_q, c_ce, shift, view)
         return dz
 
 
@@ -190,16 +262,7 @@ class JensenShannon(NamedTuple):
             values = jnp.where(in_k, q * (g - c0), zero)
         loss = jnp.where(bad, jnp.nan, jnp.maximum(loss, zero))
         coefs = (jnp.where(bad, jnp.nan, c_q), jnp.where(bad[:, None], jnp.nan, values))
-        if rows.keep is not None:
-            loss = jnp.where(rows.keep, loss, zero)
-            coefs = (
-                jnp.where(rows.keep, coefs[0], zero),
-                jnp.where(rows.keep[:, None], coefs[1], zero),
-            )
-        if rows.weights is not None:
-            loss = loss * rows.weights
-            coefs = (coefs[0] * rows.weights, coefs[1] * rows.weights[:, None])
-        return loss, coefs
+        return _dropped(rows, loss, coefs)
 
     def dlogits(self, q, log_q, coefs, view: engine.View):
         c_q, values = coefs

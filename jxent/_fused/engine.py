@@ -28,6 +28,13 @@ loss adds
   (label smoothing is a gap sum; the entropy ``log s + H / s`` needs an exp-gap sum,
   whose ``E`` the engine keeps beside it). The engine also keeps each gap sum's total
   weight ``sum_k c_k``.
+* **a teacher's logits** (``Inputs.teacher``: ``x_t [N, D_t]`` and ``w_t`` over the
+  same columns, a constant): a second logits stream ``t`` made block by block beside
+  ``z`` (same soft cap and temperature), whose own online log-sum-exp (``m_t``,
+  ``s_t``) the engine keeps, and one more kind of row sum, ``"cross"``:
+  ``X = sum_k c_k exp(t_k - m_t) (t_k - z_k)``, re-centred as ``X exp(-d_t)`` when
+  ``m_t`` moves by ``d_t`` (the full-vocabulary KL is ``X / s_t + lse(z) - lse(t)``).
+  The loss sees the teacher's block as ``View.teacher``.
 * **picks** (:meth:`FusedLoss.picks`): per-token values read from a block, 0 where
   the block does not hold them (a label's logit, its class weight); summed over the
   blocks (and the shards).
@@ -103,6 +110,7 @@ class View(NamedTuple):
     groups: int  # vocabulary groups (see jxent._fused.blocks)
     group_length: int  # columns per group of the whole vocabulary (on this device)
     fixed: Any = None  # the loss's unscaled per-token numbers from finish (backward only)
+    teacher: Any = None  # the teacher's logits block [n, vb] (with Inputs.teacher), or None
 
     def column_of(self, index: jax.Array) -> jax.Array:
         """Each column index's position in the block: in ``[0, groups * width)`` where the
@@ -117,7 +125,7 @@ class View(NamedTuple):
 class RowSum(NamedTuple):
     """One row sum of a fused loss (see the module docstring for the kinds)."""
 
-    kind: str  # "gap", "exp" or "exp_gap"
+    kind: str  # "gap", "exp", "exp_gap" or (with a teacher) "cross"
     weights: jax.Array | None = None  # this block's column weights [vb]; None: all 1
     # "exp" and "exp_gap" of r z instead of z (static; r > 0): the softmax at another
     # temperature, e.g. r = 1/T, with terms exp(r (z - m)) and r (m - z).
@@ -132,6 +140,8 @@ class RowSums(NamedTuple):
     sums: dict  # name -> the row sum, relative to m
     totals: dict  # name of a gap sum -> sum_k c_k (a scalar)
     picks: dict  # name -> the value read from the column that holds it
+    teacher_max: Any = None  # m_t: the largest of the teacher's logits (with a teacher)
+    teacher_lse_rel: Any = None  # log sum_k exp(t_k - m_t)
 
 
 class FusedLoss(Protocol):
@@ -188,6 +198,9 @@ class Inputs(NamedTuple):
     rows: Any  # pytree of [N] arrays
     columns: Any  # pytree of [V] arrays
     real_columns: jax.Array | None = None  # bool [V]: False on padding columns
+    # (x_t [N, D_t], w_t in w's layout over the same columns, bias_t [V] or None): a
+    # teacher's logits stream (a constant), or None.
+    teacher: Any = None
 
 
 def pick_columns(z: jax.Array, view: View, index: jax.Array) -> jax.Array:
@@ -217,10 +230,10 @@ def add_at_columns(dz: jax.Array, view: View, index: jax.Array, values: jax.Arra
 
 def weighted(weights: jax.Array | None, loss: jax.Array, coefs):
     """A per-token loss and its gradient coefficients times per-token ``weights``
-    (None: unchanged): the loss is linear in its coefficients."""
+    (None: unchanged): the loss is linear in its coefficients (``[n]`` or ``[n, ...]``)."""
     if weights is None:
         return loss, coefs
-    return loss * weights, jax.tree.map(lambda c: c * weights, coefs)
+    return loss * weights, jax.tree.map(lambda c: c * _row_scale(weights, c), coefs)
 
 
 def compute_dtype(*arrays) -> jnp.dtype:
@@ -250,9 +263,9 @@ def _num_classes(spec: Spec, inp: Inputs) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=None):
+def _logits(spec: Spec, plan: Plan, x_blk, w_blk, b_blk, real_blk=None):
     """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
-    cdt = compute_dtype(inp.x, inp.w, inp.bias)
+    cdt = compute_dtype(x_blk, w_blk, b_blk)
     acc = accumulation_dtype(cdt)
     # x [n, D] times w's block, [D, vb] or [vb, D]: contract D either way (no transpose).
     dims = (((1,), (_vocab_axis(spec) ^ 1,)), ((), ()))
@@ -281,6 +294,39 @@ def _logits(spec: Spec, plan: Plan, inp: Inputs, x_blk, w_blk, b_blk, real_blk=N
     return logits, dcap
 
 
+class _Teacher(NamedTuple):
+    """A teacher's operands in the loops' grouped views (``x_t`` by tokens, ``w_t`` and
+    its bias by columns), or one vocabulary block's columns of them."""
+
+    x: jax.Array | None
+    w: jax.Array
+    bias: jax.Array | None
+
+
+def _grouped_teacher(spec: Spec, plan: Plan, inp: Inputs) -> _Teacher | None:
+    if inp.teacher is None:
+        return None
+    xt, wt, bt = inp.teacher
+    tg, vg = plan.token_groups, plan.vocab_groups
+    return _Teacher(B.group(xt, 0, tg), B.group(wt, _vocab_axis(spec), vg), B.group(bt, 0, vg))
+
+
+def _teacher_columns(spec: Spec, teacher: _Teacher | None, v0, vb, vg) -> _Teacher | None:
+    """The teacher's ``w`` (and bias) block of the vocabulary block ``(v0, vb)``."""
+    if teacher is None:
+        return None
+    w_blk = B.block(teacher.w, v0, vb, _vocab_axis(spec), vg)
+    return _Teacher(teacher.x, w_blk, B.block(teacher.bias, v0, vb, 0, vg))
+
+
+def _teacher_logits(spec, plan, teacher: _Teacher | None, r0, nb, tg, real_blk):
+    """The teacher's logits block (tokens ``(r0, nb)``, the columns of ``teacher``)."""
+    if teacher is None:
+        return None
+    x_blk = B.block(teacher.x, r0, nb, 0, tg)
+    return _logits(spec, plan, x_blk, teacher.w, teacher.bias, real_blk)[0]
+
+
 def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None, axis: int) -> jax.Array:
     """``w_blk`` with its padding columns zeroed, for ``dx = dz @ w.T``.
 
@@ -306,6 +352,12 @@ class _Running(NamedTuple):
     s: jax.Array  # sum_k exp(z_k - m)
     sums: dict  # name -> the loss's row sum relative to m (and "name/exp" partners)
     picks: dict  # name -> picked value (0 until its block is seen)
+    mt: jax.Array | None = None  # with a teacher: the running maximum of its logits t
+    st: jax.Array | None = None  # sum_k exp(t_k - mt)
+
+
+#: The name of the teacher's sum of exponentials among a block's row sums.
+_TEACHER_EXP = "/teacher"
 
 
 def _partner(name: str) -> str:
@@ -320,14 +372,24 @@ def _sum_names(declared: dict[str, RowSum]) -> list[str]:
     return names
 
 
-def _init_running(loss: FusedLoss, n: int, acc, columns) -> _Running:
+def _init_running(loss: FusedLoss, n: int, acc, columns, teacher: bool = False) -> _Running:
     zeros = jnp.zeros((n,), acc)
+    lowest = jnp.full((n,), -jnp.inf, acc)
     return _Running(
-        jnp.full((n,), -jnp.inf, acc),
+        lowest,
         zeros,
         {k: zeros for k in _sum_names(loss.row_sums(columns))},
         {k: jnp.zeros((n, *shape), acc) for k, shape in loss.pick_shapes(columns).items()},
+        lowest if teacher else None,
+        zeros if teacher else None,
     )
+
+
+def _rescale(m_old: jax.Array, m_new: jax.Array) -> jax.Array:
+    """``exp(m_old - m_new)``, 0 where nothing was seen (``m_old = -inf``, even when
+    ``m_new`` is ``-inf`` too: a teacher row masked so far)."""
+    seen = m_old > -jnp.inf
+    return jnp.where(seen, jnp.exp(jnp.where(seen, m_old - m_new, 0)), 0)
 
 
 def _total(c: jax.Array | None, width: int, acc) -> jax.Array:
@@ -339,11 +401,16 @@ def _gap_totals(declared: dict[str, RowSum], width: int, acc) -> dict:
     return {k: _total(s.weights, width, acc) for k, s in declared.items() if s.kind == "gap"}
 
 
-def _block_terms(declared: dict[str, RowSum], z, m_blk) -> dict:
-    """The elementwise terms of a block's row sums, relative to the block's maximum."""
+def _block_terms(declared: dict[str, RowSum], z, m_blk, t=None, mt_blk=None) -> dict:
+    """The elementwise terms of a block's row sums, relative to the block's maximum (and,
+    with a teacher's block ``t``, the teacher's exponentials relative to its maximum)."""
     gap = m_blk[:, None] - z
     e = jnp.exp(-gap)
     terms = {"": e}
+    if t is not None:
+        # A row of the teacher masked to -inf has no finite maximum: its terms are 0.
+        e_t = jnp.exp(t - jnp.where(mt_blk > -jnp.inf, mt_blk, 0)[:, None])
+        terms[_TEACHER_EXP] = e_t
     for name, spec in declared.items():
         c = None if spec.weights is None else spec.weights[None, :]
         weighted = (lambda a: a) if c is None else (lambda a, c=c: a * c)
@@ -356,15 +423,23 @@ def _block_terms(declared: dict[str, RowSum], z, m_blk) -> dict:
         elif spec.kind == "exp_gap":
             terms[name] = weighted(e_r * (gap if r == 1 else r * gap))
             terms[_partner(name)] = weighted(e_r)
+        elif spec.kind == "cross" and t is not None:
+            # 0 * inf never forms: a class the teacher masks (t = -inf) adds 0, one the
+            # student masks where the teacher does not adds +inf (the divergence is).
+            zero = jnp.zeros((), z.dtype)
+            terms[name] = weighted(jnp.where(e_t > 0, e_t * (t - z), zero))
         else:
             raise ValueError(f"unknown kind of row sum {spec.kind!r} for {name!r}")
     return terms
 
 
-def _recentred(declared: dict[str, RowSum], sums: dict, m_old, m_new, totals: dict) -> dict:
+def _recentred(
+    declared: dict[str, RowSum], sums: dict, m_old, m_new, totals: dict, teacher_scale=None
+) -> dict:
     """Row sums relative to ``m_old`` made relative to ``m_new >= m_old``, exactly (only
     non-negative terms are added). Where ``m_old`` is ``-inf`` nothing was seen (every
-    sum is 0) and 0 is kept, without forming ``inf * 0``."""
+    sum is 0) and 0 is kept, without forming ``inf * 0``. A cross sum is relative to the
+    teacher's maximum: ``teacher_scale`` is ``exp`` of its move."""
     seen = m_old > -jnp.inf
     d = jnp.where(seen, m_new - m_old, jnp.zeros((), m_new.dtype))
     out = {}
@@ -375,6 +450,8 @@ def _recentred(declared: dict[str, RowSum], sums: dict, m_old, m_new, totals: di
             out[name] = sums[name] + d * totals[name]
         elif spec.kind == "exp":
             out[name] = sums[name] * scale
+        elif spec.kind == "cross":
+            out[name] = sums[name] * teacher_scale
         else:
             e = sums[_partner(name)]
             out[name] = (sums[name] + (d if r == 1 else r * d) * e) * scale
@@ -388,25 +465,34 @@ def _merge(loss: FusedLoss, run: _Running, z, view: View, seen: dict) -> _Runnin
     acc = z.dtype
     m_blk = _backend.reduce_rows(jnp.max, lambda z: z, (z,))
     declared = loss.row_sums(view.columns)
-    if not declared:
+    t = view.teacher
+    mt_blk = mt = old_t = new_t = st = None
+    if t is not None:
+        mt_blk = _backend.reduce_rows(jnp.max, lambda t: t, (t,))
+    if not declared and t is None:
         # One reduction: in pieces for blocks wider than XLA:CPU's fast row length.
         s_blk = _backend.reduce_rows(jnp.sum, lambda z, m: jnp.exp(z - m), (z,), (m_blk,))
         sums_blk = {}
     else:
         # Every sum in one variadic reduction: the block is read once.
-        sums_blk = row_sums(_block_terms(declared, z, m_blk))
+        sums_blk = row_sums(_block_terms(declared, z, m_blk, t, mt_blk))
         s_blk = sums_blk.pop("")
+    if t is not None:
+        mt = jnp.maximum(run.mt, mt_blk)
+        old_t, new_t = _rescale(run.mt, mt), _rescale(mt_blk, mt)
+        st = run.st * old_t + sums_blk.pop(_TEACHER_EXP) * new_t
     m = jnp.maximum(run.m, m_blk)
     s = run.s * jnp.exp(run.m - m) + s_blk * jnp.exp(m_blk - m)
-    old = _recentred(declared, run.sums, run.m, m, seen)
-    new = _recentred(declared, sums_blk, m_blk, m, _gap_totals(declared, z.shape[-1], acc))
+    old = _recentred(declared, run.sums, run.m, m, seen, old_t)
+    totals = _gap_totals(declared, z.shape[-1], acc)
+    new = _recentred(declared, sums_blk, m_blk, m, totals, new_t)
     sums = {k: old[k] + new[k] for k in old}
     picks = {k: run.picks[k] + v for k, v in loss.picks(z, view).items()}
-    return _Running(m, s, sums, picks)
+    return _Running(m, s, sums, picks, mt, st)
 
 
-def _view(inp_rows, columns, start, width, groups, group_length) -> View:
-    return View(inp_rows, columns, start, width, groups, group_length)
+def _view(inp_rows, columns, start, width, groups, group_length, teacher=None) -> View:
+    return View(inp_rows, columns, start, width, groups, group_length, teacher=teacher)
 
 
 def _statistics(spec: Spec, plan: Plan, inp: Inputs):
@@ -420,19 +506,21 @@ def _statistics(spec: Spec, plan: Plan, inp: Inputs):
     w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
+    teacher = _grouped_teacher(spec, plan, inp)
 
     def vocab_step(v0, vb, carry):
         run, seen = carry
         w_blk = B.block(w, v0, vb, ax, vg)
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
+        t_cols = _teacher_columns(spec, teacher, v0, vb, vg)
 
         def token_step(r0, nb, run):
-            z, _ = _logits(spec, plan, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            z, _ = _logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            t = _teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), run)
-            view = _view(
-                jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
-            )
+            rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
+            view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
             sub = _merge(loss, sub, z, view, seen)
             return jax.tree.map(lambda a, f: B.put_block(a, f, r0, 0, tg), run, sub)
 
@@ -441,7 +529,7 @@ def _statistics(spec: Spec, plan: Plan, inp: Inputs):
         seen = {k: seen[k] + blk_totals[k] for k in seen}
         return run, seen
 
-    run = _init_running(loss, n, acc, inp.columns)
+    run = _init_running(loss, n, acc, inp.columns, inp.teacher is not None)
     run = jax.tree.map(lambda f: B.group(f, 0, tg), run)
     seen = {k: jnp.zeros((), acc) for k in _gap_totals(loss.row_sums(inp.columns), 1, acc)}
     run, totals = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, (run, seen))
@@ -455,12 +543,17 @@ def _combine(spec: Spec, inp: Inputs, run: _Running, totals: dict):
     if spec.axis_name is None:
         return run, totals
     m = lax.pmax(run.m, spec.axis_name)
+    mt = t_scale = None
+    if run.mt is not None:
+        mt = lax.pmax(run.mt, spec.axis_name)
+        t_scale = _rescale(run.mt, mt)
     declared = spec.loss.row_sums(inp.columns)
-    sums = _recentred(declared, run.sums, run.m, m, totals)
-    s, sums, picks, totals = lax.psum(
-        (run.s * jnp.exp(run.m - m), sums, run.picks, totals), spec.axis_name
+    sums = _recentred(declared, run.sums, run.m, m, totals, t_scale)
+    st = None if run.st is None else run.st * t_scale
+    s, sums, picks, totals, st = lax.psum(
+        (run.s * jnp.exp(run.m - m), sums, run.picks, totals, st), spec.axis_name
     )
-    return _Running(m, s, sums, picks), totals
+    return _Running(m, s, sums, picks, mt, st), totals
 
 
 class Coefficients(NamedTuple):
@@ -476,7 +569,8 @@ class Coefficients(NamedTuple):
 
 def _finish(spec: Spec, inp: Inputs, run: _Running, totals: dict, rows):
     lse_rel = jnp.log(run.s)  # lse - m >= 0
-    sums = RowSums(run.m, lse_rel, run.sums, totals, run.picks)
+    lse_t = None if run.st is None else jnp.log(run.st)
+    sums = RowSums(run.m, lse_rel, run.sums, totals, run.picks, run.mt, lse_t)
     loss, coefs, *fixed = spec.loss.finish(sums, rows, _num_classes(spec, inp))
     return loss, Coefficients(run.m, lse_rel, coefs, fixed[0] if fixed else None)
 
@@ -597,6 +691,7 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
     w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
+    teacher = _grouped_teacher(spec, plan, inp)
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
@@ -604,13 +699,14 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
         w_dx = _real_weights(w_blk, c_blk, ax) if wanted.x else w_blk
+        t_cols = _teacher_columns(spec, teacher, v0, vb, vg)
 
         def token_step(r0, nb, inner):
-            z, dcap = _logits(spec, plan, inp, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            z, dcap = _logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            t = _teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), coefs)
-            view = _view(
-                jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows), cols, v0, vb, vg, v // vg
-            )
+            rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
+            view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
             dz = _dlogits(spec, z, dcap, sub, view, c_blk)
             return _add_products(
                 plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax
@@ -655,14 +751,17 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
     w_dx = _real_weights(inp.w, inp.real_columns, ax) if wanted.x else inp.w
     declared = loss.row_sums(inp.columns)
     no_weight = {k: jnp.zeros((), acc) for k in _gap_totals(declared, v, acc)}
+    teacher = _grouped_teacher(spec, plan, inp)  # the whole vocabulary in one block
 
     def token_step(r0, nb, carry):
         total, dx, dw, db = carry
         x_blk = B.block(x, r0, nb, 0, tg)
         rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
-        z, dcap = _logits(spec, plan, inp, x_blk, inp.w, inp.bias, inp.real_columns)
-        view = View(rows_blk, inp.columns, 0, v, 1, v)
-        run = _merge(loss, _init_running(loss, tg * nb, acc, inp.columns), z, view, no_weight)
+        z, dcap = _logits(spec, plan, x_blk, inp.w, inp.bias, inp.real_columns)
+        t = _teacher_logits(spec, plan, teacher, r0, nb, tg, inp.real_columns)
+        view = View(rows_blk, inp.columns, 0, v, 1, v, teacher=t)
+        fresh = _init_running(loss, tg * nb, acc, inp.columns, t is not None)
+        run = _merge(loss, fresh, z, view, no_weight)
         totals = _gap_totals(declared, v, acc)
         loss_blk, coefs = _finish(spec, inp, run, totals, rows_blk)
         # The block's maximum behind a barrier: otherwise XLA:CPU shares z - max between
@@ -726,7 +825,7 @@ def _fill(inp: Inputs, grads):
     )
 
 
-_NO_GRADS = (None, None, None)  # rows, columns, real_columns: constants
+_NO_GRADS = (None, None, None, None)  # rows, columns, real_columns, teacher: constants
 
 
 def _is_zero(a) -> bool:
@@ -734,8 +833,8 @@ def _is_zero(a) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(spec, x, w, bias, rows, columns, real_columns):
-    inp = Inputs(x, w, bias, rows, columns, real_columns)
+def _per_token(spec, x, w, bias, rows, columns, real_columns, teacher):
+    inp = Inputs(x, w, bias, rows, columns, real_columns, teacher)
     return _on_platform(spec, lambda plan: _forward(spec, plan, inp)[0])
 
 
@@ -759,8 +858,8 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _summed(spec, x, w, bias, rows, columns, real_columns):
-    inp = Inputs(x, w, bias, rows, columns, real_columns)
+def _summed(spec, x, w, bias, rows, columns, real_columns, teacher):
+    inp = Inputs(x, w, bias, rows, columns, real_columns, teacher)
     return jnp.sum(_on_platform(spec, lambda plan: _forward(spec, plan, inp)[0]))
 
 
@@ -793,11 +892,11 @@ def per_token_loss(
 
     ``rows``/``columns``: the loss's per-token / per-column inputs (pytrees of ``[N]`` /
     ``[V]`` arrays, constants); ``real_columns``: bool ``[V]``, False on padding columns
-    (with ``spec.num_classes``), or None. Differentiable in ``x``, ``w`` and ``bias``.
+    (with ``spec.num_classes``), or None; ``teacher``: ``(x_t [N, D_t], w_t, bias_t)``
+    (``w_t`` in ``w``'s layout, ``bias_t`` or None), a second logits stream, or None.
+    Differentiable in ``x``, ``w`` and ``bias`` (the teacher is a constant).
     """
-    if teacher is not None:
-        raise NotImplementedError("a teacher's logits stream is not built yet")
-    return _per_token(spec, x, w, bias, rows, columns, real_columns)
+    return _per_token(spec, x, w, bias, rows, columns, real_columns, teacher)
 
 
 def summed_loss(
@@ -805,6 +904,4 @@ def summed_loss(
 ) -> jax.Array:
     """``sum_n loss_n`` with the single-pass schedule (every plan's ``vocab_block >= V``;
     one device's whole vocabulary)."""
-    if teacher is not None:
-        raise NotImplementedError("a teacher's logits stream is not built yet")
-    return _summed(spec, x, w, bias, rows, columns, real_columns)
+    return _summed(spec, x, w, bias, rows, columns, real_columns, teacher)

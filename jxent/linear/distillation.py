@@ -1,6 +1,7 @@
-"""``linear_softmax_kl_divergence`` and ``linear_distillation_loss``: knowledge
-distillation from the student's hidden states, with the teacher's top-k
-log-probabilities, without the student's ``[tokens, V]`` logits."""
+"""``linear_softmax_kl_divergence``, ``linear_distillation_loss`` and
+``linear_softmax_jensen_shannon_divergence``: knowledge distillation from the student's
+hidden states, with the teacher's top-k log-probabilities or (KL and distillation) the
+teacher's own hidden states and weight, without either's ``[tokens, V]`` logits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from jxent import _validation as v
 from jxent._fused import driver, engine
-from jxent._fused.distill import Distillation, JensenShannon, TopKRows
+from jxent._fused.distill import Distillation, JensenShannon, TeacherDistillation, TopKRows
 from jxent._fused.xent import prepare_labels
 from jxent.linear.api import checked_inputs
 
@@ -42,23 +43,33 @@ def _distill(
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     batch_shape = x.shape[:-1]
-    indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-    n, k = math.prod(batch_shape), indices.shape[-1]
+    n = math.prod(batch_shape)
     acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
     weights = driver.token_weights(token_weights, batch_shape, acc)
-    flat_index = indices.reshape(n, k)
-    known = (flat_index >= 0) & (flat_index < num_classes)
+    index = known = log_p = stream = None
+    if v.is_hidden_teacher(teacher):
+        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, w_layout, acc)
+        stream = jax.lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
+        loss = make_loss(None)
+    else:
+        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
+        k = indices.shape[-1]
+        flat_index = indices.reshape(n, k)
+        known = (flat_index >= 0) & (flat_index < num_classes)
+        index = jnp.where(known, flat_index, -1).astype(jnp.int32)
+        log_p = jax.lax.stop_gradient(log_probs.reshape(n, k).astype(acc))
+        loss = make_loss(k)
     rows = TopKRows(
-        index=jnp.where(known, flat_index, -1).astype(jnp.int32),
+        index=index,
         known=known,
-        log_p=jax.lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
+        log_p=log_p,
         labels=None if labels is None else prepare_labels(labels.reshape(n), num_classes),
         valid=None,
         keep=None if row_mask is None else row_mask.reshape(n),
         weights=weights,
     )
     result, summed = driver.run(
-        make_loss(k),
+        loss,
         x.reshape(n, x.shape[-1]),
         w,
         bias,
@@ -70,6 +81,7 @@ def _distill(
         soft_cap=logit_soft_cap,
         temperature=None if temperature == 1 else temperature,
         w_layout=w_layout,
+        teacher=stream,
     )
     weight = row_mask
     if weights is not None and reduction == "mean":
@@ -83,6 +95,13 @@ def _distill(
         weight,
         v.checked_normalizer(normalizer, reduction, acc),
     )
+
+
+def _distillation(temperature: float, alpha: float, k: int | None):
+    """The loss object: from a top-``k`` teacher, or (``k`` None) its logits stream."""
+    if k is None:
+        return TeacherDistillation(temperature, alpha)
+    return Distillation(temperature, alpha, k)
 
 
 def linear_softmax_kl_divergence(
@@ -181,7 +200,7 @@ def linear_softmax_kl_divergence(
         w,
         None,
         teacher,
-        make_loss=lambda k: Distillation(temperature, 0.0, k),
+        make_loss=lambda k: _distillation(temperature, 0.0, k),
         temperature=temperature,
         bias=bias,
         where=where,
@@ -283,7 +302,7 @@ def linear_distillation_loss(
         w,
         labels,
         teacher,
-        make_loss=lambda k: Distillation(temperature, alpha, k),
+        make_loss=lambda k: _distillation(temperature, alpha, k),
         temperature=temperature,
         bias=bias,
         where=where,
@@ -389,6 +408,14 @@ def linear_softmax_jensen_shannon_divergence(
             "infinite wherever the student has mass off the teacher's top-k classes."
         )
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
+    if v.is_hidden_teacher(teacher):
+        raise NotImplementedError(
+            "linear_softmax_jensen_shannon_divergence takes the teacher's top-k "
+            "(indices, log_probs), not its hidden states (x_t, w_t): the mixture's logarithm "
+            "needs both normalised distributions at every class, which a single streaming "
+            "pass does not have. Pass jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k), "
+            "or use linear_softmax_kl_divergence, which takes (x_t, w_t)."
+        )
     return _distill(
         x,
         w,
