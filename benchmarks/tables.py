@@ -371,6 +371,87 @@ def _accelerators(res: Results, target: str) -> str:
     )
 
 
+def _accelerators_gpu(res: Results, target: str) -> str:
+    """A GPU target's compiled memory, cost and roofline, then issue 13's bound for jxent
+    (at most 2x the floor, at most 1/20 of each unfused baseline)."""
+    name = f"accelerators_{target}.json"
+    record = res(name)
+    peak = record["peaks"]
+    unfused, unfused32 = "x @ w + optax", "(x @ w).astype(f32) + optax"
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in record["rows"]:
+        cases.setdefault((r["shape_name"], r["dtype"]), {})[r["contender"]] = r
+    lines, bounds = [], []
+    for (shape_name, dtype), rs in cases.items():
+        base = rs[unfused]["temp_mib"]
+        for r in rs.values():
+            lines.append(
+                [
+                    f"{shape_name} ({r['shape']})",
+                    dtype,
+                    r["contender"],
+                    f"{r['temp_mib']:.1f}",
+                    f"{r['output_mib']:.1f}",
+                    f"{r['temp_mib'] + r['output_mib']:.1f}",
+                    _mem_ratio(r["temp_mib"], base),
+                    f"{r['xla_gflops']:.0f}",
+                    f"{r['xla_gbytes_accessed']:.1f}",
+                    f"{r['matmul_gflops']:.0f}",
+                    f"{r['roofline_ms']:.2f}",
+                    f"{r['memory_floor_ms']:.2f}",
+                ]
+            )
+        jx = rs["jxent"]
+        limits = {"2x floor": 2 * jx["floor_mib"], "1/20 of x @ w": base / 20}
+        cells = [f"{jx['floor_mib']:.1f}", _mem_ratio(jx["temp_mib"], base)]
+        if unfused32 in rs:
+            limits["1/20 of f32 logits"] = rs[unfused32]["temp_mib"] / 20
+            cells.append(_mem_ratio(jx["temp_mib"], rs[unfused32]["temp_mib"]))
+        else:
+            cells.append("n/a")
+        missed = [what for what, limit in limits.items() if jx["temp_mib"] > limit]
+        verdict = "no: " + ", ".join(missed) if missed else "yes"
+        bounds.append(
+            [f"{shape_name} ({jx['shape']})", dtype, f"{jx['temp_mib']:.1f}", *cells, verdict]
+        )
+    head = ["shape", "dtype", "contender", "temp MiB", "outputs MiB", "temp + outputs MiB"]
+    head += ["temp / x @ w + optax's", "XLA GFLOP", "XLA GB", "matmul GFLOP", "compute ms"]
+    head.append("memory floor ms")
+    env = record["environment"]
+    plugin = env.get("jax-cuda12-plugin")
+    note = (
+        f"Compiled for {peak['device']} without a device (XLA:GPU, "
+        f"{'jax-cuda12-plugin ' + plugin + ', ' if plugin else ''}the target config in "
+        "the record, `--xla_gpu_autotune_level=0`): compile-time facts, not timings. XLA's "
+        "cost analysis (the CPU client's, over the GPU-optimised HLO) counts a loop body "
+        "once (the fused loss's and jax-cce's figures are one block's). Compute ms: the "
+        "matrix products' flops over the peak of "
+        f"{peak['source']}; bfloat16 at the bf16 peak, float32 at the TF32 peak (XLA:GPU "
+        "runs float32 products at JAX's default precision as one TF32 pass, jxent's "
+        "included; jax-cce multiplies float32 copies of bfloat16 inputs and recomputes the "
+        "logits: four products). Memory floor ms: arguments read once, outputs written once and "
+        "temporaries written and read once, over the HBM bandwidth (a lower bound on the "
+        "traffic): every contender is compute-bound here."
+    )
+    bound_note = (
+        "Issue 13's bound for jxent on this target: temporary memory at most twice the "
+        "floor (a float32 `dx`, N x D, and one float32 logits block of the GPU plan) and at "
+        "most 1/20 of the unfused loss's, in the inputs' dtype and with float32 logits."
+    )
+    bound_head = ["shape", "dtype", "jxent temp MiB", "floor MiB", "temp / x @ w + optax's"]
+    bound_head += ["temp / f32-logits optax's", "bound met"]
+    return "\n\n".join(
+        [
+            caption(record, res.rel(name)),
+            note,
+            _table(head, ["---"] * 3 + ["---:"] * 9, lines),
+            bound_note,
+            _table(bound_head, ["---"] * 2 + ["---:"] * 4 + ["---"], bounds),
+            *filter(None, [_skipped(record)]),
+        ]
+    )
+
+
 def _find(record: dict, case: str, dtype: str, vocab: int | None = None, kind=None) -> dict:
     for r in record["rows"]:
         if r["case"] == case and r["dtype"] == dtype and (vocab is None or r["vocab"] == vocab):
@@ -533,6 +614,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "fused-losses": _fused_losses,
     "accelerators-tpu-v5e": lambda res: _accelerators(res, "tpu-v5e"),
     "accelerators-tpu-v6e": lambda res: _accelerators(res, "tpu-v6e"),
+    "accelerators-h100": lambda res: _accelerators_gpu(res, "h100"),
 }
 
 
