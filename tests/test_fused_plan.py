@@ -81,3 +81,25 @@ def test_tpu_plan_is_ungrouped_and_lane_aligned():
             if not single:
                 assert tpu.vocab_block % 128 == 0, tpu
             assert dict(plans)["cpu"].precision is None
+
+
+def test_symbolic_token_count():
+    """A symbolic number of tokens (``num_tokens=None``): the token block is a power of two
+    from D, V and the panel alone (at most ``SYMBOLIC_MAX_TOKEN_BLOCK``), the single pass
+    is decided as for a static count, and the tokens are one group."""
+    assert plan.symbolic_token_block(3640) == 2048
+    assert plan.symbolic_token_block(10**6) == plan.SYMBOLIC_MAX_TOKEN_BLOCK == 4096
+    assert plan.symbolic_token_block(1) == 8
+    for d, v, reduction in ((2304, 256000, "mean"), (1024, 32000, "mean"), (1024, 32000, "none")):
+        for platform in _backend.PLATFORMS:
+            tb, vb, single = plan.plan_blocks(None, d, v, reduction, None, platform=platform)
+            static = plan.plan_blocks(8192, d, v, reduction, None, platform=platform)
+            assert single == static[2] and tb & (tb - 1) == 0 and 8 <= tb <= 4096
+            assert vb == v if single else vb <= v
+        plans, single = plan.plans(None, d, v, reduction, None, 4)
+        assert all(p.token_groups == 1 for _, p in plans)
+    # Gemma 2 on CPU: the static rule's cap of 3640 tokens gives blocks of 2048.
+    assert plan.plan_blocks(None, 2304, 256000, "mean", None)[0] == 2048
+    # A pair sets the token block as given; an int the vocabulary block.
+    assert plan.plan_blocks(None, 8, 50, "none", (7, 11)) == (7, 11, False)
+    assert plan.plan_blocks(None, 8, 50, "mean", 16)[1:] == (16, False)

@@ -40,15 +40,35 @@ def for_blocks(total: int, size: int, body: Callable, carry):
     the loop then writes the accumulators last, and a grouped accumulator's final
     reshape is of the loop's result (a write into a reshaped buffer after the loop
     would cost XLA:CPU a copy of the accumulator).
+
+    A symbolic ``total`` (``jax.export`` shape polymorphism) must be a multiple of
+    ``size`` (the caller pads to one): its blocks all run in the loop, whose trip count
+    is then computed from the shapes at run time.
     """
     num_full, rest = divmod(total, size)
+    symbolic = not isinstance(total, int)
+    if symbolic and not (isinstance(rest, int) and rest == 0):
+        raise ValueError(
+            f"a symbolic number of items ({total}) must be a known multiple of the block "
+            f"({size}): pad it to one"
+        )
     if rest:
         carry = body(num_full * size, rest, carry)
-    if num_full == 1:
+    if not symbolic and num_full == 1:
         carry = body(0, size, carry)
-    elif num_full > 1:
-        # int32 starts, whatever the loop counter's dtype (x64 or not).
-        step = lambda i, c: body(lax.convert_element_type(i, jnp.int32) * size, size, c)  # noqa: E731
+    elif symbolic or num_full > 1:
+
+        def step(i, c):
+            # int32 starts, whatever the loop counter's dtype (x64 or not).
+            start = lax.convert_element_type(i, jnp.int32) * size
+            if symbolic:
+                # A symbolic loop may turn out to run once: XLA then removes it and folds
+                # the start to 0, and with it the predicates of the _backend workarounds
+                # (XLA:CPU then fails on transposed_block's bfloat16 product: "Unsupported
+                # element type for DotThunk"). The barrier keeps the start traced.
+                start = lax.optimization_barrier(start)
+            return body(start, size, c)
+
         carry = vary_like(carry, jax.eval_shape(functools.partial(step, 0), carry))
         carry = lax.fori_loop(0, num_full, step, carry)
     return carry

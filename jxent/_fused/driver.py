@@ -4,6 +4,13 @@ Every public fused loss validates its arguments, builds its loss object and per-
 inputs, and calls :func:`run`; :func:`reduce` turns what ``run`` returned into the
 ``reduction`` the caller asked for.
 
+A symbolic number of tokens (``jax.export`` with ``symbolic_shape("n, D")``): the plan's
+token block depends on ``D`` and ``V`` alone (``jxent._fused.plan``), and :func:`run`
+pads the tokens (``x``, the loss's per-token inputs, a teacher's hidden states) with
+zeros to a multiple of it, marks the padded tokens dropped (the ``keep`` field of the
+loss's rows: loss 0, gradient 0), and slices the per-token results back. A static
+number of tokens is never padded.
+
 Internal API: :func:`run`, :func:`reduce`, :func:`token_weights`.
 """
 
@@ -43,13 +50,16 @@ def run(
     sum over the tokens with ``summed=True``. Padding columns (``num_classes < V``) are
     marked for the engine here. ``teacher``: ``(x_t [N, D_t], w_t, bias_t)`` with ``w_t``
     in ``w``'s layout over the same columns, a second logits stream for losses that
-    compare the student with a teacher's full distribution (a constant), or None."""
+    compare the student with a teacher's full distribution (a constant), or None.
+
+    ``N`` may be symbolic (shape polymorphism): see the module docstring."""
     n, d = x.shape
     cols = w.shape[1 if w_layout == "dv" else 0]
     cdt = engine.compute_dtype(x, w, bias)
     acc = v.accumulation_dtype(cdt)
+    static = isinstance(n, int)
     plans, single_pass = plan.plans(
-        n,
+        n if static else None,
         d,
         cols,
         "none" if per_token else reduction,
@@ -69,10 +79,43 @@ def run(
         w_layout=w_layout,
     )
     real = jnp.arange(cols) < num_classes if num_classes < cols else None
+    if not static:
+        block = math.lcm(*(p.token_block for _, p in plans))
+        x, rows, teacher = _padded_tokens(n, block, x, rows, teacher)
     args = (x, w, bias, rows, columns, real, teacher)
     if single_pass:
         return engine.summed_loss(spec, *args), True
-    return engine.per_token_loss(spec, *args), False
+    result = engine.per_token_loss(spec, *args)
+    if not static:
+        result = jax.tree.map(lambda a: a[:n], result)
+    return result, False
+
+
+def _padded_tokens(n, block: int, x, rows, teacher):
+    """``x``, ``rows`` and ``teacher``'s hidden states with the ``N`` (symbolic) tokens
+    padded with zeros to a multiple of ``block``, the padded tokens dropped (``rows.keep``
+    False there: they give loss 0 and gradient 0, and their zero rows of ``x`` add
+    nothing to ``dw``)."""
+    if not hasattr(rows, "_replace") or "keep" not in rows._fields:
+        raise NotImplementedError(
+            f"a symbolic number of tokens needs per-token inputs with a keep mask; "
+            f"{type(rows).__name__} has none"
+        )
+    padded = block * ((n + block - 1) // block)
+
+    def pad(a):
+        if a is None:
+            return None
+        zeros = jnp.zeros((padded - n, *a.shape[1:]), a.dtype)
+        return jnp.concatenate([a, zeros], axis=0)
+
+    keep = rows.keep
+    if keep is None:
+        keep = jnp.ones((n,), jnp.bool_)
+    rows = jax.tree.map(pad, rows._replace(keep=keep))
+    if teacher is not None:
+        teacher = (pad(teacher[0]), *teacher[1:])
+    return pad(x), rows, teacher
 
 
 def reduce(result, summed: bool, batch_shape, reduction: str, weight, normalizer=None):

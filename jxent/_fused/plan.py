@@ -4,6 +4,11 @@ All static (Python ints from the shapes), and made once per platform: a program
 lowered for XLA:CPU takes the CPU plan, one lowered for a GPU or TPU the accelerator
 plan (``_backend.PANEL_BYTES``; the choice is made per lowering platform by
 ``_backend.per_platform``).
+
+A symbolic number of tokens (``jax.export`` with ``symbolic_shape("n, D")``) is planned
+as ``num_tokens=None``: the token block then depends on ``D``, ``V`` and the panel
+alone (:func:`symbolic_token_block`), never on ``N``, and the caller pads the tokens to
+a multiple of it (``jxent._fused.driver``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ MAX_GROUPS = 64
 #: runs of 32 columns (64 groups) cost 4-8% of a float32 training step, runs of 128 about
 #: half of that (measured, 2048 x 512 x 32768; within the noise for bfloat16).
 MIN_VOCAB_RUN = 128
+#: Largest token block for a symbolic number of tokens: the tokens are padded to a
+#: multiple of the block, so it bounds the padded rows (and their wasted products) of a
+#: call with few tokens; beyond a few thousand rows a block is no faster.
+SYMBOLIC_MAX_TOKEN_BLOCK = 4096
 
 
 class Plan(NamedTuple):
@@ -59,6 +68,16 @@ def _block_length(total: int, cap: int, align: int, step: int = 8, floor: int = 
     count = -(-total // cap)
     size = -(-total // count)
     return min(total, -(-size // align) * align)
+
+
+def symbolic_token_block(cap: int) -> int:
+    """The token block for an unknown number of tokens, given the cap the rule for a
+    known ``N`` would use: the largest power of two at most ``cap`` and
+    :data:`SYMBOLIC_MAX_TOKEN_BLOCK`, at least 8. Powers of two divide the usual token
+    counts (no padding then), and the blocks of all platforms divide the largest one (the
+    tokens are padded once, for all of them)."""
+    cap = max(8, min(cap, SYMBOLIC_MAX_TOKEN_BLOCK))
+    return 1 << (cap.bit_length() - 1)
 
 
 def block_groups(total: int, block: int, min_run: int = 1) -> int:
@@ -95,7 +114,7 @@ def _positive_int(value, what: str) -> int:
 
 
 def plan_blocks(
-    num_tokens: int,
+    num_tokens: int | None,
     hidden: int,
     num_classes: int,
     reduction: str,
@@ -125,8 +144,17 @@ def plan_blocks(
     pair sets both; a vocabulary block as wide as ``V`` with a summed or averaged
     loss selects the single pass. Whether the single pass is taken never depends on
     the platform (only the block lengths do).
+
+    ``num_tokens=None``: a symbolic number of tokens. The token block is then the power
+    of two of :func:`symbolic_token_block` below the same cap (a pair ``chunk_size``
+    sets it as given), and the vocabulary block follows from it as above; the caller
+    pads the tokens to a multiple of the token block.
     """
     n, d, k = num_tokens, hidden, num_classes
+
+    def token_block(cap: int) -> int:
+        return symbolic_token_block(cap) if n is None else _block_length(n, cap, 8)
+
     summed = reduction != "none"
     panel = _backend.panel_bytes(platform, scatters) // acc_bytes  # elements
     if chunk_size is not None:
@@ -140,8 +168,8 @@ def plan_blocks(
             vb = _positive_int(chunk_size[1], "vocabulary block")
         else:
             vb = _positive_int(chunk_size, "vocabulary block")
-            tb = _block_length(n, panel // max(d, 1), 8)
-        tb, vb = min(tb, max(n, 1)), min(vb, k)
+            tb = token_block(panel // max(d, 1))
+        tb, vb = (tb if n is None else min(tb, max(n, 1))), min(vb, k)
         return tb, vb, summed and vb == k
     rows_cap = panel // max(d, 1)
     if summed and d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR:
@@ -149,8 +177,8 @@ def plan_blocks(
         # accumulator, and an inner dimension of 2 D keeps that product efficient and
         # the accumulator's traffic small beside it.
         rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
-        return _block_length(n, max(rows, 1), 8), k, True
-    tb = _block_length(n, rows_cap, 8)
+        return token_block(max(rows, 1)), k, True
+    tb = token_block(rows_cap)
     step = _backend.VOCAB_ALIGN.get(platform, _backend.VOCAB_ALIGN["default"])
     # Where blocks are tile-aligned, any aligned divisor beats a shorter last block.
     floor = step if step > 8 else 0
@@ -158,7 +186,7 @@ def plan_blocks(
 
 
 def plans(
-    num_tokens: int,
+    num_tokens: int | None,
     hidden: int,
     columns: int,
     reduction: str,
@@ -175,7 +203,8 @@ def plans(
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
     ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
-    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``)."""
+    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``). ``num_tokens=None``: a symbolic
+    number of tokens (see :func:`plan_blocks`; the tokens are one group)."""
     out, single = [], None
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
@@ -183,7 +212,8 @@ def plans(
         )
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:
-            groups = (block_groups(num_tokens, tb), block_groups(columns, vb, MIN_VOCAB_RUN))
+            token_groups = 1 if num_tokens is None else block_groups(num_tokens, tb)
+            groups = (token_groups, block_groups(columns, vb, MIN_VOCAB_RUN))
         precision = _backend.FLOAT32_PRECISION[platform] if float32 else None
         out.append((platform, Plan(tb, vb, *groups, precision)))
     return tuple(out), bool(single)
