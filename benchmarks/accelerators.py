@@ -104,10 +104,10 @@ PEAKS = {
 
 #: The H100 SXM as XLA:GPU's compiler sees it (a ``stream_executor.GpuTargetConfigProto``
 #: in text form): the device fields of XLA's ``xla/backends/gpu/target_config/specs/
-#: h100_sxm.txtpb``, with the cuDNN and CUDA runtime versions of the jax-cuda12-plugin
-#: 0.10.2 wheels. What it decides: compute capability 9.0 (Hopper's emitters and Triton
-#: GEMMs), 132 SMs, the shared memory and register limits, the L2 size and the bandwidth
-#: that XLA's cost model uses for fusion decisions.
+#: h100_sxm.txtpb``, with cuDNN 9.8 (jax-cuda12-plugin 0.10.2's minimum) and the CUDA
+#: runtime 12.9 of the NVIDIA wheels it installs. What it decides: compute capability 9.0
+#: (Hopper's emitters and Triton GEMMs), 132 SMs, the shared memory and register limits,
+#: the L2 size and the bandwidth that XLA's cost model uses for fusion decisions.
 H100_TARGET_CONFIG = """
 gpu_device_info {
   threads_per_block_limit: 1024
