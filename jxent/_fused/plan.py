@@ -76,8 +76,11 @@ def symbolic_token_block(cap: int) -> int:
     :data:`SYMBOLIC_MAX_TOKEN_BLOCK`, at least 8. Powers of two divide the usual token
     counts (no padding then), and the blocks of all platforms divide the largest one (the
     tokens are padded once, for all of them)."""
-    cap = max(8, min(cap, SYMBOLIC_MAX_TOKEN_BLOCK))
-    return 1 << (cap.bit_length() - 1)
+    return _power_of_two_at_most(max(8, min(cap, SYMBOLIC_MAX_TOKEN_BLOCK)))
+
+
+def _power_of_two_at_most(cap: int) -> int:
+    return 1 << (max(cap, 1).bit_length() - 1)
 
 
 def block_groups(total: int, block: int, min_run: int = 1) -> int:
@@ -147,8 +150,9 @@ def plan_blocks(
 
     ``num_tokens=None``: a symbolic number of tokens. The token block is then the power
     of two of :func:`symbolic_token_block` below the same cap (a pair ``chunk_size``
-    sets it as given), and the vocabulary block follows from it as above; the caller
-    pads the tokens to a multiple of the token block.
+    sets it as given), and a streamed vocabulary block is the one of the largest power
+    of two of tokens within the cap (as a static count that large would take); the
+    caller pads the tokens to a multiple of the token block.
     """
     n, d, k = num_tokens, hidden, num_classes
 
@@ -179,10 +183,15 @@ def plan_blocks(
         rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
         return token_block(max(rows, 1)), k, True
     tb = token_block(rows_cap)
+    # The vocabulary block of that many tokens; for a symbolic count, of as many as the
+    # panel allows (a power of two, as a static count that large would take), even
+    # beyond SYMBOLIC_MAX_TOKEN_BLOCK: a wider vocabulary block beside a shorter token
+    # block would enlarge the block's dw columns (D x vocab_block, float32).
+    span = tb if n is not None else max(tb, _power_of_two_at_most(rows_cap))
     step = _backend.VOCAB_ALIGN.get(platform, _backend.VOCAB_ALIGN["default"])
     # Where blocks are tile-aligned, any aligned divisor beats a shorter last block.
     floor = step if step > 8 else 0
-    return tb, _block_length(k, min(panel // max(d, 1), panel // tb), 128, step, floor), False
+    return tb, _block_length(k, min(panel // max(d, 1), panel // span), 128, step, floor), False
 
 
 def plans(
