@@ -13,6 +13,9 @@ Written from the formulas, row by row, with NumPy only (never imports jxent). Wi
     entropy:    H = -sum_k q_k log q_k                 d/du_k = -q_k (log q_k + H) / T
     KL (top-k): T^2 sum_k p_k (log p_k - log q_{i_k})  d/du_j = T (P q_j - sum_{k: i_k = j} p_k)
                 with p_k = exp(log_probs_k), P = sum_k p_k; p_k = 0 adds nothing
+    KL (teacher's hidden states x_t, w_t, b_t): the same sum over every class, with
+                p = softmax(u_t / T), u_t the teacher's logits as u (same cap and
+                padding; a -inf teacher logit gives p = 0)  d/du_j = T (q_j - p_j)
     CE:         w_y (lse(u) - u_y)                     d/du_k = w_y (softmax(u)_k - [k = y])
     distill:    alpha CE + (1 - alpha) KL
     lse:        lse(u)                                 d/du_k = softmax(u)_k
@@ -117,6 +120,33 @@ def _kl_row(u, umag, index, log_p, t):
     du = t * (big_p * r.q - at)
     scale = t * t * float(np.sum(pg * (np.abs(lpg) + np.abs(r.log_q[idx]) + zmag[idx] + r.lse_mag)))
     return value, du, scale, t * (big_p * r.q * r.q_cond + at)
+
+
+def _kl_full_row(u, umag, ut, utmag, t):
+    """KL(softmax(ut / t) || softmax(u / t)) times t^2, over every class."""
+    zmag = umag / t
+    r, rt = _Row(u / t, zmag), _Row(ut / t, utmag / t)
+    p = rt.q
+    given = p > 0
+    log_q, log_p = r.log_q[given], rt.log_q[given]
+    value = t * t * float(np.sum(p[given] * (log_p - log_q)))
+    du = t * (r.q - p)
+    mags = np.abs(log_p) + np.abs(log_q) + zmag[given] + r.lse_mag + rt.q_cond[given]
+    scale = t * t * float(np.sum(p[given] * mags))
+    return value, du, scale, t * (r.q * r.q_cond + p * rt.q_cond)
+
+
+def _teacher_logits(teacher, num_classes, soft_cap):
+    """The teacher's logits ``[n, V]`` (as the student's: cap, padding columns dropped)
+    and their error magnitudes (a -inf bias entry, a class the teacher rules out, adds
+    no magnitude: its p is exactly 0)."""
+    x_t, w_t, b_t = (None if a is None else np.asarray(a, np.float64) for a in teacher)
+    v = w_t.shape[1] if num_classes is None else int(num_classes)
+    b = np.zeros(v) if b_t is None else b_t[:v]
+    xs = x_t.reshape(-1, x_t.shape[-1])
+    raw = xs @ w_t[:, :v] + b
+    mag = np.abs(xs) @ np.abs(w_t[:, :v]) + np.where(np.isfinite(b), np.abs(b), 0.0)
+    return (raw if soft_cap is None else soft_cap * np.tanh(raw / soft_cap)), mag
 
 
 def _jsd_row(u, umag, index, log_p, t, beta):
@@ -406,19 +436,30 @@ def linear_distillation_loss(
     cotangent=None,
 ) -> Result:
     """``alpha CE(u, y) + (1 - alpha) T^2 KL`` (a term with a zero factor is left out);
-    ``labels=None`` with ``alpha=0`` is the KL alone."""
+    ``labels=None`` with ``alpha=0`` is the KL alone. ``teacher``: ``(indices,
+    log_probs)`` of its top-k, or ``(x_t, w_t, b_t)``, its hidden states and weight."""
     lg = _logits(x, w, bias, num_classes, logit_soft_cap)
     keep = _keep(where, lg.n)
     tw = _token_weights(token_weights, lg.n)
     t, a = float(temperature), float(alpha)
-    index = np.asarray(teacher[0]).astype(np.int64).reshape(lg.n, -1)
-    log_p = np.asarray(teacher[1], np.float64).reshape(lg.n, -1)
     ys = None if labels is None else np.asarray(labels).reshape(-1).astype(np.int64)
+    if len(teacher) == 3:
+        ut, utmag = _teacher_logits(teacher, num_classes, logit_soft_cap)
+
+        def kl_row(r):
+            return _kl_full_row(lg.u[r], lg.umag[r], ut[r], utmag[r], t)
+
+    else:
+        index = np.asarray(teacher[0]).astype(np.int64).reshape(lg.n, -1)
+        log_p = np.asarray(teacher[1], np.float64).reshape(lg.n, -1)
+
+        def kl_row(r):
+            return _kl_row(lg.u[r], lg.umag[r], index[r], log_p[r], t)
 
     def row(r):
         terms = []
         if a != 1:
-            terms.append((1 - a, _kl_row(lg.u[r], lg.umag[r], index[r], log_p[r], t)))
+            terms.append((1 - a, kl_row(r)))
         if a != 0:
             terms.append((a, _ce_row(lg.u[r], lg.umag[r], int(ys[r]), 1.0, t)))
         value = sum(c * term[0] for c, term in terms)

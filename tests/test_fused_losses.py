@@ -1,7 +1,8 @@
 """The fused losses beyond cross-entropy (issue 14): ``linear_log_probs`` (and its
-entropy), ``linear_entropy``, ``linear_softmax_kl_divergence`` (teacher's top-k),
-``linear_distillation_loss``, and the cross-entropy's ``token_weights``, ``normalizer`` and
-``return_lse``.
+entropy), ``linear_entropy``, ``linear_softmax_kl_divergence`` and
+``linear_distillation_loss`` (the teacher's top-k, or its hidden states and weight: the
+names ``kl_h`` and ``distill_h`` below), and the cross-entropy's ``token_weights``,
+``normalizer`` and ``return_lse``.
 
 Each is checked against the float64 NumPy reference of ``tests/reference_fused.py``
 (values and the gradients w.r.t. ``x``, ``w``, ``bias``): in float64 to a tight
@@ -33,7 +34,9 @@ from hypothesis import given
 import jxent
 
 MiB = 2**20
-NAMES = ("log_probs", "entropy", "kl", "distill", "ce")
+NAMES = ("log_probs", "entropy", "kl", "distill", "ce", "kl_h", "distill_h")
+#: The losses whose teacher is given as hidden states (x_t, w_t, b_t), and their top-k twin.
+HIDDEN = {"kl_h": "kl", "distill_h": "distill"}
 PAD_VALUES = {"+inf": np.inf, "-inf": -np.inf, "nan": np.nan, "finite": 7.0}
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +60,8 @@ def call(name, x, w, b, data, opts):
         normalizer=data.get("normalizer"),
     )
     teacher = (data.get("indices"), data.get("log_probs"))
+    if name in HIDDEN:
+        name, teacher = HIDDEN[name], (data["x_t"], data["w_t"], data["b_t"])
     if name == "log_probs":
         entropy = opts.get("return_entropy", False)
         out = jxent.linear_log_probs(
@@ -113,6 +118,8 @@ def reference(name, x, w, b, data, opts, cts):
         normalizer=data.get("normalizer"),
     )
     teacher = (data.get("indices"), data.get("log_probs"))
+    if name in HIDDEN:
+        name, teacher = HIDDEN[name], (data["x_t"], data["w_t"], data["b_t"])
     if name == "log_probs":
         return ref.linear_log_probs(
             x,
@@ -214,7 +221,10 @@ def make_data(
 
     The teacher's top-k: ``k`` classes (duplicates possible) with the log-probabilities of
     part of a distribution (``P < 1``); with ``dropped_teacher`` some entries are
-    ``-inf`` at index -1, a padding column, far out of range, or a real class.
+    ``-inf`` at index -1, a padding column, far out of range, or a real class. A teacher
+    as hidden states (``kl_h``, ``distill_h``): ``x_t`` with ``D + 3`` features, ``w_t``
+    and ``b_t`` padded as ``w`` and ``b``; with ``dropped_teacher`` a few classes the
+    teacher rules out (``b_t = -inf``).
     """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(batch + (d,))
@@ -235,6 +245,15 @@ def make_data(
             junk = rng.choice(np.array([-1, v, v + pad + 5, 0], np.int32), batch + (k,))
             indices[drop] = junk[drop]
         data["indices"], data["log_probs"] = indices, log_probs
+    if name in HIDDEN:
+        dt = d + 3
+        data["x_t"] = rng.standard_normal(batch + (dt,))
+        w_t = rng.standard_normal((dt, v + pad)) * (1.5 * w_scale / np.sqrt(dt))
+        b_t = 0.5 * rng.standard_normal(v + pad) + offset
+        w_t[:, v:], b_t[v:] = fill, fill
+        if dropped_teacher:
+            b_t[rng.choice(v, 2, replace=False)] = -np.inf
+        data["w_t"], data["b_t"] = w_t, b_t
     if where:
         data["where"] = rng.random(batch) < 0.75
     if token_weights:
@@ -412,6 +431,25 @@ CASES = [
         dict(FULL, reduction="mean"),
         dict(FULL_DATA, token_weights=True, normalizer=40.0),
     ),
+    (
+        "kl_h_none_T",
+        "kl_h",
+        dict(FULL, temperature=2.0, reduction="none"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        # No cap: the teacher's -inf classes stay -inf (p = 0 there).
+        "kl_h_sum_uncapped",
+        "kl_h",
+        dict(chunk_size=BLOCKS, num_classes=V, temperature=0.7, reduction="sum"),
+        FULL_DATA,
+    ),
+    (
+        "distill_h_mean_weighted",
+        "distill_h",
+        dict(FULL, alpha=0.3, temperature=1.5, reduction="mean"),
+        dict(FULL_DATA, token_weights=True, normalizer=23.0),
+    ),
 ]
 
 
@@ -454,6 +492,16 @@ LOW = [
         dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=50.0),
     ),
     (
+        "kl_h",
+        dict(FULL, temperature=2.0, reduction="mean"),
+        dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=30.0),
+    ),
+    (
+        "distill_h",
+        dict(chunk_size=BLOCKS, num_classes=V, alpha=0.4, temperature=1.7, reduction="none"),
+        dict(pad=PAD, pad_value="+inf", where=True),
+    ),
+    (
         "ce",
         dict(FULL, reduction="mean", return_lse=True),
         dict(
@@ -490,6 +538,8 @@ GRAD_CASES = [
     ("distill", dict(alpha=0.3, temperature=0.8, reduction="none", num_classes=9)),
     ("ce", dict(reduction="mean", return_lse=True, soft_cap=4.0, num_classes=9)),
     ("jsd", dict(beta=0.4, temperature=1.4, reduction="mean", chunk_size=(3, 5), num_classes=9)),
+    ("kl_h", dict(temperature=2.0, reduction="mean", chunk_size=(3, 5), num_classes=9)),
+    ("distill_h", dict(alpha=0.3, temperature=0.8, reduction="none", soft_cap=3.0, num_classes=9)),
 ]
 
 
@@ -538,6 +588,12 @@ SINGLE += [
         dict(FULL_DATA, token_weights=True),
     ),
     ("distill_sum", "distill", dict(FULL, alpha=0.7, temperature=2.0, reduction="sum"), FULL_DATA),
+    (
+        "distill_h_sum",
+        "distill_h",
+        dict(chunk_size=BLOCKS, num_classes=V, alpha=0.4, temperature=2.0, reduction="sum"),
+        FULL_DATA,
+    ),
 ]
 
 
@@ -567,6 +623,7 @@ IGNORED = [
     ("kl", dict(reduction="mean", temperature=2.0, num_classes=11, chunk_size=(4, 13))),
     ("distill", dict(reduction="mean", alpha=0.5, num_classes=11, chunk_size=(4, 13))),
     ("ce", dict(reduction="mean", return_lse=True, num_classes=11)),
+    ("distill_h", dict(reduction="mean", alpha=0.5, num_classes=11, chunk_size=(4, 13))),
 ]
 
 
@@ -588,7 +645,7 @@ def test_all_tokens_ignored(case, jit_mode):
         11,
         pad=2,
         pad_value="nan",
-        token_weights=name in ("kl", "distill", "ce"),
+        token_weights=name in ("kl", "distill", "ce", "distill_h"),
         seed=15,
     )
     data["where"] = np.zeros(batch, bool)
@@ -671,6 +728,16 @@ def test_teacher_is_a_constant():
     )
     for g in grads:
         assert np.all(np.asarray(g) == 0), g
+    # A teacher given as hidden states: no gradient to x_t, w_t or b_t.
+    x_t, w_t, b_t = (jnp.asarray(a) for a in _hidden_teacher())
+
+    def g(x_t, w_t, b_t):
+        teacher = (x_t[0, :2, :4], w_t[:4, :9])
+        kl = jxent.linear_softmax_kl_divergence(x[:2], w[:, :9], (*teacher, b_t[:9]))
+        return kl + DISTILL(x[:2], w[:, :9], jd["labels"][:2], teacher)
+
+    for grad in jax.jit(jax.grad(g, argnums=(0, 1, 2)))(x_t, w_t, b_t):
+        assert np.all(np.asarray(grad) == 0), grad
 
 
 @pytest.mark.parametrize("name", ["kl", "distill"])
@@ -775,20 +842,45 @@ ERRORS = [
     ("log_probs_integer", KL, (EX, EW, (EI, EI)), {}, TypeError, ["teacher[1] (log_probs)"]),
     ("k_zero", KL, (EX, EW, (EI[..., :0], ELP[..., :0])), {}, ValueError, ["k >= 1"]),
     (
-        "teacher_hidden_states",
+        "teacher_x_t_shape",
         KL,
+        (EX, EW, (EX[0], EW)),
+        {},
+        ValueError,
+        ["teacher[0] (x_t)", "x.shape[:-1] + (D_t,)"],
+    ),
+    (
+        "teacher_w_t_columns",
+        DISTILL,
+        (EX, EW, EY, (EX, EW[:, :-1])),
+        {},
+        ValueError,
+        ["teacher[1] (w_t)", "(D_t, V)", str(_EV)],
+    ),
+    (
+        "teacher_w_t_layout_vd",
+        KL,
+        (EX, EW.T, (EX, EW)),
+        dict(w_layout="vd"),
+        ValueError,
+        ["teacher[1] (w_t)", "(V, D_t)"],
+    ),
+    ("teacher_bias_shape", KL, (EX, EW, (EX, EW, EW[0, :-1])), {}, ValueError, ["teacher[2]"]),
+    (
+        "teacher_accumulates_differently",
+        KL,
+        (EX, EW, (EX.astype(jnp.float32), EW.astype(jnp.float32))),
+        {},
+        TypeError,
+        ["teacher", "float32", "float64"],
+    ),
+    (
+        "jsd_teacher_hidden_states",
+        jxent.linear_softmax_jensen_shannon_divergence,
         (EX, EW, (EX, EW)),
         {},
         NotImplementedError,
         ["(x_t, w_t)", "top-k"],
-    ),
-    (
-        "teacher_hidden_states_distill",
-        DISTILL,
-        (EX, EW, EY, (EX, EW)),
-        {},
-        NotImplementedError,
-        ["(x_t, w_t)"],
     ),
     (
         "kl_temperature_zero",
@@ -989,6 +1081,13 @@ def _composition_inputs():
     return x, w, b, y, teacher, tw, cw, ct
 
 
+def _hidden_teacher():
+    """A teacher as hidden states ``[2, 5, 7]``, weight ``[7, 12]`` and bias (float64)."""
+    rng = np.random.default_rng(23)
+    x_t = jnp.asarray(rng.normal(size=(2, 5, 7)))
+    return x_t, jnp.asarray(rng.normal(size=(7, 12)) * 0.8), jnp.asarray(rng.normal(size=(12,)))
+
+
 def _top_all(teacher_logits, t):
     """The teacher's whole distribution as a top-k with k = V (sorted, as top_k gives)."""
     lp = jax.nn.log_softmax(teacher_logits / t)
@@ -1006,6 +1105,7 @@ T_C, CAP_C, ALPHA_C = 1.7, 4.0, 0.3
 
 def _compositions():
     x, w, b, y, teacher, tw, cw, ct = _composition_inputs()
+    xt, wt, bt = _hidden_teacher()
     top = _top_all(teacher, T_C)
     xent = jxent.softmax_cross_entropy_with_integer_labels
     return {
@@ -1052,6 +1152,41 @@ def _compositions():
                 * jxent.softmax_kl_divergence(
                     _capped(x, w, b), teacher, temperature=T_C, reduction="mean"
                 )
+            ),
+        ),
+        # The teacher as hidden states: softmax_kl_divergence of both logits arrays, the
+        # teacher's capped as the student's; w and w_t as [V, D] tables read in place.
+        "kl_hidden_capped_vd": (
+            lambda x, w, b: KL(
+                x,
+                w.T,
+                (xt, wt.T, bt),
+                temperature=T_C,
+                bias=b,
+                logit_soft_cap=CAP_C,
+                w_layout="vd",
+            ),
+            lambda x, w, b: jxent.softmax_kl_divergence(
+                _capped(x, w, b, CAP_C),
+                _capped(xt, wt, bt, CAP_C),
+                temperature=T_C,
+                reduction="mean",
+            ),
+        ),
+        "distill_hidden_weighted": (
+            lambda x, w, b: DISTILL(
+                x, w, y, (xt, wt), alpha=ALPHA_C, temperature=T_C, bias=b, token_weights=tw
+            ),
+            lambda x, w, b: (
+                jnp.sum(
+                    tw
+                    * (
+                        ALPHA_C * xent(_capped(x, w, b), y)
+                        + (1 - ALPHA_C)
+                        * jxent.softmax_kl_divergence(_capped(x, w, b), xt @ wt, temperature=T_C)
+                    )
+                )
+                / jnp.sum(tw)
             ),
         ),
         "xent_weights": (
@@ -1134,6 +1269,13 @@ def test_language_model_shape_temp_memory():
         ),
         "linear_log_probs(return_entropy)": _lm_temp_mib(
             log_probs_entropy, labels, weights, weights
+        ),
+        # The teacher as hidden states of the same shape (its logits never formed either).
+        "linear_distillation_loss(teacher=(x_t, w_t))": _lm_temp_mib(
+            lambda x, w, y, xt, wt: DISTILL(x, w, y, (xt, wt), alpha=0.5, temperature=2.0),
+            labels,
+            jax.ShapeDtypeStruct((LM_N, LM_D), jnp.bfloat16),
+            jax.ShapeDtypeStruct((LM_D, LM_V), jnp.bfloat16),
         ),
     }
     logits_mib = LM_N * LM_V * 4 / MiB

@@ -33,7 +33,7 @@ def test_parallel_forms_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12, errors
+    assert len(errors) == 15, errors
     for name, err in errors.items():
         # float64 throughout; the shards' sums are regrouped, nothing else differs.
         assert err < 1e-10, (name, err)
@@ -172,6 +172,55 @@ def _main() -> None:
         )
         specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
         compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
+
+    # The teacher as hidden states: its weight split (and padded, NaN/inf) as the student's.
+    rng = np.random.default_rng(4)
+    x_t, w_t, b_t = rng.normal(size=(N, D + 2)), rng.normal(size=(D + 2, V)), rng.normal(size=(V,))
+    w_t_pad = np.concatenate([w_t, np.full((D + 2, PADDED - V), np.inf)], axis=1)
+    b_t_pad = np.concatenate([b_t, np.full((PADDED - V,), np.nan)])
+
+    def hidden_sharded(x, w, b, y, xt, wt, bt, m):
+        return jxent.parallel.linear_distillation_loss(
+            x,
+            w,
+            y,
+            (xt, wt, bt),
+            axis_name="model",
+            alpha=0.3,
+            temperature=2.0,
+            bias=b,
+            where=m,
+            num_classes=V,
+            chunk_size=(4, 8),
+            logit_soft_cap=5.0,
+            batch_axis_name="data",
+        )
+
+    def hidden_one(x, w, b):
+        return jxent.linear_distillation_loss(
+            x,
+            w,
+            labels,
+            (x_t, w_t, b_t),
+            alpha=0.3,
+            temperature=2.0,
+            bias=b,
+            where=where,
+            logit_soft_cap=5.0,
+        )
+
+    args = (
+        put(x, "data"),
+        put(w_pad, *col),
+        put(b_pad, "model"),
+        put(labels, "data"),
+        put(x_t, "data"),
+        put(w_t_pad, *col),
+        put(b_t_pad, "model"),
+        put(where, "data"),
+    )
+    specs = (tok, col, P("model"), tok, tok, col, P("model"), tok)
+    compare("distillation, hidden teacher", hidden_sharded, specs, args, hidden_one, (x, w, b))
     # Entropy alone is the contract's own test (tests/test_fused_contract.py); here the
     # three losses' values also match the unfused float64 composition.
     z = x @ w + b

@@ -3,7 +3,8 @@ split over a mesh axis (inside ``jax.shard_map``): each shard runs the blocked e
 its own columns of ``w``, and the engine's vocabulary-parallel combine gives every shard
 the whole vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is
 that of :func:`jxent.parallel.linear_softmax_cross_entropy`; the teacher's top-k
-indices and labels are global class ids, split over the tokens only.
+indices and labels are global class ids, split over the tokens only; a teacher given as
+hidden states has its weight split as the student's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from jax import lax
 
 from jxent import _validation as v
 from jxent._fused import driver, engine, plan
-from jxent._fused.distill import Distillation, TopKRows
+from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._reduction import reduce_across
 from jxent.parallel._split import (
@@ -65,7 +66,7 @@ def _labels(split: Layout, labels, n):
     return here, (flat >= 0) & (flat < split.num_classes)
 
 
-def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature):
+def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature, teacher=None):
     """Per-token output(s) ``[N]`` of ``loss`` over the whole (split) vocabulary."""
     n, d = math.prod(x.shape[:-1]), x.shape[-1]
     cdt = engine.compute_dtype(x, w, bias)
@@ -80,7 +81,7 @@ def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, tempera
         jnp.dtype(acc).itemsize,
         grouped=False,
         float32=cdt == jnp.float32,
-        scatters=getattr(loss, "scatters", False),
+        scatters=getattr(loss, "scatters", False) or teacher is not None,
     )
     spec = engine.Spec(
         loss,
@@ -90,7 +91,8 @@ def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, tempera
         split.axis_name,
         temperature=None if temperature == 1 else temperature,
     )
-    return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real_columns(split))
+    real = real_columns(split)
+    return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real, teacher)
 
 
 def _static(temperature, logit_soft_cap):
@@ -212,14 +214,19 @@ def linear_distillation_loss(
 
     The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over
     the tokens as ``x`` (not over ``axis_name``); each shard reads the student's
-    logits at the indices it owns, and the combine sums them.
+    logits at the indices it owns, and the combine sums them. A teacher given as
+    ``(x_t, local_w_t[, local_bias_t])`` has ``x_t`` laid out as ``x`` and its weight's
+    columns split over ``axis_name`` as ``local_w``'s.
 
     Args:
       x: the student's hidden states ``[..., D]``.
       local_w: this shard's ``[D, V_local]`` columns of the student's projection.
       labels: integer global class ids of shape ``x.shape[:-1]``, or ``None`` with
         ``alpha=0`` (the KL divergence alone).
-      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``.
+      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``, or the
+        teacher's hidden states and this shard's columns of its weight, ``(x_t
+        [..., D_t], local_w_t [D_t, V_local])`` (optionally a third entry, its bias's
+        ``[V_local]`` slice).
       axis_name: the mesh axis (or axes) the vocabulary is split over.
       alpha: the cross-entropy's share in ``[0, 1]`` (static).
       temperature: :math:`T > 0` (static).
@@ -273,27 +280,37 @@ def linear_distillation_loss(
     )
     temperature, soft_cap = _static(temperature, logit_soft_cap)
     batch_shape = x.shape[:-1]
-    indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-    check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
-    check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
-    n, k = math.prod(batch_shape), indices.shape[-1]
+    n = math.prod(batch_shape)
     acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
     weights = driver.token_weights(token_weights, batch_shape, acc)
-    flat = indices.reshape(n, k)
-    flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
-    local, _ = local_labels(split, flat)
     here, valid = _labels(split, labels if alpha > 0 else None, n)
-    rows = TopKRows(
-        index=local,
-        known=(flat >= 0) & (flat < split.num_classes),
-        log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
-        labels=here,
-        valid=valid,
-        keep=None if row_mask is None else row_mask.reshape(n),
-        weights=weights,
-    )
+    rows = TopKRows(None, None, None, here, valid, None, weights)
+    rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
+    stream = None
+    if v.is_hidden_teacher(teacher):
+        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, "dv", acc)
+        check_unsplit("teacher[0] (x_t)", x_t, split, _TOKENS)
+        check_split("teacher[1] (local_w_t)", w_t, split)
+        if b_t is not None:
+            check_split("teacher[2] (local_bias_t)", b_t, split)
+        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
+        loss_object = TeacherDistillation(temperature, alpha)
+    else:
+        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
+        check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
+        check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
+        k = indices.shape[-1]
+        flat = indices.reshape(n, k)
+        flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
+        local, _ = local_labels(split, flat)
+        rows = rows._replace(
+            index=local,
+            known=(flat >= 0) & (flat < split.num_classes),
+            log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
+        )
+        loss_object = Distillation(temperature, alpha, k)
     loss = _run(
-        Distillation(temperature, alpha, k),
+        loss_object,
         x,
         w,
         bias,
@@ -302,6 +319,7 @@ def linear_distillation_loss(
         chunk_size=chunk_size,
         soft_cap=soft_cap,
         temperature=temperature,
+        teacher=stream,
     ).reshape(batch_shape)
     weight = row_mask
     if weights is not None and reduction == "mean":
