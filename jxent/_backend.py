@@ -11,32 +11,35 @@ Every entry names the jax version and the measurement that justified it, so that
 can be removed when XLA changes. Measurements are on XLA:CPU, jax 0.10, 2 cores,
 unless said otherwise; the benchmark commands are those of ``benchmarks/``.
 
-======================  ==========================================================
-entry                   what it works around
-======================  ==========================================================
-``reduce_rows``         XLA:CPU's fused row reductions slow down 2-7x past 32768
-                        float32 columns: long rows are reduced in pieces.
-``slice_block``         XLA:CPU slices a bfloat16 array in float32, converting the
-                        whole (loop-invariant) array: the slice runs in a branch.
-``put_block``           XLA:CPU writes a bfloat16 update by converting the whole
-                        destination to float32 and back: written as integer bits.
-``transposed_block``    XLA:CPU multiplies bfloat16 in bfloat16 only for a
-                        row-major left operand: the transpose is materialised.
-``gather_bits``         XLA:CPU upcasts a bfloat16 gather operand to float32 (a copy
-                        of the whole logits): the gather reads integer bits.
-``cpu_barrier``         XLA:CPU materialises an expression (a broadcast constant, a
-                        converted copy, ``z - max``) that CSE shares between two
-                        fused passes: a barrier keeps the passes apart.
-``panel_bytes``         the size of each float32 panel of the fused losses' blocks:
-                        small on CPU, larger on accelerators.
-``GROUPED_BLOCKS``      XLA:TPU relayouts the whole of ``w`` for grouped blocks.
-``VOCAB_ALIGN``         XLA:TPU relayouts ``w`` for blocks not aligned to 128 columns.
-``FLOAT32_PRECISION``   XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
-                        default precision: float32 blocks multiply at ``HIGHEST``.
-``single_device``       views that merge part of the class axis with the batch are
-                        only taken on one device (GSPMD could regather a
-                        class-sharded axis for them).
-======================  ==========================================================
+============================  ==========================================================
+entry                         what it works around
+============================  ==========================================================
+``reduce_rows``               XLA:CPU's fused row reductions slow down 2-7x past 32768
+                              float32 columns: long rows are reduced in pieces.
+``slice_block``               XLA:CPU slices a bfloat16 array in float32, converting the
+                              whole (loop-invariant) array: the slice runs in a branch.
+``put_block``                 XLA:CPU writes a bfloat16 update by converting the whole
+                              destination to float32 and back: written as integer bits.
+``transposed_block``          XLA:CPU multiplies bfloat16 in bfloat16 only for a
+                              row-major left operand: the transpose is materialised.
+``gather_bits``               XLA:CPU upcasts a bfloat16 gather operand to float32 (a copy
+                              of the whole logits): the gather reads integer bits.
+``cpu_barrier``               XLA:CPU materialises an expression (a broadcast constant, a
+                              converted copy, ``z - max``) that CSE shares between two
+                              fused passes: a barrier keeps the passes apart.
+``panel_bytes``               the size of each float32 panel of the fused losses' blocks:
+                              small on CPU, larger on accelerators.
+``SINGLE_PASS_BLOCK_BYTES``   XLA:TPU and XLA:GPU materialise the single pass's logits
+                              block (and its ``dz``) beside the ``[D, V]`` accumulator:
+                              smaller token blocks there.
+``GROUPED_BLOCKS``            XLA:TPU relayouts the whole of ``w`` for grouped blocks.
+``VOCAB_ALIGN``               XLA:TPU relayouts ``w`` for blocks not aligned to 128 columns.
+``FLOAT32_PRECISION``         XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
+                              default precision: float32 blocks multiply at ``HIGHEST``.
+``single_device``             views that merge part of the class axis with the batch are
+                              only taken on one device (GSPMD could regather a
+                              class-sharded axis for them).
+============================  ==========================================================
 """
 
 from __future__ import annotations
@@ -279,6 +282,27 @@ PLATFORMS = ("cpu", "tpu", "default")
 #: jax 0.10.2, libtpu 0.0.42): 249 MiB with the 128 MiB panel's 8192 x 4096 blocks,
 #: 91-135 MiB with quarter panels (the cross-entropy: 72.5 MiB). CPU: unchanged (160 MiB).
 SCATTER_PANEL_FRACTION = {"cpu": 1, "tpu": 4, "default": 4}
+
+
+#: Largest float32 logits block ``[token_block, V]`` of the fused losses' single pass, per
+#: platform (the token blocks are about ``2 D`` tokens within it). XLA:TPU keeps a block
+#: of up to about 64 MiB out of the temporaries; a larger one it materialises, with its
+#: ``dz``, beside the float32 ``[D, V]`` accumulator of ``dw``. Compiled temporary memory
+#: of the cross-entropy's ``value_and_grad`` at 4096 x 1024 x 32000 (jax 0.10.2, libtpu
+#: 0.0.42, compiled without a device), bfloat16 / float32, by token block: v5e 2048:
+#: 500.6 / 250.4 MiB, 1024: 375.5 / 125.2, 512: 125.1 / 0.2 (the accumulator alone, and
+#: none in float32, where it is the output); v6e 2048: 658.7 / 250.3, 512: 125.1 / 0.2
+#: (``x @ w`` + optax: 250 / 500). XLA:GPU (H100, ``benchmarks.accelerators --target
+#: h100``) materialises any block: 2048: 516 / 266 MiB, 1024: 268 / 137, 512: 173 / 72.5
+#: (``x @ w`` + optax: 500 / 1000); 128 MiB keeps the block's ``x.T @ dz`` (``2 D V``
+#: flops per token against the accumulator's ``8 D V`` bytes per block) near the ridge of
+#: compute and bandwidth. CPU: unchanged (256 MiB).
+SINGLE_PASS_BLOCK_BYTES = {"cpu": 256 * MiB, "tpu": 64 * MiB, "default": 128 * MiB}
+
+
+def single_pass_block_bytes(platform: str) -> int:
+    """The largest single-pass logits block for ``platform`` (``SINGLE_PASS_BLOCK_BYTES``)."""
+    return SINGLE_PASS_BLOCK_BYTES.get(platform, SINGLE_PASS_BLOCK_BYTES["default"])
 
 
 def panel_bytes(platform: str, scatters: bool = False) -> int:

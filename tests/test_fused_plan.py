@@ -103,3 +103,25 @@ def test_symbolic_token_count():
     # A pair sets the token block as given; an int the vocabulary block.
     assert plan.plan_blocks(None, 8, 50, "none", (7, 11)) == (7, 11, False)
     assert plan.plan_blocks(None, 8, 50, "mean", 16)[1:] == (16, False)
+
+
+def test_single_pass_blocks_per_platform():
+    """The single pass's logits block is at most the platform's
+    ``_backend.SINGLE_PASS_BLOCK_BYTES`` (XLA:TPU keeps a 64 MiB block out of its
+    temporaries, materialises a larger one); CPU keeps blocks of about 2 D tokens."""
+    assert _backend.SINGLE_PASS_BLOCK_BYTES == {
+        "cpu": 256 * plan.MiB,
+        "tpu": 64 * plan.MiB,
+        "default": 128 * plan.MiB,
+    }
+    blocks = {
+        platform: plan.plan_blocks(4096, 1024, 32000, "mean", None, platform=platform)
+        for platform in _backend.PLATFORMS
+    }
+    assert blocks == {
+        "cpu": (2048, 32000, True),
+        "tpu": (512, 32000, True),
+        "default": (1024, 32000, True),
+    }
+    for platform, (tb, vb, _) in blocks.items():
+        assert tb * vb * 4 <= _backend.single_pass_block_bytes(platform)

@@ -23,8 +23,6 @@ MiB = _backend.MiB
 
 #: Largest float32 ``[D, V]`` weight-gradient accumulator the single-pass schedule may use.
 SINGLE_PASS_MAX_ACCUMULATOR = 256 * MiB
-#: Largest float32 logits block ``[token_block, V]`` of the single-pass schedule.
-SINGLE_PASS_MAX_BLOCK = 256 * MiB
 #: Most groups a blocked axis is split into (see ``jxent._fused.blocks``): every block
 #: takes a slice of each group, so that under ``jax.jit`` with ``w`` (or ``x``) sharded
 #: along the blocked axis over ``Auto`` mesh axes, each device slices its own part.
@@ -133,8 +131,10 @@ def plan_blocks(
 
     * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
       gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``
-      tokens (a logits block of at least ``P``, at most 256 MiB) spanning the whole
-      vocabulary. Three matrix products, as many as the unfused computation.
+      tokens (a logits block of at least ``P``, at most the platform's
+      ``_backend.SINGLE_PASS_BLOCK_BYTES``: 256 MiB on CPU, 128 MiB on GPU, 64 MiB on
+      TPU) spanning the whole vocabulary. Three matrix products, as many as the
+      unfused computation.
     * Streaming otherwise (per-token losses, or a large ``D * V`` as in language
       models): token blocks of at most ``P`` of ``dx`` rows (``P / 4D`` tokens)
       and vocabulary blocks of at most ``P`` of logits and of ``dw`` columns.
@@ -180,7 +180,8 @@ def plan_blocks(
         # Token blocks of about 2 D rows: each block adds its x.T @ dz into the [D, V]
         # accumulator, and an inner dimension of 2 D keeps that product efficient and
         # the accumulator's traffic small beside it.
-        rows = min(max(2 * d, panel // k), SINGLE_PASS_MAX_BLOCK // (acc_bytes * k))
+        largest = _backend.single_pass_block_bytes(platform) // (acc_bytes * k)
+        rows = min(max(2 * d, panel // k), largest)
         return token_block(max(rows, 1)), k, True
     tb = token_block(rows_cap)
     # The vocabulary block of that many tokens; for a symbolic count, of as many as the
