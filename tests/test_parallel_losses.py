@@ -33,7 +33,7 @@ def test_parallel_forms_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 15, errors
+    assert len(errors) == 18, errors
     for name, err in errors.items():
         # float64 throughout; the shards' sums are regrouped, nothing else differs.
         assert err < 1e-10, (name, err)
@@ -172,6 +172,40 @@ def _main() -> None:
         )
         specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
         compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
+
+    # The Jensen-Shannon divergence from the teacher's top-k.
+    def jsd_sharded(x, w, b, i, lp, m, tw):
+        return jxent.parallel.linear_softmax_jensen_shannon_divergence(
+            x,
+            w,
+            (i, lp),
+            axis_name="model",
+            beta=0.4,
+            temperature=1.5,
+            bias=b,
+            where=m,
+            token_weights=tw,
+            num_classes=V,
+            chunk_size=(4, 8),
+            batch_axis_name="data",
+        )
+
+    def jsd_one(x, w, b):
+        return jxent.linear_softmax_jensen_shannon_divergence(
+            x, w, (idx, logp), beta=0.4, temperature=1.5, bias=b, where=where, token_weights=weights
+        )
+
+    args = (
+        put(x, "data"),
+        put(w_pad, *col),
+        put(b_pad, "model"),
+        put(idx, "data"),
+        put(logp, "data"),
+        put(where, "data"),
+        put(weights, "data"),
+    )
+    compare("jensen-shannon", jsd_sharded, (tok, col, P("model"), tok, tok, tok, tok), args,
+            jsd_one, (x, w, b))  # fmt: skip
 
     # The teacher as hidden states: its weight split (and padded, NaN/inf) as the student's.
     rng = np.random.default_rng(4)

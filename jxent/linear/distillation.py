@@ -123,10 +123,11 @@ def linear_softmax_kl_divergence(
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
     The teacher is given by its top-k classes and their log-probabilities (the form
-    distillation data is stored in offline); the student's logits
-    :math:`z = c \tanh((x W + b)/c) / T` are never materialised. Per token, with
-    :math:`q = \mathrm{softmax}(z)` normalised over the whole vocabulary and the
-    teacher's :math:`p_k = \exp(\text{log\_probs}_k)` on its classes :math:`K`,
+    distillation data is stored in offline), or by its own hidden states and output
+    weight; the student's logits :math:`z = c \tanh((x W + b)/c) / T` are never
+    materialised, nor the teacher's. Per token, with :math:`q = \mathrm{softmax}(z)`
+    normalised over the whole vocabulary and the teacher's
+    :math:`p_k = \exp(\text{log\_probs}_k)` on its classes :math:`K`,
 
     .. math::
       \ell = T^2 \sum_{k \in K} p_k \left(\log p_k - \log q_k\right),
@@ -141,14 +142,27 @@ def linear_softmax_kl_divergence(
     the temperature and the cap), flows to ``x``, ``w`` and ``bias``; the teacher is a
     constant. Memory and schedules as :func:`jxent.linear_softmax_cross_entropy`.
 
+    With the teacher as hidden states ``(x_t, w_t[, bias_t])``, :math:`p =
+    \mathrm{softmax}(t)` over the whole vocabulary, :math:`t = c \tanh((x_t W_t +
+    b_t)/c) / T` (the same cap and temperature as the student's), and the sum runs over
+    every class. Each vocabulary block's teacher logits are made beside the student's
+    (a second matrix product per block, forward and backward) with their own online
+    log-sum-exp :math:`\mathrm{lse}_t`, and the divergence is
+    :math:`T^2 [\sum_j p_j (t_j - z_j) - \mathrm{lse}_t + \mathrm{lse}]`; its gradient,
+    :math:`T^2 (q_j - p_j)`, recomputes :math:`p` block by block. A class the teacher
+    rules out (a ``-inf`` logit, e.g. from ``bias_t``) contributes exactly 0.
+
     Args:
       x: the student's hidden states ``[..., D]``, floating.
       w: the student's output projection ``[D, V]``.
       teacher: ``(indices, log_probs)``, each of shape ``x.shape[:-1] + (k,)``: the
         teacher's classes (integers; ``-1`` or any index outside ``[0, V)`` may pad
         the top-k where its log-probability is ``-inf``) and its log-probabilities.
-        (The teacher's own hidden states and weight, ``(x_t, w_t)``, are not
-        supported yet: pass its top-k.)
+        Or ``(x_t, w_t)`` / ``(x_t, w_t, bias_t)``: the teacher's hidden states
+        ``x.shape[:-1] + (D_t,)`` (any ``D_t``), its output projection over the same
+        columns as ``w`` (``[D_t, V]``, or ``[V, D_t]`` with ``w_layout="vd"``) and an
+        optional ``[V]`` bias, floating, accumulating in the student's dtype (float32
+        for float32/bfloat16/float16, float64 for float64).
       temperature: :math:`T > 0`, a static Python number: the student's logits are
         divided by it (the teacher's top-k log-probabilities are taken as given, at
         the temperature they were computed at) and the divergence scaled by
@@ -185,6 +199,14 @@ def linear_softmax_kl_divergence(
       >>> top = jax.lax.top_k(jax.nn.log_softmax(teacher_logits), 4)[::-1]
       >>> loss = jxent.linear_softmax_kl_divergence(x, w, top)
       >>> want = jxent.softmax_kl_divergence(x @ w, teacher_logits).mean()
+      >>> bool(jnp.allclose(loss, want, atol=1e-6))
+      True
+      >>> # The teacher as hidden states and weight: its logits are never formed either.
+      >>> x_t = jnp.array([[0.5, 2.0, -1.0], [1.0, 0.0, 0.5]])
+      >>> w_t = jnp.array([[1.0, 0.5, -0.5, 0.0], [0.2, -0.3, 0.8, 0.1],
+      ...                  [-0.4, 0.6, 0.0, 1.2]])
+      >>> loss = jxent.linear_softmax_kl_divergence(x, w, (x_t, w_t), temperature=2.0)
+      >>> want = jxent.softmax_kl_divergence(x @ w, x_t @ w_t, temperature=2.0).mean()
       >>> bool(jnp.allclose(loss, want, atol=1e-6))
       True
 
@@ -240,7 +262,8 @@ def linear_distillation_loss(
 
     with :math:`z_1` the student's (soft-capped) logits ``x @ w + bias`` at
     temperature 1, :math:`y` the label and the KL term exactly that of
-    :func:`jxent.linear_softmax_kl_divergence`. Each vocabulary block is read once for
+    :func:`jxent.linear_softmax_kl_divergence` (from the teacher's top-k or its hidden
+    states). Each vocabulary block is read once for
     both terms: the engine keeps the log-sum-exp at temperature :math:`T` and, for the
     cross-entropy, the sum of :math:`e^{T(z_j - m)}` beside it.
 
@@ -248,8 +271,9 @@ def linear_distillation_loss(
       x: the student's hidden states ``[..., D]``, floating.
       w: the student's output projection ``[D, V]``.
       labels: integer class indices of shape ``x.shape[:-1]`` (the data's labels).
-      teacher: ``(indices, log_probs)`` of the teacher's top-k, as
-        :func:`jxent.linear_softmax_kl_divergence`.
+      teacher: ``(indices, log_probs)`` of the teacher's top-k, or its hidden states
+        and weight ``(x_t, w_t[, bias_t])`` (its logits at temperature :math:`T`, capped
+        as the student's), as :func:`jxent.linear_softmax_kl_divergence`.
       alpha: :math:`\alpha \in [0, 1]`, the cross-entropy's share (static).
       temperature: :math:`T > 0`, a static Python number: the student's logits are
         divided by it (the teacher's top-k log-probabilities are taken as given, at

@@ -1,4 +1,5 @@
-"""The fused log-probabilities, entropy and distillation losses with the output weight
+"""The fused log-probabilities, entropy, distillation and Jensen-Shannon losses with the
+output weight
 split over a mesh axis (inside ``jax.shard_map``): each shard runs the blocked engine on
 its own columns of ``w``, and the engine's vocabulary-parallel combine gives every shard
 the whole vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is
@@ -17,7 +18,7 @@ from jax import lax
 
 from jxent import _validation as v
 from jxent._fused import driver, engine, plan
-from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows
+from jxent._fused.distill import Distillation, JensenShannon, TeacherDistillation, TopKRows
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._reduction import reduce_across
 from jxent.parallel._split import (
@@ -100,6 +101,80 @@ def _static(temperature, logit_soft_cap):
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     return temperature, logit_soft_cap
+
+
+def _from_teacher(
+    make_loss,
+    x,
+    local_w,
+    labels,
+    teacher,
+    *,
+    axis_name,
+    temperature,
+    bias,
+    where,
+    token_weights,
+    logit_soft_cap,
+    reduction,
+    num_classes,
+    batch_axis_name,
+    chunk_size,
+):
+    """A loss against a teacher (its top-k, or its hidden states and split weight):
+    ``make_loss(k, temperature)`` (``k`` None for hidden states) on every shard."""
+    v.check_reduction(reduction)
+    x, w, labels, bias, row_mask, split = _inputs(
+        x, local_w, labels, bias, where, axis_name, num_classes
+    )
+    temperature, soft_cap = _static(temperature, logit_soft_cap)
+    batch_shape = x.shape[:-1]
+    n = math.prod(batch_shape)
+    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    weights = driver.token_weights(token_weights, batch_shape, acc)
+    here, valid = _labels(split, labels, n)
+    rows = TopKRows(None, None, None, here, valid, None, weights)
+    rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
+    stream = None
+    if v.is_hidden_teacher(teacher):
+        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, "dv", acc)
+        check_unsplit("teacher[0] (x_t)", x_t, split, _TOKENS)
+        check_split("teacher[1] (local_w_t)", w_t, split)
+        if b_t is not None:
+            check_split("teacher[2] (local_bias_t)", b_t, split)
+        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
+        loss_object = make_loss(None, temperature)
+    else:
+        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
+        check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
+        check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
+        k = indices.shape[-1]
+        flat = indices.reshape(n, k)
+        flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
+        local, _ = local_labels(split, flat)
+        rows = rows._replace(
+            index=local,
+            known=(flat >= 0) & (flat < split.num_classes),
+            log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
+        )
+        loss_object = make_loss(k, temperature)
+    loss = _run(
+        loss_object,
+        x,
+        w,
+        bias,
+        rows,
+        split,
+        chunk_size=chunk_size,
+        soft_cap=soft_cap,
+        temperature=temperature,
+        teacher=stream,
+    ).reshape(batch_shape)
+    weight = row_mask
+    if weights is not None and reduction == "mean":
+        tw = weights.reshape(batch_shape)
+        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
+    return reduce_across(loss, reduction, weight, batch_axis_name)
 
 
 def linear_log_probs(
@@ -274,55 +349,126 @@ def linear_distillation_loss(
     alpha = v.static_number("alpha", alpha, lo=0, hi=1)
     if alpha > 0 and labels is None:
         raise TypeError("labels must be given (integer class ids) when alpha > 0, got None.")
-    v.check_reduction(reduction)
-    x, w, labels, bias, row_mask, split = _inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes
-    )
-    temperature, soft_cap = _static(temperature, logit_soft_cap)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
-    weights = driver.token_weights(token_weights, batch_shape, acc)
-    here, valid = _labels(split, labels if alpha > 0 else None, n)
-    rows = TopKRows(None, None, None, here, valid, None, weights)
-    rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
-    stream = None
-    if v.is_hidden_teacher(teacher):
-        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, "dv", acc)
-        check_unsplit("teacher[0] (x_t)", x_t, split, _TOKENS)
-        check_split("teacher[1] (local_w_t)", w_t, split)
-        if b_t is not None:
-            check_split("teacher[2] (local_bias_t)", b_t, split)
-        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
-        loss_object = TeacherDistillation(temperature, alpha)
-    else:
-        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-        check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
-        check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
-        k = indices.shape[-1]
-        flat = indices.reshape(n, k)
-        flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
-        local, _ = local_labels(split, flat)
-        rows = rows._replace(
-            index=local,
-            known=(flat >= 0) & (flat < split.num_classes),
-            log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
-        )
-        loss_object = Distillation(temperature, alpha, k)
-    loss = _run(
-        loss_object,
+    return _from_teacher(
+        lambda k, t: TeacherDistillation(t, alpha) if k is None else Distillation(t, alpha, k),
         x,
-        w,
-        bias,
-        rows,
-        split,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
+        local_w,
+        labels if alpha > 0 else None,
+        teacher,
+        axis_name=axis_name,
         temperature=temperature,
-        teacher=stream,
-    ).reshape(batch_shape)
-    weight = row_mask
-    if weights is not None and reduction == "mean":
-        tw = weights.reshape(batch_shape)
-        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
-    return reduce_across(loss, reduction, weight, batch_axis_name)
+        bias=bias,
+        where=where,
+        token_weights=token_weights,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+        num_classes=num_classes,
+        batch_axis_name=batch_axis_name,
+        chunk_size=chunk_size,
+    )
+
+
+def linear_softmax_jensen_shannon_divergence(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
+    *,
+    axis_name: AxisName,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "mean",
+    num_classes: int | None = None,
+    batch_axis_name: AxisName | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r""":func:`jxent.linear_softmax_jensen_shannon_divergence` with the output weight split
+    over ``axis_name``, inside ``jax.shard_map``.
+
+    The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over the
+    tokens as ``x``; each shard reads the student's logits at the classes it owns, and
+    the combine sums them with the log-sum-exp's numbers (one ``pmax``, one ``psum``).
+
+    Args:
+      x: the student's hidden states ``[..., D]``.
+      local_w: this shard's ``[D, V_local]`` columns of the student's projection.
+      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``, the classes
+        with a finite log-probability distinct within a token.
+      axis_name: the mesh axis (or axes) the vocabulary is split over.
+      beta: :math:`\beta \in [0, 1)` (static).
+      temperature: :math:`T > 0` (static; divides the student's logits).
+      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: float per-token weights (constants); ``"mean"`` divides by their
+        sum over the kept tokens.
+      logit_soft_cap: :math:`c > 0`, or ``None``.
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
+        tokens, or over every device of ``batch_axis_name`` if given.
+      num_classes: the true vocabulary size when the last shard is padded.
+      batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
+      chunk_size: blocks on each shard.
+
+    Returns:
+      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
+      scalar; equal on every shard of ``axis_name``.
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_softmax_jensen_shannon_divergence`
+        and :func:`jxent.parallel.linear_softmax_cross_entropy`.
+      NotImplementedError: a teacher given as hidden states.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> top = jax.lax.top_k(jax.nn.log_softmax(jnp.array([[1.0, 0.0, -1.0],
+      ...                                                    [0.0, 2.0, 0.5]])), 2)[::-1]
+      >>> fn = jax.shard_map(
+      ...     lambda x, w, i, l: jxent.parallel.linear_softmax_jensen_shannon_divergence(
+      ...         x, w, (i, l), axis_name="model", beta=0.3),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P()), out_specs=P())
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> got = jax.jit(fn)(put(x), put(w, None, "model"), put(top[0]), put(top[1]))
+      >>> want = jxent.linear_softmax_jensen_shannon_divergence(x, w, top, beta=0.3)
+      >>> bool(jnp.allclose(got, want))
+      True
+
+    References:
+      Agarwal et al., `On-Policy Distillation of Language Models: Learning from
+      Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
+    """
+    beta = v.static_number("beta", beta, lo=0, hi=1)
+    if beta == 1:
+        raise ValueError(
+            "beta must be in [0, 1) with a top-k teacher, got 1.0: the reverse KL is "
+            "infinite wherever the student has mass off the teacher's top-k classes."
+        )
+    if v.is_hidden_teacher(teacher):
+        raise NotImplementedError(
+            "linear_softmax_jensen_shannon_divergence takes the teacher's top-k "
+            "(indices, log_probs), not its hidden states (x_t, w_t); see "
+            "jxent.linear_softmax_jensen_shannon_divergence."
+        )
+    return _from_teacher(
+        lambda k, t: JensenShannon(beta, k),
+        x,
+        local_w,
+        None,
+        teacher,
+        axis_name=axis_name,
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        token_weights=token_weights,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+        num_classes=num_classes,
+        batch_axis_name=batch_axis_name,
+        chunk_size=chunk_size,
+    )
