@@ -226,7 +226,7 @@ def test_fused_export_symbolic_tokens(name):
 
 def test_fused_export_symbolic_batch():
     """A batch shape ``(b, t)`` with both symbolic: ``b t`` tokens."""
-    _symbolic_round_trip("linear_softmax_cross_entropy", "b, t", [(2, 3), (3, 5)])
+    _symbolic_round_trip("linear_entropy", "b, t", [(2, 3), (3, 5)])
 
 
 def test_symbolic_blocks_must_be_padded():
