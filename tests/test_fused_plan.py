@@ -3,6 +3,8 @@ the single pass, and the groups of a blocked axis."""
 
 from __future__ import annotations
 
+from jax import export
+
 from jxent import _backend
 from jxent._fused import plan
 
@@ -98,6 +100,11 @@ def test_symbolic_token_count():
             assert vb == v if single else vb <= v
         plans, single = plan.plans(None, d, v, reduction, None, 4)
         assert all(p.token_groups == 1 for _, p in plans)
+    # A symbolic dimension is planned as None.
+    (n,) = export.symbolic_shape("n")
+    assert plan.plans(n, 2304, 256000, "mean", None, 2) == plan.plans(
+        None, 2304, 256000, "mean", None, 2
+    )
     # Gemma 2 on CPU: the static rule's cap of 3640 tokens gives blocks of 2048.
     assert plan.plan_blocks(None, 2304, 256000, "mean", None)[0] == 2048
     # A pair sets the token block as given; an int the vocabulary block.

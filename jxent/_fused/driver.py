@@ -8,10 +8,12 @@ A symbolic number of tokens (``jax.export`` with ``symbolic_shape("n, D")``): th
 token block depends on ``D`` and ``V`` alone (``jxent._fused.plan``), and :func:`run`
 pads the tokens (``x``, the loss's per-token inputs, a teacher's hidden states) with
 zeros to a multiple of it, marks the padded tokens dropped (the ``keep`` field of the
-loss's rows: loss 0, gradient 0), and slices the per-token results back. A static
+loss's rows: loss 0, gradient 0), and slices the per-token results back
+(:func:`pad_tokens`, :func:`unpad_tokens`, for any caller of the engine). A static
 number of tokens is never padded.
 
-Internal API: :func:`run`, :func:`reduce`, :func:`token_weights`.
+Internal API: :func:`run`, :func:`reduce`, :func:`token_weights`, :func:`pad_tokens`,
+:func:`unpad_tokens`.
 """
 
 from __future__ import annotations
@@ -57,9 +59,8 @@ def run(
     cols = w.shape[1 if w_layout == "dv" else 0]
     cdt = engine.compute_dtype(x, w, bias)
     acc = v.accumulation_dtype(cdt)
-    static = isinstance(n, int)
     plans, single_pass = plan.plans(
-        n if static else None,
+        n,
         d,
         cols,
         "none" if per_token else reduction,
@@ -79,28 +80,30 @@ def run(
         w_layout=w_layout,
     )
     real = jnp.arange(cols) < num_classes if num_classes < cols else None
-    if not static:
-        block = math.lcm(*(p.token_block for _, p in plans))
-        x, rows, teacher = _padded_tokens(n, block, x, rows, teacher)
+    x, rows, teacher = pad_tokens(plans, x, rows, teacher)
     args = (x, w, bias, rows, columns, real, teacher)
     if single_pass:
         return engine.summed_loss(spec, *args), True
-    result = engine.per_token_loss(spec, *args)
-    if not static:
-        result = jax.tree.map(lambda a: a[:n], result)
-    return result, False
+    return unpad_tokens(engine.per_token_loss(spec, *args), n), False
 
 
-def _padded_tokens(n, block: int, x, rows, teacher):
-    """``x``, ``rows`` and ``teacher``'s hidden states with the ``N`` (symbolic) tokens
-    padded with zeros to a multiple of ``block``, the padded tokens dropped (``rows.keep``
-    False there: they give loss 0 and gradient 0, and their zero rows of ``x`` add
-    nothing to ``dw``)."""
+def pad_tokens(plans, x, rows, teacher=None):
+    """``(x, rows, teacher)`` for the engine with the ``plans`` of ``plan.plans``: as given
+    for a static number of tokens ``N = x.shape[0]``; for a symbolic one, ``x``, the
+    per-token ``rows`` (a NamedTuple with a ``keep`` field) and ``teacher``'s hidden
+    states padded with zeros to a multiple of every plan's token block, the padded
+    tokens dropped (``rows.keep`` False there: they give loss 0 and gradient 0, and
+    their zero rows of ``x`` add nothing to ``dw``). :func:`unpad_tokens` takes the
+    per-token results back to ``N``."""
+    n = x.shape[0]
+    if isinstance(n, int):
+        return x, rows, teacher
     if not hasattr(rows, "_replace") or "keep" not in rows._fields:
         raise NotImplementedError(
             f"a symbolic number of tokens needs per-token inputs with a keep mask; "
             f"{type(rows).__name__} has none"
         )
+    block = math.lcm(*(p.token_block for _, p in plans))
     padded = block * ((n + block - 1) // block)
 
     def pad(a):
@@ -116,6 +119,14 @@ def _padded_tokens(n, block: int, x, rows, teacher):
     if teacher is not None:
         teacher = (pad(teacher[0]), *teacher[1:])
     return pad(x), rows, teacher
+
+
+def unpad_tokens(result, n):
+    """The engine's per-token ``result`` (an array or a tuple of them) for the first
+    ``n`` tokens of :func:`pad_tokens`'s padded ones (unchanged for a static ``n``)."""
+    if isinstance(n, int):
+        return result
+    return jax.tree.map(lambda a: a[:n], result)
 
 
 def reduce(result, summed: bool, batch_shape, reduction: str, weight, normalizer=None):

@@ -5,10 +5,10 @@ lowered for XLA:CPU takes the CPU plan, one lowered for a GPU or TPU the acceler
 plan (``_backend.PANEL_BYTES``; the choice is made per lowering platform by
 ``_backend.per_platform``).
 
-A symbolic number of tokens (``jax.export`` with ``symbolic_shape("n, D")``) is planned
-as ``num_tokens=None``: the token block then depends on ``D``, ``V`` and the panel
+A symbolic number of tokens (``jax.export`` with ``symbolic_shape("n, D")``; passed as
+is, or as ``num_tokens=None``): the token block then depends on ``D``, ``V`` and the panel
 alone (:func:`symbolic_token_block`), never on ``N``, and the caller pads the tokens to
-a multiple of it (``jxent._fused.driver``).
+a multiple of it (``jxent._fused.driver.pad_tokens``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def block_groups(total: int, block: int, min_run: int = 1) -> int:
     return groups
 
 
+def _static_count(num_tokens):
+    """``num_tokens``, or None for an unknown (symbolic) count."""
+    return num_tokens if isinstance(num_tokens, int) else None
+
+
 def _positive_int(value, what: str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"chunk_size must be a positive int or a pair of them, got {value!r}.")
@@ -148,13 +153,14 @@ def plan_blocks(
     loss selects the single pass. Whether the single pass is taken never depends on
     the platform (only the block lengths do).
 
-    ``num_tokens=None``: a symbolic number of tokens. The token block is then the power
-    of two of :func:`symbolic_token_block` below the same cap (a pair ``chunk_size``
-    sets it as given), and a streamed vocabulary block is the one of the largest power
-    of two of tokens within the cap (as a static count that large would take); the
-    caller pads the tokens to a multiple of the token block.
+    ``num_tokens=None`` (or a symbolic dimension): an unknown number of tokens. The
+    token block is then the power of two of :func:`symbolic_token_block` below the
+    same cap (a pair ``chunk_size`` sets it as given), and a streamed vocabulary block
+    is the one of the largest power of two of tokens within the cap (as a static count
+    that large would take); the caller pads the tokens to a multiple of the token block
+    (``jxent._fused.driver.pad_tokens``).
     """
-    n, d, k = num_tokens, hidden, num_classes
+    n, d, k = _static_count(num_tokens), hidden, num_classes
 
     def token_block(cap: int) -> int:
         return symbolic_token_block(cap) if n is None else _block_length(n, cap, 8)
@@ -213,9 +219,11 @@ def plans(
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
     ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
-    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``). ``num_tokens=None``: a symbolic
-    number of tokens (see :func:`plan_blocks`; the tokens are one group)."""
+    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``). ``num_tokens``: None for an unknown
+    number of tokens, or a symbolic one (see :func:`plan_blocks`; the tokens are one
+    group)."""
     out, single = [], None
+    num_tokens = _static_count(num_tokens)
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
             num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform, scatters
