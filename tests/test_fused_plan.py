@@ -20,9 +20,11 @@ def test_default_blocks_at_llm_shapes():
             panel = _backend.PANEL_BYTES["cpu"]
             assert tb * vb * 4 <= 1.1 * panel
             assert d * vb * 4 <= 1.1 * panel and tb * d * 4 <= panel
-            # Accelerators take larger blocks: all 8192 tokens at once here.
-            tb_gpu, vb_gpu, _ = plan.plan_blocks(n, d, v, reduction, None, platform="default")
-            assert tb_gpu == n and vb_gpu > vb and v % vb_gpu == 0
+            # A TPU takes larger blocks: all 8192 tokens at once here; a GPU the CPU's.
+            tb_tpu, vb_tpu, _ = plan.plan_blocks(n, d, v, reduction, None, platform="tpu")
+            assert tb_tpu == n and v % vb_tpu == 0
+            gpu = plan.plan_blocks(n, d, v, reduction, None, platform="default")
+            assert gpu[:2] == (tb, vb)
     # A moderate vocabulary and an averaged loss: the single pass over token blocks.
     tb, vb, single = plan.plan_blocks(4096, 1024, 32000, "mean", None)
     assert single and vb == 32000 and 4096 % tb == 0
@@ -62,7 +64,7 @@ def test_plans_per_platform():
     plans, single = plan.plans(8192, 2304, 256000, "mean", None, 4)
     by_platform = dict(plans)
     assert set(by_platform) == set(_backend.PLATFORMS) and not single
-    assert by_platform["default"].token_block > by_platform["cpu"].token_block
+    assert by_platform["tpu"].token_block > by_platform["cpu"].token_block
     plans, single = plan.plans(4096, 1024, 32000, "mean", None, 4)
     assert single and all(p.vocab_block == 32000 for _, p in plans)
     # Contiguous blocks on a shard of a split vocabulary.

@@ -132,7 +132,7 @@ def plan_blocks(
     """``(token_block, vocab_block, single_pass)`` for a call on ``platform`` (all static).
 
     The rule for ``chunk_size=None``, with ``P`` the panel size (``_backend.PANEL_BYTES``:
-    32 MiB on CPU, 128 MiB on GPU/TPU; sizes counted in float32):
+    32 MiB on CPU and GPU, 128 MiB on TPU; sizes counted in float32):
 
     * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
       gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``

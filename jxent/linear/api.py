@@ -131,9 +131,10 @@ def linear_softmax_cross_entropy(
     Notes:
       Default blocks (``chunk_size=None``): the single pass when the loss is summed
       or averaged and the float32 ``[D, V]`` accumulator is at most 256 MiB, with
-      token blocks of about ``2 D`` tokens; otherwise vocabulary streaming with
+      token blocks of about ``2 D`` tokens on CPU (fewer on GPU and TPU, whose
+      logits block is capped at 128 and 64 MiB); otherwise vocabulary streaming with
       panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
-      CPU, 128 MiB on GPU/TPU. See :func:`jxent._fused.plan.plan_blocks` for the
+      CPU and GPU, 128 MiB on TPU. See :func:`jxent._fused.plan.plan_blocks` for the
       exact rule.
 
       Padding columns (``num_classes`` below ``w.shape[1]``): their logits are
