@@ -425,21 +425,8 @@ def linear_softmax_jensen_shannon_divergence(
       Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
       Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused JSD).
     """
-    beta = v.static_number("beta", beta, lo=0, hi=1)
-    if beta == 1:
-        raise ValueError(
-            "beta must be in [0, 1) with a top-k teacher, got 1.0: the reverse KL is "
-            "infinite wherever the student has mass off the teacher's top-k classes."
-        )
+    beta = v.jensen_shannon_beta(beta, teacher)
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
-    if v.is_hidden_teacher(teacher):
-        raise NotImplementedError(
-            "linear_softmax_jensen_shannon_divergence takes the teacher's top-k "
-            "(indices, log_probs), not its hidden states (x_t, w_t): the mixture's logarithm "
-            "needs both normalised distributions at every class, which a single streaming "
-            "pass does not have. Pass jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k), "
-            "or use linear_softmax_kl_divergence, which takes (x_t, w_t)."
-        )
     return _distill(
         x,
         w,

@@ -443,18 +443,7 @@ def linear_softmax_jensen_shannon_divergence(
       Agarwal et al., `On-Policy Distillation of Language Models: Learning from
       Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
     """
-    beta = v.static_number("beta", beta, lo=0, hi=1)
-    if beta == 1:
-        raise ValueError(
-            "beta must be in [0, 1) with a top-k teacher, got 1.0: the reverse KL is "
-            "infinite wherever the student has mass off the teacher's top-k classes."
-        )
-    if v.is_hidden_teacher(teacher):
-        raise NotImplementedError(
-            "linear_softmax_jensen_shannon_divergence takes the teacher's top-k "
-            "(indices, log_probs), not its hidden states (x_t, w_t); see "
-            "jxent.linear_softmax_jensen_shannon_divergence."
-        )
+    beta = v.jensen_shannon_beta(beta, teacher)
     return _from_teacher(
         lambda k, t: JensenShannon(beta, k),
         x,
