@@ -63,14 +63,25 @@ def mean_weight(
 
 
 def reduce_across(
-    loss: jax.Array, reduction: str, weight: jax.Array | None, batch_axis_name
+    loss: jax.Array,
+    reduction: str,
+    weight: jax.Array | None,
+    batch_axis_name,
+    normalizer: jax.Array | None = None,
 ) -> jax.Array:
     """``reduce_loss`` over every device of ``batch_axis_name`` (inside ``shard_map``).
 
     The mean is the sum of the per-device sums over the sum of the per-device
     denominators: a mean of per-device means would be wrong when devices keep
     different counts. ``batch_axis_name=None``: this device's rows only.
+    ``normalizer`` (a scalar, with ``"mean"``): the mean is the (global) sum divided by
+    it instead.
     """
+    if normalizer is not None and reduction == "mean":
+        total = jnp.sum(loss)
+        if batch_axis_name is not None:
+            total = lax.psum(total, batch_axis_name)
+        return total / normalizer.astype(total.dtype)
     if batch_axis_name is None or reduction == "none":
         return reduce_loss(loss, reduction, weight)
     total = jnp.sum(loss)

@@ -589,6 +589,204 @@ def linear_padded_case(mesh_shape, opts_name, opts, dtype, num_classes, reductio
     }
 
 
+def _issue14_data(num_classes, vp, seed):
+    """float64 data for the token-weight / lse / tied-table checks: ``w`` as a ``[V, D]``
+    table, its padding rows (to ``vp``) holding NaN and inf (as the bias and class
+    weights'), token weights with zeros, and a per-token cotangent for the lse."""
+    opts = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=4.0)
+    x, w, b, y, cw = make_linear_data(num_classes, seed=seed, opts=opts)
+    rng = np.random.default_rng(seed + 100)
+    tw = rng.uniform(0.0, 2.0, ROWS)
+    tw[[0, 5]] = 0.0
+    lse_cot = rng.standard_normal(ROWS)
+    table = np.ascontiguousarray(w.T)  # [V, D]
+    pad = vp - num_classes
+    tp = np.pad(table, ((0, pad), (0, 0)), constant_values=np.nan)
+    if pad:
+        tp[num_classes, 0] = np.inf
+    bp = np.pad(b, (0, pad), constant_values=np.inf)
+    cwp = np.pad(cw, (0, pad), constant_values=np.nan)
+    return opts, (x, table, b, y, cw, tw, lse_cot), (tp, bp, cwp)
+
+
+def _issue14_objective(loss_fn, reduction, lse_cot):
+    """A scalar of ``(loss, lse)`` with a cotangent on both outputs."""
+
+    def obj(*a):
+        out = loss_fn(*a)
+        loss, lse = out if isinstance(out, tuple) else (out, None)
+        total = jnp.sum(jnp.sin(loss)) if reduction == "none" else loss
+        return total if lse is None else total + jnp.sum(lse_cot * jnp.sin(lse))
+
+    return obj
+
+
+def _issue14_compare(v1, g1, v0, g0, num_classes, w_axis, lse1=None, lse0=None):
+    """float64 value / lse / dx, dw, dbias against the one-device call, tight tolerances;
+    the padding rows of dw (axis ``w_axis``) and of dbias exactly 0."""
+    checks = {"value": ratio(v1, v0, 1e-11, 1e-13)}
+    if lse0 is not None:
+        checks["lse"] = ratio(lse1, lse0, 1e-11, 1e-13)
+    for name, a1, a0 in zip(("x", "w", "bias"), g1, g0, strict=True):
+        a1 = np.asarray(a1, np.float64)
+        a0 = np.asarray(a0, np.float64)
+        axis = w_axis if name == "w" else a1.ndim - 1
+        real = np.take(a1, np.arange(a0.shape[axis]), axis=axis)
+        scale = float(np.max(np.abs(a0)))
+        checks[f"d{name}"] = ratio(real, a0, 1e-10, 1e-12 * max(scale, 1.0))
+        if a1.shape != a0.shape:
+            pad = np.take(a1, np.arange(a0.shape[axis], a1.shape[axis]), axis=axis)
+            m = float(np.max(np.abs(pad)))
+            checks[f"padding d{name} is 0"] = (0.0 if m == 0 else 2.0, f"max |grad| {m:.3g}")
+    return {k: [float(r), d] for k, (r, d) in checks.items()}
+
+
+def linear_options_shard_map_case(mesh_shape, num_classes, w_layout, reduction, with_normalizer):
+    """Issue 14 in jxent.parallel.linear_softmax_cross_entropy under shard_map, float64:
+    token_weights, return_lse (a cotangent on the lse too) or a normalizer, the weight as
+    a [V, D] table (w_layout="vd", split P("model", None)) or [D, V]; padding rows holding
+    NaN / inf. Values and dx, dw, dbias against the one-device function."""
+    mesh = make_mesh(mesh_shape, "explicit")
+    vp = padded_size(num_classes, mesh_shape[1])
+    opts, (x, table, b, y, cw, tw, lse_cot), (tp, bp, cwp) = _issue14_data(num_classes, vp, 7)
+    return_lse = not with_normalizer
+    normalizer = 23.0 if with_normalizer else None
+    w0 = table if w_layout == "vd" else table.T
+    wp = tp if w_layout == "vd" else tp.T
+    w_spec = ("model", None) if w_layout == "vd" else (None, "model")
+
+    def local(xl, wl, bl, yl, cwl, twl):
+        return jxent.parallel.linear_softmax_cross_entropy(
+            xl,
+            wl,
+            yl,
+            axis_name="model",
+            bias=bl,
+            class_weights=cwl,
+            num_classes=num_classes,
+            reduction=reduction,
+            batch_axis_name="data",
+            chunk_size=(8, 6),
+            token_weights=twl,
+            normalizer=normalizer,
+            return_lse=return_lse,
+            w_layout=w_layout,
+            **opts,
+        )
+
+    out = P("data") if reduction == "none" else P()
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data", None), P(*w_spec), P("model"), P("data"), P("model"), P("data")),
+        out_specs=(out, P("data")) if return_lse else out,
+    )
+
+    def single(x, w, b):
+        return jxent.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b,
+            class_weights=cw,
+            reduction=reduction,
+            token_weights=tw,
+            normalizer=normalizer,
+            return_lse=return_lse,
+            w_layout=w_layout,
+            **opts,
+        )
+
+    args = (
+        put(mesh, x, "data", None),
+        put(mesh, wp, *w_spec),
+        put(mesh, bp, "model"),
+        put(mesh, y, "data"),
+        put(mesh, cwp, "model"),
+        put(mesh, tw, "data"),
+    )
+    obj1 = _issue14_objective(sharded, reduction, lse_cot)
+    v1, g1 = jax.jit(jax.value_and_grad(obj1, argnums=(0, 1, 2)))(*args)
+    v0, g0 = jax.jit(jax.value_and_grad(_issue14_objective(single, reduction, lse_cot), (0, 1, 2)))(
+        x, w0, b
+    )
+    lse1 = lse0 = None
+    if return_lse:
+        lse1 = jax.jit(sharded)(*args)[1]
+        lse0 = single(x, w0, b)[1]
+    checks = _issue14_compare(v1, g1, v0, g0, num_classes, 0 if w_layout == "vd" else 1, lse1, lse0)
+    what = "normalizer" if with_normalizer else "return_lse"
+    return {
+        "case": f"linear shard_map {mesh_shape} token_weights {what} w_layout={w_layout} "
+        f"float64 V={num_classes} (padded to {vp}) {reduction}",
+        "checks": checks,
+    }
+
+
+def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer):
+    """Issue 14 in jxent.linear_softmax_cross_entropy on arrays typed with Explicit axes,
+    float64: token_weights, return_lse, a normalizer (with "mean"), the weight as a
+    [V, D] table split over "model" (padded, NaN / inf rows: jxent.parallel under the
+    hood) or whole (each device's tokens against the whole table)."""
+    mesh = make_mesh(mesh_shape, "explicit")
+    num_classes = 61 if w_split else 64
+    vp = padded_size(num_classes, mesh_shape[1]) if w_split else num_classes
+    opts, (x, table, b, y, cw, tw, lse_cot), (tp, bp, cwp) = _issue14_data(num_classes, vp, 8)
+    normalizer = 29.0 if with_normalizer else None
+
+    def loss(x, w, b, y, c, t, num_classes=None):
+        return jxent.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b,
+            class_weights=c,
+            reduction=reduction,
+            num_classes=num_classes,
+            chunk_size=(8, 8),
+            token_weights=t,
+            normalizer=normalizer,
+            return_lse=True,
+            w_layout="vd",
+            **opts,
+        )
+
+    v_spec = ("model",) if w_split else (None,)
+    args = (
+        put(mesh, x, "data", None),
+        put(mesh, tp, *v_spec, None),
+        put(mesh, bp, *v_spec),
+        put(mesh, y, "data"),
+        put(mesh, cwp, *v_spec),
+        put(mesh, tw, "data"),
+    )
+    obj1 = _issue14_objective(functools.partial(loss, num_classes=num_classes), reduction, lse_cot)
+    with jax.set_mesh(mesh):
+        v1, g1 = jax.jit(jax.value_and_grad(obj1, argnums=(0, 1, 2)))(*args)
+        lse1 = jax.jit(functools.partial(loss, num_classes=num_classes))(*args)[1]
+    obj0 = _issue14_objective(loss, reduction, lse_cot)
+    v0, g0 = jax.jit(jax.value_and_grad(obj0, argnums=(0, 1, 2)))(x, table, b, y, cw, tw)
+    lse0 = loss(x, table, b, y, cw, tw)[1]
+    checks = _issue14_compare(v1, g1, v0, g0, num_classes, 0, lse1, lse0)
+    return {
+        "case": f"linear jit explicit {mesh_shape} w_layout=vd w{v_spec} token_weights "
+        f"return_lse normalizer={normalizer} float64 V={num_classes} (padded to {vp}) "
+        f"{reduction}",
+        "checks": checks,
+    }
+
+
+def group_linear_options():
+    """Issue 14's options (token weights, normalizer, lse, [V, D] tables) across devices."""
+    return [
+        linear_options_shard_map_case((2, 4), 61, "vd", "mean", False),
+        linear_options_shard_map_case((4, 2), 61, "dv", "mean", True),
+        linear_options_explicit_case((2, 4), True, "mean", True),
+        linear_options_explicit_case((2, 4), True, "none", False),
+        linear_options_explicit_case((4, 2), False, "mean", False),
+    ]
+
+
 def group_linear():
     out = [linear_case((2, 4), "explicit", "plain", {}, jnp.float32, 64, "mean", 6)]
     for i, shape in enumerate(MESHES):
@@ -630,7 +828,7 @@ def group_linear():
         out.append(
             linear_padded_case(shape, "all", ALL_OPTIONS, dtype, 2045, reduction, chunk, "explicit")
         )
-    return out
+    return out + group_linear_options()
 
 
 # ------------------------------------------------------------------------------------------
@@ -975,6 +1173,7 @@ GROUPS = {
     "jit": group_jit,
     "shard_map": group_shard_map,
     "linear": group_linear,
+    "linear_options": group_linear_options,
     "hlo": lambda: group_hlo() + group_hlo_linear(),
     "float32": group_float32,
 }

@@ -329,6 +329,21 @@ def test_linear_bad_inputs_raise():
         call(w, bias=jnp.zeros(3))
     with pytest.raises(ValueError, match="num_classes"):
         call(w, num_classes=9)
+    # Issue 14's options: token weights, normalizer, return_lse, w_layout.
+    with pytest.raises(ValueError, match="token_weights"):
+        call(w, token_weights=jnp.ones(3))
+    with pytest.raises(TypeError, match="token_weights"):
+        call(w, token_weights=jnp.ones(2, jnp.int32))
+    with pytest.raises(ValueError, match='normalizer divides the "mean"'):
+        call(w, normalizer=4.0, reduction="sum")
+    with pytest.raises(ValueError, match="normalizer must be a scalar"):
+        call(w, normalizer=jnp.ones(2))
+    with pytest.raises(TypeError, match="return_lse"):
+        call(w, return_lse=1)
+    with pytest.raises(ValueError, match="w_layout"):
+        call(w, w_layout="dd")
+    with pytest.raises(ValueError, match=r"local_w must have shape \(V, D\)"):
+        call(w, w_layout="vd")  # [3, 4]: D = 3 is w's first axis, not its second
     with pytest.raises(TypeError, match="labels"):
         jax.shard_map(
             lambda w: jxent.parallel.linear_softmax_cross_entropy(

@@ -196,14 +196,19 @@ def linear_softmax_cross_entropy(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
     if explicit.explicitly_sharded(x, w, labels):
-        if token_weights is not None or normalizer is not None or return_lse or w_layout != "dv":
-            raise NotImplementedError(
-                "token_weights, normalizer, return_lse and w_layout='vd' are not supported "
-                "for arrays with Explicit mesh axes yet; call jxent.parallel."
-                "linear_softmax_cross_entropy under jax.shard_map, or use Auto axes."
-            )
         # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
         # no typed sharded form; the loss runs per device under shard_map.
+        v.check_dtypes(x, w, bias)
+        acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+        if token_weights is not None:
+            # Checked here (as driver.token_weights does) on the global shape; split as
+            # the tokens under shard_map.
+            token_weights = v.as_array("token_weights", token_weights)
+            v.check_floating("token_weights", token_weights)
+            v.check_shape(
+                "token_weights", token_weights, x.shape[:-1], "x.shape[:-1]: one weight per token"
+            )
+            token_weights = jax.lax.stop_gradient(token_weights)
         return explicit.linear_from_explicit_sharding(
             x,
             w,
@@ -218,6 +223,10 @@ def linear_softmax_cross_entropy(
             reduction=reduction,
             chunk_size=chunk_size,
             num_classes=num_classes,
+            token_weights=token_weights,
+            normalizer=v.checked_normalizer(normalizer, reduction, acc),
+            return_lse=return_lse,
+            w_layout=w_layout,
         )
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)

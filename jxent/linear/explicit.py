@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jxent import parallel
+from jxent._fused import driver, engine
 from jxent._fused.xent import linear_cross_entropy
 from jxent._layout import and_masks, xent_config
 from jxent._reduction import mean_weight, reduce_across
 from jxent._softmax import take_classes
+from jxent._validation import accumulation_dtype
 
 
 def _names(entry) -> tuple[str, ...]:
@@ -43,11 +45,16 @@ def explicitly_sharded(*arrays) -> bool:
     return any(any(_names(e) for e in _explicit_spec(a)) for a in arrays if a is not None)
 
 
-def linear_from_explicit_sharding(x, w, labels, *, reduction, chunk_size, **options):
+def linear_from_explicit_sharding(
+    x, w, labels, *, reduction, chunk_size, w_layout="dv", return_lse=False, **options
+):
     """:func:`jxent.linear_softmax_cross_entropy` of arrays sharded with ``Explicit`` axes
-    (see the module's docstring). Arguments are validated already; ``options`` are the
-    public function's other keyword arguments."""
-    vocab = _names(_explicit_spec(w)[1])
+    (see the module's docstring). Arguments are validated already (``token_weights`` of
+    shape ``x.shape[:-1]``, ``normalizer`` a scalar or None); ``options`` are the public
+    function's other keyword arguments. ``w`` is ``[D, V]``, or ``[V, D]`` with
+    ``w_layout="vd"``. With ``return_lse``: ``(loss, lse)``, ``lse`` split as the tokens."""
+    vocab_dim = 1 if w_layout == "dv" else 0
+    vocab = _names(_explicit_spec(w)[vocab_dim])
     batch_spec = tuple(
         tuple(n for n in _names(e) if n not in vocab) or None for e in _explicit_spec(x)[:-1]
     )
@@ -56,12 +63,17 @@ def linear_from_explicit_sharding(x, w, labels, *, reduction, chunk_size, **opti
     mesh = jax.typeof(sharded[0]).sharding.mesh
     vocab_entry = (vocab if len(vocab) > 1 else vocab[0]) if vocab else None
     token = P(*batch_spec)
-    specs = {"x": P(*batch_spec, None), "w": P(None, vocab_entry), "labels": token}
-    for name, spec in (("bias", P(vocab_entry)), ("class_weights", P(vocab_entry))):
+    w_spec = P(None, vocab_entry) if w_layout == "dv" else P(vocab_entry, None)
+    specs = {"x": P(*batch_spec, None), "w": w_spec, "labels": token}
+    for name, spec in (
+        ("bias", P(vocab_entry)),
+        ("class_weights", P(vocab_entry)),
+        ("where", token),
+        ("token_weights", token),
+        ("normalizer", P()),
+    ):
         if options.get(name) is not None:
             specs[name] = spec
-    if options.get("where") is not None:
-        specs["where"] = token
     arrays = {"x": x, "w": w, "labels": labels, **{k: options[k] for k in specs if k in options}}
     arrays = {k: jax.sharding.reshard(a, specs[k]) for k, a in arrays.items()}
     static = {k: val for k, val in options.items() if k not in arrays}
@@ -77,30 +89,43 @@ def linear_from_explicit_sharding(x, w, labels, *, reduction, chunk_size, **opti
                 reduction=reduction,
                 batch_axis_name=batch_names,
                 chunk_size=chunk_size,
+                return_lse=return_lse,
+                w_layout=w_layout,
                 **kw,
                 **static,
             )
         labels, row_mask = arrays["labels"], arrays.get("where")
         if static.get("ignore_index") is not None:
             row_mask = and_masks(row_mask, labels != static["ignore_index"])
-        loss = _local_loss(arrays, row_mask, static, chunk_size)
+        loss, lse, weights = _local_loss(arrays, row_mask, static, chunk_size, w_layout, return_lse)
         take = lambda t, y: take_classes(t, jnp.clip(y, 0, t.shape[0] - 1))  # noqa: E731
         cw = arrays.get("class_weights")
         weight = mean_weight(row_mask, cw, labels, reduction, loss.dtype, take)
-        return reduce_across(loss, reduction, weight, batch_names)
+        if weights is not None and reduction == "mean":
+            weight = weights if weight is None else weight.astype(loss.dtype) * weights
+        loss = reduce_across(loss, reduction, weight, batch_names, arrays.get("normalizer"))
+        return loss if lse is None else (loss, lse)
 
     out = token if reduction == "none" else P()
+    if return_lse:
+        out = (out, token)
     return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out)(arrays)
 
 
-def _local_loss(arrays, row_mask, static, chunk_size):
-    """Per-token losses of this device's tokens against the whole vocabulary."""
+def _local_loss(arrays, row_mask, static, chunk_size, w_layout, return_lse):
+    """``(loss, lse or None, token weights or None)`` per token of this device's tokens
+    against the whole vocabulary (the loss times the token weights)."""
+    x, w = arrays["x"], arrays["w"]
     config = xent_config(
         static.get("label_smoothing", 0.0), static.get("z_loss", 0.0), static.get("logit_soft_cap")
     )
-    return linear_cross_entropy(
-        arrays["x"],
-        arrays["w"],
+    batch_shape = x.shape[:-1]
+    acc = accumulation_dtype(engine.compute_dtype(x, w, arrays.get("bias")))
+    weights = driver.token_weights(arrays.get("token_weights"), batch_shape, acc)
+    columns = w.shape[1] if w_layout == "dv" else w.shape[0]
+    result = linear_cross_entropy(
+        x,
+        w,
         arrays["labels"],
         bias=arrays.get("bias"),
         row_mask=row_mask,
@@ -108,5 +133,10 @@ def _local_loss(arrays, row_mask, static, chunk_size):
         config=config,
         reduction="none",
         chunk_size=chunk_size,
-        num_classes=static.get("num_classes") or arrays["w"].shape[1],
+        num_classes=static.get("num_classes") or columns,
+        token_weights=weights,
+        return_lse=return_lse,
+        w_layout=w_layout,
     )
+    loss, lse = result if return_lse else (result, None)
+    return loss, lse, None if weights is None else weights.reshape(batch_shape)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent import _validation as v
-from jxent._fused import engine, plan
+from jxent._fused import driver, engine, plan
 from jxent._fused.xent import CrossEntropy, XentRows, column_weights
 from jxent._layout import and_masks, xent_config
 from jxent._reduction import reduce_across
@@ -47,7 +47,11 @@ def linear_softmax_cross_entropy(
     num_classes: int | None = None,
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
-) -> jax.Array:
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
+    return_lse: bool = False,
+    w_layout: str = "dv",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""The fused linear softmax cross-entropy with the output weight split over devices.
 
     Call it inside ``jax.shard_map``. It computes
@@ -99,18 +103,35 @@ def linear_softmax_cross_entropy(
       chunk_size: vocabulary columns per block on each shard, or a pair (tokens,
         columns); ``None`` chooses as :func:`jxent.linear_softmax_cross_entropy`
         does for per-token losses (its streaming schedule).
+      token_weights: optional float weights of shape ``x.shape[:-1]``, split as
+        ``x``'s tokens (not over ``axis_name``; constants: no gradient flows to them),
+        multiplying each token's loss; ``"mean"`` then divides by their sum over the
+        kept tokens (times :math:`w_y` with class weights), over every device of
+        ``batch_axis_name`` if given.
+      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
+        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
+        whole batch; a constant. Only with ``reduction="mean"``.
+      return_lse: also return each token's log-sum-exp over the whole vocabulary
+        (differentiable).
+      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]``; ``"vd"``:
+        ``local_w`` is this shard's ``[V_local, D]`` rows of a ``[V, D]`` table (a tied
+        embedding, split in ``P("model", None)``), read in place (its gradient comes
+        back ``[V_local, D]``).
 
     Returns:
       float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
-      ``"none"``, else a scalar; equal on every device of ``axis_name``.
+      ``"none"``, else a scalar; equal on every device of ``axis_name``. With
+      ``return_lse``: ``(loss, lse)``, ``lse`` of shape ``x.shape[:-1]``.
 
     Raises:
-      TypeError: non-floating ``x``/``local_w``/``bias``/``class_weights``,
-        non-integer labels, a non-boolean ``where``, a bad ``axis_name``.
+      TypeError: non-floating ``x``/``local_w``/``bias``/``class_weights``/
+        ``token_weights``, non-integer labels, a non-boolean ``where`` or
+        ``return_lse``, a bad ``axis_name``.
       ValueError: ``axis_name`` not bound by an enclosing ``shard_map``, shapes that
-        do not match, ``num_classes`` out of range, an option out of range,
+        do not match, ``num_classes`` out of range, an option out of range, an unknown
+        ``w_layout``, ``normalizer`` not a scalar or without ``reduction="mean"``,
         ``local_w`` not split over ``axis_name`` (or ``check_vma=False``), ``x``,
-        ``labels`` or ``where`` split over it.
+        ``labels``, ``where`` or ``token_weights`` split over it.
 
     Example:
       A 1 x 1 mesh so that it runs anywhere (e.g. ``(2, 4)`` on 8 devices); the
@@ -153,11 +174,15 @@ def linear_softmax_cross_entropy(
         w_name="local_w",
         w_shape="(D, V_local) = ({D}, columns on this shard)",
         per_column="this shard's slice of the columns",
+        w_layout=w_layout,
     )
     batch_shape = x.shape[:-1]
     v.check_reduction(reduction)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
     cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
-    split = vocab_layout(axis_name, w.shape[1], num_classes)
+    columns = w.shape[1] if w_layout == "dv" else w.shape[0]
+    split = vocab_layout(axis_name, columns, num_classes)
     check_split("local_w", w, split)
     check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
     check_unsplit("labels", labels, split, 'P("data") as x\'s tokens')
@@ -171,12 +196,15 @@ def linear_softmax_cross_entropy(
     n = labels.size
     cdt = engine.compute_dtype(x, w, bias)
     acc = accumulation_dtype(cdt)
+    weights = driver.token_weights(token_weights, batch_shape, acc)
+    check_unsplit("token_weights", weights, split, 'P("data") as x\'s tokens')
+    normalizer = v.checked_normalizer(normalizer, reduction, acc)
     # The streaming schedule (the single pass needs the whole vocabulary's softmax per
     # block), with contiguous blocks: this shard's columns are its own already.
     plans, _ = plan.plans(
         n,
         x.shape[-1],
-        w.shape[1],
+        columns,
         "none",
         chunk_size,
         jnp.dtype(acc).itemsize,
@@ -184,11 +212,12 @@ def linear_softmax_cross_entropy(
         float32=cdt == jnp.float32,
     )
     spec = engine.Spec(
-        CrossEntropy(cfg._replace(soft_cap=None)),
+        CrossEntropy(cfg._replace(soft_cap=None), return_lse),
         plans,
         cfg.soft_cap,
         split.num_classes,
         split.axis_name,
+        w_layout=w_layout,
     )
     flat_labels = labels.reshape(n)
     if flat_labels.dtype != jnp.int64:
@@ -198,7 +227,13 @@ def linear_softmax_cross_entropy(
     keep = None if row_mask is None else row_mask.reshape(n)
     cw = column_weights(class_weights, real, cfg.label_smoothing > 0, acc)
     x2 = x.reshape(n, x.shape[-1])
-    loss = engine.per_token_loss(spec, x2, w, bias, XentRows(here, valid, keep), cw, real)
+    rows = XentRows(here, valid, keep, weights)
+    result = engine.per_token_loss(spec, x2, w, bias, rows, cw, real)
+    loss, lse = result if return_lse else (result, None)
     loss = loss.reshape(batch_shape)
     weight = mean_weight(split, labels, row_mask, class_weights, reduction, loss.dtype)
-    return reduce_across(loss, reduction, weight, batch_axis_name)
+    if weights is not None and reduction == "mean":
+        tw = weights.reshape(batch_shape)
+        weight = tw if weight is None else weight.astype(acc) * tw
+    loss = reduce_across(loss, reduction, weight, batch_axis_name, normalizer)
+    return loss if lse is None else (loss, lse.reshape(batch_shape))
