@@ -399,6 +399,8 @@ def linear_entropy(
     temperature=1.0,
     bias=None,
     where=None,
+    token_weights=None,
+    normalizer=None,
     logit_soft_cap=None,
     reduction="none",
     num_classes=None,
@@ -410,10 +412,10 @@ def linear_entropy(
     return _weighted_loss(
         lg,
         keep,
-        np.ones(lg.n),
+        _token_weights(token_weights, lg.n),
         lambda r: _entropy_row(lg.u[r], lg.umag[r], t),
         reduction,
-        None,
+        normalizer,
         cotangent,
     )
 

@@ -70,7 +70,12 @@ def call(name, x, w, b, data, opts):
         return out if entropy else (out,)
     if name == "entropy":
         red = opts.get("reduction", "none")
-        return (jxent.linear_entropy(x, w, temperature=t, reduction=red, **common),)
+        tw, norm = data.get("token_weights"), data.get("normalizer")
+        return (
+            jxent.linear_entropy(
+                x, w, temperature=t, reduction=red, token_weights=tw, normalizer=norm, **common
+            ),
+        )
     if name == "kl":
         return (
             jxent.linear_softmax_kl_divergence(x, w, teacher, temperature=t, **common, **reduced),
@@ -132,7 +137,16 @@ def reference(name, x, w, b, data, opts, cts):
         )
     if name == "entropy":
         red = opts.get("reduction", "none")
-        return ref.linear_entropy(x, w, temperature=t, reduction=red, cotangent=cts[0], **common)
+        return ref.linear_entropy(
+            x,
+            w,
+            temperature=t,
+            reduction=red,
+            cotangent=cts[0],
+            token_weights=data.get("token_weights"),
+            normalizer=data.get("normalizer"),
+            **common,
+        )
     if name == "kl":
         return ref.linear_softmax_kl_divergence(
             x, w, teacher, temperature=t, cotangent=cts[0], **common, **reduced
@@ -380,6 +394,24 @@ CASES = [
     ),
     ("entropy_none_T", "entropy", dict(FULL, temperature=1.6, reduction="none"), FULL_DATA),
     ("entropy_mean_T", "entropy", dict(FULL, temperature=0.5, reduction="mean"), FULL_DATA),
+    (
+        "entropy_weighted",
+        "entropy",
+        dict(FULL, temperature=1.2, reduction="mean"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        "entropy_none_weighted",
+        "entropy",
+        dict(FULL, reduction="none"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        "entropy_normalizer",
+        "entropy",
+        dict(FULL, reduction="mean"),
+        dict(FULL_DATA, token_weights=True, normalizer=31.0),
+    ),
     (
         "kl_none_T",
         "kl",

@@ -33,7 +33,7 @@ def test_parallel_forms_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 18, errors
+    assert len(errors) == 21, errors
     for name, err in errors.items():
         # float64 throughout; the shards' sums are regrouped, nothing else differs.
         assert err < 1e-10, (name, err)
@@ -172,6 +172,31 @@ def _main() -> None:
         )
         specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
         compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
+
+    # The entropy alone, weighted, averaged over the whole batch.
+    def ent_sharded(x, w, b, m, tw):
+        return jxent.parallel.linear_entropy(
+            x,
+            w,
+            axis_name="model",
+            temperature=1.3,
+            bias=b,
+            where=m,
+            token_weights=tw,
+            reduction="mean",
+            num_classes=V,
+            chunk_size=(4, 8),
+            batch_axis_name="data",
+        )
+
+    def ent_one(x, w, b):
+        return jxent.linear_entropy(
+            x, w, temperature=1.3, bias=b, where=where, token_weights=weights, reduction="mean"
+        )
+
+    args = (put(x, "data"), put(w_pad, *col), put(b_pad, "model"), put(where, "data"),
+            put(weights, "data"))  # fmt: skip
+    compare("entropy", ent_sharded, (tok, col, P("model"), tok, tok), args, ent_one, (x, w, b))
 
     # The Jensen-Shannon divergence from the teacher's top-k.
     def jsd_sharded(x, w, b, i, lp, m, tw):

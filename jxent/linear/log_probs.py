@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 from jxent import _validation as v
 from jxent._fused import driver
@@ -164,6 +165,8 @@ def linear_entropy(
     temperature: float = 1.0,
     bias: jax.typing.ArrayLike | None = None,
     where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
     logit_soft_cap: float | None = None,
     reduction: str = "none",
     chunk_size: int | tuple[int, int] | None = None,
@@ -187,6 +190,11 @@ def linear_entropy(
       temperature: :math:`T > 0`, a static Python number.
       bias: optional ``[V]`` bias.
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
+        multiplying each token's entropy; ``"mean"`` divides by their sum over the
+        kept tokens.
+      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
+        token count over micro-batches); a constant.
       logit_soft_cap: :math:`c > 0` to soft-cap the logits, or ``None``.
       reduction: ``"none"`` (default: per token), ``"sum"``, or ``"mean"`` over the
         kept tokens.
@@ -228,4 +236,12 @@ def linear_entropy(
         with_entropy=True,
         w_layout=w_layout,
     )
-    return driver.reduce(h, False, h.shape, reduction, row_mask)
+    weight = row_mask
+    weights = driver.token_weights(token_weights, h.shape, h.dtype)
+    if weights is not None:
+        # Each token's entropy is its own output: weighting it scales its gradient too.
+        weights = weights.reshape(h.shape)
+        h = h * weights
+        weight = weights if row_mask is None else jnp.where(row_mask, weights, 0)
+    normalizer = v.checked_normalizer(normalizer, reduction, h.dtype)
+    return driver.reduce(h, False, h.shape, reduction, weight, normalizer)

@@ -1,5 +1,5 @@
-"""Vocabulary-parallel cross-entropy (and the fused log-probabilities, distillation and
-Jensen-Shannon losses) for code written with ``jax.shard_map``.
+"""Vocabulary-parallel cross-entropy (and the fused log-probabilities, entropy,
+distillation and Jensen-Shannon losses) for code written with ``jax.shard_map``.
 
 Under plain ``jax.jit`` with sharded arrays the ordinary categorical losses
 (``jxent.*``) already partition well: give the logits a ``NamedSharding`` with the
@@ -50,6 +50,7 @@ constants everywhere: no gradient flows to them.
 from jxent.parallel._linear import linear_softmax_cross_entropy
 from jxent.parallel._linear_losses import (
     linear_distillation_loss,
+    linear_entropy,
     linear_log_probs,
     linear_softmax_jensen_shannon_divergence,
 )
@@ -57,6 +58,7 @@ from jxent.parallel._logits import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
     "linear_distillation_loss",
+    "linear_entropy",
     "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_jensen_shannon_divergence",

@@ -242,6 +242,28 @@ def linear_log_probs(
     """
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
+    outputs, _ = _log_probs(
+        x,
+        local_w,
+        labels,
+        return_entropy,
+        axis_name=axis_name,
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        logit_soft_cap=logit_soft_cap,
+        num_classes=num_classes,
+        chunk_size=chunk_size,
+    )
+    return outputs if return_entropy else outputs[0]
+
+
+def _log_probs(
+    x, local_w, labels, entropy, *, axis_name, temperature, bias, where, logit_soft_cap,
+    num_classes, chunk_size,
+):  # fmt: skip
+    """:class:`LogProbs`'s outputs (``log p_y`` with ``labels``, then ``H`` with
+    ``entropy``), shaped as the tokens, and the token mask."""
     x, w, labels, bias, row_mask, split = _inputs(
         x, local_w, labels, bias, where, axis_name, num_classes
     )
@@ -251,7 +273,7 @@ def linear_log_probs(
     here, valid = _labels(split, labels, n)
     keep = None if row_mask is None else row_mask.reshape(n)
     outputs = _run(
-        LogProbs(label=True, entropy=return_entropy),
+        LogProbs(label=labels is not None, entropy=entropy),
         x,
         w,
         bias,
@@ -261,8 +283,92 @@ def linear_log_probs(
         soft_cap=soft_cap,
         temperature=temperature,
     )
-    outputs = tuple(o.reshape(batch_shape) for o in outputs)
-    return outputs if return_entropy else outputs[0]
+    return tuple(o.reshape(batch_shape) for o in outputs), row_mask
+
+
+def linear_entropy(
+    x: jax.typing.ArrayLike,
+    local_w: jax.typing.ArrayLike,
+    *,
+    axis_name: AxisName,
+    temperature: float = 1.0,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    token_weights: jax.typing.ArrayLike | None = None,
+    logit_soft_cap: float | None = None,
+    reduction: str = "none",
+    num_classes: int | None = None,
+    batch_axis_name: AxisName | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    r""":func:`jxent.linear_entropy` with the output weight split over ``axis_name``,
+    inside ``jax.shard_map`` (the layout of
+    :func:`jxent.parallel.linear_softmax_cross_entropy`).
+
+    Args:
+      x: hidden states ``[..., D]``.
+      local_w: this shard's ``[D, V_local]`` columns of the output projection.
+      axis_name: the mesh axis (or axes) the vocabulary is split over.
+      temperature: :math:`T > 0` (static).
+      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
+      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
+      token_weights: float per-token weights (constants) multiplying each entropy;
+        ``"mean"`` divides by their sum over the kept tokens.
+      logit_soft_cap: :math:`c > 0`, or ``None``.
+      reduction: ``"none"`` (default: per token), ``"sum"`` or ``"mean"``; over this
+        device's tokens, or over every device of ``batch_axis_name`` if given.
+      num_classes: the true vocabulary size when the last shard is padded.
+      batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
+      chunk_size: blocks on each shard.
+
+    Returns:
+      float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
+      their sum or mean; equal on every shard of ``axis_name``.
+
+    Raises:
+      TypeError, ValueError: as :func:`jxent.linear_entropy` and
+        :func:`jxent.parallel.linear_softmax_cross_entropy`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import jxent
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
+      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
+      >>> fn = jax.shard_map(
+      ...     lambda x, w: jxent.parallel.linear_entropy(x, w, axis_name="model"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P())
+      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      >>> got = jax.jit(fn)(put(x), put(w, None, "model"))
+      >>> bool(jnp.allclose(got, jxent.linear_entropy(x, w)))
+      True
+
+    References:
+      Mnih et al., `Asynchronous Methods for Deep Reinforcement Learning
+      <https://arxiv.org/abs/1602.01783>`_, 2016 (the entropy bonus).
+    """
+    v.check_reduction(reduction)
+    (h,), row_mask = _log_probs(
+        x,
+        local_w,
+        None,
+        True,
+        axis_name=axis_name,
+        temperature=temperature,
+        bias=bias,
+        where=where,
+        logit_soft_cap=logit_soft_cap,
+        num_classes=num_classes,
+        chunk_size=chunk_size,
+    )
+    weight = row_mask
+    weights = driver.token_weights(token_weights, h.shape, h.dtype)
+    if weights is not None:
+        weights = weights.reshape(h.shape)
+        h = h * weights
+        weight = weights if row_mask is None else jnp.where(row_mask, weights, 0)
+    return reduce_across(h, reduction, weight, batch_axis_name)
 
 
 def linear_distillation_loss(
