@@ -14,6 +14,7 @@ criterion: equal to float32 round-off) and from the float64 NumPy reference
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -723,11 +724,12 @@ def linear_options_shard_map_case(mesh_shape, num_classes, w_layout, reduction, 
     }
 
 
-def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer):
+def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer, mesh_context):
     """Issue 14 in jxent.linear_softmax_cross_entropy on arrays typed with Explicit axes,
     float64: token_weights, return_lse, a normalizer (with "mean"), the weight as a
     [V, D] table split over "model" (padded, NaN / inf rows: jxent.parallel under the
-    hood) or whole (each device's tokens against the whole table)."""
+    hood) or whole (each device's tokens against the whole table); under jax.set_mesh or
+    with no mesh set (the arrays' types name it)."""
     mesh = make_mesh(mesh_shape, "explicit")
     num_classes = 61 if w_split else 64
     vp = padded_size(num_classes, mesh_shape[1]) if w_split else num_classes
@@ -761,7 +763,7 @@ def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer
         put(mesh, tw, "data"),
     )
     obj1 = _issue14_objective(functools.partial(loss, num_classes=num_classes), reduction, lse_cot)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if mesh_context else contextlib.nullcontext():
         v1, g1 = jax.jit(jax.value_and_grad(obj1, argnums=(0, 1, 2)))(*args)
         lse1 = jax.jit(functools.partial(loss, num_classes=num_classes))(*args)[1]
     obj0 = _issue14_objective(loss, reduction, lse_cot)
@@ -771,7 +773,7 @@ def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer
     return {
         "case": f"linear jit explicit {mesh_shape} w_layout=vd w{v_spec} token_weights "
         f"return_lse normalizer={normalizer} float64 V={num_classes} (padded to {vp}) "
-        f"{reduction}",
+        f"{reduction}{'' if mesh_context else ' (no mesh set)'}",
         "checks": checks,
     }
 
@@ -781,9 +783,9 @@ def group_linear_options():
     return [
         linear_options_shard_map_case((2, 4), 61, "vd", "mean", False),
         linear_options_shard_map_case((4, 2), 61, "dv", "mean", True),
-        linear_options_explicit_case((2, 4), True, "mean", True),
-        linear_options_explicit_case((2, 4), True, "none", False),
-        linear_options_explicit_case((4, 2), False, "mean", False),
+        linear_options_explicit_case((2, 4), True, "mean", True, mesh_context=False),
+        linear_options_explicit_case((2, 4), True, "none", False, mesh_context=True),
+        linear_options_explicit_case((4, 2), False, "mean", False, mesh_context=True),
     ]
 
 

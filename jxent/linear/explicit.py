@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jxent import parallel
@@ -75,7 +76,7 @@ def linear_from_explicit_sharding(
         if options.get(name) is not None:
             specs[name] = spec
     arrays = {"x": x, "w": w, "labels": labels, **{k: options[k] for k in specs if k in options}}
-    arrays = {k: jax.sharding.reshard(a, specs[k]) for k, a in arrays.items()}
+    arrays = {k: jax.sharding.reshard(a, NamedSharding(mesh, specs[k])) for k, a in arrays.items()}
     static = {k: val for k, val in options.items() if k not in arrays}
 
     def local(arrays):
