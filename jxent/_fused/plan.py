@@ -128,11 +128,13 @@ def plan_blocks(
     acc_bytes: int = 4,
     platform: str = "cpu",
     scatters: bool = False,
+    float32: bool = False,
 ) -> tuple[int, int, bool]:
     """``(token_block, vocab_block, single_pass)`` for a call on ``platform`` (all static).
 
     The rule for ``chunk_size=None``, with ``P`` the panel size (``_backend.PANEL_BYTES``:
-    32 MiB on CPU and GPU, 128 MiB on TPU; sizes counted in float32):
+    32 MiB on CPU and GPU, 128 MiB on TPU, 11 MiB on CPU for float32 inputs
+    (``_backend.FLOAT32_PANEL_BYTES``); sizes counted in float32):
 
     * Single pass, when the loss is summed or averaged and the ``[D, V]`` weight-
       gradient accumulator takes at most 256 MiB: token blocks of about ``2 D``
@@ -166,7 +168,7 @@ def plan_blocks(
         return symbolic_token_block(cap) if n is None else _block_length(n, cap, 8)
 
     summed = reduction != "none"
-    panel = _backend.panel_bytes(platform, scatters) // acc_bytes  # elements
+    panel = _backend.panel_bytes(platform, scatters, float32) // acc_bytes  # elements
     if chunk_size is not None:
         if isinstance(chunk_size, (tuple, list)):
             if len(chunk_size) != 2:
@@ -226,7 +228,15 @@ def plans(
     num_tokens = _static_count(num_tokens)
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
-            num_tokens, hidden, columns, reduction, chunk_size, acc_bytes, platform, scatters
+            num_tokens,
+            hidden,
+            columns,
+            reduction,
+            chunk_size,
+            acc_bytes,
+            platform,
+            scatters,
+            float32,
         )
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:

@@ -134,8 +134,8 @@ def linear_softmax_cross_entropy(
       token blocks of about ``2 D`` tokens on CPU (fewer on GPU and TPU, whose
       logits block is capped at 128 and 64 MiB); otherwise vocabulary streaming with
       panels (logits block, ``dx`` rows, ``dw`` columns) of at most 32 MiB each on
-      CPU and GPU, 128 MiB on TPU. See :func:`jxent._fused.plan.plan_blocks` for the
-      exact rule.
+      CPU and GPU (11 MiB on CPU for float32 inputs), 128 MiB on TPU. See
+      :func:`jxent._fused.plan.plan_blocks` for the exact rule.
 
       Padding columns (``num_classes`` below ``w.shape[1]``): their logits are
       selected to a large negative number block by block, and ``dx``'s product reads
