@@ -75,6 +75,7 @@ def _main() -> None:
         want, want_grads = jax.value_and_grad(one_fn, argnums=(0, 1, 2))(*one_args)
         errors[name] = float(abs(got - want))
         gx, gw, gb = (np.asarray(g) for g in grads)
+        gw = gw.T if gw.shape == (PADDED, D) else gw  # w given as [V, D] (w_layout="vd")
         errors[name + " dx"] = float(np.max(np.abs(gx - want_grads[0])))
         pad_grads = max(np.max(np.abs(gw[:, V:])), np.max(np.abs(gb[V:])))
         errors[name + " dw, dbias"] = float(
@@ -173,12 +174,13 @@ def _main() -> None:
         specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
         compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
 
-    # The entropy alone, weighted, averaged over the whole batch.
+    # The entropy alone, weighted, averaged over the whole batch; w as [V, D] rows.
     def ent_sharded(x, w, b, m, tw):
         return jxent.parallel.linear_entropy(
             x,
             w,
             axis_name="model",
+            w_layout="vd",
             temperature=1.3,
             bias=b,
             where=m,
@@ -194,9 +196,12 @@ def _main() -> None:
             x, w, temperature=1.3, bias=b, where=where, token_weights=weights, reduction="mean"
         )
 
-    args = (put(x, "data"), put(w_pad, *col), put(b_pad, "model"), put(where, "data"),
+    rows_spec = P("model", None)
+    args = (put(x, "data"), put(w_pad.T, *rows_spec), put(b_pad, "model"), put(where, "data"),
             put(weights, "data"))  # fmt: skip
-    compare("entropy", ent_sharded, (tok, col, P("model"), tok, tok), args, ent_one, (x, w, b))
+
+    compare("entropy (vd)", ent_sharded, (tok, rows_spec, P("model"), tok, tok), args, ent_one,
+            (x, w, b))  # fmt: skip
 
     # The Jensen-Shannon divergence from the teacher's top-k.
     def jsd_sharded(x, w, b, i, lp, m, tw):
@@ -253,6 +258,7 @@ def _main() -> None:
             chunk_size=(4, 8),
             logit_soft_cap=5.0,
             batch_axis_name="data",
+            w_layout="vd",
         )
 
     def hidden_one(x, w, b):
@@ -268,18 +274,19 @@ def _main() -> None:
             logit_soft_cap=5.0,
         )
 
+    # Both weights as [V, D] tables (w_layout="vd"), their rows split.
     args = (
         put(x, "data"),
-        put(w_pad, *col),
+        put(w_pad.T, *rows_spec),
         put(b_pad, "model"),
         put(labels, "data"),
         put(x_t, "data"),
-        put(w_t_pad, *col),
+        put(w_t_pad.T, *rows_spec),
         put(b_t_pad, "model"),
         put(where, "data"),
     )
-    specs = (tok, col, P("model"), tok, tok, col, P("model"), tok)
-    compare("distillation, hidden teacher", hidden_sharded, specs, args, hidden_one, (x, w, b))
+    specs = (tok, rows_spec, P("model"), tok, tok, rows_spec, P("model"), tok)
+    compare("distillation, hidden teacher (vd)", hidden_sharded, specs, args, hidden_one, (x, w, b))
     # Entropy alone is the contract's own test (tests/test_fused_contract.py); here the
     # three losses' values also match the unfused float64 composition.
     z = x @ w + b

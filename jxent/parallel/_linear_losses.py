@@ -34,7 +34,7 @@ from jxent.parallel._split import (
 _TOKENS = 'P("data") as x\'s tokens'
 
 
-def _inputs(x, local_w, labels, bias, where, axis_name, num_classes):
+def _inputs(x, local_w, labels, bias, where, axis_name, num_classes, w_layout):
     """Checked arrays, the split, and the token mask (flattened later)."""
     x, w, labels, bias, _, row_mask = v.linear_inputs(
         x,
@@ -46,9 +46,10 @@ def _inputs(x, local_w, labels, bias, where, axis_name, num_classes):
         w_name="local_w",
         w_shape="(D, V_local) = ({D}, columns on this shard)",
         per_column="this shard's slice of the columns",
+        w_layout=w_layout,
     )
     v.check_dtypes(x, w, bias)
-    split = vocab_layout(axis_name, w.shape[1], num_classes)
+    split = vocab_layout(axis_name, w.shape[1 if w_layout == "dv" else 0], num_classes)
     check_split("local_w", w, split)
     check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
     check_unsplit("labels", labels, split, _TOKENS)
@@ -67,7 +68,10 @@ def _labels(split: Layout, labels, n):
     return here, (flat >= 0) & (flat < split.num_classes)
 
 
-def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature, teacher=None):
+def _run(
+    loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature, w_layout,
+    teacher=None,
+):  # fmt: skip
     """Per-token output(s) ``[N]`` of ``loss`` over the whole (split) vocabulary."""
     n, d = math.prod(x.shape[:-1]), x.shape[-1]
     cdt = engine.compute_dtype(x, w, bias)
@@ -76,7 +80,7 @@ def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, tempera
     plans, _ = plan.plans(
         n,
         d,
-        w.shape[1],
+        w.shape[1 if w_layout == "dv" else 0],
         "none",
         chunk_size,
         jnp.dtype(acc).itemsize,
@@ -91,6 +95,7 @@ def _run(loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, tempera
         split.num_classes,
         split.axis_name,
         temperature=None if temperature == 1 else temperature,
+        w_layout=w_layout,
     )
     real = real_columns(split)
     return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real, teacher)
@@ -120,12 +125,13 @@ def _from_teacher(
     num_classes,
     batch_axis_name,
     chunk_size,
+    w_layout,
 ):
     """A loss against a teacher (its top-k, or its hidden states and split weight):
     ``make_loss(k, temperature)`` (``k`` None for hidden states) on every shard."""
     v.check_reduction(reduction)
     x, w, labels, bias, row_mask, split = _inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes
+        x, local_w, labels, bias, where, axis_name, num_classes, w_layout
     )
     temperature, soft_cap = _static(temperature, logit_soft_cap)
     batch_shape = x.shape[:-1]
@@ -137,7 +143,7 @@ def _from_teacher(
     rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
     stream = None
     if v.is_hidden_teacher(teacher):
-        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, "dv", acc)
+        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, w_layout, acc)
         check_unsplit("teacher[0] (x_t)", x_t, split, _TOKENS)
         check_split("teacher[1] (local_w_t)", w_t, split)
         if b_t is not None:
@@ -168,6 +174,7 @@ def _from_teacher(
         chunk_size=chunk_size,
         soft_cap=soft_cap,
         temperature=temperature,
+        w_layout=w_layout,
         teacher=stream,
     ).reshape(batch_shape)
     weight = row_mask
@@ -190,6 +197,7 @@ def linear_log_probs(
     logit_soft_cap: float | None = None,
     num_classes: int | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r""":func:`jxent.linear_log_probs` with the output weight split over ``axis_name``.
 
@@ -212,6 +220,9 @@ def linear_log_probs(
       logit_soft_cap: :math:`c > 0`, or ``None``.
       num_classes: the true vocabulary size when the last shard is padded.
       chunk_size: blocks on each shard, as :func:`jxent.linear_softmax_cross_entropy`.
+      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
+        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
+        a tied embedding table, read in place.
 
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
@@ -254,18 +265,19 @@ def linear_log_probs(
         logit_soft_cap=logit_soft_cap,
         num_classes=num_classes,
         chunk_size=chunk_size,
+        w_layout=w_layout,
     )
     return outputs if return_entropy else outputs[0]
 
 
 def _log_probs(
     x, local_w, labels, entropy, *, axis_name, temperature, bias, where, logit_soft_cap,
-    num_classes, chunk_size,
+    num_classes, chunk_size, w_layout,
 ):  # fmt: skip
     """:class:`LogProbs`'s outputs (``log p_y`` with ``labels``, then ``H`` with
     ``entropy``), shaped as the tokens, and the token mask."""
     x, w, labels, bias, row_mask, split = _inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes
+        x, local_w, labels, bias, where, axis_name, num_classes, w_layout
     )
     temperature, soft_cap = _static(temperature, logit_soft_cap)
     batch_shape = x.shape[:-1]
@@ -282,6 +294,7 @@ def _log_probs(
         chunk_size=chunk_size,
         soft_cap=soft_cap,
         temperature=temperature,
+        w_layout=w_layout,
     )
     return tuple(o.reshape(batch_shape) for o in outputs), row_mask
 
@@ -300,6 +313,7 @@ def linear_entropy(
     num_classes: int | None = None,
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r""":func:`jxent.linear_entropy` with the output weight split over ``axis_name``,
     inside ``jax.shard_map`` (the layout of
@@ -320,6 +334,9 @@ def linear_entropy(
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
+      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
+        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
+        a tied embedding table, read in place.
 
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
@@ -361,6 +378,7 @@ def linear_entropy(
         logit_soft_cap=logit_soft_cap,
         num_classes=num_classes,
         chunk_size=chunk_size,
+        w_layout=w_layout,
     )
     weight = row_mask
     weights = driver.token_weights(token_weights, h.shape, h.dtype)
@@ -388,6 +406,7 @@ def linear_distillation_loss(
     num_classes: int | None = None,
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r""":func:`jxent.linear_distillation_loss` (``alpha > 0``, with ``labels``) or
     :func:`jxent.linear_softmax_kl_divergence` (``labels=None``, ``alpha=0``) with the
@@ -421,6 +440,9 @@ def linear_distillation_loss(
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
+      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
+        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
+        a tied embedding table, read in place.
 
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
@@ -471,6 +493,7 @@ def linear_distillation_loss(
         num_classes=num_classes,
         batch_axis_name=batch_axis_name,
         chunk_size=chunk_size,
+        w_layout=w_layout,
     )
 
 
@@ -490,6 +513,7 @@ def linear_softmax_jensen_shannon_divergence(
     num_classes: int | None = None,
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
+    w_layout: str = "dv",
 ) -> jax.Array:
     r""":func:`jxent.linear_softmax_jensen_shannon_divergence` with the output weight split
     over ``axis_name``, inside ``jax.shard_map``.
@@ -516,6 +540,9 @@ def linear_softmax_jensen_shannon_divergence(
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
+      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
+        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
+        a tied embedding table, read in place.
 
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
@@ -566,4 +593,5 @@ def linear_softmax_jensen_shannon_divergence(
         num_classes=num_classes,
         batch_axis_name=batch_axis_name,
         chunk_size=chunk_size,
+        w_layout=w_layout,
     )
