@@ -12,7 +12,8 @@ loss's rows: loss 0, gradient 0), and slices the per-token results back
 (:func:`pad_tokens`, :func:`unpad_tokens`, for any caller of the engine). A static
 number of tokens is never padded.
 
-Internal API: :func:`run`, :func:`reduce`, :func:`token_weights`, :func:`pad_tokens`,
+Internal API: :func:`run`, :func:`reduce`, :func:`token_weights`,
+:func:`weighted_denominator`, :func:`pad_tokens`,
 :func:`unpad_tokens`.
 """
 
@@ -155,3 +156,17 @@ def token_weights(weights, batch_shape, acc, *, name: str = "token_weights"):
     v.check_floating(name, weights)
     v.check_shape(name, weights, batch_shape, "x.shape[:-1]: one weight per token")
     return jax.lax.stop_gradient(weights.astype(acc).reshape(-1))
+
+
+def weighted_denominator(weight, weights, batch_shape):
+    """The ``"mean"``'s per-token denominator terms with token ``weights`` (``[N]`` or
+    None): ``weight`` (a token mask, the labels' class weights, or None for every token
+    once) times the token weights; a dropped token's weight is selected away."""
+    if weights is None:
+        return weight
+    tw = weights.reshape(batch_shape)
+    if weight is None:
+        return tw
+    if weight.dtype == jnp.bool_:
+        return jnp.where(weight, tw, jnp.zeros((), tw.dtype))
+    return weight.astype(tw.dtype) * tw

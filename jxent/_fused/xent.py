@@ -187,8 +187,6 @@ def linear_cross_entropy(
         result, lse = result
     take = lambda table, y: take_classes(table, jnp.clip(y, 0, num_classes - 1))  # noqa: E731
     weight = mean_weight(row_mask, class_weights, labels, reduction, acc, take)
-    if token_weights is not None and reduction == "mean":
-        tw = token_weights.reshape(batch_shape)
-        weight = tw if weight is None else weight.astype(acc) * tw
+    weight = driver.weighted_denominator(weight, token_weights, batch_shape)
     loss = driver.reduce(result, summed, batch_shape, reduction, weight, normalizer)
     return loss if lse is None else (loss, lse.reshape(batch_shape))

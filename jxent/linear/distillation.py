@@ -83,10 +83,7 @@ def _distill(
         w_layout=w_layout,
         teacher=stream,
     )
-    weight = row_mask
-    if weights is not None and reduction == "mean":
-        tw = weights.reshape(batch_shape)
-        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
+    weight = driver.weighted_denominator(row_mask, weights, batch_shape)
     return driver.reduce(
         result,
         summed,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 
 from jxent import _validation as v
 from jxent._fused import driver
@@ -236,12 +235,10 @@ def linear_entropy(
         with_entropy=True,
         w_layout=w_layout,
     )
-    weight = row_mask
     weights = driver.token_weights(token_weights, h.shape, h.dtype)
     if weights is not None:
         # Each token's entropy is its own output: weighting it scales its gradient too.
-        weights = weights.reshape(h.shape)
-        h = h * weights
-        weight = weights if row_mask is None else jnp.where(row_mask, weights, 0)
+        h = h * weights.reshape(h.shape)
+    weight = driver.weighted_denominator(row_mask, weights, h.shape)
     normalizer = v.checked_normalizer(normalizer, reduction, h.dtype)
     return driver.reduce(h, False, h.shape, reduction, weight, normalizer)

@@ -232,8 +232,6 @@ def linear_softmax_cross_entropy(
     loss, lse = result if return_lse else (result, None)
     loss = loss.reshape(batch_shape)
     weight = mean_weight(split, labels, row_mask, class_weights, reduction, loss.dtype)
-    if weights is not None and reduction == "mean":
-        tw = weights.reshape(batch_shape)
-        weight = tw if weight is None else weight.astype(acc) * tw
+    weight = driver.weighted_denominator(weight, weights, batch_shape)
     loss = reduce_across(loss, reduction, weight, batch_axis_name, normalizer)
     return loss if lse is None else (loss, lse.reshape(batch_shape))

@@ -177,10 +177,7 @@ def _from_teacher(
         w_layout=w_layout,
         teacher=stream,
     ).reshape(batch_shape)
-    weight = row_mask
-    if weights is not None and reduction == "mean":
-        tw = weights.reshape(batch_shape)
-        weight = tw if row_mask is None else jnp.where(row_mask, tw, jnp.zeros((), acc))
+    weight = driver.weighted_denominator(row_mask, weights, batch_shape)
     return reduce_across(loss, reduction, weight, batch_axis_name)
 
 
@@ -380,12 +377,10 @@ def linear_entropy(
         chunk_size=chunk_size,
         w_layout=w_layout,
     )
-    weight = row_mask
     weights = driver.token_weights(token_weights, h.shape, h.dtype)
     if weights is not None:
-        weights = weights.reshape(h.shape)
-        h = h * weights
-        weight = weights if row_mask is None else jnp.where(row_mask, weights, 0)
+        h = h * weights.reshape(h.shape)
+    weight = driver.weighted_denominator(row_mask, weights, h.shape)
     return reduce_across(h, reduction, weight, batch_axis_name)
 
 
