@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jxent.examples import train
+from jxent.examples.flags import EXIT_INTERRUPTED, EXIT_NONFINITE, FLAGS, TASKS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIGITS = ["--hidden", "32", "--eval-every", "10", "--checkpoint-every", "10"]
@@ -204,7 +205,7 @@ def test_resume_after_interrupt_and_kill_equals_uninterrupted(tmp_path):
     _wait_for(lambda: _steps(broken), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    assert proc.returncode == EXIT_INTERRUPTED, err
     assert "--resume" in err and "Traceback" not in err
     interrupted_at = _steps(broken)[-1]
     assert 0 < interrupted_at < steps
@@ -331,7 +332,7 @@ def test_non_finite_loss_stops_with_step_and_batch(tmp_path, capsys):
          "--no-progress", "--out-dir", str(tmp_path)]
     )  # fmt: skip
     err = capsys.readouterr().err
-    assert code == train.EXIT_NONFINITE
+    assert code == EXIT_NONFINITE
     # A step of lr 1e30 makes the weights huge, the next one non-finite.
     assert "at step 2, batch 2 of 11 in epoch 1 (training examples [" in err, err
     assert "the parameters became non-finite" in err or "the training loss is nan" in err, err
@@ -401,9 +402,9 @@ def test_command_line_errors_and_help_as_a_subprocess(tmp_path):
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     helped = run_trainer(["--help"], timeout=60)
     assert helped.returncode == 0
-    train.build_parser()
-    for name in train.FLAGS:
+    build_parser()
+    for name in FLAGS:
         assert "--" + name.replace("_", "-") in helped.stdout
-    for task in train.TASKS:
+    for task in TASKS:
         assert task in helped.stdout
     assert "exit codes" in helped.stdout

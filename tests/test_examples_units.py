@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from jxent.examples import data, metrics, models, tasks, training
-from jxent.examples.train import parse_args
+from jxent.examples.settings import parse_args, run_config
 
 
 def _numpy_ece(confidence, correct, num_bins, where=None):
@@ -369,7 +369,6 @@ def _save_run(out, argv, edit=None):
     """An lm (or digits) run's checkpoint at step 1 holding its initial state, without
     training (``edit`` may change the state first)."""
     from jxent.examples.checkpointing import Checkpoints
-    from jxent.examples.train import run_config
 
     cfg = parse_args([*argv, "--out-dir", str(out)])
     task = tasks.make_task(cfg, num_devices=1)

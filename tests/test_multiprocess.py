@@ -308,7 +308,8 @@ def test_trainer_on_two_processes(tmp_path):
 
 def test_bad_process_flags_exit_2():
     """Flag errors are found before any process starts (in this process: no JAX work)."""
-    from jxent.examples import train
+    from jxent.examples.flags import UsageError
+    from jxent.examples.settings import parse_args
 
     for argv, message in [
         (["--spawn", "2", "--process-id", "0"], "--spawn starts the processes itself"),
@@ -317,8 +318,8 @@ def test_bad_process_flags_exit_2():
         (["--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"], "less than"),
         (["--coordinator", "nowhere"], "invalid HOST:PORT value"),
     ]:
-        with pytest.raises(train.UsageError, match=message):
-            train.parse_args(argv)
+        with pytest.raises(UsageError, match=message):
+            parse_args(argv)
 
 
 def test_missing_coordinator_exits_3_in_bounded_time(tmp_path):

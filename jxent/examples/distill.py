@@ -24,8 +24,11 @@ import json
 import shutil
 from pathlib import Path
 
-from jxent.examples import train
-from jxent.examples.train import PROG, UsageError
+from jax.experimental import multihost_utils
+
+from jxent.examples import runner
+from jxent.examples.flags import PROG, UsageError
+from jxent.examples.settings import apply_saved_config, parse_args, run_config
 
 CONFIG = "distill.json"
 
@@ -89,9 +92,9 @@ def _finished(out: Path) -> dict | None:
 def _prepare(args: argparse.Namespace, runtime) -> Path:
     """Checks the output directory and the flags against a saved run; on ``--overwrite``
     deletes an earlier run; saves the run's settings."""
-    out = train.usable_dir(args.out_dir)
+    out = runner.usable_dir(args.out_dir)
     if args.teacher_checkpoint is not None:
-        from jxent.examples.tasks import teacher_checkpoints
+        from jxent.examples.tasks import teacher_checkpoints  # loads Flax: see runner.run
 
         try:
             teacher_checkpoints(Path(args.teacher_checkpoint))
@@ -99,7 +102,7 @@ def _prepare(args: argparse.Namespace, runtime) -> Path:
             raise UsageError(f"--teacher-checkpoint: {e}") from None
     saved = out / CONFIG
     phases = [out / "teacher", out / "baseline", out]
-    has_run = saved.exists() or any(train.has_checkpoint(p / "checkpoints") for p in phases)
+    has_run = saved.exists() or any(runner.has_checkpoint(p / "checkpoints") for p in phases)
     if args.overwrite:
         teacher = args.teacher_checkpoint
         if teacher is not None and out.resolve() in Path(teacher).resolve().parents:
@@ -109,23 +112,21 @@ def _prepare(args: argparse.Namespace, runtime) -> Path:
         if runtime.is_main:
             for path in phases[:2] + [out / "checkpoints"]:
                 shutil.rmtree(path, ignore_errors=True)
-            for name in (*train.OUTPUT_FILES, CONFIG):
+            for name in (*runner.OUTPUT_FILES, CONFIG):
                 (out / name).unlink(missing_ok=True)
     elif args.resume:
         if not saved.exists():
             raise UsageError(f"--resume: no distill run in {out} (no {CONFIG})")
-        train.apply_saved_config(args, json.loads(saved.read_text()))
+        apply_saved_config(args, json.loads(saved.read_text()))
     elif has_run:
         raise UsageError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
             f"afresh, or another --out-dir"
         )
     if runtime.multiprocess:  # the main process has cleared an earlier run
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("jxent.examples.distill: output directory ready")
     if runtime.is_main and not args.resume:
-        saved.write_text(json.dumps(train.run_config(args), indent=2) + "\n")
+        saved.write_text(json.dumps(run_config(args), indent=2) + "\n")
     return out
 
 
@@ -145,9 +146,9 @@ def _phase(name: str, argv: list[str], out: Path, runtime, resume_command: str) 
         )
         return 0
     _banner(runtime, f"{name}: {PROG} {' '.join(argv)} --out-dir {out}")
-    resume = ["--resume"] if train.has_checkpoint(out / "checkpoints") else []
-    args = train.parse_args([*argv, "--out-dir", str(out), *resume])
-    return train.run(args, runtime, resume_command=resume_command)
+    resume = ["--resume"] if runner.has_checkpoint(out / "checkpoints") else []
+    args = parse_args([*argv, "--out-dir", str(out), *resume])
+    return runner.run(args, runtime, resume_command=resume_command)
 
 
 def run(args: argparse.Namespace, runtime) -> int:
@@ -175,5 +176,5 @@ def run(args: argparse.Namespace, runtime) -> int:
         runtime,
         f"student: distilled from the teacher in {args.teacher_checkpoint or out / 'teacher'}",
     )
-    args.resume, args.overwrite = train.has_checkpoint(out / "checkpoints"), False
-    return train.run(args, runtime, resume_command=resume_command)
+    args.resume, args.overwrite = runner.has_checkpoint(out / "checkpoints"), False
+    return runner.run(args, runtime, resume_command=resume_command)

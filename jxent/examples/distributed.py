@@ -186,7 +186,7 @@ def free_port() -> int:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux)
     with contextlib.suppress(Exception):
-        import ctypes
+        import ctypes  # in the suppress: a Python without ctypes spawns all the same
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: SIGKILL when the launcher dies

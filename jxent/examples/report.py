@@ -184,6 +184,7 @@ def plot_curves(history, path: Path, *, title: str, references: dict | None = No
     ``references`` adds other models' lines to a metric's panel: ``{metric: [(label,
     steps, values)]}``, ``steps`` None for a constant (a horizontal line)."""
     references = references or {}
+    # Here: pyplot must load after the file-only backend is chosen, and only to plot.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,7 +1,7 @@
 """The example tasks: what each trains, with which jxent loss, and how it is scored.
 
 A task owns its data, builds its model, and supplies pure functions of
-``(model, batch)`` that the trainer (:mod:`jxent.examples.train`) compiles: the
+``(model, batch)`` that the trainer (:mod:`jxent.examples.trainer`) compiles: the
 training loss and a per-example evaluation. Batches are dicts of host NumPy
 arrays whose leading axis is the batch axis (the trainer shards it over devices). In a
 multi-process run each process asks only for its own rows of a batch (``rows``, a

@@ -1,6 +1,6 @@
 """The training loop: data parallel steps, evaluation, checkpoints, progress and reports.
 
-:class:`Trainer` is driven by the command line in :mod:`jxent.examples.train`. The
+:class:`Trainer` is built and driven by :func:`jxent.examples.runner.run`. The
 devices of every process form a 2-D ``("data", "model")`` mesh (:func:`make_mesh`); the
 parameters and optimizer state are replicated over it, every batch is split over all
 its devices (data parallel: XLA inserts the gradient all-reduce), and the lm task's
@@ -165,7 +165,7 @@ class Trainer:
     only process 0 shows progress and writes the reports.
 
     Args:
-      args: the resolved flags (see :mod:`jxent.examples.train`).
+      args: the resolved flags (:func:`jxent.examples.settings.parse_args`).
       config: the run's settings, saved with every checkpoint.
       out: the output directory (already checked).
       checkpoints: the run's checkpoints; with ``resume_step`` the state is restored
