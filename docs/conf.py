@@ -26,6 +26,7 @@ include_patterns = [
     "docs/*.md",
     "docs/*.rst",
     "README.md",
+    "CHANGELOG.md",
     "DESIGN.md",
     "benchmarks/README.md",
     "notebooks/*.ipynb",

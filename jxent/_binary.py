@@ -37,7 +37,6 @@ from jxent import _validation as v
 from jxent._rules import custom_jvp_loss
 from jxent._sigmoid import (
     broadcast_inputs,
-    broadcast_shape,
     check_labels,
     check_where,
     consts,
@@ -180,8 +179,10 @@ def sigmoid_binary_cross_entropy(
       logits: real-valued logits, any shape; each element is one binary
         prediction (the log-odds of its label being 1).
       labels: targets in ``[0, 1]`` (float, int or bool), of the logits' shape or
-        broadcasting against it (NumPy rules, as optax: a scalar, ``[batch, 1]``
-        for one label per row, ...). Values outside ``[0, 1]`` are not checked.
+        broadcasting to it (NumPy rules, as optax: a scalar, ``[batch, 1]`` for
+        one label per row, ...), never enlarging it: logits ``[N, 1]`` with labels
+        ``[N]`` raise (optax returns an ``[N, N]`` loss). Values outside ``[0, 1]``
+        are not checked.
       pos_weight: weight :math:`w_+ \ge 0` of the positive term: a scalar, or one
         weight per class of shape ``[num_classes]``, the last axis of the loss
         (it broadcasts over the leading axes only).
@@ -189,16 +190,16 @@ def sigmoid_binary_cross_entropy(
       where: a boolean mask of the loss' shape (or that many dimensions, some
         of size 1): excluded elements give loss 0 and gradient 0, even if their
         logits are NaN.
-      reduction: ``"none"`` (element-wise, the broadcast shape of logits and
-        labels), ``"sum"``, or ``"mean"`` (over the included elements; 0 if none).
+      reduction: ``"none"`` (element-wise, the logits' shape), ``"sum"``, or
+        ``"mean"`` (over the included elements; 0 if none).
 
     Returns:
       The loss, float32 for float32 or narrower logits (the gradient has the
-      logits' dtype); element-wise it has the broadcast shape of logits and labels.
+      logits' dtype); element-wise it has the logits' shape.
 
     Raises:
       TypeError: integer logits, complex labels, a non-boolean ``where``.
-      ValueError: labels that do not broadcast against the logits, ``pos_weight``
+      ValueError: labels that do not broadcast to the logits' shape, ``pos_weight``
         of another shape than ``()`` or ``[num_classes]``, an option out of range.
 
     Example:
@@ -233,7 +234,7 @@ def sigmoid_binary_cross_entropy(
     t = check_labels(labels, x, "logits")
     a = v.static_number("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
     v.check_reduction(reduction)
-    shape = broadcast_shape(x, {"labels": t})
+    shape = v.broadcast_shape("logits", x, labels=t)
     mask = check_where(where, shape, "logits")
     acc = v.accumulation_dtype(x.dtype)
     pw = None

@@ -64,7 +64,7 @@ def dense_inputs(logits, labels, axis, *, one_hot_ints: bool):
                 "softmax_cross_entropy_with_integer_labels."
             )
         labels = labels.astype(logits.dtype)
-    shape = v.broadcast_shape("logits", logits, "labels", labels)
+    shape = v.broadcast_shape("logits", logits, labels=labels)
     axes = v.normalize_axes(axis, len(shape))
     v.check_classes("logits", shape, axes, axis)
     if jnp.float64 in (labels.dtype, logits.dtype):
@@ -118,12 +118,12 @@ def softmax_cross_entropy(
       logits: unnormalised log-probabilities, ``[..., num_classes]``. ``-inf``
         marks a class as impossible (it gets no smoothing mass and no gradient).
       labels: target distributions (any non-negative weights; one-hot, smoothed
-        or soft teacher targets) of a shape that broadcasts against ``logits``
-        (as in optax, e.g. ``[num_classes]`` for every row); the loss has the
-        batch of the broadcast shape. Integer or bool one-hot labels are cast to
-        the logits' dtype. A float64 ``labels`` makes the loss float64.
-      axis: the class axis, a tuple of class axes, or ``None`` for all axes
-        (axes of the broadcast shape).
+        or soft teacher targets) of a shape that broadcasts to the logits' shape
+        (as in optax, e.g. ``[num_classes]`` for every row), never enlarging it
+        (logits ``[1, K]`` with labels ``[N, K]`` raise; optax broadcasts).
+        Integer or bool one-hot labels are cast to the logits' dtype. A float64
+        ``labels`` makes the loss float64.
+      axis: the class axis, a tuple of class axes, or ``None`` for all axes.
       where: a boolean mask of the batch shape (drops whole rows) or of the
         logits' shape (drops classes from the softmax and the sum).
       label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number.
@@ -139,7 +139,7 @@ def softmax_cross_entropy(
       TypeError: integer logits, or integer labels that do not broadcast against
         the logits (class indices: use
         :func:`softmax_cross_entropy_with_integer_labels`).
-      ValueError: ``labels`` that do not broadcast against the logits, no class
+      ValueError: ``labels`` that do not broadcast to the logits' shape, no class
         along ``axis``, an out-of-range ``axis``, a ``where`` of neither shape,
         or an option out of range.
 
@@ -329,16 +329,17 @@ def smooth_labels(
     Args:
       labels: floating target distributions, e.g. ``jax.nn.one_hot(y, K)``.
       alpha: the smoothing factor in ``[0, 1]``: a scalar or an array that
-        broadcasts against ``labels`` (e.g. one per row, ``[batch, 1]``).
+        broadcasts to the labels' shape (e.g. one per row, ``[batch, 1]``).
       axis: the class axis or axes.
-      where: classes that count in :math:`K`, any shape that broadcasts against
-        ``labels`` (e.g. ``[K]`` for every row; optax's rule: the smoothed value
-        is returned for every class, counted or not).
+      where: classes that count in :math:`K`, any shape that broadcasts to the
+        labels' shape (e.g. ``[K]`` for every row; optax's rule: the smoothed
+        value is returned for every class, counted or not).
 
     Returns:
-      The smoothed targets, of the shape ``labels``, ``alpha`` and ``where``
-      broadcast to, and of the labels' dtype unless ``alpha`` is a wider float
-      array (a float64 ``alpha`` with float32 labels gives float64, as optax).
+      The smoothed targets, of the labels' shape (an ``alpha`` or ``where`` that
+      would enlarge it raises; optax broadcasts), and of the labels' dtype
+      unless ``alpha`` is a wider float array (a float64 ``alpha`` with float32
+      labels gives float64, as optax).
 
     Example:
       >>> import jax.numpy as jnp
@@ -359,15 +360,13 @@ def smooth_labels(
     if where is None:
         axes = v.normalize_axes(axis, labels.ndim)
         num_classes = math.prod(labels.shape[i] for i in axes)
-        shape = v.broadcast_shape("labels", labels, "alpha", alpha)
+        shape = v.broadcast_shape("labels", labels, alpha=alpha)
         labels, alpha = (jnp.broadcast_to(a.astype(dtype), shape) for a in (labels, alpha))
         return (1 - alpha) * labels + alpha / num_classes
     where = v.as_array("where", where)
-    shape = v.broadcast_shape("labels", labels, "where", where)
+    shape = v.broadcast_shape("labels", labels, where=where, alpha=alpha)
     axes = v.normalize_axes(axis, len(shape))
     num_classes = jnp.sum(jnp.broadcast_to(where, shape), axis=axes, keepdims=True).astype(dtype)
-    shape = v.broadcast_shape("labels", labels, "alpha", alpha)
-    shape = tuple(np.broadcast_shapes(shape, num_classes.shape))
     labels, alpha, num_classes = (
         jnp.broadcast_to(a.astype(dtype), shape) for a in (labels, alpha, num_classes)
     )

@@ -63,8 +63,8 @@ def _floating_pair(name_a: str, a, name_b: str, b, *, broadcast: bool = False):
     if not broadcast:
         v.check_shape(name_b, b, a.shape, f"the shape of {name_a}")
         return a, b
-    shape = v.broadcast_shape(name_a, a, name_b, b)
-    return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
+    shape = v.broadcast_shape(name_a, a, **{name_b: b})
+    return a, jnp.broadcast_to(b, shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,10 +210,9 @@ def kl_divergence(
       log_predictions: log-probabilities of the prediction, ``[..., num_classes]``
         (e.g. ``jax.nn.log_softmax(logits)``; for logits use
         :func:`softmax_kl_divergence`).
-      targets: target probabilities of a shape that broadcasts against
-        ``log_predictions`` (as in optax; the result has the broadcast shape's
-        batch); non-negative (not checked: a negative target gives a
-        meaningless value).
+      targets: target probabilities of a shape that broadcasts to the shape of
+        ``log_predictions`` (as in optax, but never enlarging it); non-negative
+        (not checked: a negative target gives a meaningless value).
       axis: the class axis, a tuple of class axes, or ``None`` for all axes.
       where: a boolean mask of the batch shape (drops rows) or of the inputs'
         shape (drops classes from the sum).
@@ -226,7 +225,7 @@ def kl_divergence(
 
     Raises:
       TypeError: integer inputs, or a non-boolean ``where``.
-      ValueError: ``targets`` that do not broadcast against ``log_predictions``,
+      ValueError: ``targets`` that do not broadcast to ``log_predictions``' shape,
         no class along ``axis``, an out-of-range ``axis``, a ``where`` of neither
         shape, an unknown ``reduction``.
 
@@ -272,7 +271,7 @@ def kl_divergence_with_log_targets(
     Args:
       log_predictions: log-probabilities of the prediction, ``[..., num_classes]``.
       log_targets: log-probabilities of the target, of a shape that broadcasts
-        against ``log_predictions`` (as in optax).
+        to the shape of ``log_predictions`` (as in optax, but never enlarging it).
       axis: the class axis, a tuple of class axes, or ``None`` for all axes.
       where: a boolean mask of the batch shape (drops rows) or of the inputs'
         shape (drops classes from the sum).
@@ -283,7 +282,8 @@ def kl_divergence_with_log_targets(
 
     Raises:
       TypeError: integer inputs, or a non-boolean ``where``.
-      ValueError: shapes that do not broadcast, no class along ``axis``, an
+      ValueError: ``log_targets`` that do not broadcast to ``log_predictions``'
+        shape, no class along ``axis``, an
         out-of-range ``axis``, a bad ``where`` or ``reduction``.
 
     Example:

@@ -16,7 +16,6 @@ from jxent import _validation as v
 from jxent._rules import custom_jvp_loss
 from jxent._sigmoid import (
     broadcast_inputs,
-    broadcast_shape,
     check_labels,
     check_where,
     consts,
@@ -202,32 +201,32 @@ def sigmoid_focal_loss(
 
     Drop-in for :func:`optax.losses.sigmoid_focal_loss` (``alpha`` and ``gamma``
     may also be passed by position here; labels, ``alpha`` and ``gamma`` broadcast
-    against the logits, traced or not, as in optax).
+    to the logits' shape, traced or not, as in optax, but never enlarge it).
 
     Args:
       logits: real-valued logits, any shape (one binary prediction per element).
       labels: targets in ``[0, 1]`` (float, int or bool), of the logits' shape or
-        broadcasting against it (NumPy rules, as optax).
+        broadcasting to it (NumPy rules, as optax); one that would enlarge it
+        (logits ``[N, 1]``, labels ``[N]``) raises.
       alpha: weight of the positive class in ``[0, 1]`` (Lin et al. use 0.25), or
         ``None`` for no weighting: a Python number, or an array broadcasting
-        against the loss (e.g. one weight per class), which may be traced.
+        to the logits' shape (e.g. one weight per class), which may be traced.
       gamma: focusing exponent :math:`\gamma \ge 0` (0 gives the plain binary
-        cross-entropy): a Python number, or an array broadcasting against the
-        loss, which may be traced. A Python 0 skips the focusing terms entirely.
+        cross-entropy): a Python number, or an array broadcasting to the
+        logits' shape, which may be traced. A Python 0 skips the focusing terms entirely.
       where: a boolean mask of the loss' shape (or that many dimensions, some of
         size 1): excluded elements give loss 0 and gradient 0.
-      reduction: ``"none"`` (element-wise, the broadcast shape of logits, labels,
-        ``alpha`` and ``gamma``), ``"sum"`` or ``"mean"`` (over the included
-        elements). The paper normalises the sum by the number of positive
-        anchors: ``reduction="sum"`` divided by that count.
+      reduction: ``"none"`` (element-wise, the logits' shape), ``"sum"`` or
+        ``"mean"`` (over the included elements). The paper normalises the sum by
+        the number of positive anchors: ``reduction="sum"`` divided by that count.
 
     Returns:
       The loss, float32 for float32 or narrower logits.
 
     Raises:
       TypeError: integer logits, complex labels, a non-real ``alpha``/``gamma``.
-      ValueError: labels, ``alpha`` or ``gamma`` that do not broadcast against the
-        logits; ``alpha`` outside ``[0, 1]`` or ``gamma < 0`` (checked unless
+      ValueError: labels, ``alpha`` or ``gamma`` that do not broadcast to the
+        logits' shape; ``alpha`` outside ``[0, 1]`` or ``gamma < 0`` (checked unless
         traced), a bad ``where`` or ``reduction``.
 
     Example:
@@ -256,7 +255,7 @@ def sigmoid_focal_loss(
         alpha, alpha_arr = _focal_option("alpha", alpha, lo=0.0, hi=1.0)
     gamma, gamma_arr = _focal_option("gamma", gamma, lo=0.0, hi=float("inf"))
     v.check_reduction(reduction)
-    shape = broadcast_shape(x, {"labels": t, "alpha": alpha_arr, "gamma": gamma_arr})
+    shape = v.broadcast_shape("logits", x, labels=t, alpha=alpha_arr, gamma=gamma_arr)
     mask = check_where(where, shape, "logits")
     x, t = broadcast_inputs(x, t, shape, mask)
     cfg = _FocalConfig(alpha, gamma)

@@ -123,8 +123,8 @@ def poly_loss_cross_entropy(
     Args:
       logits: unnormalised log-probabilities, ``[..., num_classes]``.
       labels: floating target distributions (e.g. one-hot) of a shape that
-        broadcasts against ``logits`` (as in optax); a float64 ``labels`` makes
-        the loss float64.
+        broadcasts to the logits' shape (as in optax, but never enlarging it); a
+        float64 ``labels`` makes the loss float64.
       epsilon: the extra weight of the first polynomial term (the paper
         recommends 2.0 for ImageNet classification and -1.0 for detection); a
         scalar, may be traced.
@@ -140,7 +140,7 @@ def poly_loss_cross_entropy(
 
     Raises:
       TypeError: integer logits or labels, a non-real ``epsilon``.
-      ValueError: labels that do not broadcast against the logits, no class along
+      ValueError: labels that do not broadcast to the logits' shape, no class along
         ``axis``, a non-scalar ``epsilon``, a bad ``axis``, ``where`` or
         ``reduction``.
 

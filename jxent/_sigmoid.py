@@ -3,8 +3,8 @@ argument handling every element-wise loss shares.
 
 Internal API (``jxent._binary`` and ``jxent._focal`` build on these): :func:`sigmoid`,
 :func:`softplus_pair`, :func:`neg_log_sigmoids`, :class:`Consts`, :func:`consts`,
-:func:`finite_logits`, :func:`check_labels`, :func:`same_shape`, :func:`broadcast_shape`,
-:func:`check_where`, :func:`broadcast_inputs`, :func:`sanitise`, :func:`sanitise_small`,
+:func:`finite_logits`, :func:`check_labels`, :func:`same_shape`, :func:`check_where`,
+:func:`broadcast_inputs`, :func:`sanitise`, :func:`sanitise_small`,
 :func:`finish_elementwise`.
 
 Second and higher derivatives of the binary losses differentiate their tangent rules, so
@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jxent import _backend
 from jxent import _validation as v
@@ -54,24 +53,6 @@ def same_shape(labels: jax.Array, x: jax.Array, x_name: str) -> None:
             f"labels must have exactly the shape of {x_name} {x.shape} (one label per "
             f"prediction; no implicit broadcasting), got shape {labels.shape}."
         )
-
-
-def broadcast_shape(x: jax.Array, named: dict[str, jax.Array | None]) -> tuple[int, ...]:
-    """The NumPy broadcast of the logits' shape with those of ``named`` (None: absent)."""
-    shape = x.shape
-    for name, a in named.items():
-        if a is None:
-            continue
-        try:
-            shape = np.broadcast_shapes(shape, a.shape)
-        except ValueError:
-            raise ValueError(
-                f"{name} must broadcast against the logits (NumPy rules, as optax): got "
-                f"shape {a.shape} for logits of shape {x.shape}"
-                + (f" (broadcast so far: {shape})" if shape != x.shape else "")
-                + "."
-            ) from None
-    return tuple(shape)
 
 
 def check_where(where, shape: tuple[int, ...], x_name: str) -> jax.Array | None:

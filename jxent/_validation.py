@@ -8,6 +8,7 @@ never turns into a plausible wrong number.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import operator
 from collections.abc import Sequence
@@ -60,15 +61,42 @@ def check_classes(name: str, shape: Sequence[int], axes: Sequence[int], axis) ->
         )
 
 
-def broadcast_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> tuple[int, ...]:
-    """The shape ``a`` and ``b`` broadcast to (NumPy's rules, as optax's products use)."""
-    try:
-        return tuple(np.broadcast_shapes(a.shape, b.shape))
-    except ValueError:
-        raise ValueError(
-            f"{name_b} must have a shape broadcastable to the shape of {name_a} {a.shape}, "
-            f"got shape {b.shape}."
-        ) from None
+def broadcast_shape(name_a: str, a: jax.Array, **others: jax.Array | None) -> tuple[int, ...]:
+    """``a``'s shape, once every array of ``others`` (``None``: absent) is checked to
+    broadcast to it (NumPy's rules, as optax's products use) without enlarging it.
+
+    An argument that would make the loss larger than ``a`` (the logits, the predictions,
+    the labels being smoothed) is almost always a shape slip: logits ``[N, 1]`` with
+    labels ``[N]`` broadcast to ``[N, N]``, and their mean is a plausible wrong number
+    (optax and Keras return it; PyTorch raises). A user who means every pair broadcasts
+    ``a`` first.
+    """
+    want = tuple(a.shape)
+    for name, b in others.items():
+        if b is None:
+            continue
+        try:
+            shape = tuple(np.broadcast_shapes(want, b.shape))
+        except ValueError:
+            raise ValueError(
+                f"{name} must have a shape that broadcasts to the shape of {name_a} {want}, "
+                f"got shape {b.shape}."
+            ) from None
+        if shape != want:
+            hint = (
+                f" (a reshape, {name}.reshape({want}), if both hold one value per example)"
+                if math.prod(b.shape) == math.prod(want)
+                else ""
+            )
+            raise ValueError(
+                f"{name} of shape {b.shape} and {name_a} of shape {want} broadcast to {shape}, "
+                f"a loss larger than {name_a}: this is almost always a shape slip (logits "
+                f"[N, 1] with labels [N] give [N, N]), so jxent does not enlarge a loss by "
+                f"broadcasting. Give {name} a shape that broadcasts to {want}{hint}; to "
+                f"compare every pair on purpose, broadcast {name_a} first "
+                f"(jnp.broadcast_to({name_a}, {shape}))."
+            )
+    return want
 
 
 def normalize_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axis") -> tuple:

@@ -754,16 +754,24 @@ BROADCAST_CASES = {
     "labels-scalar": (_BX, 1.0, {}),
     "labels-int-scalar": (_BX, 0, {}),
     "labels-0d": (_BX, np.float32(1.0), {}),
-    "logits-rank": (_BX[0], _BT, {}),
-    "logits-rows": (_BX[:1], _BT, {}),
-    "logits-0d": (np.float32(0.3), _BT[0], {}),
-    "both": (_BX[:, :1], _BT[:1], {}),
 }
 FOCAL_ONLY = {
     "alpha-per-class": (_BX, _BT, {"alpha": np.linspace(0.1, 0.9, 5, dtype=np.float32)}),
     "gamma-per-row": (_BX, _BT, {"gamma": np.array([[0.0], [0.5], [1.0], [3.0]], np.float32)}),
     "gamma-0d-array": (_BX, _BT, {"gamma": jnp.float32(0.5)}),
-    "alpha-bigger": (_BX[0], _BT[0], {"alpha": np.full((2, 5), 0.25, np.float32)}),
+}
+# Broadcasts optax takes that would make the loss larger than the logits: jxent raises,
+# naming the argument and both shapes (README, "differs from optax on purpose").
+ENLARGING_CASES = {
+    "logits-rank": (_BX[0], _BT, {}, "labels"),
+    "logits-rows": (_BX[:1], _BT, {}, "labels"),
+    "logits-0d": (np.float32(0.3), _BT[0], {}, "labels"),
+    "both": (_BX[:, :1], _BT[:1], {}, "labels"),
+    "rows-vs-flat": (_BX[:, :1], _BT[:, 0], {}, "labels"),
+}
+FOCAL_ENLARGING = {
+    "alpha-bigger": (_BX[0], _BT[0], {"alpha": np.full((2, 5), 0.25, np.float32)}, "alpha"),
+    "gamma-bigger": (_BX[:, :1], _BT[:, :1], {"gamma": np.ones((4, 5), np.float32)}, "gamma"),
 }
 
 
@@ -799,6 +807,28 @@ def test_broadcasting_matches_optax(name, case, transform):
     tol = float_tolerance(jnp.float32, 4, cond=10.0)
     assert_close(ours, theirs, rtol=tol, atol=tol)
     assert_close(g_ours, g_theirs, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [("sigmoid_binary_cross_entropy", c) for c in ENLARGING_CASES.values()]
+    + [("sigmoid_focal_loss", c) for c in [*ENLARGING_CASES.values(), *FOCAL_ENLARGING.values()]],
+    ids=[f"sbce-{k}" for k in ENLARGING_CASES]
+    + [f"focal-{k}" for k in ENLARGING_CASES]
+    + [f"focal-{k}" for k in FOCAL_ENLARGING],
+)
+def test_enlarging_broadcast_raises(name, case):
+    """optax returns a loss larger than the logits here (logits [4, 1] with labels [4]:
+    a [4, 4] loss whose mean is a plausible wrong number); jxent names the argument,
+    both shapes and the shape the broadcast would give."""
+    x, t, kw, arg = case
+    with x64_off(), jax.numpy_rank_promotion("allow"), standard_promotion():
+        theirs = getattr(optax.losses, name)(x, t, **kw)
+    assert theirs.size > np.size(x)  # optax takes it and enlarges the loss
+    ours = {"sigmoid_binary_cross_entropy": SBCE, "sigmoid_focal_loss": FOCAL}[name]
+    other = kw[arg] if arg in kw else t
+    words = (arg, str(np.shape(x)), str(np.shape(other)), str(theirs.shape))
+    assert_raises_naming(ValueError, ours, (x, t), kw, words)
 
 
 def test_broadcast_labels_gradient_and_where():

@@ -1357,37 +1357,36 @@ _BT = np.random.default_rng(8).dirichlet(np.ones(4), size=3)
 
 
 @pytest.mark.parametrize("fn_name", ["softmax_cross_entropy", "poly_loss_cross_entropy"])
-@pytest.mark.parametrize(
-    "x_shape, t_shape", [((3, 4), (1, 4)), ((3, 4), (4,)), ((1, 4), (3, 4)), ((4,), (3, 4))]
-)
-def test_labels_broadcast(fn_name, x_shape, t_shape):
-    """Labels and logits broadcast against each other as in optax's product; the loss has
-    the broadcast shape's batch and each gradient the shape of its input."""
-    x = _BX[: x_shape[0]] if len(x_shape) == 2 else _BX[0]
-    t = _BT[: t_shape[0]] if len(t_shape) == 2 else _BT[0]
+@pytest.mark.parametrize("t_shape", [(1, 4), (4,)])
+def test_labels_broadcast(fn_name, t_shape):
+    """Labels broadcast to the logits' shape as in optax's product; the loss has the
+    logits' batch and each gradient the shape of its input (the labels' summed)."""
+    x = _BX
+    t = _BT[:1] if len(t_shape) == 2 else _BT[0]
     fn = getattr(jxent, fn_name)
-    xb, tb = np.broadcast_to(x, (3, 4)), np.broadcast_to(t, (3, 4))
+    tb = np.broadcast_to(t, x.shape)
     loss = fn(x, t)
     assert loss.shape == (3,)
-    assert_close(loss, fn(xb, tb))
+    assert_close(loss, fn(x, tb))
     if fn_name == "softmax_cross_entropy":
-        assert_close(loss, ref.softmax_cross_entropy(xb, tb).per_row)
+        assert_close(loss, ref.softmax_cross_entropy(x, tb).per_row)
     gx, gt = jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1))(x, t)
-    want = ref.softmax_cross_entropy(xb, tb)
     if fn_name == "softmax_cross_entropy":
+        want = ref.softmax_cross_entropy(x, tb)
         assert gx.shape == x.shape and gt.shape == t.shape
-        assert_close(
-            gx,
-            np.sum(want.grad_logits, axis=0).reshape(x.shape)
-            if x.shape != xb.shape
-            else want.grad_logits,
-        )
-        assert_close(
-            gt,
-            np.sum(want.grad_labels, axis=0).reshape(t.shape)
-            if t.shape != tb.shape
-            else want.grad_labels,
-        )
+        assert_close(gx, want.grad_logits)
+        assert_close(gt, np.sum(want.grad_labels, axis=0).reshape(t.shape))
+
+
+@pytest.mark.parametrize("fn_name", ["softmax_cross_entropy", "poly_loss_cross_entropy"])
+@pytest.mark.parametrize("x_shape", [(1, 4), (4,), (3, 1)])
+def test_labels_enlarging_the_logits_raise(fn_name, x_shape):
+    """Labels that would broadcast the logits to a larger shape (one row of logits against
+    three rows of labels; logits [3, 1]) raise, naming both shapes and the result's:
+    optax returns a [3]-row loss from [1] row of predictions, almost always a slip."""
+    x = _BX[:1] if x_shape == (1, 4) else (_BX[0] if x_shape == (4,) else _BX[:, :1])
+    words = ("labels", str(x.shape), "(3, 4)", "broadcast")
+    assert_raises_naming(ValueError, getattr(jxent, fn_name), (x, _BT), {}, words)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8, bool])

@@ -556,8 +556,9 @@ def test_kl_long_rows_match_reference():
 @pytest.mark.parametrize("log_targets", [False, True])
 @pytest.mark.parametrize("lp_rows, t_rows", [(3, 1), (1, 3), (3, None), (None, 3)])
 def test_kl_broadcast(log_targets, lp_rows, t_rows):
-    """Targets and log-predictions broadcast against each other as in optax's product;
-    each gradient has its input's shape (the broadcast one's summed)."""
+    """Targets broadcast to the log-predictions' shape as in optax's product (each
+    gradient has its input's shape, the broadcast one's summed); targets that would
+    enlarge the log-predictions raise, naming both shapes."""
     rng = np.random.default_rng(5)
     lp_full = log_softmax64(rng.normal(size=(3, 4)))
     t_full = rng.dirichlet(np.ones(4), size=3)
@@ -568,15 +569,20 @@ def test_kl_broadcast(log_targets, lp_rows, t_rows):
     fn, ref_fn = (
         (KL_LOG, ref.kl_divergence_with_log_targets) if log_targets else (KL, ref.kl_divergence)
     )
-    lpb, tb = np.broadcast_to(lp, (3, 4)), np.broadcast_to(t, (3, 4))
-    want = ref_fn(lpb, tb)
+    if lp.shape != (3, 4):
+        name = "log_targets" if log_targets else "targets"
+        words = (name, str(lp.shape), str(t.shape), "(3, 4)")
+        assert_raises_naming(ValueError, fn, (lp, t), {}, words)
+        return
+    tb = np.broadcast_to(t, (3, 4))
+    want = ref_fn(lp, tb)
     loss = fn(lp, t)
     assert loss.shape == (3,)
     assert_close(loss, want.per_row)
     g_lp, g_t = jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1))(lp, t)
     assert g_lp.shape == lp.shape and g_t.shape == t.shape
-    for got, full, inp in ((g_lp, want.grads[0], lp), (g_t, want.grads[1], t)):
-        assert_close(got, full if inp.shape == full.shape else full.sum(0).reshape(inp.shape))
+    assert_close(g_lp, want.grads[0])
+    assert_close(g_t, want.grads[1].sum(0).reshape(t.shape))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
