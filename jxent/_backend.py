@@ -284,8 +284,11 @@ PLATFORMS = ("cpu", "tpu", "default")
 #: into its products), so its panel is this fraction. Compiled temporary memory of the
 #: top-64 KL's ``value_and_grad`` at Gemma-2 (8192 x 2304 x 256000, bfloat16, TPU v5e,
 #: jax 0.10.2, libtpu 0.0.42): 249 MiB with the 128 MiB panel's 8192 x 4096 blocks,
-#: 91-135 MiB with quarter panels (the cross-entropy: 72.5 MiB). CPU: unchanged (160 MiB).
-SCATTER_PANEL_FRACTION = {"cpu": 1, "tpu": 4, "default": 4}
+#: 91-135 MiB with quarter panels (the cross-entropy: 72.5 MiB). jax 0.12.0.1 (libtpu
+#: 0.0.50) keeps more of the block: 165.3 MiB with quarter panels, 114.6 with eighth
+#: panels (jax 0.10.2: 92.2), so TPU takes eighths (time cost unmeasured: no TPU). GPU:
+#: quarters (the H100 figures were measured with them). CPU: unchanged (160 MiB).
+SCATTER_PANEL_FRACTION = {"cpu": 1, "tpu": 8, "default": 4}
 
 
 #: Largest float32 logits block ``[token_block, V]`` of the fused losses' single pass, per

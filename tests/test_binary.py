@@ -462,9 +462,22 @@ MEM_FUNCS = {
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", list(MEM_FUNCS))
 def test_compiled_temp_memory(name, dtype):
+    """No [N, K] float32 temporary of the loss's own. XLA:CPU in jaxlib 0.12 (not 0.10)
+    materialises the cotangent of a "mean"/"sum", the broadcast of one scalar, as a
+    float32 buffer of the input's shape before the backward fusion (plain JAX code too:
+    ``jnp.mean(f(x.astype(float32)))`` of bfloat16 ``x`` keeps it); with float32 inputs it
+    shares the gradient's buffer, with bfloat16 ones it cannot. That buffer, the only
+    top-level ``f32[N, K]`` broadcast of the optimised program, is allowed; nothing else."""
     s = jax.ShapeDtypeStruct((MEM_N, MEM_K), dtype)
     compiled = jax.jit(jax.value_and_grad(MEM_FUNCS[name])).lower(s, s).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < F32_BUFFER // 8
+    allowed = F32_BUFFER // 8
+    if dtype == jnp.bfloat16:  # every f32[N, K] of the program is a temporary
+        entry = compiled.as_text().split("ENTRY", 1)[1]
+        full = [line for line in entry.splitlines() if f"= f32[{MEM_N},{MEM_K}]" in line]
+        cotangent = [line for line in full if "calls=%wrapped_broadcast" in line]
+        assert len(full) == len(cotangent) <= 1, full
+        allowed += F32_BUFFER * len(cotangent)
+    assert compiled.memory_analysis().temp_size_in_bytes < allowed
 
 
 @pytest.mark.parametrize("name", list(MEM_FUNCS))

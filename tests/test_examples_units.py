@@ -6,8 +6,13 @@ conftest.py), so they also check that the example code is explicit about dtypes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -506,3 +511,27 @@ def test_distill_phases_command_lines():
     assert (teacher.steps, teacher.d_model, teacher.num_layers) == (12, 96, 2)
     assert (baseline.steps, baseline.warmup_steps) == (cfg.steps, cfg.warmup_steps)
     assert (baseline.d_model, baseline.num_layers, baseline.z_loss) == (16, 1, 0.0)
+
+
+def test_no_tpu_errors_without_a_tpu():
+    """With libtpu installed (the test extra) and no TPU chip, the trainer's processes
+    start JAX without libtpu's start-up errors; where libtpu is absent nothing changes.
+    A process that does not call quiet_absent_tpu shows what it prevents."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "TPU_"))}
+    start = "import jax; print(jax.devices()[0].platform)"
+    quiet = "from jxent.examples import distributed; distributed.quiet_absent_tpu(); " + start
+
+    def stderr(code):
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    noise = ("TPU_WORKER_HOSTNAMES", "host bounds", "TPU_ACCELERATOR_TYPE")
+    got = stderr(quiet)
+    assert not any(n in got for n in noise), got
+    vendors = Path("/sys/bus/pci/devices").glob("*/vendor")
+    has_tpu_chip = any(p.read_text().strip() == "0x1ae0" for p in vendors)
+    if importlib.util.find_spec("libtpu") is not None and not has_tpu_chip:
+        assert any(n in stderr(start) for n in noise)  # the errors it removes

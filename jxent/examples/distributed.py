@@ -24,6 +24,7 @@ detected fatal errors"). Either way no process waits forever.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -71,6 +72,32 @@ class Runtime:
         return code
 
 
+#: The PCI vendor of Google's TPU chips (what JAX looks for to tell a TPU host).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def quiet_absent_tpu() -> None:
+    """Lets libtpu fail quietly on a machine with no TPU chip.
+
+    Where libtpu is installed (the test extra installs it, for the deviceless TPU
+    compiles of the tests) every JAX process tries it first. Without a chip it fails,
+    as it should, and JAX takes the GPU or the CPU; but it prints errors that are no
+    errors first (``TPU_WORKER_HOSTNAMES``, ``Failed to find host bounds``): JAX skips
+    the TPU metadata query there, and libtpu reads the placeholders that leaves. With
+    no chip attached and no platform chosen (``JAX_PLATFORMS``), this gives libtpu a
+    one-host answer to read instead. A TPU host, and variables the user set, are left
+    alone. Must run before JAX starts its backends.
+    """
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    for vendor in Path("/sys/bus/pci/devices").glob("*/vendor"):
+        with contextlib.suppress(OSError):
+            if vendor.read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+
+
 def initialize(
     *,
     num_processes: int | None = None,
@@ -91,6 +118,7 @@ def initialize(
     Raises ``ValueError`` for settings that cannot work here, and
     :class:`DistributedError` when the coordinator cannot be reached in time.
     """
+    quiet_absent_tpu()
     if cpu_devices is not None:
         try:
             jax.config.update("jax_num_cpu_devices", cpu_devices)

@@ -288,13 +288,16 @@ def xent_fused(x, w, labels, teacher):
 
 
 print(f"{'':26}{'unfused':>12}{'fused distillation':>20}{'fused cross-entropy':>21}")
-for name, shape in [("4096 x 1024 x 32000", (4096, 1024, 32000)),
-                    ("Gemma-2 2B", MODELS["Gemma-2 2B"])]:
+# The single pass at the moderate shape holds a block of logits: "a fraction" there,
+# tens of times less at Gemma 2's.
+for name, shape, fraction in [("4096 x 1024 x 32000", (4096, 1024, 32000), 2),
+                              ("Gemma-2 2B", MODELS["Gemma-2 2B"], 20)]:
     mem = {f: distill_temp_bytes(f, *shape) / GiB
            for f in (distill_unfused, distill_fused, xent_fused)}
     print(f"{name:26}{mem[distill_unfused]:8.2f} GiB{mem[distill_fused]:16.2f} GiB"
           f"{mem[xent_fused]:17.2f} GiB")
-    assert mem[distill_fused] <= 2 * mem[xent_fused] and mem[distill_fused] < mem[distill_unfused] / 4
+    assert mem[distill_fused] <= 2 * mem[xent_fused]
+    assert mem[distill_fused] < mem[distill_unfused] / fraction
 
 # %% [markdown]
 # At Gemma 2's shape the unfused distillation step needs tens of GiB (the student's
