@@ -35,7 +35,6 @@ from jxent._layout import Axis, flatten_classes, rows_and_masks
 from jxent._reduction import reduce_loss
 from jxent._rules import custom_jvp_loss
 from jxent._softmax import (
-    accumulation_dtype_of,
     dot_last,
     finite_parts,
     half_gap,
@@ -93,7 +92,7 @@ def _kl_sums(log_targets_given: bool, lp, t, class_mask, count_inf: bool):
     ``-inf``) and the sum is one reduction, which XLA:CPU runs vectorised; two sums
     over the same inputs become one variadic loop that is 5x slower (measured).
     """
-    acc = accumulation_dtype_of(lp, t)
+    acc = v.accumulation_dtype(lp.dtype, t.dtype)
     zero = jnp.zeros((), acc)
 
     def parts(lp, t):
@@ -143,7 +142,7 @@ def _kl_forward(log_targets_given: bool, lp, t, class_mask, row_mask):
 def _kl_tangent(log_targets_given: bool, arrays, stats: _KLStats, dots):
     lp, t, class_mask, _ = arrays
     lp_dot, t_dot = dots[0], dots[1]
-    acc = accumulation_dtype_of(lp, t)
+    acc = v.accumulation_dtype(lp.dtype, t.dtype)
     zero = jnp.zeros((), acc)
     lp = lp.astype(acc)
     t = t.astype(acc)
@@ -314,7 +313,7 @@ class _DistillStats(NamedTuple):
 
 
 def _distill_forward(temperature: float, student, teacher, class_mask, row_mask):
-    acc = accumulation_dtype_of(student, teacher)
+    acc = v.accumulation_dtype(student.dtype, teacher.dtype)
     zero = jnp.zeros((), acc)
     inv_t = 1.0 / temperature
     s = shifted_exp(student, class_mask, inv_t, acc)
@@ -499,7 +498,7 @@ def _xlogy_diff(a, log_a, log_b):
 
 def _jsd_forward(beta_t, student, teacher, class_mask, row_mask):
     beta, temperature = beta_t
-    acc = accumulation_dtype_of(student, teacher)
+    acc = v.accumulation_dtype(student.dtype, teacher.dtype)
     zero = jnp.zeros((), acc)
     inv_t = 1.0 / temperature
     s = shifted_exp(student, class_mask, inv_t, acc)

@@ -22,7 +22,6 @@ from jxent._layout import Axis, flatten_classes, rows_and_masks, xent_config
 from jxent._reduction import reduce_loss
 from jxent._rules import custom_jvp_loss
 from jxent._softmax import (
-    accumulation_dtype_of,
     dot_last,
     fill_masked,
     kept_rows,
@@ -46,7 +45,7 @@ class _PolyStats(NamedTuple):
 
 
 def _poly_forward(_, x, t, class_mask, row_mask):
-    acc = accumulation_dtype_of(x, t)
+    acc = v.accumulation_dtype(x.dtype, t.dtype)
     zero = jnp.zeros((), acc)
     # This pass runs next to the cross-entropy core's over the same logits: without the
     # barrier XLA:CPU merges the two identical exp(x - max) and materialises the result.

@@ -39,7 +39,7 @@ these; users call the public functions instead):
 * softmax statistics shared by the divergence and poly families:
   :class:`Shifted` and :func:`shifted_exp` (a row's shifted exponentials),
   :func:`scaled_logits`, :func:`half_gap`, :func:`log_shifted_sum`,
-  :func:`dot_last`, :func:`accumulation_dtype_of`, :func:`kept_rows`,
+  :func:`dot_last`, :func:`kept_rows`,
   :func:`fill_masked`.
 """
 
@@ -451,12 +451,6 @@ def log_softmax_from_stats(z: jax.Array, row_max: jax.Array, log_sum: jax.Array)
 # --------------------------------------------------------------------------------------------
 # Softmax statistics shared by the divergence and poly families
 # --------------------------------------------------------------------------------------------
-
-
-def accumulation_dtype_of(*arrays: jax.Array) -> jnp.dtype:
-    """The accumulation dtype of several inputs: float64 if any is float64, else float32."""
-    dts = [accumulation_dtype(a.dtype) for a in arrays]
-    return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dts else jnp.dtype(jnp.float32)
 
 
 class Shifted(NamedTuple):

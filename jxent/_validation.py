@@ -163,9 +163,11 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def accumulation_dtype(dtype) -> jnp.dtype:
-    """float64 stays float64; every narrower float accumulates in float32."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+    """The one accumulation rule of every loss: float64 if any of ``dtypes`` is float64,
+    else float32 (bfloat16, float16 and float32 inputs are summed in float32)."""
+    wide = any(jnp.dtype(d) == jnp.float64 for d in dtypes)
+    return jnp.dtype(jnp.float64) if wide else jnp.dtype(jnp.float32)
 
 
 class LinearInputs(NamedTuple):
