@@ -5,9 +5,10 @@
 * **Memory** at Gemma-2's output layer (8192 tokens x 2304 x 256000, bfloat16, a teacher's
   top-64, or a teacher given as hidden states of the same shape):
   ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))`` compiled (nothing runs) for each
-  fused loss, beside the fused cross-entropy and the unfused compositions as an optax
-  user writes them (``x @ w``, then optax's KL against the teacher's distribution, given
-  dense or as ``x_t @ w_t``). ``--target tpu-v5e`` compiles for a TPU without a device
+  fused loss (the KL, distillation and Jensen-Shannon divergence from either teacher),
+  beside the fused cross-entropy and the unfused compositions as an optax user writes
+  them (``x @ w``, then optax's KL against the teacher's distribution, given dense or as
+  ``x_t @ w_t``). ``--target tpu-v5e`` compiles for a TPU without a device
   (libtpu, from the test extra); only one process may hold libtpu at a time.
 * **Time** (CPU only) at 4096 x 1024 x 32000, bfloat16 and float32: the fused top-64
   distillation KL against ``x @ w`` + ``optax.losses.kl_divergence`` on the teacher's
@@ -84,6 +85,12 @@ def _losses():
         "jxent distillation, alpha 0.5 (teacher hidden states)": (
             lambda x, w, y, i, lp, p, xt, wt: jxent.linear_distillation_loss(
                 x, w, y, (xt, wt), temperature=t
+            )
+        ),
+        # Two forward passes (the mixture needs both log-sum-exps at every class).
+        "jxent Jensen-Shannon, beta 0.5 (teacher hidden states)": (
+            lambda x, w, y, i, lp, p, xt, wt: jxent.linear_softmax_jensen_shannon_divergence(
+                x, w, (xt, wt), temperature=t
             )
         ),
         "x @ w + optax KL (dense teacher)": unfused,

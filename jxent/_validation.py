@@ -341,21 +341,14 @@ def hidden_teacher(teacher, batch_shape, w: jax.Array, w_layout: str, acc):
 
 
 def jensen_shannon_beta(beta, teacher) -> float:
-    """The static ``beta`` of a fused Jensen-Shannon divergence, in ``[0, 1)``, whose
-    ``teacher`` must be a top-k (not hidden states)."""
+    """The static ``beta`` of a fused Jensen-Shannon divergence: in ``[0, 1]`` with a
+    ``teacher`` given as hidden states (its full distribution), ``[0, 1)`` with a top-k."""
     beta = static_number("beta", beta, lo=0, hi=1)
-    if beta == 1:
+    if beta == 1 and not is_hidden_teacher(teacher):
         raise ValueError(
             "beta must be in [0, 1) with a top-k teacher, got 1.0: the reverse KL is "
-            "infinite wherever the student has mass off the teacher's top-k classes."
-        )
-    if is_hidden_teacher(teacher):
-        raise NotImplementedError(
-            "linear_softmax_jensen_shannon_divergence takes the teacher's top-k "
-            "(indices, log_probs), not its hidden states (x_t, w_t): the mixture's logarithm "
-            "needs both normalised distributions at every class, which a single streaming "
-            "pass does not have. Pass jax.lax.top_k(jax.nn.log_softmax(teacher_logits), k), "
-            "or use linear_softmax_kl_divergence, which takes (x_t, w_t)."
+            "infinite wherever the student has mass off the teacher's top-k classes. "
+            "A teacher given as hidden states (x_t, w_t) takes beta = 1."
         )
     return beta
 

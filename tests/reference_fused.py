@@ -1,8 +1,8 @@
 """Independent float64 NumPy reference for jxent's fused losses beyond cross-entropy:
 ``linear_log_probs`` (with the entropy), ``linear_entropy``,
-``linear_softmax_kl_divergence`` (teacher's top-k), ``linear_distillation_loss``, and the
-new options of ``linear_softmax_cross_entropy`` (``token_weights``, ``normalizer``,
-``return_lse``).
+``linear_softmax_kl_divergence`` (teacher's top-k), ``linear_distillation_loss``,
+``linear_softmax_jensen_shannon_divergence``, and the new options of
+``linear_softmax_cross_entropy`` (``token_weights``, ``normalizer``, ``return_lse``).
 
 Written from the formulas, row by row, with NumPy only (never imports jxent). With
 ``u = c tanh((x @ w + b) / c)`` the (soft-capped) logits at temperature 1 over the first
@@ -18,6 +18,10 @@ Written from the formulas, row by row, with NumPy only (never imports jxent). Wi
                 padding; a -inf teacher logit gives p = 0)  d/du_j = T (q_j - p_j)
     CE:         w_y (lse(u) - u_y)                     d/du_k = w_y (softmax(u)_k - [k = y])
     distill:    alpha CE + (1 - alpha) KL
+    JSD:        beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, the
+                teacher's p sparse (top-k) or softmax(u_t / T) (hidden states); beta = 0
+                the forward KL(p || q), beta = 1 (hidden states) the reverse KL(q || p);
+                d/du from its partials in q through the softmax's Jacobian
     lse:        lse(u)                                 d/du_k = softmax(u)_k
 
 then the gradients w.r.t. ``x``, ``w`` and ``bias`` by the chain rule through the soft
@@ -187,6 +191,42 @@ def _jsd_row(u, umag, index, log_p, t, beta):
     return value, du, scale, du_scale
 
 
+def _jsd_full_row(u, umag, ut, utmag, t, beta):
+    """The generalised JSD of the teacher's whole ``p = softmax(ut / t)`` and ``q =
+    softmax(u / t)`` (``beta = 0``: KL(p || q), ``beta = 1``: KL(q || p)), from the
+    definition over every class: its partials in ``q`` (``p`` held fixed), then the chain
+    rule through the softmax's Jacobian. A class with ``p = 0`` adds 0 to the ``p`` terms."""
+    zmag = umag / t
+    r, rt = _Row(u / t, zmag), _Row(ut / t, utmag / t)
+    q, log_q, p, log_p = r.q, r.log_q, rt.q, rt.log_q
+    pos = p > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if beta == 0:
+            value = float(np.sum(p[pos] * (log_p[pos] - log_q[pos])))
+            d_q = -p / q
+        elif beta == 1:
+            value = float(np.sum(q * (log_q - log_p)))
+            d_q = log_q - log_p + 1
+        else:
+            mix = beta * p + (1 - beta) * q
+            log_m = np.log(mix)
+            value = float(
+                beta * np.sum(p[pos] * (log_p[pos] - log_m[pos]))
+                + (1 - beta) * np.sum(q * (log_q - log_m))
+            )
+            d_q = (1 - beta) * (log_q - log_m + 1 - (1 - beta) * q / mix) - beta * (
+                1 - beta
+            ) * p / mix
+    d_q = np.where(q > 0, d_q, 0.0)
+    du = (np.diag(q) - np.outer(q, q)) @ d_q / t
+    # Both distributions' rounding feeds log m: the student's and the teacher's conditions.
+    cond = r.q_cond + rt.q_cond
+    mags = np.abs(log_q) + np.abs(np.where(pos, log_p, 0.0)) + cond
+    scale = float(np.sum((p + q) * mags)) + 1.0
+    du_scale = q * cond * (np.abs(d_q) + float(np.sum(q * np.abs(d_q)))) / t + p * cond / t
+    return value, du, scale, du_scale
+
+
 def linear_softmax_jensen_shannon_divergence(
     x,
     w,
@@ -203,14 +243,23 @@ def linear_softmax_jensen_shannon_divergence(
     num_classes=None,
     cotangent=None,
 ) -> Result:
+    """``teacher``: ``(indices, log_probs)`` of its top-k, or ``(x_t, w_t, b_t)``."""
     lg = _logits(x, w, bias, num_classes, logit_soft_cap)
     keep = _keep(where, lg.n)
     tw = _token_weights(token_weights, lg.n)
+    t = float(temperature)
+    if len(teacher) == 3:
+        ut, utmag = _teacher_logits(teacher, num_classes, logit_soft_cap)
+
+        def row(r):
+            return _jsd_full_row(lg.u[r], lg.umag[r], ut[r], utmag[r], t, beta)
+
+        return _weighted_loss(lg, keep, tw, row, reduction, normalizer, cotangent)
     index = np.asarray(teacher[0]).astype(np.int64).reshape(lg.n, -1)
     log_p = np.asarray(teacher[1], np.float64).reshape(lg.n, -1)
 
     def row(r):
-        return _jsd_row(lg.u[r], lg.umag[r], index[r], log_p[r], float(temperature), beta)
+        return _jsd_row(lg.u[r], lg.umag[r], index[r], log_p[r], t, beta)
 
     return _weighted_loss(lg, keep, tw, row, reduction, normalizer, cotangent)
 

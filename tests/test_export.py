@@ -93,6 +93,13 @@ CASES = {
         ),
         X,
     ),
+    # The teacher's hidden states and weight (two forward passes).
+    "linear_softmax_jensen_shannon_divergence (hidden teacher)": (
+        lambda x: jxent.linear_softmax_jensen_shannon_divergence(
+            x, W, (jnp.tanh(x[:, :6]), W_TEACHER), beta=0.3, reduction="none"
+        ),
+        X,
+    ),
 }
 
 
@@ -175,6 +182,14 @@ SYMBOLIC = {
             x, W, (i, lp), beta=0.3, reduction="sum", chunk_size=c
         )[None],
         None,
+    ),
+    # A second forward pass over the blocks, its per-token sums padded with the tokens;
+    # several token blocks (the last one padded), the reverse-KL end.
+    "linear_softmax_jensen_shannon_divergence (hidden teacher)": (
+        lambda x, y, i, lp, c: jxent.linear_softmax_jensen_shannon_divergence(
+            x, W, (jnp.tanh(x[..., :6]), W_TEACHER, W[0]), beta=1.0, reduction="none", chunk_size=c
+        ),
+        (4, 16),
     ),
 }
 

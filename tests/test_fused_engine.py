@@ -16,6 +16,8 @@ sizes that do and do not divide N and V.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import checks
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 import reference_linear as ref
 
+from jxent._fused import engine, plan
 from jxent._fused.plan import MIN_VOCAB_RUN, block_groups
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
 
@@ -674,3 +677,99 @@ def test_value_without_gradient_matches():
             )
         )(x, w, b)
         assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# A loss with a second forward pass (engine.SecondPass), written to the contract here
+# --------------------------------------------------------------------------------------------
+
+
+class Varentropy(NamedTuple):
+    """The variance of the surprisal, ``Var = M2 - H^2`` with ``M2 = sum_j p_j (log p_j)^2``
+    (a second-pass sum: it needs the final ``log p`` at every class) and the entropy ``H``
+    (a first-pass exp-gap sum, ``log s + sum e^{z - m} (m - z) / s``). With ``H`` and
+    ``M2`` fixed: ``dVar/dz_j = p_j [(log p_j)^2 + 2 (1 + H) log p_j - M2 + 2 H + 2 H^2]``.
+    No guard for ``p = 0``: the padding columns' ``0 * inf`` terms (``(log p)^2``
+    overflows there) are the engine's to drop."""
+
+    def row_sums(self, columns):
+        return {"h": engine.RowSum("exp_gap")}
+
+    def pick_shapes(self, columns):
+        return {}
+
+    def picks(self, z, view):
+        return {}
+
+    def second_pass(self, sums, rows):
+        return engine.SecondPass(("m2",), ())
+
+    def second_terms(self, p, log_p, view):
+        return {"m2": p * jnp.square(log_p)}  # 0 * inf on the padding columns
+
+    def finish(self, sums, rows, num_classes):
+        h = sums.lse_rel + sums.sums["h"] / sums.sums["h/exp"]
+        m2 = sums.second["m2"]
+        return m2 - h * h, (jnp.ones_like(h),), (h, m2)
+
+    def dlogits(self, p, log_p, coefs, view):
+        (c,), (h, m2) = coefs, view.fixed
+        h, m2 = h[:, None], m2[:, None]
+        return c[:, None] * p * (log_p * log_p + 2 * (1 + h) * log_p - m2 + 2 * h + 2 * h * h)
+
+
+def _varentropy(x, w, *, chunk_size, summed=False, soft_cap=None, num_classes=None):
+    n, d = x.shape
+    columns = w.shape[1]
+    plans, single = plan.plans(n, d, columns, "sum" if summed else "none", chunk_size, 8)
+    assert single == summed  # the schedule each case means to take
+    real = None if num_classes is None else jnp.arange(columns) < num_classes
+    spec = engine.Spec(Varentropy(), plans, soft_cap, num_classes)
+    run = engine.summed_loss if summed else engine.per_token_loss
+    return run(spec, x, w, None, None, None, real)
+
+
+def _varentropy_reference(x, w, g, soft_cap=None):
+    """float64 NumPy: Var per token and the gradients of sum(g * Var), through the
+    softmax's Jacobian from dVar/dp_k = (log p_k)^2 + 2 log p_k + 2 H (log p_k + 1)."""
+    u = x @ w
+    z = u if soft_cap is None else soft_cap * np.tanh(u / soft_cap)
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    h = -(p * log_p).sum(axis=1)
+    var = (p * log_p**2).sum(axis=1) - h**2
+    d_p = log_p**2 + 2 * log_p + 2 * h[:, None] * (log_p + 1)
+    dz = p * (d_p - (p * d_p).sum(axis=1, keepdims=True)) * g[:, None]
+    if soft_cap is not None:
+        dz *= 1 - np.tanh(u / soft_cap) ** 2
+    return var, dz @ w.T, x.T @ dz
+
+
+@pytest.mark.parametrize(
+    "chunk_size, summed, soft_cap",
+    [((5, 11), False, None), ((4, 41), False, 3.0), ((13, 7), False, 3.0), ((4, 41), True, None)],
+)
+def test_second_pass_loss_matches_numpy_reference(chunk_size, summed, soft_cap):
+    """A loss with a second pass, in float64: streaming with blocks that divide nothing,
+    one vocabulary block, the single pass (its second-pass terms from the block at hand),
+    a soft cap, and padding columns holding NaN and inf (the engine zeroes their terms:
+    ``0 * inf`` there would be NaN), with exactly zero gradient on them."""
+    rng = np.random.default_rng(31)
+    x, w = rng.normal(size=(N, D)), rng.normal(size=(D, V))
+    g = rng.uniform(0.5, 1.5, N) if not summed else np.full(N, 0.75)
+    padded = np.concatenate([w, np.full((D, 4), np.nan)], axis=1)
+    padded[0, -1] = np.inf
+
+    def loss(x, w):
+        out = _varentropy(x, w, chunk_size=chunk_size, summed=summed, soft_cap=soft_cap,
+                          num_classes=V)  # fmt: skip
+        return out if not summed else out[None]
+
+    out, vjp = jax.vjp(loss, jnp.asarray(x), jnp.asarray(padded))
+    dx, dw = vjp(jnp.asarray(g[:1] if summed else g))
+    var, want_dx, want_dw = _varentropy_reference(x, w, g, soft_cap)
+    assert_close(out, var.sum(keepdims=True) if summed else var)
+    assert_close(dx, want_dx)
+    assert_close(np.asarray(dw)[:, :V], want_dw)
+    assert np.all(np.asarray(dw)[:, V:] == 0)

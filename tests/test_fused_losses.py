@@ -1,8 +1,9 @@
 """The fused losses beyond cross-entropy (issue 14): ``linear_log_probs`` (and its
 entropy), ``linear_entropy``, ``linear_softmax_kl_divergence`` and
-``linear_distillation_loss`` (the teacher's top-k, or its hidden states and weight: the
-names ``kl_h`` and ``distill_h`` below), and the cross-entropy's ``token_weights``,
-``normalizer`` and ``return_lse``.
+``linear_distillation_loss`` and ``linear_softmax_jensen_shannon_divergence`` (the
+teacher's top-k, or its hidden states and weight: the names ``kl_h``, ``distill_h`` and
+``jsd_h`` below), and the cross-entropy's ``token_weights``, ``normalizer`` and
+``return_lse``.
 
 Each is checked against the float64 NumPy reference of ``tests/reference_fused.py``
 (values and the gradients w.r.t. ``x``, ``w``, ``bias``): in float64 to a tight
@@ -34,9 +35,9 @@ from hypothesis import given
 import jxent
 
 MiB = 2**20
-NAMES = ("log_probs", "entropy", "kl", "distill", "ce", "kl_h", "distill_h")
+NAMES = ("log_probs", "entropy", "kl", "distill", "ce", "kl_h", "distill_h", "jsd_h")
 #: The losses whose teacher is given as hidden states (x_t, w_t, b_t), and their top-k twin.
-HIDDEN = {"kl_h": "kl", "distill_h": "distill"}
+HIDDEN = {"kl_h": "kl", "distill_h": "distill", "jsd_h": "jsd"}
 PAD_VALUES = {"+inf": np.inf, "-inf": -np.inf, "nan": np.nan, "finite": 7.0}
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def make_data(
     The teacher's top-k: ``k`` classes (duplicates possible) with the log-probabilities of
     part of a distribution (``P < 1``); with ``dropped_teacher`` some entries are
     ``-inf`` at index -1, a padding column, far out of range, or a real class. A teacher
-    as hidden states (``kl_h``, ``distill_h``): ``x_t`` with ``D + 3`` features, ``w_t``
+    as hidden states (``kl_h``, ``distill_h``, ``jsd_h``): ``x_t`` with ``D + 3`` features, ``w_t``
     and ``b_t`` padded as ``w`` and ``b``; with ``dropped_teacher`` a few classes the
     teacher rules out (``b_t = -inf``).
     """
@@ -482,6 +483,38 @@ CASES = [
         dict(FULL, alpha=0.3, temperature=1.5, reduction="mean"),
         dict(FULL_DATA, token_weights=True, normalizer=23.0),
     ),
+    (
+        "jsd_h_none_T",
+        "jsd_h",
+        dict(FULL, beta=0.5, temperature=1.3, reduction="none"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        # No cap: the teacher's -inf classes stay -inf (p = 0 there).
+        "jsd_h_sum_uncapped",
+        "jsd_h",
+        dict(chunk_size=BLOCKS, num_classes=V, beta=0.3, temperature=0.7, reduction="sum"),
+        FULL_DATA,
+    ),
+    (
+        "jsd_h_forward_kl",
+        "jsd_h",
+        dict(FULL, beta=0.0, temperature=1.6, reduction="mean"),
+        dict(FULL_DATA, token_weights=True, normalizer=19.0),
+    ),
+    (
+        # The cap makes the teacher's -inf bias classes finite: the reverse KL is finite.
+        "jsd_h_reverse_kl",
+        "jsd_h",
+        dict(FULL, beta=1.0, temperature=0.8, reduction="none"),
+        dict(FULL_DATA, token_weights=True),
+    ),
+    (
+        "jsd_h_reverse_kl_uncapped",
+        "jsd_h",
+        dict(chunk_size=BLOCKS, num_classes=V, beta=1.0, reduction="mean"),
+        dict(FULL_DATA, dropped_teacher=False),
+    ),
 ]
 
 
@@ -534,6 +567,12 @@ LOW = [
         dict(pad=PAD, pad_value="+inf", where=True),
     ),
     (
+        # Uncapped: the teacher's -inf classes (p = 0) beside a logit offset.
+        "jsd_h",
+        dict(chunk_size=BLOCKS, num_classes=V, beta=0.4, temperature=1.2, reduction="mean"),
+        dict(pad=PAD, pad_value="nan", where=True, token_weights=True, offset=30.0),
+    ),
+    (
         "ce",
         dict(FULL, reduction="mean", return_lse=True),
         dict(
@@ -572,12 +611,34 @@ GRAD_CASES = [
     ("jsd", dict(beta=0.4, temperature=1.4, reduction="mean", chunk_size=(3, 5), num_classes=9)),
     ("kl_h", dict(temperature=2.0, reduction="mean", chunk_size=(3, 5), num_classes=9)),
     ("distill_h", dict(alpha=0.3, temperature=0.8, reduction="none", soft_cap=3.0, num_classes=9)),
+    (
+        "jsd_h",
+        dict(
+            beta=0.6,
+            temperature=1.4,
+            reduction="mean",
+            soft_cap=3.0,
+            chunk_size=(3, 5),
+            num_classes=9,
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_check_grads(case):
-    name, opts = case
+    _check_grads(*case)
+
+
+@pytest.mark.parametrize("beta, soft_cap", [(0.0, None), (1.0, 3.0)], ids=["forward", "reverse"])
+def test_check_grads_jensen_shannon_hidden_ends(beta, soft_cap):
+    """The hidden teacher's JSD at its ends: the forward KL (one pass) and the reverse KL
+    (the second pass with m = p; capped, so the teacher's -inf bias classes are finite)."""
+    opts = dict(beta=beta, temperature=0.9, reduction="sum", chunk_size=(3, 5), num_classes=9)
+    _check_grads("jsd_h", dict(opts, soft_cap=soft_cap))
+
+
+def _check_grads(name, opts):
     (x, w, b), data = make_data(
         name,
         (7,),
@@ -626,6 +687,18 @@ SINGLE += [
         dict(chunk_size=BLOCKS, num_classes=V, alpha=0.4, temperature=2.0, reduction="sum"),
         FULL_DATA,
     ),
+    (
+        "jsd_h_sum",
+        "jsd_h",
+        dict(chunk_size=BLOCKS, num_classes=V, beta=0.5, temperature=1.5, reduction="sum"),
+        FULL_DATA,
+    ),
+    (
+        "jsd_h_reverse_mean",
+        "jsd_h",
+        dict(FULL, beta=1.0, temperature=1.2, reduction="mean"),
+        dict(FULL_DATA, token_weights=True),
+    ),
 ]
 
 
@@ -656,6 +729,7 @@ IGNORED = [
     ("distill", dict(reduction="mean", alpha=0.5, num_classes=11, chunk_size=(4, 13))),
     ("ce", dict(reduction="mean", return_lse=True, num_classes=11)),
     ("distill_h", dict(reduction="mean", alpha=0.5, num_classes=11, chunk_size=(4, 13))),
+    ("jsd_h", dict(reduction="mean", beta=0.5, num_classes=11, chunk_size=(4, 13))),
 ]
 
 
@@ -677,7 +751,7 @@ def test_all_tokens_ignored(case, jit_mode):
         11,
         pad=2,
         pad_value="nan",
-        token_weights=name in ("kl", "distill", "ce", "distill_h"),
+        token_weights=name in ("kl", "distill", "ce", "distill_h", "jsd_h"),
         seed=15,
     )
     data["where"] = np.zeros(batch, bool)
@@ -766,7 +840,8 @@ def test_teacher_is_a_constant():
     def g(x_t, w_t, b_t):
         teacher = (x_t[0, :2, :4], w_t[:4, :9])
         kl = jxent.linear_softmax_kl_divergence(x[:2], w[:, :9], (*teacher, b_t[:9]))
-        return kl + DISTILL(x[:2], w[:, :9], jd["labels"][:2], teacher)
+        jsd = JSD(x[:2], w[:, :9], (*teacher, b_t[:9]), beta=0.4)
+        return kl + jsd + DISTILL(x[:2], w[:, :9], jd["labels"][:2], teacher)
 
     for grad in jax.jit(jax.grad(g, argnums=(0, 1, 2)))(x_t, w_t, b_t):
         assert np.all(np.asarray(grad) == 0), grad
@@ -842,6 +917,7 @@ DISTILL = jxent.linear_distillation_loss
 LOGP = jxent.linear_log_probs
 ENT = jxent.linear_entropy
 XENT = jxent.linear_softmax_cross_entropy
+JSD = jxent.linear_softmax_jensen_shannon_divergence
 
 ERRORS = [
     # (id, function, args, kwargs, exception, words in the message)
@@ -907,12 +983,45 @@ ERRORS = [
         ["teacher", "float32", "float64"],
     ),
     (
-        "jsd_teacher_hidden_states",
-        jxent.linear_softmax_jensen_shannon_divergence,
+        "jsd_hidden_beta_above_one",
+        JSD,
         (EX, EW, (EX, EW)),
+        dict(beta=1.5),
+        ValueError,
+        ["beta"],
+    ),
+    ("jsd_hidden_beta_negative", JSD, (EX, EW, (EX, EW)), dict(beta=-0.5), ValueError, ["beta"]),
+    (
+        "jsd_teacher_x_t_shape",
+        JSD,
+        (EX, EW, (EX[0], EW)),
         {},
-        NotImplementedError,
-        ["(x_t, w_t)", "top-k"],
+        ValueError,
+        ["teacher[0] (x_t)", "x.shape[:-1] + (D_t,)"],
+    ),
+    (
+        "jsd_teacher_w_t_layout_vd",
+        JSD,
+        (EX, EW.T, (EX, EW)),
+        dict(w_layout="vd"),
+        ValueError,
+        ["teacher[1] (w_t)", "(V, D_t)"],
+    ),
+    (
+        "jsd_teacher_accumulates_differently",
+        JSD,
+        (EX, EW, (EX.astype(jnp.float32), EW.astype(jnp.float32))),
+        {},
+        TypeError,
+        ["teacher", "float32", "float64"],
+    ),
+    (
+        "jsd_hidden_temperature",
+        JSD,
+        (EX, EW, (EX, EW)),
+        dict(temperature=0.0),
+        ValueError,
+        ["temperature"],
     ),
     (
         "kl_temperature_zero",
@@ -1221,6 +1330,47 @@ def _compositions():
                 / jnp.sum(tw)
             ),
         ),
+        # The Jensen-Shannon divergence from hidden states: jxent.softmax_jensen_shannon_
+        # divergence of both logits arrays, at the ends (forward and reverse KL) and between.
+        "jsd_hidden_capped_vd": (
+            lambda x, w, b: JSD(
+                x,
+                w.T,
+                (xt, wt.T, bt),
+                beta=0.3,
+                temperature=T_C,
+                bias=b,
+                logit_soft_cap=CAP_C,
+                w_layout="vd",
+            ),
+            lambda x, w, b: jxent.softmax_jensen_shannon_divergence(
+                _capped(x, w, b, CAP_C),
+                _capped(xt, wt, bt, CAP_C),
+                beta=0.3,
+                temperature=T_C,
+                reduction="mean",
+            ),
+        ),
+        "jsd_hidden_forward_weighted": (
+            lambda x, w, b: JSD(
+                x, w, (xt, wt, bt), beta=0.0, temperature=T_C, bias=b, token_weights=tw
+            ),
+            lambda x, w, b: (
+                jnp.sum(
+                    tw
+                    * jxent.softmax_jensen_shannon_divergence(
+                        _capped(x, w, b), _capped(xt, wt, bt), beta=0.0, temperature=T_C
+                    )
+                )
+                / jnp.sum(tw)
+            ),
+        ),
+        "jsd_hidden_reverse_sum": (
+            lambda x, w, b: JSD(x, w, (xt, wt), beta=1.0, temperature=T_C, bias=b, reduction="sum"),
+            lambda x, w, b: jxent.softmax_jensen_shannon_divergence(
+                _capped(x, w, b), xt @ wt, beta=1.0, temperature=T_C, reduction="sum"
+            ),
+        ),
         "xent_weights": (
             lambda x, w, b: XENT(x, w, y, bias=b, token_weights=tw, class_weights=cw),
             lambda x, w, b: (
@@ -1278,11 +1428,17 @@ def _lm_temp_mib(loss, *extra):
 def test_language_model_shape_temp_memory():
     """value_and_grad (x, w) of the KL (top-64), the distillation loss and the log-probs
     with the entropy (summed with weights) each take at most 2x the fused cross-entropy's
-    compiled temporary memory, and at most 1/20 of the [N, V] float32 logits."""
+    compiled temporary memory, and at most 1/20 of the [N, V] float32 logits; with the
+    teacher as hidden states, the Jensen-Shannon divergence (two forward passes) at most
+    1.1x the KL's (a second pass keeps only per-token sums)."""
     labels = jax.ShapeDtypeStruct((LM_N,), jnp.int32)
     indices = jax.ShapeDtypeStruct((LM_N, LM_K), jnp.int32)
     log_probs = jax.ShapeDtypeStruct((LM_N, LM_K), jnp.float32)
     weights = jax.ShapeDtypeStruct((LM_N,), jnp.float32)
+    hidden = (
+        jax.ShapeDtypeStruct((LM_N, LM_D), jnp.bfloat16),
+        jax.ShapeDtypeStruct((LM_D, LM_V), jnp.bfloat16),
+    )
 
     def log_probs_entropy(x, w, y, a, c):
         lp, h = LOGP(x, w, y, return_entropy=True)
@@ -1306,8 +1462,13 @@ def test_language_model_shape_temp_memory():
         "linear_distillation_loss(teacher=(x_t, w_t))": _lm_temp_mib(
             lambda x, w, y, xt, wt: DISTILL(x, w, y, (xt, wt), alpha=0.5, temperature=2.0),
             labels,
-            jax.ShapeDtypeStruct((LM_N, LM_D), jnp.bfloat16),
-            jax.ShapeDtypeStruct((LM_D, LM_V), jnp.bfloat16),
+            *hidden,
+        ),
+        "linear_softmax_kl_divergence(teacher=(x_t, w_t))": _lm_temp_mib(
+            lambda x, w, xt, wt: KL(x, w, (xt, wt), temperature=2.0), *hidden
+        ),
+        "linear_softmax_jensen_shannon_divergence(teacher=(x_t, w_t))": _lm_temp_mib(
+            lambda x, w, xt, wt: JSD(x, w, (xt, wt), beta=0.5, temperature=2.0), *hidden
         ),
     }
     logits_mib = LM_N * LM_V * 4 / MiB
@@ -1321,6 +1482,9 @@ def test_language_model_shape_temp_memory():
     for name, mib in temps.items():
         assert mib <= 2 * base, (name, mib, base)
         assert mib <= logits_mib / 20, (name, mib, logits_mib)
+    kl = temps["linear_softmax_kl_divergence(teacher=(x_t, w_t))"]
+    jsd = temps["linear_softmax_jensen_shannon_divergence(teacher=(x_t, w_t))"]
+    assert jsd <= 1.1 * kl, (jsd, kl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1375,6 +1539,14 @@ def property_cases(draw):
         opts.pop("temperature")
     if name in ("kl", "distill"):
         kw["dropped_teacher"] = draw(st.booleans())
+    if name == "jsd_h":
+        opts["beta"] = draw(st.sampled_from([0.0, 0.3, 0.5, 1.0]))
+        kw["token_weights"] = draw(st.booleans())
+        # Uncapped, a class the teacher rules out makes the reverse KL infinite.
+        if opts["beta"] < 1 or "soft_cap" in opts:
+            kw["dropped_teacher"] = draw(st.booleans())
+        else:
+            kw["dropped_teacher"] = False
     return name, batch, d, v, opts, kw
 
 
@@ -1388,10 +1560,43 @@ def test_property_float64_matches_reference(case):
 
 def test_jensen_shannon_beta_one_is_refused():
     """The reverse KL end is infinite for a top-k teacher: refused at trace time, naming
-    beta; beta outside [0, 1] too."""
+    beta; beta outside [0, 1] too. A teacher given as hidden states takes beta = 1."""
     for beta, exc in ((1.0, ValueError), (1.5, ValueError), (-0.1, ValueError)):
         with pytest.raises(exc, match="beta"):
             jxent.linear_softmax_jensen_shannon_divergence(EX, EW, (EI, ELP), beta=beta)
+    assert np.isfinite(float(JSD(EX, EW, (EX, EW), beta=1.0)))
+
+
+def test_jensen_shannon_hidden_reverse_kl_with_a_ruled_out_class():
+    """beta = 1 (the reverse KL) with a class the teacher rules out (an uncapped -inf
+    bias_t): +inf for every kept token, as the logits function gives; a dropped token
+    gives exactly 0, and with every token dropped the gradients are exactly 0 (no NaN
+    from the infinite per-class terms times a zero coefficient), in both schedules."""
+    (x, w, b), data = make_data("jsd_h", (6,), 4, 11, pad=2, pad_value="nan", seed=24)
+    assert np.isneginf(data["b_t"][:11]).any()
+    jd = to_jax(data, jnp.float64)
+    teacher = (jd["x_t"], jd["w_t"], jd["b_t"])
+    keep = np.array([1, 0, 1, 1, 0, 1], bool)
+    kw = dict(beta=1.0, bias=jnp.asarray(b), num_classes=11, temperature=1.3)
+    per_token = JSD(x, w, teacher, where=keep, reduction="none", chunk_size=(4, 5), **kw)
+    student = x @ w[:, :11] + b[:11]  # NumPy
+    teacher_logits = data["x_t"] @ data["w_t"][:, :11] + data["b_t"][:11]
+    want = jxent.softmax_jensen_shannon_divergence(
+        jnp.asarray(student), jnp.asarray(teacher_logits), beta=1.0, temperature=1.3
+    )
+    assert np.isposinf(np.asarray(want)).all()
+    np.testing.assert_array_equal(np.asarray(per_token), np.where(keep, np.inf, 0.0))
+    none = np.zeros(6, bool)
+    for chunk, red in (((4, 5), "none"), ((4, 13), "sum")):  # streaming; the single pass
+
+        def f(x, w, b, chunk=chunk, red=red):
+            opts = dict(kw, bias=b, where=none, reduction=red, chunk_size=chunk)
+            return jnp.sum(JSD(x, w, teacher, **opts))
+
+        value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b)
+        assert float(value) == 0.0
+        for g in grads:
+            assert np.all(np.asarray(g) == 0), g
 
 
 def test_jensen_shannon_dropped_entries_duplicating_a_class():

@@ -1,8 +1,9 @@
-"""jxent.parallel's fused log-probabilities and distillation losses (issue 14): inside
-``shard_map`` on a 2 x 2 ("data", "model") mesh, with the vocabulary of 62 classes padded
-to 64 columns (the padding holding NaN and inf), they equal the one-device functions,
-values and gradients with respect to ``x``, ``w`` and ``bias``, in float64. Run in a
-subprocess with 4 CPU devices."""
+"""jxent.parallel's fused log-probabilities, distillation and Jensen-Shannon losses (the
+teacher's top-k or its hidden states; issue 14): inside ``shard_map`` on a 2 x 2
+("data", "model") mesh, with the vocabulary of 62 classes padded to 64 columns (the
+padding holding NaN and inf), they equal the one-device functions, values and gradients
+with respect to ``x``, ``w`` and ``bias``, in float64. Run in a subprocess with 4 CPU
+devices."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_parallel_forms_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 21, errors
+    assert len(errors) == 27, errors
     for name, err in errors.items():
         # float64 throughout; the shards' sums are regrouped, nothing else differs.
         assert err < 1e-10, (name, err)
@@ -287,6 +288,62 @@ def _main() -> None:
     )
     specs = (tok, rows_spec, P("model"), tok, tok, rows_spec, P("model"), tok)
     compare("distillation, hidden teacher (vd)", hidden_sharded, specs, args, hidden_one, (x, w, b))
+
+    # The Jensen-Shannon divergence from hidden states: the second pass's sums combine
+    # across the shards. Uncapped with classes the teacher rules out (p = 0 there), and
+    # the reverse-KL end with a cap and both weights as [V, D] tables.
+    b_t_out = b_t.copy()
+    b_t_out[[0, 17, 40]] = -np.inf
+    b_t_out_pad = np.concatenate([b_t_out, np.full((PADDED - V,), np.nan)])
+    for beta, cap, layout in ((0.6, None, "dv"), (1.0, 3.0, "vd")):
+        bias_t = b_t_out if cap is None else b_t
+
+        def jsd_h_sharded(x, w, b, xt, wt, bt, m, tw, beta=beta, cap=cap, layout=layout):
+            return jxent.parallel.linear_softmax_jensen_shannon_divergence(
+                x,
+                w,
+                (xt, wt, bt),
+                axis_name="model",
+                beta=beta,
+                temperature=1.5,
+                bias=b,
+                where=m,
+                token_weights=tw,
+                num_classes=V,
+                chunk_size=(4, 8),
+                logit_soft_cap=cap,
+                batch_axis_name="data",
+                w_layout=layout,
+            )
+
+        def jsd_h_one(x, w, b, beta=beta, cap=cap, bias_t=bias_t):
+            return jxent.linear_softmax_jensen_shannon_divergence(
+                x,
+                w,
+                (x_t, w_t, bias_t),
+                beta=beta,
+                temperature=1.5,
+                bias=b,
+                where=where,
+                token_weights=weights,
+                logit_soft_cap=cap,
+            )
+
+        vd = layout == "vd"
+        w_spec = rows_spec if vd else col
+        args = (
+            put(x, "data"),
+            put(w_pad.T if vd else w_pad, *w_spec),
+            put(b_pad, "model"),
+            put(x_t, "data"),
+            put(w_t_pad.T if vd else w_t_pad, *w_spec),
+            put(b_t_out_pad if cap is None else b_t_pad, "model"),
+            put(where, "data"),
+            put(weights, "data"),
+        )
+        specs = (tok, w_spec, P("model"), tok, w_spec, P("model"), tok, tok)
+        name = f"jensen-shannon, hidden teacher, beta={beta} ({layout})"
+        compare(name, jsd_h_sharded, specs, args, jsd_h_one, (x, w, b))
     # Entropy alone is the contract's own test (tests/test_fused_contract.py); here the
     # three losses' values also match the unfused float64 composition.
     z = x @ w + b

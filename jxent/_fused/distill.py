@@ -30,8 +30,15 @@ whole vocabulary and needs one cross row sum ``X = sum_j exp(t_j - m_t) (t_j - z
 ``p_j`` recomputed in the backward pass from the teacher's block and the unscaled
 per-token ``m_t``, ``log s_t``.
 
-Internal API: :class:`Distillation`, :class:`TeacherDistillation` and
-:class:`JensenShannon` (the losses), :class:`TopKRows` (their inputs).
+The generalised Jensen-Shannon divergence: from a top-k teacher (:class:`JensenShannon`)
+with picks alone; from a teacher's logits stream (:class:`TeacherJensenShannon`), whose
+mixture ``m = beta p + (1 - beta) q`` needs both normalised distributions at every class,
+with a second forward pass (``engine.SecondPass``) once both log-sum-exps are known.
+
+Internal API: :class:`Distillation`, :class:`TeacherDistillation`,
+:class:`JensenShannon` and :class:`TeacherJensenShannon` (the losses),
+:func:`jensen_shannon` (the JSD's loss for either teacher, any ``beta``),
+:class:`TopKRows` (their inputs).
 """
 
 from __future__ import annotations
@@ -84,6 +91,13 @@ def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: engine.View):
     index = view.column_of(view.rows.labels)
     is_label = lax.broadcasted_iota(index.dtype, q.shape, 1) == index[:, None]
     return c_ce[:, None] * (p1 - is_label.astype(q.dtype))
+
+
+def _xlog(a, log_a, log_b):
+    """``a (log a - log b)``, exactly 0 where ``a = 0`` (whatever ``log b``: no ``0 * inf``)."""
+    zero = jnp.zeros((), a.dtype)
+    ok = a > 0
+    return jnp.where(ok, a * (log_a - jnp.where(ok, log_b, zero)), zero)
 
 
 def _dropped(rows: TopKRows, loss, coefs):
@@ -240,13 +254,8 @@ class JensenShannon(NamedTuple):
         log_q = (sums.picks["z_top"] - m[:, None]) - sums.lse_rel[:, None]
         q = jnp.where(in_k, jnp.exp(log_q), zero)
         log_q = jnp.where(in_k, log_q, zero)
-
-        def xlog(a, log_a, log_b):  # a (log a - log b), 0 where a = 0
-            ok = a > 0
-            return jnp.where(ok, a * (log_a - jnp.where(ok, log_b, zero)), zero)
-
         if b == 0:
-            loss = jnp.sum(xlog(p, log_p, log_q), -1)
+            loss = jnp.sum(_xlog(p, log_p, log_q), -1)
             c_q = jnp.sum(p, -1)
             values = -p
         else:
@@ -254,8 +263,8 @@ class JensenShannon(NamedTuple):
             log_m = jnp.where(in_k, log_m, zero)
             rest = 1 - jnp.sum(q, -1)  # the student's mass off the teacher's classes
             c0 = -(1 - b) * math.log1p(-b)
-            kl_q = jnp.sum(xlog(q, log_q, log_m), -1) + rest * -math.log1p(-b)
-            loss = b * jnp.sum(xlog(p, log_p, log_m), -1) + (1 - b) * kl_q
+            kl_q = jnp.sum(_xlog(q, log_q, log_m), -1) + rest * -math.log1p(-b)
+            loss = b * jnp.sum(_xlog(p, log_p, log_m), -1) + (1 - b) * kl_q
             g = jnp.where(q > 0, (1 - b) * (log_q - log_m), zero)
             gbar = c0 * rest + jnp.sum(q * g, -1)
             c_q = c0 - gbar
@@ -267,3 +276,99 @@ class JensenShannon(NamedTuple):
     def dlogits(self, q, log_q, coefs, view: engine.View):
         c_q, values = coefs
         return engine.add_at_columns(c_q[:, None] * q, view, view.rows.index, values)
+
+
+class TeacherJensenShannon(NamedTuple):
+    """The generalised JSD of the teacher's full ``p = softmax(t)`` (its logits stream,
+    ``engine.Inputs.teacher``) and the student's ``q = softmax(z)``, ``0 < beta <= 1``
+    (static; ``beta = 0`` is :func:`jensen_shannon`'s one-pass forward KL). With
+    ``m = beta p + (1 - beta) q`` (``log m`` a ``logaddexp`` of ``log p`` and ``log q``;
+    ``m = p`` at ``beta = 1``, where the divergence is the reverse ``KL(q || p)``):
+
+        JSD = sum_j J_j,   J_j = beta p_j (log p_j - log m_j) + (1 - beta) q_j (log q_j - log m_j)
+        S   = sum_j q_j (log q_j - log m_j)                         (KL(q || m))
+        d/dz_j = c q_j [(log q_j - log m_j) - S],   c = 1 - beta (1 at beta = 1)
+
+    (``dJSD/dq_j = c (log q_j - log m_j)``: the derivative of ``-sum m log m`` cancels the
+    others' ``+1``; through the softmax, ``q_j (g_j - sum_k q_k g_k)``). Each ``J_j`` is
+    ``>= 0`` (the log-sum inequality): the loss is a sum of non-negative terms. ``J`` and
+    ``S`` are the second pass's row sums, with the first pass's ``lse`` and ``lse_t``
+    fixed; the backward pass recomputes ``p`` and ``log m`` per block from the unscaled
+    ``S``, ``m_t`` and ``log s_t``. A class the teacher rules out (``t = -inf``, so
+    ``p = 0``) adds exactly 0 to the ``p`` terms; at ``beta = 1`` it makes the divergence
+    ``+inf`` (the student's mass there has no teacher mass to be compared with)."""
+
+    beta: float
+
+    def row_sums(self, columns):
+        return {}
+
+    def pick_shapes(self, columns):
+        return {}
+
+    def picks(self, z, view: engine.View):
+        return {}
+
+    def _logs(self, log_q, view: engine.View):
+        """``(log p, log m)`` of a block: the teacher's from its logits and the first
+        pass's ``m_t``, ``log s_t`` (the last two of ``view.fixed``)."""
+        mt, lse_t = view.fixed[-2:]
+        log_p = (view.teacher - mt[:, None]) - lse_t[:, None]
+        if self.beta == 1:
+            return log_p, log_p
+        b = self.beta
+        return log_p, jnp.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
+
+    def second_pass(self, sums: engine.RowSums, rows: TopKRows):
+        names = ("kl_q", "ruled_out") if self.beta == 1 else ("jsd", "kl_q")
+        return engine.SecondPass(names, (sums.teacher_max, sums.teacher_lse_rel))
+
+    def second_terms(self, q, log_q, view: engine.View):
+        log_p, log_m = self._logs(log_q, view)
+        kl_q = _xlog(q, log_q, log_m)
+        if self.beta == 1:
+            # A class the teacher rules out (p = 0 < q: a +inf term) is counted, not
+            # added: a compensated sum of +inf is NaN.
+            out = jnp.isneginf(log_p) & (q > 0)
+            kl_q = jnp.where(out, jnp.zeros((), q.dtype), kl_q)
+            return {"kl_q": kl_q, "ruled_out": out.astype(q.dtype)}
+        b = self.beta
+        return {"jsd": b * _xlog(jnp.exp(log_p), log_p, log_m) + (1 - b) * kl_q, "kl_q": kl_q}
+
+    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+        kl_q = sums.second["kl_q"]
+        if self.beta == 1:
+            kl_q = jnp.where(sums.second["ruled_out"] > 0, jnp.inf, kl_q)
+        loss = kl_q if self.beta == 1 else sums.second["jsd"]
+        # A divergence is >= 0; rounding can leave a value a few ulps below 0.
+        loss = jnp.maximum(loss, jnp.zeros((), loss.dtype))
+        c = jnp.full_like(kl_q, 1.0 if self.beta == 1 else 1 - self.beta)
+        loss, coefs = _dropped(rows, loss, (c,))
+        return loss, coefs, (kl_q, sums.teacher_max, sums.teacher_lse_rel)
+
+    def dlogits(self, q, log_q, coefs, view: engine.View):
+        (c,) = coefs
+        kl_q = view.fixed[0]
+        _, log_m = self._logs(log_q, view)
+        zero = jnp.zeros((), q.dtype)
+        # 0 where q = 0 (a student's -inf logit, where log q - log m is not finite).
+        g = jnp.where(q > 0, log_q - jnp.where(q > 0, log_m, zero), zero)
+        dz = c[:, None] * (q * (g - kl_q[:, None]))
+        if self.beta == 1:
+            # kl_q and g are +inf where the teacher rules a class out (the loss is +inf,
+            # its gradient NaN): a token whose coefficient is 0 (dropped) still gives 0.
+            dz = jnp.where(c[:, None] != 0, dz, zero)
+        return dz
+
+
+def jensen_shannon(beta: float, k: int | None):
+    """The JSD's loss: from a teacher's top ``k`` (:class:`JensenShannon`), or (``k``
+    None) from its logits stream, ``0 <= beta <= 1``: at ``beta = 0`` the forward
+    ``KL(p || q)``, which one pass gives (:class:`TeacherDistillation` at ``T = 1``: its
+    ``T`` only scales the KL by ``T^2`` and weights the hard label, while the engine's
+    temperature makes the logits), else :class:`TeacherJensenShannon`."""
+    if k is not None:
+        return JensenShannon(beta, k)
+    if beta == 0:
+        return TeacherDistillation(1.0, 0.0)
+    return TeacherJensenShannon(beta)

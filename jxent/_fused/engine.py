@@ -38,6 +38,11 @@ loss adds
 * **picks** (:meth:`FusedLoss.picks`): per-token values read from a block, 0 where
   the block does not hold them (a label's logit, its class weight); summed over the
   blocks (and the shards).
+* **a second pass** (optional, :meth:`FusedLoss.second_pass`), for sums whose terms
+  need the row's final softmax at every class (the Jensen-Shannon mixture ``beta p +
+  (1 - beta) q`` of a teacher's stream and the student's): declared from the first
+  pass's final numbers, it makes every block again and sums the loss's terms
+  (:meth:`FusedLoss.second_terms`) plainly, nothing moving any more.
 
 It then turns the final per-token numbers into the loss and the coefficients of its
 gradient (:meth:`FusedLoss.finish`), and gives the block of ``dloss/dlogits`` from the
@@ -52,25 +57,27 @@ Two schedules, under a ``jax.custom_vjp``:
   backward pass recomputes each block's logits, forms its ``dloss/dlogits``, adds
   ``dz @ w_blk.T`` to a float32 ``dx`` and, once all token blocks of a vocabulary
   block are done, writes that block's ``dw`` columns in place. Four matrix products
-  of the size of ``x @ w`` in all.
+  of the size of ``x @ w`` in all (five with a second pass).
 * **Single pass** (a block spans the whole vocabulary, and the loss is summed over
   tokens; Liger Kernel's schedule). Each token block's logits give its softmax at
   once, so the forward pass under ``jax.vjp`` computes the gradients of the summed
   loss too, accumulating ``dw`` in a float32 ``[D, V]`` buffer; the backward pass
-  only scales them. Three matrix products. A call that is not differentiated runs
-  the forward loop alone.
+  only scales them. Three matrix products (a second pass reads the same block). A
+  call that is not differentiated runs the forward loop alone.
 
 **Vocabulary-parallel** (``Spec.axis_name``, inside ``shard_map`` with ``w`` split
 over its columns): each shard runs the streaming forward pass on its columns, then one
 ``pmax`` of ``m`` and one ``psum`` of the re-centred per-token numbers (and of the gap
-totals) give every shard the whole vocabulary's; the backward pass is each shard's own,
+totals) give every shard the whole vocabulary's (a second pass's sums: one more
+``psum``); the backward pass is each shard's own,
 with ``dx`` summed over the shards (``_rules.sum_to_type``).
 
 **Padding columns** (``Spec.num_classes`` below ``w``'s columns, marked by
 ``real_columns``): their logits are *selected* to a large finite negative number
 before anything reads them, whatever ``w`` and ``bias`` hold there (``inf``, ``NaN``);
 ``exp`` of it is 0, and the soft cap's derivative and ``dx``'s weights are selected to
-0 there. A loss gives them zero weight in its gap sums.
+0 there. A loss gives them zero weight in its gap sums; the engine sets its second
+pass's terms there to 0. (One block's logits: ``jxent._fused.logits``.)
 """
 
 from __future__ import annotations
@@ -85,15 +92,12 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jxent import _backend
 from jxent._fused import blocks as B
+from jxent._fused import logits as L
+from jxent._fused.logits import compute_dtype
 from jxent._fused.plan import Plan
 from jxent._rules import sum_to_type
 from jxent._softmax import row_sums
 from jxent._validation import accumulation_dtype
-
-#: The logit of a padding column, as a fraction of the accumulation dtype's largest value:
-#: far below any real logit, and ``m - z`` of it cannot overflow in the gap sums.
-PADDING_LOGIT = -0.25
-
 
 # --------------------------------------------------------------------------------------------
 # The contract
@@ -109,7 +113,9 @@ class View(NamedTuple):
     width: int  # columns per group in the block
     groups: int  # vocabulary groups (see jxent._fused.blocks)
     group_length: int  # columns per group of the whole vocabulary (on this device)
-    fixed: Any = None  # the loss's unscaled per-token numbers from finish (backward only)
+    # The loss's unscaled per-token numbers: from finish (backward), or from second_pass
+    # (the second forward pass's terms).
+    fixed: Any = None
     teacher: Any = None  # the teacher's logits block [n, vb] (with Inputs.teacher), or None
 
     def column_of(self, index: jax.Array) -> jax.Array:
@@ -142,10 +148,19 @@ class RowSums(NamedTuple):
     picks: dict  # name -> the value read from the column that holds it
     teacher_max: Any = None  # m_t: the largest of the teacher's logits (with a teacher)
     teacher_lse_rel: Any = None  # log sum_k exp(t_k - m_t)
+    second: Any = None  # name -> the second pass's row sum (a loss with a second pass)
+
+
+class SecondPass(NamedTuple):
+    """A loss's second forward pass (see :meth:`FusedLoss.second_pass`)."""
+
+    names: tuple[str, ...]  # the row sums it takes (second_terms' keys)
+    fixed: Any  # pytree of [n] numbers its terms read (View.fixed), from the first pass
 
 
 class FusedLoss(Protocol):
-    """A fused loss: a hashable object (its options are static) with five methods."""
+    """A fused loss: a hashable object (its options are static) with five methods, and
+    two optional ones (``second_pass``, ``second_terms``) for a second forward pass."""
 
     def row_sums(self, columns) -> dict[str, RowSum]:
         """The row sums to keep, given this block's per-column inputs ``columns``."""
@@ -167,6 +182,18 @@ class FusedLoss(Protocol):
     def dlogits(self, p: jax.Array, log_p: jax.Array, coefs, view: View) -> jax.Array:
         """``dloss/dz`` of a block from its softmax ``p [n, vb]``, ``log_p`` (finite where
         ``p`` underflows) and ``coefs`` (this token block's, times each cotangent)."""
+
+    def second_pass(self, sums: RowSums, rows) -> SecondPass | None:
+        """Optional (absent: None). The second pass that the first pass's final numbers
+        ``sums`` (``second`` still None) call for: the engine then makes every block again
+        and sums :meth:`second_terms` over the whole vocabulary (all devices) into
+        ``RowSums.second`` for ``finish``."""
+
+    def second_terms(self, p: jax.Array, log_p: jax.Array, view: View) -> dict:
+        """The elementwise terms ``[n, vb]`` of the second pass's row sums (name -> terms),
+        from the block's final softmax ``p``, ``log_p`` (as in ``dlogits``), the teacher's
+        block and ``View.fixed`` (``SecondPass.fixed``). Plain sums: nothing moves (the
+        engine sets the padding columns' terms to 0)."""
 
 
 class Spec(NamedTuple):
@@ -236,18 +263,12 @@ def weighted(weights: jax.Array | None, loss: jax.Array, coefs):
     return loss * weights, jax.tree.map(lambda c: c * _row_scale(weights, c), coefs)
 
 
-def compute_dtype(*arrays) -> jnp.dtype:
-    """The dtype the products run in: the promotion of ``x``, ``w`` (and ``bias``)."""
-    return functools.reduce(jnp.promote_types, [a.dtype for a in arrays if a is not None])
-
-
 def _acc(inp: Inputs):
     return accumulation_dtype(compute_dtype(inp.x, inp.w, inp.bias))
 
 
 def _vocab_axis(spec: Spec) -> int:
-    """The axis of ``w`` that runs over the vocabulary."""
-    return 0 if spec.w_layout == "vd" else 1
+    return L.vocab_axis(spec.w_layout)
 
 
 def _columns(spec: Spec, inp: Inputs) -> int:
@@ -256,88 +277,6 @@ def _columns(spec: Spec, inp: Inputs) -> int:
 
 def _num_classes(spec: Spec, inp: Inputs) -> int:
     return _columns(spec, inp) if spec.num_classes is None else spec.num_classes
-
-
-# --------------------------------------------------------------------------------------------
-# One block's logits
-# --------------------------------------------------------------------------------------------
-
-
-def _logits(spec: Spec, plan: Plan, x_blk, w_blk, b_blk, real_blk=None):
-    """One block's logits in the accumulation dtype, soft-capped: ``(z, dz/dlogits)``."""
-    cdt = compute_dtype(x_blk, w_blk, b_blk)
-    acc = accumulation_dtype(cdt)
-    # x [n, D] times w's block, [D, vb] or [vb, D]: contract D either way (no transpose).
-    dims = (((1,), (_vocab_axis(spec) ^ 1,)), ((), ()))
-    logits = lax.dot_general(
-        x_blk.astype(cdt),
-        w_blk.astype(cdt),
-        dims,
-        precision=plan.precision,
-        preferred_element_type=acc,
-    )
-    if b_blk is not None:
-        logits = logits + b_blk.astype(acc)[None, :]
-    dcap = None
-    if spec.soft_cap is not None:
-        t = jnp.tanh(logits / spec.soft_cap)
-        logits, dcap = spec.soft_cap * t, 1 - t * t
-    if spec.temperature is not None and spec.temperature != 1:
-        inv = 1 / spec.temperature
-        logits = logits * jnp.asarray(inv, acc)
-        dcap = jnp.full((), inv, acc) if dcap is None else dcap * jnp.asarray(inv, acc)
-    if real_blk is not None:
-        real = real_blk[None, :]
-        logits = jnp.where(real, logits, jnp.asarray(PADDING_LOGIT * jnp.finfo(acc).max, acc))
-        if dcap is not None:
-            dcap = jnp.where(real, jnp.broadcast_to(dcap, logits.shape), jnp.zeros((), acc))
-    return logits, dcap
-
-
-class _Teacher(NamedTuple):
-    """A teacher's operands in the loops' grouped views (``x_t`` by tokens, ``w_t`` and
-    its bias by columns), or one vocabulary block's columns of them."""
-
-    x: jax.Array | None
-    w: jax.Array
-    bias: jax.Array | None
-
-
-def _grouped_teacher(spec: Spec, plan: Plan, inp: Inputs) -> _Teacher | None:
-    if inp.teacher is None:
-        return None
-    xt, wt, bt = inp.teacher
-    tg, vg = plan.token_groups, plan.vocab_groups
-    return _Teacher(B.group(xt, 0, tg), B.group(wt, _vocab_axis(spec), vg), B.group(bt, 0, vg))
-
-
-def _teacher_columns(spec: Spec, teacher: _Teacher | None, v0, vb, vg) -> _Teacher | None:
-    """The teacher's ``w`` (and bias) block of the vocabulary block ``(v0, vb)``."""
-    if teacher is None:
-        return None
-    w_blk = B.block(teacher.w, v0, vb, _vocab_axis(spec), vg)
-    return _Teacher(teacher.x, w_blk, B.block(teacher.bias, v0, vb, 0, vg))
-
-
-def _teacher_logits(spec, plan, teacher: _Teacher | None, r0, nb, tg, real_blk):
-    """The teacher's logits block (tokens ``(r0, nb)``, the columns of ``teacher``)."""
-    if teacher is None:
-        return None
-    x_blk = B.block(teacher.x, r0, nb, 0, tg)
-    return _logits(spec, plan, x_blk, teacher.w, teacher.bias, real_blk)[0]
-
-
-def _real_weights(w_blk: jax.Array, real_blk: jax.Array | None, axis: int) -> jax.Array:
-    """``w_blk`` with its padding columns zeroed, for ``dx = dz @ w.T``.
-
-    ``dz`` is exactly 0 on the padding, but ``0 * inf`` and ``0 * NaN`` are NaN: a padding
-    column holding either would spread into every entry of ``dx``. Only when padded and
-    ``dx`` is wanted; the select is of a block (or, in the single pass, of ``w``).
-    """
-    if real_blk is None:
-        return w_blk
-    real = real_blk[None, :] if axis == 1 else real_blk[:, None]
-    return jnp.where(real, w_blk, jnp.zeros((), w_blk.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,9 +434,13 @@ def _view(inp_rows, columns, start, width, groups, group_length, teacher=None) -
     return View(inp_rows, columns, start, width, groups, group_length, teacher=teacher)
 
 
-def _statistics(spec: Spec, plan: Plan, inp: Inputs):
-    """Per-token running statistics over every vocabulary block (streaming), and each
-    gap's total weight."""
+def _sweep(spec: Spec, plan: Plan, inp: Inputs, state, fold, seen: dict, const=None):
+    """``state`` (a pytree of per-token ``[N, ...]`` numbers) folded over every block of the
+    logits, vocabulary blocks outer: ``fold(sub, z, view, seen, real_blk, const_blk)``
+    gives a token block's numbers from its previous ones ``sub``, the block's logits
+    ``z`` and view (with the teacher's block), each gap sum's total weight ``seen`` over
+    the vocabulary blocks already folded, the block's padding mask and the token block's
+    share of ``const`` (per-token constants). Returns ``(state, seen)`` after the last."""
     loss = spec.loss
     n, v, ax = inp.x.shape[0], _columns(spec, inp), _vocab_axis(spec)
     tg, vg = plan.token_groups, plan.vocab_groups
@@ -506,34 +449,48 @@ def _statistics(spec: Spec, plan: Plan, inp: Inputs):
     w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
-    teacher = _grouped_teacher(spec, plan, inp)
+    teacher = L.grouped_teacher(spec, plan, inp.teacher)
+    const = jax.tree.map(lambda f: B.group(f, 0, tg), const)
 
     def vocab_step(v0, vb, carry):
-        run, seen = carry
+        state, seen = carry
         w_blk = B.block(w, v0, vb, ax, vg)
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
-        t_cols = _teacher_columns(spec, teacher, v0, vb, vg)
+        t_cols = L.teacher_columns(spec, teacher, v0, vb, vg)
 
-        def token_step(r0, nb, run):
-            z, _ = _logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
-            t = _teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
-            sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), run)
-            rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
+        def token_step(r0, nb, state):
+            z, _ = L.block_logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            t = L.teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
+            sub, const_blk, rows_blk = (
+                jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), a) for a in (state, const, rows)
+            )
             view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
-            sub = _merge(loss, sub, z, view, seen)
-            return jax.tree.map(lambda a, f: B.put_block(a, f, r0, 0, tg), run, sub)
+            sub = fold(sub, z, view, seen, c_blk, const_blk)
+            return jax.tree.map(lambda a, f: B.put_block(a, f, r0, 0, tg), state, sub)
 
-        run = B.for_blocks(n // tg, plan.token_block // tg, token_step, run)
-        blk_totals = _gap_totals(loss.row_sums(cols), vg * vb, acc)
-        seen = {k: seen[k] + blk_totals[k] for k in seen}
-        return run, seen
+        state = B.for_blocks(n // tg, plan.token_block // tg, token_step, state)
+        if seen:
+            blk_totals = _gap_totals(loss.row_sums(cols), vg * vb, acc)
+            seen = {k: seen[k] + blk_totals[k] for k in seen}
+        return state, seen
 
-    run = _init_running(loss, n, acc, inp.columns, inp.teacher is not None)
-    run = jax.tree.map(lambda f: B.group(f, 0, tg), run)
+    state = jax.tree.map(lambda f: B.group(f, 0, tg), state)
+    state, seen = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, (state, seen))
+    return jax.tree.map(lambda f: B.ungroup(f, 0, tg), state), seen
+
+
+def _statistics(spec: Spec, plan: Plan, inp: Inputs):
+    """Per-token running statistics over every vocabulary block (streaming), and each
+    gap's total weight."""
+    loss, acc = spec.loss, _acc(inp)
+    run = _init_running(loss, inp.x.shape[0], acc, inp.columns, inp.teacher is not None)
     seen = {k: jnp.zeros((), acc) for k in _gap_totals(loss.row_sums(inp.columns), 1, acc)}
-    run, totals = B.for_blocks(v // vg, plan.vocab_block // vg, vocab_step, (run, seen))
-    return jax.tree.map(lambda f: B.ungroup(f, 0, tg), run), totals
+
+    def fold(sub, z, view, seen, real_blk, const_blk):
+        return _merge(loss, sub, z, view, seen)
+
+    return _sweep(spec, plan, inp, run, fold, seen)
 
 
 def _combine(spec: Spec, inp: Inputs, run: _Running, totals: dict):
@@ -567,19 +524,70 @@ class Coefficients(NamedTuple):
     fixed: Any = None  # the loss's unscaled numbers (View.fixed)
 
 
-def _finish(spec: Spec, inp: Inputs, run: _Running, totals: dict, rows):
+def _final(run: _Running, totals: dict) -> RowSums:
+    """The first pass's per-token numbers for ``finish`` (or a second pass)."""
     lse_rel = jnp.log(run.s)  # lse - m >= 0
     lse_t = None if run.st is None else jnp.log(run.st)
-    sums = RowSums(run.m, lse_rel, run.sums, totals, run.picks, run.mt, lse_t)
+    return RowSums(run.m, lse_rel, run.sums, totals, run.picks, run.mt, lse_t)
+
+
+def _finish(spec: Spec, inp: Inputs, sums: RowSums, rows):
     loss, coefs, *fixed = spec.loss.finish(sums, rows, _num_classes(spec, inp))
-    return loss, Coefficients(run.m, lse_rel, coefs, fixed[0] if fixed else None)
+    return loss, Coefficients(sums.row_max, sums.lse_rel, coefs, fixed[0] if fixed else None)
+
+
+# --------------------------------------------------------------------------------------------
+# A second forward pass, with the first pass's statistics final
+# --------------------------------------------------------------------------------------------
+
+
+def _second_stats(loss: FusedLoss, sums: RowSums, rows):
+    """``(stats, names)`` of the loss's second pass: the softmax's final statistics with
+    ``SecondPass.fixed`` as ``fixed``, and the row sums' names; ``(None, ())`` without."""
+    second = getattr(loss, "second_pass", lambda sums, rows: None)(sums, rows)
+    if second is None:
+        return None, ()
+    return Coefficients(sums.row_max, sums.lse_rel, None, second.fixed), second.names
+
+
+def _log_softmax(z, stats: Coefficients):
+    """``log softmax(z)`` of a block from the row's final statistics (numerical rule 1)."""
+    return (z - stats.row_max[:, None]) - stats.lse_rel[:, None]
+
+
+def _second_sums(loss: FusedLoss, z, view: View, stats: Coefficients, real_blk) -> dict:
+    """One block's share of the second pass's row sums (``[n]`` each)."""
+    log_p = _log_softmax(z, stats)
+    terms = loss.second_terms(jnp.exp(log_p), log_p, view._replace(fixed=stats.fixed))
+    if real_blk is not None:
+        zero = jnp.zeros((), z.dtype)
+        terms = {k: jnp.where(real_blk[None, :], a, zero) for k, a in terms.items()}
+    return row_sums(terms)
+
+
+def _second_pass(spec: Spec, plan: Plan, inp: Inputs, sums: RowSums) -> RowSums:
+    """``sums`` with the second pass's row sums (every block made again, streaming; summed
+    over the shards of ``spec.axis_name``), or as they are for a loss without one."""
+    stats, names = _second_stats(spec.loss, sums, inp.rows)
+    if stats is None:
+        return sums
+
+    def fold(sub, z, view, seen, real_blk, stats_blk):
+        add = _second_sums(spec.loss, z, view, stats_blk, real_blk)
+        return {k: sub[k] + add[k] for k in sub}
+
+    zeros = {k: jnp.zeros_like(sums.lse_rel) for k in names}
+    second, _ = _sweep(spec, plan, inp, zeros, fold, {}, stats)
+    if spec.axis_name is not None:
+        second = lax.psum(second, spec.axis_name)
+    return sums._replace(second=second)
 
 
 def _forward(spec: Spec, plan: Plan, inp: Inputs):
     """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
     run, totals = _statistics(spec, plan, inp)
-    run, totals = _combine(spec, inp, run, totals)
-    return _finish(spec, inp, run, totals, inp.rows)
+    sums = _second_pass(spec, plan, inp, _final(*_combine(spec, inp, run, totals)))
+    return _finish(spec, inp, sums, inp.rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +596,7 @@ def _forward(spec: Spec, plan: Plan, inp: Inputs):
 
 
 def _dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View, real_blk=None):
-    log_p = (z - coefs.row_max[:, None]) - coefs.lse_rel[:, None]
+    log_p = _log_softmax(z, coefs)
     dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view._replace(fixed=coefs.fixed))
     dz = dz if dcap is None else dz * dcap
     if real_blk is not None:
@@ -691,19 +699,19 @@ def _streaming_grads(spec: Spec, plan: Plan, inp: Inputs, coefs: Coefficients, w
     w = B.group(inp.w, ax, vg)
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
-    teacher = _grouped_teacher(spec, plan, inp)
+    teacher = L.grouped_teacher(spec, plan, inp.teacher)
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
         w_blk = B.block(w, v0, vb, ax, vg)
         b_blk, c_blk = (B.block(a, v0, vb, 0, vg) for a in (bias, real))
         cols = jax.tree.map(lambda a: B.block(a, v0, vb, 0, vg), columns)
-        w_dx = _real_weights(w_blk, c_blk, ax) if wanted.x else w_blk
-        t_cols = _teacher_columns(spec, teacher, v0, vb, vg)
+        w_dx = L.real_weights(w_blk, c_blk, ax) if wanted.x else w_blk
+        t_cols = L.teacher_columns(spec, teacher, v0, vb, vg)
 
         def token_step(r0, nb, inner):
-            z, dcap = _logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
-            t = _teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
+            z, dcap = L.block_logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+            t = L.teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), coefs)
             rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
             view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
@@ -748,22 +756,27 @@ def _single_pass(spec: Spec, plan: Plan, inp: Inputs, wanted: _Wanted):
     x, rows = B.group(inp.x, 0, tg), jax.tree.map(lambda a: B.group(a, 0, tg), inp.rows)
     # With padding columns, dx's product needs w with its padding zeroed: a copy of w
     # (loop-invariant, made once), beside the [D, V] float32 accumulator of dw.
-    w_dx = _real_weights(inp.w, inp.real_columns, ax) if wanted.x else inp.w
+    w_dx = L.real_weights(inp.w, inp.real_columns, ax) if wanted.x else inp.w
     declared = loss.row_sums(inp.columns)
     no_weight = {k: jnp.zeros((), acc) for k in _gap_totals(declared, v, acc)}
-    teacher = _grouped_teacher(spec, plan, inp)  # the whole vocabulary in one block
+    teacher = L.grouped_teacher(spec, plan, inp.teacher)  # the whole vocabulary in one block
 
     def token_step(r0, nb, carry):
         total, dx, dw, db = carry
         x_blk = B.block(x, r0, nb, 0, tg)
         rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
-        z, dcap = _logits(spec, plan, x_blk, inp.w, inp.bias, inp.real_columns)
-        t = _teacher_logits(spec, plan, teacher, r0, nb, tg, inp.real_columns)
+        z, dcap = L.block_logits(spec, plan, x_blk, inp.w, inp.bias, inp.real_columns)
+        t = L.teacher_logits(spec, plan, teacher, r0, nb, tg, inp.real_columns)
         view = View(rows_blk, inp.columns, 0, v, 1, v, teacher=t)
         fresh = _init_running(loss, tg * nb, acc, inp.columns, t is not None)
         run = _merge(loss, fresh, z, view, no_weight)
-        totals = _gap_totals(declared, v, acc)
-        loss_blk, coefs = _finish(spec, inp, run, totals, rows_blk)
+        sums = _final(run, _gap_totals(declared, v, acc))
+        # A second pass reads the same blocks: the whole vocabulary is here already.
+        stats, _ = _second_stats(loss, sums, rows_blk)
+        if stats is not None:
+            second = _second_sums(loss, z, view, stats, inp.real_columns)
+            sums = sums._replace(second=second)
+        loss_blk, coefs = _finish(spec, inp, sums, rows_blk)
         # The block's maximum behind a barrier: otherwise XLA:CPU shares z - max between
         # the sum of exponentials above and the softmax below, and materialises it.
         coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))

@@ -1,7 +1,7 @@
 """``linear_softmax_kl_divergence``, ``linear_distillation_loss`` and
 ``linear_softmax_jensen_shannon_divergence``: knowledge distillation from the student's
-hidden states, with the teacher's top-k log-probabilities or (KL and distillation) the
-teacher's own hidden states and weight, without either's ``[tokens, V]`` logits."""
+hidden states, with the teacher's top-k log-probabilities or the teacher's own hidden
+states and weight, without either's ``[tokens, V]`` logits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jxent import _validation as v
 from jxent._fused import driver, engine
-from jxent._fused.distill import Distillation, JensenShannon, TeacherDistillation, TopKRows
+from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
 from jxent._fused.xent import prepare_labels
 from jxent.linear.api import checked_inputs
 
@@ -356,20 +356,44 @@ def linear_softmax_jensen_shannon_divergence(
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
 
-    :func:`jxent.softmax_jensen_shannon_divergence` of the teacher's top-k distribution
-    :math:`p` (0 off its classes :math:`K`) and the student's
-    :math:`q = \mathrm{softmax}(z)`, :math:`z = c \tanh((x W + b)/c) / T`, without the
-    student's logits array: with :math:`m = \beta p + (1 - \beta) q`,
+    :func:`jxent.softmax_jensen_shannon_divergence` of the teacher's distribution
+    :math:`p` and the student's :math:`q = \mathrm{softmax}(z)`,
+    :math:`z = c \tanh((x W + b)/c) / T`, without the student's logits array: with
+    :math:`m = \beta p + (1 - \beta) q`,
 
     .. math::
       \ell = \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m),
 
-    :math:`\beta = 0` the forward :math:`\mathrm{KL}(p \,\|\, q)`. Off the teacher's
-    classes :math:`m_j = (1 - \beta) q_j`, so the student's mass there enters in closed
-    form, :math:`-(1 - Q) \log(1 - \beta)` with :math:`Q = \sum_K q_k`: the loss needs
-    only the student's logits at :math:`K` and its log-sum-exp (Agarwal et al.'s GKD
-    objective with a top-k teacher). Not scaled by :math:`T^2`. The teacher is a
-    constant.
+    and at the ends the two KL divergences it interpolates (Liger Kernel's convention):
+    :math:`\beta = 0` the forward :math:`\mathrm{KL}(p \,\|\, q)`, :math:`\beta = 1`
+    the reverse :math:`\mathrm{KL}(q \,\|\, p)`. Not scaled by :math:`T^2`. The
+    teacher is a constant. Memory and schedules as
+    :func:`jxent.linear_softmax_cross_entropy`.
+
+    The teacher's top-k ``(indices, log_probs)``: :math:`p` is 0 off its classes
+    :math:`K`, where :math:`m_j = (1 - \beta) q_j`, so the student's mass there enters in
+    closed form, :math:`-(1 - Q) \log(1 - \beta)` with :math:`Q = \sum_K q_k`: the loss
+    needs only the student's logits at :math:`K` and its log-sum-exp (Agarwal et al.'s
+    GKD objective with a top-k teacher); :math:`\beta < 1` (the reverse KL is infinite
+    for a top-k teacher: the student's mass off the top-k has no teacher mass to be
+    compared with).
+
+    The teacher's hidden states ``(x_t, w_t[, bias_t])``: :math:`p =
+    \mathrm{softmax}(t)` over the whole vocabulary, :math:`t = c \tanh((x_t W_t +
+    b_t)/c) / T` (the student's cap and temperature), made block by block beside the
+    student's logits as in :func:`jxent.linear_softmax_kl_divergence`; :math:`\beta \in
+    [0, 1]`. :math:`\log m_j` needs both normalised distributions at every class: a
+    first pass over the blocks gives both log-sum-exps, a second one (the blocks made
+    again: two more matrix products) the per-token sums
+    :math:`\ell = \sum_j [\beta p_j (\log p_j - \log m_j) + (1 - \beta) q_j (\log q_j
+    - \log m_j)]` (each term :math:`\ge 0`) and :math:`S = \mathrm{KL}(q \,\|\, m)`,
+    with :math:`\log m` a ``logaddexp`` of the two log-probabilities. The gradient,
+    :math:`\partial \ell / \partial z_j = (1 - \beta)\, q_j [(\log q_j - \log m_j) -
+    S]` (factor 1 at :math:`\beta = 1`, where :math:`m = p`), recomputes both
+    distributions block by block. :math:`\beta = 0` takes one pass (the KL's). A class
+    the teacher rules out (a ``-inf`` logit, e.g. from ``bias_t``, uncapped) has
+    :math:`p = 0` and contributes exactly 0 to the teacher's terms; with
+    :math:`\beta = 1` it makes the loss :math:`+\infty`.
 
     Args:
       x: the student's hidden states ``[..., D]``, floating.
@@ -377,32 +401,35 @@ def linear_softmax_jensen_shannon_divergence(
       teacher: ``(indices, log_probs)`` of the teacher's top-k, each of shape
         ``x.shape[:-1] + (k,)``, the classes with a finite log-probability distinct
         within a token (as ``jax.lax.top_k`` gives them); entries with log-probability
-        ``-inf`` may hold any index.
-      beta: :math:`\beta \in [0, 1)`, a static Python number. (:math:`\beta = 1`, the
-        reverse KL, is infinite for a top-k teacher: the student's mass off the top-k
-        has no teacher mass to be compared with.)
-      temperature: :math:`T > 0`, a static Python number (the student's logits are
-        divided by it; the teacher's log-probabilities are taken as given).
+        ``-inf`` may hold any index. Or ``(x_t, w_t)`` / ``(x_t, w_t, bias_t)``: the
+        teacher's hidden states, output projection and optional bias, as
+        :func:`jxent.linear_softmax_kl_divergence` takes them.
+      beta: :math:`\beta`, a static Python number: in ``[0, 1)`` with a top-k teacher,
+        ``[0, 1]`` with its hidden states.
+      temperature: :math:`T > 0`, a static Python number: the student's logits (and a
+        hidden-state teacher's) are divided by it; a top-k teacher's log-probabilities
+        are taken as given.
       bias: optional ``[V]`` bias.
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
       token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
         multiplying each token's loss; ``"mean"`` divides by their sum.
       normalizer: a scalar to divide the ``"mean"``'s sum by instead; a constant.
-      logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
+      logit_soft_cap: :math:`c > 0` to soft-cap the student's logits (and a hidden-state
+        teacher's), or ``None``.
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
-        embedding table, read in place).
+        embedding table, read in place; a teacher's ``w_t`` in the same layout).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
-      ``reduction="none"``. A kept token whose teacher puts probability on a class
+      ``reduction="none"``. A kept token whose top-k teacher puts probability on a class
       outside ``[0, V)`` gets NaN (its gradient too).
 
     Raises:
       TypeError, ValueError: as :func:`jxent.linear_softmax_kl_divergence`, and for
-        ``beta`` outside ``[0, 1)``.
+        ``beta`` outside ``[0, 1]`` (``[0, 1)`` with a top-k teacher).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -416,6 +443,19 @@ def linear_softmax_jensen_shannon_divergence(
       ...     x @ w, teacher_logits, beta=0.3).mean()
       >>> bool(jnp.allclose(loss, want, atol=1e-6))
       True
+      >>> # The teacher as hidden states and weight (two passes; its logits never formed).
+      >>> x_t = jnp.array([[0.5, 2.0, -1.0], [1.0, 0.0, 0.5]])
+      >>> w_t = jnp.array([[1.0, 0.5, -0.5, 0.0], [0.2, -0.3, 0.8, 0.1],
+      ...                  [-0.4, 0.6, 0.0, 1.2]])
+      >>> for beta in (0.0, 0.5, 1.0):  # forward KL, symmetric JSD, reverse KL
+      ...     loss = jxent.linear_softmax_jensen_shannon_divergence(
+      ...         x, w, (x_t, w_t), beta=beta, temperature=2.0)
+      ...     want = jxent.softmax_jensen_shannon_divergence(
+      ...         x @ w, x_t @ w_t, beta=beta, temperature=2.0).mean()
+      ...     print(beta, bool(jnp.allclose(loss, want, atol=1e-6)))
+      0.0 True
+      0.5 True
+      1.0 True
 
     References:
       Agarwal et al., `On-Policy Distillation of Language Models: Learning from
@@ -429,7 +469,7 @@ def linear_softmax_jensen_shannon_divergence(
         w,
         None,
         teacher,
-        make_loss=lambda k: JensenShannon(beta, k),
+        make_loss=lambda k: jensen_shannon(beta, k),
         temperature=temperature,
         bias=bias,
         where=where,

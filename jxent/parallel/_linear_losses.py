@@ -18,7 +18,7 @@ from jax import lax
 
 from jxent import _validation as v
 from jxent._fused import driver, engine, plan
-from jxent._fused.distill import Distillation, JensenShannon, TeacherDistillation, TopKRows
+from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._reduction import reduce_across
 from jxent.parallel._split import (
@@ -516,15 +516,22 @@ def linear_softmax_jensen_shannon_divergence(
     The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over the
     tokens as ``x``; each shard reads the student's logits at the classes it owns, and
     the combine sums them with the log-sum-exp's numbers (one ``pmax``, one ``psum``).
+    A teacher given as ``(x_t, local_w_t[, local_bias_t])`` has its weight split as
+    ``local_w``: the log-sum-exps combine as above, then the second pass's sums over each
+    shard's columns in one more ``psum``.
 
     Args:
       x: the student's hidden states ``[..., D]``.
       local_w: this shard's ``[D, V_local]`` columns of the student's projection.
       teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``, the classes
-        with a finite log-probability distinct within a token.
+        with a finite log-probability distinct within a token; or the teacher's hidden
+        states and this shard's columns of its weight, ``(x_t [..., D_t], local_w_t
+        [D_t, V_local])`` (optionally a third entry, its bias's ``[V_local]`` slice).
       axis_name: the mesh axis (or axes) the vocabulary is split over.
-      beta: :math:`\beta \in [0, 1)` (static).
-      temperature: :math:`T > 0` (static; divides the student's logits).
+      beta: :math:`\beta` (static): in ``[0, 1)`` with a top-k teacher, ``[0, 1]`` with
+        its hidden states.
+      temperature: :math:`T > 0` (static; divides the student's logits, and a
+        hidden-state teacher's).
       bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
       where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
       token_weights: float per-token weights (constants); ``"mean"`` divides by their
@@ -546,7 +553,6 @@ def linear_softmax_jensen_shannon_divergence(
     Raises:
       TypeError, ValueError: as :func:`jxent.linear_softmax_jensen_shannon_divergence`
         and :func:`jxent.parallel.linear_softmax_cross_entropy`.
-      NotImplementedError: a teacher given as hidden states.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -573,7 +579,7 @@ def linear_softmax_jensen_shannon_divergence(
     """
     beta = v.jensen_shannon_beta(beta, teacher)
     return _from_teacher(
-        lambda k, t: JensenShannon(beta, k),
+        lambda k, t: jensen_shannon(beta, k),
         x,
         local_w,
         None,
