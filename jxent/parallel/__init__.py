@@ -33,7 +33,8 @@ over the whole batch (the sum of the per-device sums over the sum of the
 per-device counts).
 
 Communication: the forward pass does one ``pmax`` and one ``psum`` of a few
-``[rows]`` arrays over ``axis_name``. The backward pass of the logits form does
+``[rows]`` arrays over ``axis_name`` (the Jensen-Shannon divergence from a teacher's
+hidden states one more ``psum``, of its second pass's sums). The backward pass of the logits form does
 none (each shard's gradient needs only the per-row log-sum-exp and coefficients
 it already holds); that of the linear form sums ``dx`` over ``axis_name`` (``x``
 feeds every shard's logits) and, as any data-parallel weight, ``dw`` over the
