@@ -76,7 +76,7 @@ CASES = {
         ),
         X,
     ),
-    "linear_entropy": (lambda x: jxent.linear_entropy(x, W), X),
+    "linear_entropy": (lambda x: jxent.linear_entropy(x, W, reduction="none"), X),
     "linear_softmax_kl_divergence": (
         lambda x: jxent.linear_softmax_kl_divergence(x, W, TOP_K, reduction="none"),
         X,
@@ -156,7 +156,10 @@ SYMBOLIC = {
         ),
         None,
     ),
-    "linear_entropy": (lambda x, y, i, lp, c: jxent.linear_entropy(x, W, chunk_size=c), None),
+    "linear_entropy": (
+        lambda x, y, i, lp, c: jxent.linear_entropy(x, W, reduction="none", chunk_size=c),
+        None,
+    ),
     "linear_softmax_kl_divergence": (
         lambda x, y, i, lp, c: jxent.linear_softmax_kl_divergence(
             x, W, (i, lp), reduction="none", chunk_size=c

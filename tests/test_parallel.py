@@ -312,6 +312,30 @@ def test_one_device_linear_matches_reference(case, chunk):
     np.testing.assert_array_equal(db[num_classes:], 0.0)
 
 
+_FAMILY = ["linear_entropy", "linear_distillation_loss", "linear_softmax_jensen_shannon_divergence"]
+
+
+@pytest.mark.parametrize("name", _FAMILY)
+def test_parallel_family_normalizer_is_checked(name):
+    """The normalizer of the parallel log-prob family: only with "mean", only a scalar."""
+    mesh = jax.make_mesh((1,), ("model",))
+    x, y = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)
+    top = (jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)))
+    w = jax.device_put(jnp.zeros((3, 4)), NamedSharding(mesh, P(None, "model")))
+    fn = getattr(jxent.parallel, name)
+    args = {"linear_entropy": (), "linear_distillation_loss": (y, top)}.get(name, (top,))
+
+    def call(**kw):
+        local = lambda w: fn(x, w, *args, axis_name="model", **kw)  # noqa: E731
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(None, "model"), out_specs=P()))(w)
+
+    with pytest.raises(ValueError, match='normalizer divides the "mean"'):
+        call(normalizer=4.0, reduction="sum")
+    with pytest.raises(ValueError, match="normalizer must be a scalar"):
+        call(normalizer=jnp.ones(2))
+    assert float(call(normalizer=4.0)) == pytest.approx(2 * float(call()) / 4.0, abs=1e-6)
+
+
 def test_linear_bad_inputs_raise():
     mesh = jax.make_mesh((1,), ("model",))
     x, y = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)

@@ -127,8 +127,10 @@ def _main() -> None:
     compare("log_probs", lp_sharded, (tok, col, P("model"), tok, tok), args, lp_one, (x, w, b))
 
     for alpha in (0.0, 0.3):
+        # alpha 0.3: the mean over a given count (the global token count of a micro-batch)
+        norm = 10.0 if alpha else None
 
-        def kd_sharded(x, w, b, y, i, lp, m, tw, alpha=alpha):
+        def kd_sharded(x, w, b, y, i, lp, m, tw, alpha=alpha, norm=norm):
             return jxent.parallel.linear_distillation_loss(
                 x,
                 w,
@@ -140,12 +142,13 @@ def _main() -> None:
                 bias=b,
                 where=m,
                 token_weights=tw,
+                normalizer=norm,
                 num_classes=V,
                 chunk_size=(4, 8),
                 batch_axis_name="data",
             )
 
-        def kd_one(x, w, b, alpha=alpha):
+        def kd_one(x, w, b, alpha=alpha, norm=norm):
             if alpha:
                 return jxent.linear_distillation_loss(
                     x,
@@ -157,6 +160,7 @@ def _main() -> None:
                     bias=b,
                     where=where,
                     token_weights=weights,
+                    normalizer=norm,
                 )
             return jxent.linear_softmax_kl_divergence(
                 x, w, (idx, logp), temperature=2.0, bias=b, where=where, token_weights=weights
@@ -175,7 +179,8 @@ def _main() -> None:
         specs = (tok, col, P("model"), tok, tok, tok, tok, tok)
         compare(f"distillation alpha={alpha}", kd_sharded, specs, args, kd_one, (x, w, b))
 
-    # The entropy alone, weighted, averaged over the whole batch; w as [V, D] rows.
+    # The entropy alone, weighted, its sum over the whole batch divided by a given count
+    # (normalizer); w as [V, D] rows.
     def ent_sharded(x, w, b, m, tw):
         return jxent.parallel.linear_entropy(
             x,
@@ -186,7 +191,7 @@ def _main() -> None:
             bias=b,
             where=m,
             token_weights=tw,
-            reduction="mean",
+            normalizer=7.0,
             num_classes=V,
             chunk_size=(4, 8),
             batch_axis_name="data",
@@ -194,7 +199,7 @@ def _main() -> None:
 
     def ent_one(x, w, b):
         return jxent.linear_entropy(
-            x, w, temperature=1.3, bias=b, where=where, token_weights=weights, reduction="mean"
+            x, w, temperature=1.3, bias=b, where=where, token_weights=weights, normalizer=7.0
         )
 
     rows_spec = P("model", None)
@@ -216,6 +221,7 @@ def _main() -> None:
             bias=b,
             where=m,
             token_weights=tw,
+            normalizer=9.0,
             num_classes=V,
             chunk_size=(4, 8),
             batch_axis_name="data",
@@ -223,7 +229,15 @@ def _main() -> None:
 
     def jsd_one(x, w, b):
         return jxent.linear_softmax_jensen_shannon_divergence(
-            x, w, (idx, logp), beta=0.4, temperature=1.5, bias=b, where=where, token_weights=weights
+            x,
+            w,
+            (idx, logp),
+            beta=0.4,
+            temperature=1.5,
+            bias=b,
+            where=where,
+            token_weights=weights,
+            normalizer=9.0,
         )
 
     args = (

@@ -167,12 +167,13 @@ def linear_entropy(
     token_weights: jax.typing.ArrayLike | None = None,
     normalizer: jax.typing.ArrayLike | None = None,
     logit_soft_cap: float | None = None,
-    reduction: str = "none",
+    reduction: str = "mean",
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
 ) -> jax.Array:
-    r"""Per-token entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits).
+    r"""The entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits): its mean
+    over the kept tokens (the default, as every fused loss), or per token.
 
     .. math::
       H = \mathrm{lse}(z) - \sum_k p_k z_k = -\sum_k p_k \log p_k,
@@ -195,8 +196,8 @@ def linear_entropy(
       normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
         token count over micro-batches); a constant.
       logit_soft_cap: :math:`c > 0` to soft-cap the logits, or ``None``.
-      reduction: ``"none"`` (default: per token), ``"sum"``, or ``"mean"`` over the
-        kept tokens.
+      reduction: ``"mean"`` (default: over the kept tokens, as every fused loss of
+        hidden states), ``"sum"``, or ``"none"`` (per token).
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
@@ -213,8 +214,10 @@ def linear_entropy(
       >>> import jxent
       >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
       >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
-      >>> h = jxent.linear_entropy(x, w)
+      >>> h = jxent.linear_entropy(x, w, reduction="none")
       >>> bool(jnp.allclose(h, jxent.entropy(x @ w), atol=1e-6))
+      True
+      >>> bool(jnp.allclose(jxent.linear_entropy(x, w), h.mean()))
       True
 
     References:

@@ -34,9 +34,9 @@ per-device counts).
 
 Communication: the forward pass does one ``pmax`` and one ``psum`` of a few
 ``[rows]`` arrays over ``axis_name`` (the Jensen-Shannon divergence from a teacher's
-hidden states one more ``psum``, of its second pass's sums). The backward pass of the logits form does
-none (each shard's gradient needs only the per-row log-sum-exp and coefficients
-it already holds); that of the linear form sums ``dx`` over ``axis_name`` (``x``
+hidden states one more ``psum``, of its second pass's sums). The backward pass of the
+logits form does none (each shard's gradient needs only the per-row log-sum-exp and
+coefficients it already holds); that of the linear form sums ``dx`` over ``axis_name`` (``x``
 feeds every shard's logits) and, as any data-parallel weight, ``dw`` over the
 data axes. Both need ``shard_map``'s default ``check_vma=True``.
 
@@ -49,12 +49,11 @@ constants everywhere: no gradient flows to them.
 """
 
 from jxent.parallel._linear import linear_softmax_cross_entropy
-from jxent.parallel._linear_losses import (
+from jxent.parallel._linear_distillation import (
     linear_distillation_loss,
-    linear_entropy,
-    linear_log_probs,
     linear_softmax_jensen_shannon_divergence,
 )
+from jxent.parallel._linear_losses import linear_entropy, linear_log_probs
 from jxent.parallel._logits import softmax_cross_entropy_with_integer_labels
 
 __all__ = [

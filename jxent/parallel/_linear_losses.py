@@ -1,11 +1,13 @@
-"""The fused log-probabilities, entropy, distillation and Jensen-Shannon losses with the
-output weight
-split over a mesh axis (inside ``jax.shard_map``): each shard runs the blocked engine on
-its own columns of ``w``, and the engine's vocabulary-parallel combine gives every shard
-the whole vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is
-that of :func:`jxent.parallel.linear_softmax_cross_entropy`; the teacher's top-k
-indices and labels are global class ids, split over the tokens only; a teacher given as
-hidden states has its weight split as the student's.
+"""The fused log-probabilities and entropy with the output weight split over a mesh axis
+(inside ``jax.shard_map``): each shard runs the blocked engine on its own columns of
+``w``, and the engine's vocabulary-parallel combine gives every shard the whole
+vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is that of
+:func:`jxent.parallel.linear_softmax_cross_entropy`; labels are global class ids, split
+over the tokens only.
+
+Internal API (``jxent.parallel._linear_distillation`` builds on these):
+:func:`split_inputs`, :func:`split_labels`, :func:`run_split`, :func:`static_options`,
+``TOKENS_SPEC``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jxent import _validation as v
 from jxent._fused import driver, engine, plan
-from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._reduction import reduce_across
 from jxent.parallel._split import (
@@ -31,10 +31,10 @@ from jxent.parallel._split import (
     vocab_layout,
 )
 
-_TOKENS = 'P("data") as x\'s tokens'
+TOKENS_SPEC = 'P("data") as x\'s tokens'
 
 
-def _inputs(x, local_w, labels, bias, where, axis_name, num_classes, w_layout):
+def split_inputs(x, local_w, labels, bias, where, axis_name, num_classes, w_layout):
     """Checked arrays, the split, and the token mask (flattened later)."""
     x, w, labels, bias, _, row_mask = v.linear_inputs(
         x,
@@ -52,12 +52,12 @@ def _inputs(x, local_w, labels, bias, where, axis_name, num_classes, w_layout):
     split = vocab_layout(axis_name, w.shape[1 if w_layout == "dv" else 0], num_classes)
     check_split("local_w", w, split)
     check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
-    check_unsplit("labels", labels, split, _TOKENS)
-    check_unsplit("where", row_mask, split, _TOKENS)
+    check_unsplit("labels", labels, split, TOKENS_SPEC)
+    check_unsplit("where", row_mask, split, TOKENS_SPEC)
     return x, w, labels, bias, row_mask, split
 
 
-def _labels(split: Layout, labels, n):
+def split_labels(split: Layout, labels, n):
     """``(local column or -1, the label is a class)`` of global labels, ``[N]``."""
     if labels is None:
         return None, None
@@ -68,7 +68,7 @@ def _labels(split: Layout, labels, n):
     return here, (flat >= 0) & (flat < split.num_classes)
 
 
-def _run(
+def run_split(
     loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature, w_layout,
     teacher=None,
 ):  # fmt: skip
@@ -101,84 +101,11 @@ def _run(
     return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real, teacher)
 
 
-def _static(temperature, logit_soft_cap):
+def static_options(temperature, logit_soft_cap):
     temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if logit_soft_cap is not None:
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     return temperature, logit_soft_cap
-
-
-def _from_teacher(
-    make_loss,
-    x,
-    local_w,
-    labels,
-    teacher,
-    *,
-    axis_name,
-    temperature,
-    bias,
-    where,
-    token_weights,
-    logit_soft_cap,
-    reduction,
-    num_classes,
-    batch_axis_name,
-    chunk_size,
-    w_layout,
-):
-    """A loss against a teacher (its top-k, or its hidden states and split weight):
-    ``make_loss(k, temperature)`` (``k`` None for hidden states) on every shard."""
-    v.check_reduction(reduction)
-    x, w, labels, bias, row_mask, split = _inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes, w_layout
-    )
-    temperature, soft_cap = _static(temperature, logit_soft_cap)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
-    weights = driver.token_weights(token_weights, batch_shape, acc)
-    here, valid = _labels(split, labels, n)
-    rows = TopKRows(None, None, None, here, valid, None, weights)
-    rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
-    stream = None
-    if v.is_hidden_teacher(teacher):
-        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, w_layout, acc)
-        check_unsplit("teacher[0] (x_t)", x_t, split, _TOKENS)
-        check_split("teacher[1] (local_w_t)", w_t, split)
-        if b_t is not None:
-            check_split("teacher[2] (local_bias_t)", b_t, split)
-        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
-        loss_object = make_loss(None, temperature)
-    else:
-        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-        check_unsplit("teacher[0] (indices)", indices, split, _TOKENS)
-        check_unsplit("teacher[1] (log_probs)", log_probs, split, _TOKENS)
-        k = indices.shape[-1]
-        flat = indices.reshape(n, k)
-        flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
-        local, _ = local_labels(split, flat)
-        rows = rows._replace(
-            index=local,
-            known=(flat >= 0) & (flat < split.num_classes),
-            log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
-        )
-        loss_object = make_loss(k, temperature)
-    loss = _run(
-        loss_object,
-        x,
-        w,
-        bias,
-        rows,
-        split,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
-        temperature=temperature,
-        w_layout=w_layout,
-        teacher=stream,
-    ).reshape(batch_shape)
-    weight = driver.weighted_denominator(row_mask, weights, batch_shape)
-    return reduce_across(loss, reduction, weight, batch_axis_name)
 
 
 def linear_log_probs(
@@ -273,15 +200,15 @@ def _log_probs(
 ):  # fmt: skip
     """:class:`LogProbs`'s outputs (``log p_y`` with ``labels``, then ``H`` with
     ``entropy``), shaped as the tokens, and the token mask."""
-    x, w, labels, bias, row_mask, split = _inputs(
+    x, w, labels, bias, row_mask, split = split_inputs(
         x, local_w, labels, bias, where, axis_name, num_classes, w_layout
     )
-    temperature, soft_cap = _static(temperature, logit_soft_cap)
+    temperature, soft_cap = static_options(temperature, logit_soft_cap)
     batch_shape = x.shape[:-1]
     n = math.prod(batch_shape)
-    here, valid = _labels(split, labels, n)
+    here, valid = split_labels(split, labels, n)
     keep = None if row_mask is None else row_mask.reshape(n)
-    outputs = _run(
+    outputs = run_split(
         LogProbs(label=labels is not None, entropy=entropy),
         x,
         w,
@@ -305,8 +232,9 @@ def linear_entropy(
     bias: jax.typing.ArrayLike | None = None,
     where: jax.typing.ArrayLike | None = None,
     token_weights: jax.typing.ArrayLike | None = None,
+    normalizer: jax.typing.ArrayLike | None = None,
     logit_soft_cap: float | None = None,
-    reduction: str = "none",
+    reduction: str = "mean",
     num_classes: int | None = None,
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
@@ -325,8 +253,11 @@ def linear_entropy(
       where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
       token_weights: float per-token weights (constants) multiplying each entropy;
         ``"mean"`` divides by their sum over the kept tokens.
+      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
+        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
+        whole batch; a constant. Only with ``reduction="mean"``.
       logit_soft_cap: :math:`c > 0`, or ``None``.
-      reduction: ``"none"`` (default: per token), ``"sum"`` or ``"mean"``; over this
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per token); over this
         device's tokens, or over every device of ``batch_axis_name`` if given.
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
@@ -381,218 +312,5 @@ def linear_entropy(
     if weights is not None:
         h = h * weights.reshape(h.shape)
     weight = driver.weighted_denominator(row_mask, weights, h.shape)
-    return reduce_across(h, reduction, weight, batch_axis_name)
-
-
-def linear_distillation_loss(
-    x: jax.typing.ArrayLike,
-    local_w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike | None,
-    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
-    *,
-    axis_name: AxisName,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    bias: jax.typing.ArrayLike | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    token_weights: jax.typing.ArrayLike | None = None,
-    logit_soft_cap: float | None = None,
-    reduction: str = "mean",
-    num_classes: int | None = None,
-    batch_axis_name: AxisName | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
-    w_layout: str = "dv",
-) -> jax.Array:
-    r""":func:`jxent.linear_distillation_loss` (``alpha > 0``, with ``labels``) or
-    :func:`jxent.linear_softmax_kl_divergence` (``labels=None``, ``alpha=0``) with the
-    output weight split over ``axis_name``, inside ``jax.shard_map``.
-
-    The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over
-    the tokens as ``x`` (not over ``axis_name``); each shard reads the student's
-    logits at the indices it owns, and the combine sums them. A teacher given as
-    ``(x_t, local_w_t[, local_bias_t])`` has ``x_t`` laid out as ``x`` and its weight's
-    columns split over ``axis_name`` as ``local_w``'s.
-
-    Args:
-      x: the student's hidden states ``[..., D]``.
-      local_w: this shard's ``[D, V_local]`` columns of the student's projection.
-      labels: integer global class ids of shape ``x.shape[:-1]``, or ``None`` with
-        ``alpha=0`` (the KL divergence alone).
-      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``, or the
-        teacher's hidden states and this shard's columns of its weight, ``(x_t
-        [..., D_t], local_w_t [D_t, V_local])`` (optionally a third entry, its bias's
-        ``[V_local]`` slice).
-      axis_name: the mesh axis (or axes) the vocabulary is split over.
-      alpha: the cross-entropy's share in ``[0, 1]`` (static).
-      temperature: :math:`T > 0` (static).
-      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
-      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: float per-token weights (constants); ``"mean"`` divides by their
-        sum over the kept tokens.
-      logit_soft_cap: :math:`c > 0`, or ``None``.
-      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
-        tokens, or over every device of ``batch_axis_name`` if given.
-      num_classes: the true vocabulary size when the last shard is padded.
-      batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
-      chunk_size: blocks on each shard.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-
-    Returns:
-      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
-      scalar; equal on every shard of ``axis_name``.
-
-    Raises:
-      TypeError, ValueError: as :func:`jxent.linear_distillation_loss` and
-        :func:`jxent.parallel.linear_softmax_cross_entropy`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> import jxent
-      >>> mesh = jax.make_mesh((1,), ("model",))
-      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
-      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
-      >>> top = jax.lax.top_k(jax.nn.log_softmax(jnp.array([[1.0, 0.0, -1.0],
-      ...                                                    [0.0, 2.0, 0.5]])), 2)[::-1]
-      >>> fn = jax.shard_map(
-      ...     lambda x, w, i, l: jxent.parallel.linear_distillation_loss(
-      ...         x, w, None, (i, l), axis_name="model", alpha=0.0),
-      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P()), out_specs=P())
-      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-      >>> got = jax.jit(fn)(put(x), put(w, None, "model"), put(top[0]), put(top[1]))
-      >>> bool(jnp.allclose(got, jxent.linear_softmax_kl_divergence(x, w, top)))
-      True
-
-    References:
-      Hinton, Vinyals & Dean, `Distilling the Knowledge in a Neural Network
-      <https://arxiv.org/abs/1503.02531>`_, 2015.
-    """
-    alpha = v.static_number("alpha", alpha, lo=0, hi=1)
-    if alpha > 0 and labels is None:
-        raise TypeError("labels must be given (integer class ids) when alpha > 0, got None.")
-    return _from_teacher(
-        lambda k, t: TeacherDistillation(t, alpha) if k is None else Distillation(t, alpha, k),
-        x,
-        local_w,
-        labels if alpha > 0 else None,
-        teacher,
-        axis_name=axis_name,
-        temperature=temperature,
-        bias=bias,
-        where=where,
-        token_weights=token_weights,
-        logit_soft_cap=logit_soft_cap,
-        reduction=reduction,
-        num_classes=num_classes,
-        batch_axis_name=batch_axis_name,
-        chunk_size=chunk_size,
-        w_layout=w_layout,
-    )
-
-
-def linear_softmax_jensen_shannon_divergence(
-    x: jax.typing.ArrayLike,
-    local_w: jax.typing.ArrayLike,
-    teacher: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike],
-    *,
-    axis_name: AxisName,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    bias: jax.typing.ArrayLike | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    token_weights: jax.typing.ArrayLike | None = None,
-    logit_soft_cap: float | None = None,
-    reduction: str = "mean",
-    num_classes: int | None = None,
-    batch_axis_name: AxisName | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
-    w_layout: str = "dv",
-) -> jax.Array:
-    r""":func:`jxent.linear_softmax_jensen_shannon_divergence` with the output weight split
-    over ``axis_name``, inside ``jax.shard_map``.
-
-    The teacher's top-k ``(indices, log_probs)`` (global class ids) are split over the
-    tokens as ``x``; each shard reads the student's logits at the classes it owns, and
-    the combine sums them with the log-sum-exp's numbers (one ``pmax``, one ``psum``).
-    A teacher given as ``(x_t, local_w_t[, local_bias_t])`` has its weight split as
-    ``local_w``: the log-sum-exps combine as above, then the second pass's sums over each
-    shard's columns in one more ``psum``.
-
-    Args:
-      x: the student's hidden states ``[..., D]``.
-      local_w: this shard's ``[D, V_local]`` columns of the student's projection.
-      teacher: ``(indices, log_probs)`` of shape ``x.shape[:-1] + (k,)``, the classes
-        with a finite log-probability distinct within a token; or the teacher's hidden
-        states and this shard's columns of its weight, ``(x_t [..., D_t], local_w_t
-        [D_t, V_local])`` (optionally a third entry, its bias's ``[V_local]`` slice).
-      axis_name: the mesh axis (or axes) the vocabulary is split over.
-      beta: :math:`\beta` (static): in ``[0, 1)`` with a top-k teacher, ``[0, 1]`` with
-        its hidden states.
-      temperature: :math:`T > 0` (static; divides the student's logits, and a
-        hidden-state teacher's).
-      bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
-      where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: float per-token weights (constants); ``"mean"`` divides by their
-        sum over the kept tokens.
-      logit_soft_cap: :math:`c > 0`, or ``None``.
-      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
-        tokens, or over every device of ``batch_axis_name`` if given.
-      num_classes: the true vocabulary size when the last shard is padded.
-      batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
-      chunk_size: blocks on each shard.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-
-    Returns:
-      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
-      scalar; equal on every shard of ``axis_name``.
-
-    Raises:
-      TypeError, ValueError: as :func:`jxent.linear_softmax_jensen_shannon_divergence`
-        and :func:`jxent.parallel.linear_softmax_cross_entropy`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> import jxent
-      >>> mesh = jax.make_mesh((1,), ("model",))
-      >>> x = jnp.array([[1.0, -0.5], [0.3, 0.8]])
-      >>> w = jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])
-      >>> top = jax.lax.top_k(jax.nn.log_softmax(jnp.array([[1.0, 0.0, -1.0],
-      ...                                                    [0.0, 2.0, 0.5]])), 2)[::-1]
-      >>> fn = jax.shard_map(
-      ...     lambda x, w, i, l: jxent.parallel.linear_softmax_jensen_shannon_divergence(
-      ...         x, w, (i, l), axis_name="model", beta=0.3),
-      ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P()), out_specs=P())
-      >>> put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
-      >>> got = jax.jit(fn)(put(x), put(w, None, "model"), put(top[0]), put(top[1]))
-      >>> want = jxent.linear_softmax_jensen_shannon_divergence(x, w, top, beta=0.3)
-      >>> bool(jnp.allclose(got, want))
-      True
-
-    References:
-      Agarwal et al., `On-Policy Distillation of Language Models: Learning from
-      Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
-    """
-    beta = v.jensen_shannon_beta(beta, teacher)
-    return _from_teacher(
-        lambda k, t: jensen_shannon(beta, k),
-        x,
-        local_w,
-        None,
-        teacher,
-        axis_name=axis_name,
-        temperature=temperature,
-        bias=bias,
-        where=where,
-        token_weights=token_weights,
-        logit_soft_cap=logit_soft_cap,
-        reduction=reduction,
-        num_classes=num_classes,
-        batch_axis_name=batch_axis_name,
-        chunk_size=chunk_size,
-        w_layout=w_layout,
-    )
+    normalizer = v.checked_normalizer(normalizer, reduction, h.dtype)
+    return reduce_across(h, reduction, weight, batch_axis_name, normalizer)
