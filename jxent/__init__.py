@@ -14,13 +14,8 @@ from jxent._categorical import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
-from jxent._divergence import (
-    entropy,
-    kl_divergence,
-    kl_divergence_with_log_targets,
-    softmax_jensen_shannon_divergence,
-    softmax_kl_divergence,
-)
+from jxent._distillation import softmax_jensen_shannon_divergence, softmax_kl_divergence
+from jxent._divergence import entropy, kl_divergence, kl_divergence_with_log_targets
 from jxent._focal import sigmoid_focal_loss
 from jxent._poly import poly_loss_cross_entropy
 from jxent.linear import (
