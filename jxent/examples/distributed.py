@@ -14,11 +14,11 @@ coordinator on a free localhost port), streams process 0's output (the others' g
 failing process's exit code after stopping the others.
 
 Failures: a process that loses a peer (a collective fails when the peer's connection
-drops) reports it and exits with :data:`EXIT_PEER` *without* JAX's shutdown barrier,
-which would wait for the dead peer. A peer that stops answering without dropping its
-connections is declared dead by the coordination service after ``heartbeat_timeout``
-seconds; JAX then terminates the survivors itself ("the JAX distributed service
-detected fatal errors"). Either way no process waits forever.
+drops) reports it and exits with :data:`jxent.examples.flags.EXIT_PEER` *without* JAX's
+shutdown barrier, which would wait for the dead peer. A peer that stops answering
+without dropping its connections is declared dead by the coordination service after
+``heartbeat_timeout`` seconds; JAX then terminates the survivors itself ("the JAX
+distributed service detected fatal errors"). Either way no process waits forever.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-
-# Exit code of a process whose distributed run failed: a peer died, or the runtime could
-# not be joined.
-EXIT_PEER = 3
 
 
 class DistributedError(Exception):
