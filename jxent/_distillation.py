@@ -28,6 +28,7 @@ from jxent._softmax import (
     scaled_logits,
     shifted_exp,
     softmax_from_stats,
+    xlog_ratio,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +225,6 @@ def _jsd_logs(beta: float, zs, zt, stats):
     return log_q, log_p, log_m
 
 
-def _xlogy_diff(a, log_a, log_b):
-    """``a (log a - log b)`` with ``0`` wherever ``a == 0`` (``0 log 0 = 0``)."""
-    zero = jnp.zeros((), a.dtype)
-    return jnp.where(a > 0, a * (log_a - jnp.where(a > 0, log_b, zero)), zero)
-
-
 def _jsd_forward(beta_t, student, teacher, class_mask, row_mask):
     beta, temperature = beta_t
     acc = v.accumulation_dtype(student.dtype, teacher.dtype)
@@ -243,14 +238,14 @@ def _jsd_forward(beta_t, student, teacher, class_mask, row_mask):
     log_q, log_p, log_m = _jsd_logs(beta, s.z, t.z, (s.row_max, log_ss, t.row_max, log_st))
     p, q = jnp.exp(log_p), jnp.exp(log_q)
     if beta == 0:  # forward KL(p || q)
-        kl_p, kl_q = jnp.sum(_xlogy_diff(p, log_p, log_q), -1), jnp.zeros_like(log_st)
+        kl_p, kl_q = jnp.sum(xlog_ratio(p, log_p, log_q), -1), jnp.zeros_like(log_st)
         loss = kl_p
     elif beta == 1:  # reverse KL(q || p)
-        kl_p, kl_q = jnp.zeros_like(log_st), jnp.sum(_xlogy_diff(q, log_q, log_p), -1)
+        kl_p, kl_q = jnp.zeros_like(log_st), jnp.sum(xlog_ratio(q, log_q, log_p), -1)
         loss = kl_q
     else:
-        kl_p = jnp.sum(_xlogy_diff(p, log_p, log_m), -1)
-        kl_q = jnp.sum(_xlogy_diff(q, log_q, log_m), -1)
+        kl_p = jnp.sum(xlog_ratio(p, log_p, log_m), -1)
+        kl_q = jnp.sum(xlog_ratio(q, log_q, log_m), -1)
         loss = beta * kl_p + (1 - beta) * kl_q
     # A divergence is >= 0; rounding can leave a value a few ulps below 0.
     loss = jnp.maximum(loss, zero)

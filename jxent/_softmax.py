@@ -39,7 +39,7 @@ these; users call the public functions instead):
 * softmax statistics shared by the divergence and poly families:
   :class:`Shifted` and :func:`shifted_exp` (a row's shifted exponentials),
   :func:`scaled_logits`, :func:`half_gap`, :func:`log_shifted_sum`,
-  :func:`dot_last`, :func:`kept_rows`,
+  :func:`dot_last`, :func:`kept_rows`, :func:`xlog_ratio`,
   :func:`fill_masked`.
 """
 
@@ -497,6 +497,14 @@ def half_gap(s: Shifted) -> jax.Array:
 def log_shifted_sum(sums: jax.Array, has_class: jax.Array) -> jax.Array:
     """``log sum_k exp(z_k - row_max)`` from the row sums: 0 on rows without a class."""
     return jnp.log(jnp.where(has_class, sums, jnp.ones((), sums.dtype)))
+
+
+def xlog_ratio(a: jax.Array, log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """``a (log a - log b)``, exactly 0 where ``a = 0`` whatever ``log b`` (``0 log 0 = 0``,
+    no ``0 * inf``): the terms of a KL divergence between two distributions."""
+    zero = jnp.zeros((), a.dtype)
+    ok = a > 0
+    return jnp.where(ok, a * (log_a - jnp.where(ok, log_b, zero)), zero)
 
 
 def kept_rows(has_class: jax.Array, row_mask: jax.Array | None) -> jax.Array:

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._fused import engine
+from jxent._softmax import xlog_ratio
 
 
 class TopKRows(NamedTuple):
@@ -91,13 +92,6 @@ def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: engine.View):
     index = view.column_of(view.rows.labels)
     is_label = lax.broadcasted_iota(index.dtype, q.shape, 1) == index[:, None]
     return c_ce[:, None] * (p1 - is_label.astype(q.dtype))
-
-
-def _xlog(a, log_a, log_b):
-    """``a (log a - log b)``, exactly 0 where ``a = 0`` (whatever ``log b``: no ``0 * inf``)."""
-    zero = jnp.zeros((), a.dtype)
-    ok = a > 0
-    return jnp.where(ok, a * (log_a - jnp.where(ok, log_b, zero)), zero)
 
 
 def _dropped(rows: TopKRows, loss, coefs):
@@ -255,7 +249,7 @@ class JensenShannon(NamedTuple):
         q = jnp.where(in_k, jnp.exp(log_q), zero)
         log_q = jnp.where(in_k, log_q, zero)
         if b == 0:
-            loss = jnp.sum(_xlog(p, log_p, log_q), -1)
+            loss = jnp.sum(xlog_ratio(p, log_p, log_q), -1)
             c_q = jnp.sum(p, -1)
             values = -p
         else:
@@ -263,8 +257,8 @@ class JensenShannon(NamedTuple):
             log_m = jnp.where(in_k, log_m, zero)
             rest = 1 - jnp.sum(q, -1)  # the student's mass off the teacher's classes
             c0 = -(1 - b) * math.log1p(-b)
-            kl_q = jnp.sum(_xlog(q, log_q, log_m), -1) + rest * -math.log1p(-b)
-            loss = b * jnp.sum(_xlog(p, log_p, log_m), -1) + (1 - b) * kl_q
+            kl_q = jnp.sum(xlog_ratio(q, log_q, log_m), -1) + rest * -math.log1p(-b)
+            loss = b * jnp.sum(xlog_ratio(p, log_p, log_m), -1) + (1 - b) * kl_q
             g = jnp.where(q > 0, (1 - b) * (log_q - log_m), zero)
             gbar = c0 * rest + jnp.sum(q * g, -1)
             c_q = c0 - gbar
@@ -325,7 +319,7 @@ class TeacherJensenShannon(NamedTuple):
 
     def second_terms(self, q, log_q, view: engine.View):
         log_p, log_m = self._logs(log_q, view)
-        kl_q = _xlog(q, log_q, log_m)
+        kl_q = xlog_ratio(q, log_q, log_m)
         if self.beta == 1:
             # A class the teacher rules out (p = 0 < q: a +inf term) is counted, not
             # added: a compensated sum of +inf is NaN.
@@ -333,7 +327,7 @@ class TeacherJensenShannon(NamedTuple):
             kl_q = jnp.where(out, jnp.zeros((), q.dtype), kl_q)
             return {"kl_q": kl_q, "ruled_out": out.astype(q.dtype)}
         b = self.beta
-        return {"jsd": b * _xlog(jnp.exp(log_p), log_p, log_m) + (1 - b) * kl_q, "kl_q": kl_q}
+        return {"jsd": b * xlog_ratio(jnp.exp(log_p), log_p, log_m) + (1 - b) * kl_q, "kl_q": kl_q}
 
     def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
         kl_q = sums.second["kl_q"]
