@@ -76,7 +76,7 @@ def one_device_cases():
             }
             for name, kw in opts.items():
 
-                def xent(x, w, kw=kw, chunk=chunk):
+                def xent(x, w, kw=kw, chunk=chunk, y=y):
                     ww = w.T if kw.get("w_layout") == "vd" else w
                     out = jxent.linear_softmax_cross_entropy(x, ww, y, chunk_size=chunk, **kw)
                     return (out[0] + out[1].sum()) if kw.get("return_lse") else out
@@ -87,31 +87,31 @@ def one_device_cases():
                 dtype,
             )
             cases[f"kl_topk/{sched}/{dn}"] = (
-                lambda x, w, c=chunk: jxent.linear_softmax_kl_divergence(
+                lambda x, w, c=chunk, topk=topk: jxent.linear_softmax_kl_divergence(
                     x, w, topk, temperature=2.0, chunk_size=c
                 ),
                 dtype,
             )
             cases[f"distill_topk/{sched}/{dn}"] = (
-                lambda x, w, c=chunk: jxent.linear_distillation_loss(
+                lambda x, w, c=chunk, y=y, topk=topk: jxent.linear_distillation_loss(
                     x, w, y, topk, alpha=0.5, chunk_size=c
                 ),
                 dtype,
             )
             cases[f"kl_hidden/{sched}/{dn}"] = (
-                lambda x, w, c=chunk: jxent.linear_softmax_kl_divergence(
+                lambda x, w, c=chunk, xt=xt: jxent.linear_softmax_kl_divergence(
                     x, w, (xt, w), chunk_size=c
                 ),
                 dtype,
             )
             cases[f"jsd_hidden/{sched}/{dn}"] = (
-                lambda x, w, c=chunk: jxent.linear_softmax_jensen_shannon_divergence(
+                lambda x, w, c=chunk, xt=xt: jxent.linear_softmax_jensen_shannon_divergence(
                     x, w, (xt, w), beta=0.5, chunk_size=c
                 ),
                 dtype,
             )
         cases[f"log_probs/{dn}"] = (
-            lambda x, w: jxent.linear_log_probs(x, w, y).sum(),
+            lambda x, w, y=y: jxent.linear_log_probs(x, w, y).sum(),
             dtype,
         )
     return cases
@@ -155,7 +155,12 @@ _NAME = re.compile(r"%?[A-Za-z_][\w\-]*(\.\d+)+")
 
 def canonical_hlo(text: str) -> str:
     """The optimised HLO without metadata, names numbered in order of appearance."""
+    # The source-location tables (file and function names, stack frames) say where the
+    # code lives, not what it computes: a moved function must not count as a change.
+    tables = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+    text = "\n\n".join(b for b in text.split("\n\n") if not b.startswith(tables))
     text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    text = re.sub(r",?\s*stack_frame_id=\d+", "", text)
     text = re.sub(r",?\s*frontend_attributes=\{[^}]*\}", "", text)
     text = re.sub(r"HloModule \S+", "HloModule m", text)
     names: dict[str, str] = {}

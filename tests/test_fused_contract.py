@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jxent._fused import engine, plan
+from jxent._fused import contract, engine, plan
 
 
 class Entropy(NamedTuple):
@@ -33,7 +33,7 @@ class Entropy(NamedTuple):
     cotangent. ``rows``: the per-token mask of the tokens that count (or None)."""
 
     def row_sums(self, columns):
-        return {"h": engine.RowSum("exp_gap")}
+        return {"h": contract.RowSum("exp_gap")}
 
     def pick_shapes(self, columns):
         return {}
@@ -63,7 +63,7 @@ def fused_entropy(x, w, *, chunk_size=None, soft_cap=None, num_classes=None, axi
     if num_classes is not None:
         first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * columns
         real = first + jnp.arange(columns) < num_classes
-    spec = engine.Spec(Entropy(), plans, soft_cap, num_classes, axis_name)
+    spec = contract.Spec(Entropy(), plans, soft_cap, num_classes, axis_name)
     return engine.per_token_loss(spec, x, w, None, None, None, real)
 
 

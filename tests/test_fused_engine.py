@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import reference_linear as ref
 
-from jxent._fused import engine, plan
+from jxent._fused import contract, engine, plan
 from jxent._fused.plan import MIN_VOCAB_RUN, block_groups
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
 
@@ -680,7 +680,7 @@ def test_value_without_gradient_matches():
 
 
 # --------------------------------------------------------------------------------------------
-# A loss with a second forward pass (engine.SecondPass), written to the contract here
+# A loss with a second forward pass (contract.SecondPass), written to the contract here
 # --------------------------------------------------------------------------------------------
 
 
@@ -693,7 +693,7 @@ class Varentropy(NamedTuple):
     overflows there) are the engine's to drop."""
 
     def row_sums(self, columns):
-        return {"h": engine.RowSum("exp_gap")}
+        return {"h": contract.RowSum("exp_gap")}
 
     def pick_shapes(self, columns):
         return {}
@@ -702,7 +702,7 @@ class Varentropy(NamedTuple):
         return {}
 
     def second_pass(self, sums, rows):
-        return engine.SecondPass(("m2",), ())
+        return contract.SecondPass(("m2",), ())
 
     def second_terms(self, p, log_p, view):
         return {"m2": p * jnp.square(log_p)}  # 0 * inf on the padding columns
@@ -724,7 +724,7 @@ def _varentropy(x, w, *, chunk_size, summed=False, soft_cap=None, num_classes=No
     plans, single = plan.plans(n, d, columns, "sum" if summed else "none", chunk_size, 8)
     assert single == summed  # the schedule each case means to take
     real = None if num_classes is None else jnp.arange(columns) < num_classes
-    spec = engine.Spec(Varentropy(), plans, soft_cap, num_classes)
+    spec = contract.Spec(Varentropy(), plans, soft_cap, num_classes)
     run = engine.summed_loss if summed else engine.per_token_loss
     return run(spec, x, w, None, None, None, real)
 

@@ -1,16 +1,20 @@
 """The blocked engine of the fused losses (internal; users call ``jxent.linear`` and
-``jxent.parallel``).
+``jxent.parallel``). Modules from the bottom up:
 
 - ``plan``: block sizes and groups, per platform;
 - ``blocks``: loops over blocks and the grouped views they are sliced from;
 - ``logits``: one block's logits, the student's and a teacher's stream (soft cap,
   temperature, padding columns, either layout of ``w``);
-- ``engine``: the per-block contract (:class:`engine.FusedLoss`), the online
-  statistics, an optional second forward pass, the streaming and single-pass schedules
-  under ``jax.custom_vjp``, and the vocabulary-parallel combine;
+- ``contract``: what a fused loss tells the engine (:class:`contract.FusedLoss`) and
+  the call's static choices (:class:`contract.Spec`);
+- ``online``: the per-block arithmetic both schedules share (online statistics, a
+  second pass's sums, one block's gradient and its products);
+- ``streaming``, ``single_pass``: the two schedules (the streaming one also split
+  over a mesh axis, with the vocabulary-parallel combine);
+- ``rules``: their ``jax.custom_vjp`` rules, the XLA implementation;
+- ``engine``: the implementations and the choice between them (``implementation=``);
 - ``driver``: one device's run of any fused loss (plans, schedule, reduction);
-- ``xent``: the integer-label cross-entropy written to the contract, and its
-  one-device driver;
-- ``logprobs``, ``distill``: the log-probabilities and entropy; distillation and the
-  Jensen-Shannon divergence from a teacher's top-k or its logits stream.
+- ``xent``, ``logprobs``, ``distill``: the losses written to the contract (the
+  integer-label cross-entropy; log-probabilities and entropy; distillation and the
+  Jensen-Shannon divergence from a teacher's top-k or its logits stream).
 """

@@ -33,7 +33,7 @@ per-token ``m_t``, ``log s_t``.
 The generalised Jensen-Shannon divergence: from a top-k teacher (:class:`JensenShannon`)
 with picks alone; from a teacher's logits stream (:class:`TeacherJensenShannon`), whose
 mixture ``m = beta p + (1 - beta) q`` needs both normalised distributions at every class,
-with a second forward pass (``engine.SecondPass``) once both log-sum-exps are known.
+with a second forward pass (``contract.SecondPass``) once both log-sum-exps are known.
 
 Internal API: :class:`Distillation`, :class:`TeacherDistillation`,
 :class:`JensenShannon` and :class:`TeacherJensenShannon` (the losses),
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import engine
+from jxent._fused import contract
 from jxent._softmax import xlog_ratio
 
 
@@ -71,7 +71,7 @@ class TopKRows(NamedTuple):
     weights: jax.Array | None
 
 
-def _hard_label(temperature: float, alpha: float, sums: engine.RowSums, rows: TopKRows):
+def _hard_label(temperature: float, alpha: float, sums: contract.RowSums, rows: TopKRows):
     """``alpha`` times the cross-entropy at temperature 1 of the engine's logits ``z``
     at ``T``: ``(alpha CE, its coefficient, log S)`` (``(0, None, 0)`` for ``alpha = 0``),
     NaN for a kept label that is not a class."""
@@ -85,7 +85,7 @@ def _hard_label(temperature: float, alpha: float, sums: engine.RowSums, rows: To
     return alpha * jnp.where(valid, ce, jnp.nan), c_ce, log_s
 
 
-def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: engine.View):
+def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: contract.View):
     """The hard-label term's ``dloss/dz``: ``c_ce (p1 - [j = y])``, ``p1`` the softmax
     at temperature 1, ``exp(T log q + shift)`` (``shift = T log s - log S``)."""
     p1 = jnp.exp(temperature * log_q + shift[:, None])
@@ -101,7 +101,7 @@ def _dropped(rows: TopKRows, loss, coefs):
         loss = jnp.where(rows.keep, loss, zero)
         keep = lambda c: rows.keep.reshape(rows.keep.shape + (1,) * (c.ndim - 1))  # noqa: E731
         coefs = jax.tree.map(lambda c: jnp.where(keep(c), c, zero), coefs)
-    return engine.weighted(rows.weights, loss, coefs)
+    return contract.weighted(rows.weights, loss, coefs)
 
 
 class Distillation(NamedTuple):
@@ -117,18 +117,18 @@ class Distillation(NamedTuple):
     def row_sums(self, columns):
         if self.alpha == 0:
             return {}
-        return {"ce": engine.RowSum("exp", power=self.temperature)}
+        return {"ce": contract.RowSum("exp", power=self.temperature)}
 
     def pick_shapes(self, columns):
         return {"z_top": (self.k,), "z_label": ()} if self.alpha else {"z_top": (self.k,)}
 
-    def picks(self, z, view: engine.View):
-        out = {"z_top": engine.pick_columns(z, view, view.rows.index)}
+    def picks(self, z, view: contract.View):
+        out = {"z_top": contract.pick_columns(z, view, view.rows.index)}
         if self.alpha:
-            out["z_label"] = engine.pick_columns(z, view, view.rows.labels)
+            out["z_label"] = contract.pick_columns(z, view, view.rows.labels)
         return out
 
-    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: TopKRows, num_classes: int):
         t, a = self.temperature, self.alpha
         m = sums.row_max
         acc = m.dtype
@@ -149,12 +149,12 @@ class Distillation(NamedTuple):
         loss, coefs = _dropped(rows, loss + ce, (c_q, c_top, c_ce))
         return loss, coefs, t * sums.lse_rel - log_s
 
-    def dlogits(self, q, log_q, coefs, view: engine.View):
+    def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, c_top, c_ce = coefs
         rows = view.rows
         p_top = jnp.exp(rows.log_p)
         dz = c_q[:, None] * q
-        dz = engine.add_at_columns(dz, view, rows.index, -c_top[:, None] * p_top)
+        dz = contract.add_at_columns(dz, view, rows.index, -c_top[:, None] * p_top)
         if c_ce is not None:
             dz = dz + _hard_label_dlogits(self.temperature, q, log_q, c_ce, view.fixed, view)
         return dz
@@ -162,26 +162,26 @@ class Distillation(NamedTuple):
 
 class TeacherDistillation(NamedTuple):
     """``alpha`` CE + (1 - ``alpha``) KL at ``temperature`` (static numbers), the teacher's
-    full distribution from its own logits stream (``engine.Inputs.teacher``)."""
+    full distribution from its own logits stream (``contract.Inputs.teacher``)."""
 
     temperature: float
     alpha: float
 
     def row_sums(self, columns):
-        sums = {"kl": engine.RowSum("cross")}
+        sums = {"kl": contract.RowSum("cross")}
         if self.alpha:
-            sums["ce"] = engine.RowSum("exp", power=self.temperature)
+            sums["ce"] = contract.RowSum("exp", power=self.temperature)
         return sums
 
     def pick_shapes(self, columns):
         return {"z_label": ()} if self.alpha else {}
 
-    def picks(self, z, view: engine.View):
+    def picks(self, z, view: contract.View):
         if not self.alpha:
             return {}
-        return {"z_label": engine.pick_columns(z, view, view.rows.labels)}
+        return {"z_label": contract.pick_columns(z, view, view.rows.labels)}
 
-    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: TopKRows, num_classes: int):
         t, a = self.temperature, self.alpha
         m, mt = sums.row_max, sums.teacher_max
         s_t = jnp.exp(sums.teacher_lse_rel)
@@ -192,7 +192,7 @@ class TeacherDistillation(NamedTuple):
         loss, coefs = _dropped(rows, (1 - a) * kl + ce, (jnp.full_like(m, (1 - a) * t * t), c_ce))
         return loss, coefs, (t * sums.lse_rel - log_s, mt, sums.teacher_lse_rel)
 
-    def dlogits(self, q, log_q, coefs, view: engine.View):
+    def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, c_ce = coefs
         shift, mt, lse_t = view.fixed
         p = jnp.exp((view.teacher - mt[:, None]) - lse_t[:, None])
@@ -231,10 +231,10 @@ class JensenShannon(NamedTuple):
     def pick_shapes(self, columns):
         return {"z_top": (self.k,)}
 
-    def picks(self, z, view: engine.View):
-        return {"z_top": engine.pick_columns(z, view, view.rows.index)}
+    def picks(self, z, view: contract.View):
+        return {"z_top": contract.pick_columns(z, view, view.rows.index)}
 
-    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: TopKRows, num_classes: int):
         b = self.beta
         m = sums.row_max
         zero = jnp.zeros((), m.dtype)
@@ -267,14 +267,14 @@ class JensenShannon(NamedTuple):
         coefs = (jnp.where(bad, jnp.nan, c_q), jnp.where(bad[:, None], jnp.nan, values))
         return _dropped(rows, loss, coefs)
 
-    def dlogits(self, q, log_q, coefs, view: engine.View):
+    def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, values = coefs
-        return engine.add_at_columns(c_q[:, None] * q, view, view.rows.index, values)
+        return contract.add_at_columns(c_q[:, None] * q, view, view.rows.index, values)
 
 
 class TeacherJensenShannon(NamedTuple):
     """The generalised JSD of the teacher's full ``p = softmax(t)`` (its logits stream,
-    ``engine.Inputs.teacher``) and the student's ``q = softmax(z)``, ``0 < beta <= 1``
+    ``contract.Inputs.teacher``) and the student's ``q = softmax(z)``, ``0 < beta <= 1``
     (static; ``beta = 0`` is :func:`jensen_shannon`'s one-pass forward KL). With
     ``m = beta p + (1 - beta) q`` (``log m`` a ``logaddexp`` of ``log p`` and ``log q``;
     ``m = p`` at ``beta = 1``, where the divergence is the reverse ``KL(q || p)``):
@@ -300,10 +300,10 @@ class TeacherJensenShannon(NamedTuple):
     def pick_shapes(self, columns):
         return {}
 
-    def picks(self, z, view: engine.View):
+    def picks(self, z, view: contract.View):
         return {}
 
-    def _logs(self, log_q, view: engine.View):
+    def _logs(self, log_q, view: contract.View):
         """``(log p, log m)`` of a block: the teacher's from its logits and the first
         pass's ``m_t``, ``log s_t`` (the last two of ``view.fixed``)."""
         mt, lse_t = view.fixed[-2:]
@@ -313,11 +313,11 @@ class TeacherJensenShannon(NamedTuple):
         b = self.beta
         return log_p, jnp.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
 
-    def second_pass(self, sums: engine.RowSums, rows: TopKRows):
+    def second_pass(self, sums: contract.RowSums, rows: TopKRows):
         names = ("kl_q", "ruled_out") if self.beta == 1 else ("jsd", "kl_q")
-        return engine.SecondPass(names, (sums.teacher_max, sums.teacher_lse_rel))
+        return contract.SecondPass(names, (sums.teacher_max, sums.teacher_lse_rel))
 
-    def second_terms(self, q, log_q, view: engine.View):
+    def second_terms(self, q, log_q, view: contract.View):
         log_p, log_m = self._logs(log_q, view)
         kl_q = xlog_ratio(q, log_q, log_m)
         if self.beta == 1:
@@ -329,7 +329,7 @@ class TeacherJensenShannon(NamedTuple):
         b = self.beta
         return {"jsd": b * xlog_ratio(jnp.exp(log_p), log_p, log_m) + (1 - b) * kl_q, "kl_q": kl_q}
 
-    def finish(self, sums: engine.RowSums, rows: TopKRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: TopKRows, num_classes: int):
         kl_q = sums.second["kl_q"]
         if self.beta == 1:
             kl_q = jnp.where(sums.second["ruled_out"] > 0, jnp.inf, kl_q)
@@ -340,7 +340,7 @@ class TeacherJensenShannon(NamedTuple):
         loss, coefs = _dropped(rows, loss, (c,))
         return loss, coefs, (kl_q, sums.teacher_max, sums.teacher_lse_rel)
 
-    def dlogits(self, q, log_q, coefs, view: engine.View):
+    def dlogits(self, q, log_q, coefs, view: contract.View):
         (c,) = coefs
         kl_q = view.fixed[0]
         _, log_m = self._logs(log_q, view)

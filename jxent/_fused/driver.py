@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._fused import engine, plan
+from jxent._fused import contract, engine, plan
+from jxent._fused.logits import compute_dtype
 from jxent._reduction import safe_divide
 
 
 def run(
-    loss: engine.FusedLoss,
+    loss: contract.FusedLoss,
     x: jax.Array,
     w: jax.Array,
     bias: jax.Array | None,
@@ -58,7 +59,7 @@ def run(
     ``N`` may be symbolic (shape polymorphism): see the module docstring."""
     n, d = x.shape
     cols = w.shape[1 if w_layout == "dv" else 0]
-    cdt = engine.compute_dtype(x, w, bias)
+    cdt = compute_dtype(x, w, bias)
     acc = v.accumulation_dtype(cdt)
     plans, single_pass = plan.plans(
         n,
@@ -72,7 +73,7 @@ def run(
         # loss that scatters into its block.
         scatters=getattr(loss, "scatters", False) or teacher is not None,
     )
-    spec = engine.Spec(
+    spec = contract.Spec(
         loss,
         plans,
         soft_cap,

@@ -8,7 +8,7 @@ and ``bias`` hold there). A teacher's logits stream (``x_t``, ``w_t``, ``bias_t`
 constant) is made the same way beside it, block by block: same cap, temperature and
 padding, ``w_t`` in ``w``'s layout and grouping.
 
-The functions take the call's static choices as ``spec`` (``engine.Spec``: its
+The functions take the call's static choices as ``spec`` (``contract.Spec``: its
 ``soft_cap``, ``temperature`` and ``w_layout``) and a block plan (``plan.Plan``).
 
 Internal API: :data:`PADDING_LOGIT`, :func:`compute_dtype`, :func:`vocab_axis`,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import engine
+from jxent._fused import contract
 
 
 class LabelRows(NamedTuple):
@@ -47,17 +47,17 @@ class LogProbs(NamedTuple):
     entropy: bool
 
     def row_sums(self, columns):
-        return {"h": engine.RowSum("exp_gap")} if self.entropy else {}
+        return {"h": contract.RowSum("exp_gap")} if self.entropy else {}
 
     def pick_shapes(self, columns):
         return {"z_label": ()} if self.label else {}
 
-    def picks(self, z, view: engine.View):
+    def picks(self, z, view: contract.View):
         if not self.label:
             return {}
-        return {"z_label": engine.pick_columns(z, view, view.rows.labels)}
+        return {"z_label": contract.pick_columns(z, view, view.rows.labels)}
 
-    def finish(self, sums: engine.RowSums, rows: LabelRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: LabelRows, num_classes: int):
         acc = sums.row_max.dtype
         zero = jnp.zeros((), acc)
         keep = jnp.ones(sums.row_max.shape, jnp.bool_) if rows.keep is None else rows.keep
@@ -77,7 +77,7 @@ class LogProbs(NamedTuple):
             coefs.append(one)
         return tuple(outputs), tuple(coefs), h
 
-    def dlogits(self, p, log_p, coefs, view: engine.View):
+    def dlogits(self, p, log_p, coefs, view: contract.View):
         dz = jnp.zeros_like(p)
         coefs = list(coefs)
         if self.label:

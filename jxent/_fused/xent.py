@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import driver, engine
+from jxent._fused import contract, driver
+from jxent._fused.logits import compute_dtype
 from jxent._layout import XentConfig
 from jxent._reduction import mean_weight
 from jxent._softmax import finish_rows, take_classes
@@ -56,13 +57,13 @@ class CrossEntropy(NamedTuple):
     def row_sums(self, class_weights):
         if self.config.label_smoothing == 0:
             return {}
-        return {"smooth": engine.RowSum("gap", class_weights)}
+        return {"smooth": contract.RowSum("gap", class_weights)}
 
     def pick_shapes(self, class_weights):
         return {"z_label": ()} if class_weights is None else {"z_label": (), "w_label": ()}
 
-    def picks(self, z, view: engine.View):
-        out = {"z_label": engine.pick_columns(z, view, view.rows.labels)}
+    def picks(self, z, view: contract.View):
+        out = {"z_label": contract.pick_columns(z, view, view.rows.labels)}
         if view.columns is not None:
             # The label's class weight: a gather from the block's [vb] weights.
             col = view.column_of(view.rows.labels)
@@ -71,7 +72,7 @@ class CrossEntropy(NamedTuple):
             out["w_label"] = jnp.where(here, w_label, jnp.zeros((), z.dtype))
         return out
 
-    def finish(self, sums: engine.RowSums, rows: XentRows, num_classes: int):
+    def finish(self, sums: contract.RowSums, rows: XentRows, num_classes: int):
         cfg = self.config
         acc = sums.row_max.dtype
         zero = jnp.zeros((), acc)
@@ -98,13 +99,13 @@ class CrossEntropy(NamedTuple):
             smoothing,
             rows.keep,
         )
-        loss, coefs = engine.weighted(rows.weights, loss, (scale, label_coef, smooth_coef))
+        loss, coefs = contract.weighted(rows.weights, loss, (scale, label_coef, smooth_coef))
         if not self.with_lse:
             return loss, coefs
         lse = sums.row_max + sums.lse_rel
         return (loss, lse), (coefs, jnp.ones_like(lse))
 
-    def dlogits(self, p, log_p, coefs, view: engine.View):
+    def dlogits(self, p, log_p, coefs, view: contract.View):
         if self.with_lse:
             coefs, lse_coef = coefs
             coefs = (coefs[0] + lse_coef, *coefs[1:])
@@ -163,7 +164,7 @@ def linear_cross_entropy(
     and each token's log-sum-exp (of shape ``x.shape[:-1]``)."""
     n, columns = labels.size, w.shape[1] if w_layout == "dv" else w.shape[0]
     batch_shape = x.shape[:-1]
-    acc = accumulation_dtype(engine.compute_dtype(x, w, bias))
+    acc = accumulation_dtype(compute_dtype(x, w, bias))
     real = jnp.arange(columns) < num_classes if num_classes < columns else None
     cw = column_weights(class_weights, real, config.label_smoothing > 0, acc)
     keep = None if row_mask is None else row_mask.reshape(n)

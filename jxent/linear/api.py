@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 
 from jxent import _validation as v
-from jxent._fused import driver, engine
+from jxent._fused import driver
+from jxent._fused.logits import compute_dtype
 from jxent._fused.xent import linear_cross_entropy
 from jxent._layout import and_masks, xent_config
 from jxent.linear import explicit
@@ -199,7 +200,7 @@ def linear_softmax_cross_entropy(
         # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
         # no typed sharded form; the loss runs per device under shard_map.
         v.check_dtypes(x, w, bias)
-        acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+        acc = v.accumulation_dtype(compute_dtype(x, w, bias))
         if token_weights is not None:
             # Checked here (as driver.token_weights does) on the global shape; split as
             # the tokens under shard_map.
@@ -231,7 +232,7 @@ def linear_softmax_cross_entropy(
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
     v.check_dtypes(x, w, bias)
-    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
     return linear_cross_entropy(
         x,
         w,

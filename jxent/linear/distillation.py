@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._fused import driver, engine
+from jxent._fused import driver
 from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
+from jxent._fused.logits import compute_dtype
 from jxent._fused.xent import prepare_labels
 from jxent.linear.api import checked_inputs
 
@@ -44,7 +45,7 @@ def _distill(
         logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
     batch_shape = x.shape[:-1]
     n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
     weights = driver.token_weights(token_weights, batch_shape, acc)
     index = known = log_p = stream = None
     if v.is_hidden_teacher(teacher):

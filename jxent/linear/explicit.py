@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jxent import parallel
-from jxent._fused import driver, engine
+from jxent._fused import driver
+from jxent._fused.logits import compute_dtype
 from jxent._fused.xent import linear_cross_entropy
 from jxent._layout import and_masks, xent_config
 from jxent._reduction import mean_weight, reduce_across
@@ -121,7 +122,7 @@ def _local_loss(arrays, row_mask, static, chunk_size, w_layout, return_lse):
         static.get("label_smoothing", 0.0), static.get("z_loss", 0.0), static.get("logit_soft_cap")
     )
     batch_shape = x.shape[:-1]
-    acc = accumulation_dtype(engine.compute_dtype(x, w, arrays.get("bias")))
+    acc = accumulation_dtype(compute_dtype(x, w, arrays.get("bias")))
     weights = driver.token_weights(arrays.get("token_weights"), batch_shape, acc)
     columns = w.shape[1] if w_layout == "dv" else w.shape[0]
     result = linear_cross_entropy(

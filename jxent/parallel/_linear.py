@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent import _validation as v
-from jxent._fused import driver, engine, plan
+from jxent._fused import contract, driver, engine, plan
+from jxent._fused.logits import compute_dtype
 from jxent._fused.xent import CrossEntropy, XentRows, column_weights
 from jxent._layout import and_masks, xent_config
 from jxent._reduction import reduce_across
@@ -194,7 +195,7 @@ def linear_softmax_cross_entropy(
     if ignore_index is not None:
         row_mask = and_masks(row_mask, labels != ignore_index)
     n = labels.size
-    cdt = engine.compute_dtype(x, w, bias)
+    cdt = compute_dtype(x, w, bias)
     acc = accumulation_dtype(cdt)
     weights = driver.token_weights(token_weights, batch_shape, acc)
     check_unsplit("token_weights", weights, split, 'P("data") as x\'s tokens')
@@ -211,7 +212,7 @@ def linear_softmax_cross_entropy(
         grouped=False,
         float32=cdt == jnp.float32,
     )
-    spec = engine.Spec(
+    spec = contract.Spec(
         CrossEntropy(cfg._replace(soft_cap=None), return_lse),
         plans,
         cfg.soft_cap,

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent import _validation as v
-from jxent._fused import driver, engine
+from jxent._fused import driver
 from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
+from jxent._fused.logits import compute_dtype
 from jxent._reduction import reduce_across
 from jxent.parallel._linear_losses import (
     TOKENS_SPEC,
@@ -56,7 +57,7 @@ def _from_teacher(
     temperature, soft_cap = static_options(temperature, logit_soft_cap)
     batch_shape = x.shape[:-1]
     n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(engine.compute_dtype(x, w, bias))
+    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
     weights = driver.token_weights(token_weights, batch_shape, acc)
     here, valid = split_labels(split, labels, n)
     rows = TopKRows(None, None, None, here, valid, None, weights)

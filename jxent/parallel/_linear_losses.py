@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._fused import driver, engine, plan
+from jxent._fused import contract, driver, engine, plan
+from jxent._fused.logits import compute_dtype
 from jxent._fused.logprobs import LabelRows, LogProbs
 from jxent._reduction import reduce_across
 from jxent.parallel._split import (
@@ -74,7 +75,7 @@ def run_split(
 ):  # fmt: skip
     """Per-token output(s) ``[N]`` of ``loss`` over the whole (split) vocabulary."""
     n, d = math.prod(x.shape[:-1]), x.shape[-1]
-    cdt = engine.compute_dtype(x, w, bias)
+    cdt = compute_dtype(x, w, bias)
     acc = v.accumulation_dtype(cdt)
     # The streaming schedule with contiguous blocks: this shard's columns are its own.
     plans, _ = plan.plans(
@@ -88,7 +89,7 @@ def run_split(
         float32=cdt == jnp.float32,
         scatters=getattr(loss, "scatters", False) or teacher is not None,
     )
-    spec = engine.Spec(
+    spec = contract.Spec(
         loss,
         plans,
         soft_cap,
