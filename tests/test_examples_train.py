@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jxent.examples import train
-from jxent.examples.flags import EXIT_INTERRUPTED, EXIT_NONFINITE, FLAGS, TASKS, build_parser
+from jxent.examples.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, FLAGS, TASKS
+from jxent.examples.flags import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIGITS = ["--hidden", "32", "--eval-every", "10", "--checkpoint-every", "10"]

@@ -21,7 +21,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jxent.examples import data, metrics, models, tasks, training
+from jxent.examples import data, lm_task, metrics, models, task_base, tasks, training
 from jxent.examples.settings import parse_args, run_config
 
 
@@ -268,11 +268,11 @@ def test_lm_samples_continue_the_prompts():
     cfg = parse_args(LM_FLAGS)
     task = tasks.make_task(cfg, num_devices=1)
     model = task.init_model(nnx.Rngs(0))
-    texts = tasks.sample(
+    texts = lm_task.sample(
         model, (b"def ", b"import "), num_new=40, max_len=32, temperature=1.0, seed=0
     )
     assert texts[0].startswith("def ") and texts[1].startswith("import ")
-    again = tasks.sample(
+    again = lm_task.sample(
         model, (b"def ", b"import "), num_new=40, max_len=32, temperature=1.0, seed=0
     )
     assert texts == again
@@ -280,7 +280,7 @@ def test_lm_samples_continue_the_prompts():
 
 def test_pad_rows():
     batch = {"x": np.ones((5, 2), np.float32), "y": np.arange(5, dtype=np.int32)}
-    padded = tasks.pad_rows(batch, 4)
+    padded = task_base.pad_rows(batch, 4)
     assert padded["x"].shape == (8, 2) and padded["y"].shape == (8,)
     np.testing.assert_array_equal(padded["valid"], [1, 1, 1, 1, 1, 0, 0, 0])
     assert (padded["x"][5:] == 0).all()
@@ -314,10 +314,10 @@ def test_eval_parts_split_the_padded_eval_batches():
 
 def test_gather_rows_pads_like_pad_rows():
     arrays = {"x": np.arange(10, dtype=np.float32).reshape(5, 2), "y": np.arange(5, dtype=np.int32)}
-    idx = tasks.padded_indices(np.array([4, 0, 2]), 4)
+    idx = task_base.padded_indices(np.array([4, 0, 2]), 4)
     np.testing.assert_array_equal(idx, [4, 0, 2, -1])
-    got = tasks.gather_rows(arrays, idx)
-    want = tasks.pad_rows({k: v[[4, 0, 2]] for k, v in arrays.items()}, 4)
+    got = task_base.gather_rows(arrays, idx)
+    want = task_base.pad_rows({k: v[[4, 0, 2]] for k, v in arrays.items()}, 4)
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
@@ -494,6 +494,31 @@ def test_distill_teacher_errors(teacher_run, tmp_path):
     _save_run(digits_run, ["digits", "--hidden", "8"])
     with pytest.raises(ValueError, match="must be an lm run; .* holds a digits run"):
         _distill_task(digits_run, tmp_path)
+
+
+@pytest.mark.parametrize("task", ["lm", "distill"])
+def test_a_missing_examples_extra_is_a_one_line_error(task, tmp_path):
+    """Without Flax (the examples extra), a run reports the missing extra in one line,
+    also a distill run from a --teacher-checkpoint, which is checked before the run."""
+    teacher = tmp_path / "teacher"
+    (teacher / "checkpoints" / "1").mkdir(parents=True)
+    argv = [task, "--out-dir", str(tmp_path / "out")]
+    if task == "distill":
+        argv += ["--teacher-checkpoint", str(teacher)]
+    code = (
+        "import sys; sys.modules['flax'] = None; "  # import flax fails, as when not installed
+        f"from jxent.examples import train; sys.exit(train.main({argv!r}))"
+    )
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "python -m jxent.examples.train: error: the example trainer needs the 'examples' "
+        'extra (flax is missing): pip install -e ".[examples]"'
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_distill_phases_command_lines():

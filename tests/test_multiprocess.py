@@ -308,7 +308,7 @@ def test_trainer_on_two_processes(tmp_path):
 
 def test_bad_process_flags_exit_2():
     """Flag errors are found before any process starts (in this process: no JAX work)."""
-    from jxent.examples.flags import UsageError
+    from jxent.examples.cli import UsageError
     from jxent.examples.settings import parse_args
 
     for argv, message in [

@@ -8,7 +8,7 @@ its own checkpoints, ``metrics.json`` and ``curves.png``:
    ``--teacher-checkpoint``, which names an existing lm run instead;
 2. ``<out-dir>/baseline`` (with ``--baseline``): the student's model trained alone, an
    ``lm`` run with the student's size and steps and no z-loss;
-3. ``<out-dir>``: the student (:class:`jxent.examples.tasks.DistillTask`), distilled
+3. ``<out-dir>``: the student (:class:`jxent.examples.distill_task.DistillTask`), distilled
    from the teacher's latest checkpoint, whose summary and ``metrics.json`` hold the
    held-out bits per byte of the teacher, the student (and the baseline).
 
@@ -27,8 +27,9 @@ from pathlib import Path
 from jax.experimental import multihost_utils
 
 from jxent.examples import runner
-from jxent.examples.flags import PROG, UsageError
+from jxent.examples.cli import PROG, UsageError
 from jxent.examples.settings import apply_saved_config, parse_args, run_config
+from jxent.examples.teacher_dir import teacher_checkpoints
 
 CONFIG = "distill.json"
 
@@ -94,8 +95,6 @@ def _prepare(args: argparse.Namespace, runtime) -> Path:
     deletes an earlier run; saves the run's settings."""
     out = runner.usable_dir(args.out_dir)
     if args.teacher_checkpoint is not None:
-        from jxent.examples.tasks import teacher_checkpoints  # loads Flax: see runner.run
-
         try:
             teacher_checkpoints(Path(args.teacher_checkpoint))
         except ValueError as e:

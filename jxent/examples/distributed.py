@@ -14,7 +14,7 @@ coordinator on a free localhost port), streams process 0's output (the others' g
 failing process's exit code after stopping the others.
 
 Failures: a process that loses a peer (a collective fails when the peer's connection
-drops) reports it and exits with :data:`jxent.examples.flags.EXIT_PEER` *without* JAX's
+drops) reports it and exits with :data:`jxent.examples.cli.EXIT_PEER` *without* JAX's
 shutdown barrier, which would wait for the dead peer. A peer that stops answering
 without dropping its connections is declared dead by the coordination service after
 ``heartbeat_timeout`` seconds; JAX then terminates the survivors itself ("the JAX

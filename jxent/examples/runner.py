@@ -21,8 +21,8 @@ from pathlib import Path
 
 from jax.experimental import multihost_utils
 
+from jxent.examples.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, PROG, UsageError
 from jxent.examples.distributed import Runtime
-from jxent.examples.flags import EXIT_INTERRUPTED, EXIT_NONFINITE, PROG, UsageError
 from jxent.examples.settings import apply_saved_config, run_config
 
 OUTPUT_FILES = ("metrics.json", "curves.png", "samples.txt")

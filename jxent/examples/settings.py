@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jxent.examples.flags import FLAGS, UsageError, build_parser
+from jxent.examples.cli import FLAGS, UsageError
+from jxent.examples.flags import build_parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,10 +23,10 @@ Exit codes: 0 done, 1 training stopped on a non-finite loss, 2 bad flags or an
 unusable output directory, 3 a multi-process run lost a process (or could not start),
 130 interrupted (Ctrl-C) after saving a checkpoint.
 
-This module is the entry point: it parses the flags (:mod:`jxent.examples.flags`,
-:mod:`jxent.examples.settings`), hands ``--spawn`` over to the launcher, joins the
-processes, runs the task (:mod:`jxent.examples.runner`, :mod:`jxent.examples.distill`)
-and turns every failure into its exit code.
+This module is the entry point: it parses the flags (:mod:`jxent.examples.cli`,
+:mod:`jxent.examples.flags`, :mod:`jxent.examples.settings`), hands ``--spawn`` over to
+the launcher, joins the processes, runs the task (:mod:`jxent.examples.runner`,
+:mod:`jxent.examples.distill`) and turns every failure into its exit code.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import jax
 
 from jxent.examples import distill, distributed, runner
-from jxent.examples.flags import EXIT_INTERRUPTED, EXIT_PEER, EXIT_USAGE, PROG, UsageError
+from jxent.examples.cli import EXIT_INTERRUPTED, EXIT_PEER, EXIT_USAGE, PROG, UsageError
 from jxent.examples.settings import parse_args
 
 

@@ -9,7 +9,7 @@
 # | module | what it holds |
 # |---|---|
 # | `jxent.examples.train` | the command line (`parse_args` gives a run's settings) and the loop |
-# | `jxent.examples.tasks` | each task's data, model, **loss** and evaluation |
+# | `jxent.examples.tasks` | `make_task`, over one module per task (`digits_task`, `lm_task`, `distill_task`): its data, model, **loss** and evaluation |
 # | `jxent.examples.training` | the optimizer and the pure, jit-able train and eval steps |
 # | `jxent.examples.data`, `models`, `metrics` | data pipelines, Flax models, accuracy / ECE / bits per byte |
 #
