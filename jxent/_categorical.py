@@ -4,7 +4,7 @@ Drop-in compatible with the functions of the same names in ``optax.losses`` (sam
 positional arguments and results); every new option is keyword-only.
 
 The layout (class axes, ``where``) and the static options come from ``jxent._layout``,
-the core from ``jxent._softmax``.
+the core from ``jxent._softmax_xent``.
 
 Internal API (the poly family, ``jxent._poly``, builds on the dense path):
 :func:`dense_inputs` (validated dense-target arguments, broadcast to one shape) and
@@ -23,7 +23,8 @@ from jax.experimental import checkify
 from jxent import _validation as v
 from jxent._layout import Axis, XentConfig, and_masks, class_masks, flatten_classes, xent_config
 from jxent._reduction import mean_weight, reduce_loss
-from jxent._softmax import softmax_xent, take_classes
+from jxent._softmax import take_classes
+from jxent._softmax_xent import softmax_xent
 
 
 def _core_layout(config: XentConfig, batch_shape, *arrays):

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import reference_linear as ref
 
+import jxent
 from jxent._fused import contract, engine, plan
 from jxent._fused.plan import MIN_VOCAB_RUN, block_groups
 from jxent.linear import linear_softmax_cross_entropy as LINEAR
@@ -773,3 +774,56 @@ def test_second_pass_loss_matches_numpy_reference(chunk_size, summed, soft_cap):
     assert_close(dx, want_dx)
     assert_close(np.asarray(dw)[:, :V], want_dw)
     assert np.all(np.asarray(dw)[:, V:] == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The implementation seam (engine.IMPLEMENTATIONS, the public implementation=)
+# --------------------------------------------------------------------------------------------
+
+
+def _small_problem():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(6, 4)))
+    w = jnp.asarray(rng.normal(size=(4, 9)))
+    return x, w, jnp.asarray(rng.integers(0, 9, size=(6,)))
+
+
+def test_implementation_argument_is_checked():
+    x, w, y = _small_problem()
+    want = jxent.linear_softmax_cross_entropy(x, w, y)
+    for choice in (None, "auto", "xla"):
+        got = jxent.linear_softmax_cross_entropy(x, w, y, implementation=choice)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla'\)"):
+        jxent.linear_entropy(x, w, implementation="pallas")
+    with pytest.raises(TypeError, match="implementation must be a string"):
+        jxent.linear_log_probs(x, w, y, implementation=3)
+
+
+def test_implementations_are_dispatched_through_the_registry(monkeypatch):
+    """A registered implementation runs the calls it supports; "auto" takes the first
+    that supports a call, and naming one that does not is an error naming it."""
+    x, w, y = _small_problem()
+    want = jxent.linear_softmax_cross_entropy(x, w, y, reduction="none")
+    xla = engine.IMPLEMENTATIONS["xla"]
+    seen = []
+
+    def recording(spec, *args):
+        seen.append(type(spec.loss).__name__)
+        return xla.per_token_loss(spec, *args)
+
+    only_entropy = engine.Implementation(
+        recording, xla.summed_loss, lambda spec: type(spec.loss).__name__ == "LogProbs"
+    )
+    registry = {"entropy_only": only_entropy, **engine.IMPLEMENTATIONS}
+    monkeypatch.setattr(engine, "IMPLEMENTATIONS", registry)
+    # "auto": the cross-entropy passes the first implementation by, the entropy takes it.
+    got = jxent.linear_softmax_cross_entropy(x, w, y, reduction="none")
+    np.testing.assert_array_equal(got, want)
+    assert seen == []
+    h = jxent.linear_entropy(x, w, reduction="none")
+    assert seen == ["LogProbs"]
+    want_h = jxent.linear_entropy(x, w, reduction="none", implementation="xla")
+    np.testing.assert_array_equal(h, want_h)
+    with pytest.raises(ValueError, match=r"implementation='entropy_only' does not support"):
+        jxent.linear_softmax_cross_entropy(x, w, y, implementation="entropy_only")

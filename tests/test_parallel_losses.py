@@ -7,6 +7,7 @@ devices."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ def test_parallel_forms_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 27, errors
+    assert len(errors) == 42, errors
     for name, err in errors.items():
         # float64 throughout; the shards' sums are regrouped, nothing else differs.
         assert err < 1e-10, (name, err)
@@ -126,6 +127,24 @@ def _main() -> None:
     )
     compare("log_probs", lp_sharded, (tok, col, P("model"), tok, tok), args, lp_one, (x, w, b))
 
+    def kd_one_for(x, w, b, alpha, norm):
+        if alpha:
+            return jxent.linear_distillation_loss(
+                x,
+                w,
+                labels,
+                (idx, logp),
+                alpha=alpha,
+                temperature=2.0,
+                bias=b,
+                where=where,
+                token_weights=weights,
+                normalizer=norm,
+            )
+        return jxent.linear_softmax_kl_divergence(
+            x, w, (idx, logp), temperature=2.0, bias=b, where=where, token_weights=weights
+        )
+
     for alpha in (0.0, 0.3):
         # alpha 0.3: the mean over a given count (the global token count of a micro-batch)
         norm = 10.0 if alpha else None
@@ -149,22 +168,7 @@ def _main() -> None:
             )
 
         def kd_one(x, w, b, alpha=alpha, norm=norm):
-            if alpha:
-                return jxent.linear_distillation_loss(
-                    x,
-                    w,
-                    labels,
-                    (idx, logp),
-                    alpha=alpha,
-                    temperature=2.0,
-                    bias=b,
-                    where=where,
-                    token_weights=weights,
-                    normalizer=norm,
-                )
-            return jxent.linear_softmax_kl_divergence(
-                x, w, (idx, logp), temperature=2.0, bias=b, where=where, token_weights=weights
-            )
+            return kd_one_for(x, w, b, alpha=alpha, norm=norm)
 
         args = (
             put(x, "data"),
@@ -358,6 +362,91 @@ def _main() -> None:
         specs = (tok, w_spec, P("model"), tok, w_spec, P("model"), tok, tok)
         name = f"jensen-shannon, hidden teacher, beta={beta} ({layout})"
         compare(name, jsd_h_sharded, specs, args, jsd_h_one, (x, w, b))
+    # Every fused loss of arrays typed with Explicit mesh axes (issue 23): the one-device
+    # function runs under shard_map over the arrays' mesh, the vocabulary split as w's
+    # columns are (padded, NaN / inf there) or not split at all (w whole on every device).
+    explicit = jax.sharding.AxisType.Explicit
+    emesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(explicit, explicit))
+    eput = lambda a, *spec: jax.device_put(jnp.asarray(a), NamedSharding(emesh, P(*spec)))  # noqa: E731
+
+    def compare_explicit(name, fn, args, one_fn):
+        got, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(*args)
+        want, want_grads = jax.value_and_grad(one_fn, argnums=(0, 1, 2))(x, w, b)
+        errors[name] = float(abs(got - want))
+        gx, gw, gb = (np.asarray(g) for g in grads)
+        gw = gw.T if gw.shape[0] != D else gw  # w given as [V, D] (w_layout="vd")
+        errors[name + " dx"] = float(np.max(np.abs(gx - want_grads[0])))
+        pad = max(np.max(np.abs(gw[:, V:]), initial=0), np.max(np.abs(gb[V:]), initial=0))
+        errors[name + " dw, dbias"] = float(
+            max(
+                np.max(np.abs(gw[:, :V] - want_grads[1])),
+                np.max(np.abs(gb[:V] - want_grads[2])),
+                pad,
+            )
+        )
+
+    e_labels, e_where, e_weights = eput(labels, "data"), eput(where, "data"), eput(weights, "data")
+    e_top = (eput(idx, "data", None), eput(logp, "data", None))
+    e_teacher = (eput(x_t, "data", None), eput(w_t_pad, None, "model"), eput(b_t_pad, "model"))
+
+    def explicit_lp(x, w, b, y, m):
+        lp, h = jxent.linear_log_probs(
+            x, w, y, temperature=0.7, return_entropy=True, bias=b, where=m, num_classes=V,
+            chunk_size=(4, 8), logit_soft_cap=4.0,
+        )  # fmt: skip
+        return jnp.sum(lp) + 0.3 * jnp.sum(h)
+
+    split = (eput(x, "data", None), eput(w_pad, None, "model"), eput(b_pad, "model"))
+    compare_explicit("explicit log_probs", explicit_lp, (*split, e_labels, e_where), lp_one)
+
+    def explicit_entropy(x, w, b, m, tw):
+        return jxent.linear_entropy(
+            x, w, w_layout="vd", temperature=1.3, bias=b, where=m, token_weights=tw,
+            normalizer=7.0, num_classes=V, chunk_size=(4, 8),
+        )  # fmt: skip
+
+    args = (eput(x, "data", None), eput(w_pad.T, "model", None), eput(b_pad, "model"))
+    compare_explicit(
+        "explicit entropy (vd)", explicit_entropy, (*args, e_where, e_weights), ent_one
+    )
+
+    def explicit_kd(x, w, b, y, top, m, tw, num_classes=V):
+        return jxent.linear_distillation_loss(
+            x, w, y, top, alpha=0.3, temperature=2.0, bias=b, where=m, token_weights=tw,
+            normalizer=10.0, num_classes=num_classes, chunk_size=(4, 8),
+        )  # fmt: skip
+
+    kd_one_03 = functools.partial(kd_one_for, alpha=0.3, norm=10.0)
+    rest = (e_labels, e_top, e_where, e_weights)
+    compare_explicit("explicit distillation", explicit_kd, (*split, *rest), kd_one_03)
+    # The vocabulary not split: each device's tokens against the whole (unpadded) w.
+    whole = (eput(x, "data", None), eput(w, None, None), eput(b, None))
+    compare_explicit(
+        "explicit distillation (w whole)",
+        functools.partial(explicit_kd, num_classes=None),
+        (*whole, *rest),
+        kd_one_03,
+    )
+
+    def explicit_jsd(x, w, b, teacher, m, tw):
+        return jxent.linear_softmax_jensen_shannon_divergence(
+            x, w, teacher, beta=0.6, temperature=1.5, bias=b, where=m, token_weights=tw,
+            num_classes=V, chunk_size=(4, 8),
+        )  # fmt: skip
+
+    def jsd_one_06(x, w, b):
+        return jxent.linear_softmax_jensen_shannon_divergence(
+            x, w, (x_t, w_t, b_t), beta=0.6, temperature=1.5, bias=b, where=where,
+            token_weights=weights,
+        )  # fmt: skip
+
+    compare_explicit(
+        "explicit jensen-shannon, hidden teacher",
+        explicit_jsd,
+        (*split, e_teacher, e_where, e_weights),
+        jsd_one_06,
+    )
+
     # Entropy alone is the contract's own test (tests/test_fused_contract.py); here the
     # three losses' values also match the unfused float64 composition.
     z = x @ w + b

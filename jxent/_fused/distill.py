@@ -38,7 +38,8 @@ with a second forward pass (``contract.SecondPass``) once both log-sum-exps are 
 Internal API: :class:`Distillation`, :class:`TeacherDistillation`,
 :class:`JensenShannon` and :class:`TeacherJensenShannon` (the losses),
 :func:`jensen_shannon` (the JSD's loss for either teacher, any ``beta``),
-:class:`TopKRows` (their inputs).
+:func:`distillation` (the distillation loss for either teacher), :class:`TopKRows`
+(their inputs), :func:`from_teacher` (the whole fused loss of a checked call).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import contract
+from jxent._fused import contract, driver, explicit, options
+from jxent._fused.options import TOKENS_SPEC, Call
 from jxent._softmax import xlog_ratio
+from jxent._split import check_split, check_unsplit
 
 
 class TopKRows(NamedTuple):
@@ -366,3 +369,59 @@ def jensen_shannon(beta: float, k: int | None):
     if beta == 0:
         return TeacherDistillation(1.0, 0.0)
     return TeacherJensenShannon(beta)
+
+
+def distillation(temperature: float, alpha: float, k: int | None):
+    """The distillation loss: from a top-``k`` teacher (:class:`Distillation`), or (``k``
+    None) from its logits stream (:class:`TeacherDistillation`)."""
+    if k is None:
+        return TeacherDistillation(temperature, alpha)
+    return Distillation(temperature, alpha, k)
+
+
+def from_teacher(call: Call, teacher, make_loss) -> jax.Array:
+    """A loss against a ``teacher`` (its top-k ``(indices, log_probs)``, or its hidden
+    states and weight ``(x_t, w_t[, bias_t])``, checked here) of a checked call, under
+    its reduction: ``make_loss(k, temperature)`` (``k`` None for hidden states) on one
+    device or every shard. The call's labels (if any) are the hard-label term's."""
+    opts, batch_shape = call.options, call.batch_shape
+    hidden = options.is_hidden_teacher(teacher)
+    if hidden:
+        teacher = options.hidden_teacher(teacher, batch_shape, call.w, opts.w_layout, call.acc)
+    else:
+        teacher = options.top_k_teacher(teacher, batch_shape)
+    if explicit.sharded(call):
+        body = lambda c, t: from_teacher(c, t, make_loss)  # noqa: E731
+        kind = explicit.TOKENS if opts.reduction == "none" else explicit.SCALAR
+        return explicit.run(body, call, teacher, kind)
+    n = math.prod(batch_shape)
+    split = opts.split
+    temperature = 1.0 if opts.temperature is None else opts.temperature
+    here = valid = None
+    if call.labels is not None:
+        here, valid = driver.class_columns(call, call.labels.reshape(n))
+    keep = None if call.row_mask is None else call.row_mask.reshape(n)
+    rows = TopKRows(None, None, None, here, valid, keep, driver.flat(call.token_weights))
+    stream = None
+    if hidden:
+        x_t, w_t, b_t = teacher
+        if split is not None:
+            check_unsplit("teacher[0] (x_t)", x_t, split, TOKENS_SPEC)
+            check_split("teacher[1] (local_w_t)", w_t, split)
+            if b_t is not None:
+                check_split("teacher[2] (local_bias_t)", b_t, split)
+        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
+        loss = make_loss(None, temperature)
+    else:
+        indices, log_probs = teacher
+        if split is not None:
+            check_unsplit("teacher[0] (indices)", indices, split, TOKENS_SPEC)
+            check_unsplit("teacher[1] (log_probs)", log_probs, split, TOKENS_SPEC)
+        k = indices.shape[-1]
+        index, known = driver.class_columns(call, indices.reshape(n, k), known=True)
+        log_p = lax.stop_gradient(log_probs.reshape(n, k).astype(call.acc))
+        rows = rows._replace(index=index, known=known, log_p=log_p)
+        loss = make_loss(k, temperature)
+    result, summed = driver.run(loss, call, rows, teacher=stream)
+    weight = driver.weighted_denominator(call, call.row_mask)
+    return driver.reduce(call, result, summed, weight)

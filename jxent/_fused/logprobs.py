@@ -14,18 +14,21 @@ cotangent on the tokens that count):
 
 with ``H`` itself an unscaled per-token number of the backward pass (``View.fixed``).
 
-Internal API: :class:`LogProbs` (the loss), :class:`LabelRows` (its per-token inputs).
+Internal API: :class:`LogProbs` (the loss), :class:`LabelRows` (its per-token inputs),
+:func:`log_probs` and :func:`entropy` (the whole fused losses of a checked call).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import contract
+from jxent._fused import contract, driver, explicit
+from jxent._fused.options import Call
 
 
 class LabelRows(NamedTuple):
@@ -89,3 +92,34 @@ class LogProbs(NamedTuple):
             c = coefs.pop(0)
             dz = dz - c[:, None] * (p * (log_p + view.fixed[:, None]))
         return dz
+
+
+def log_probs(call: Call, entropy: bool) -> tuple[jax.Array, ...]:
+    """The checked call's per-token outputs (batch-shaped): ``log p_y`` of its labels (if
+    any), then ``H`` (with ``entropy``)."""
+    if explicit.sharded(call):
+        body = lambda c, _: log_probs(c, entropy)  # noqa: E731
+        outputs = (explicit.TOKENS,) * ((call.labels is not None) + entropy)
+        return explicit.run(body, call, None, outputs)
+    n = math.prod(call.batch_shape)
+    here = valid = None
+    if call.labels is not None:
+        here, valid = driver.class_columns(call, call.labels.reshape(n))
+    keep = None if call.row_mask is None else call.row_mask.reshape(n)
+    loss = LogProbs(label=call.labels is not None, entropy=entropy)
+    outputs, _ = driver.run(loss, call, LabelRows(here, valid, keep), per_token=True)
+    return tuple(o.reshape(call.batch_shape) for o in outputs)
+
+
+def entropy(call: Call) -> jax.Array:
+    """The entropy of the checked call under its reduction: each token's weighted by its
+    token weight (its gradient too), the mean over the kept tokens' weights."""
+    if explicit.sharded(call):
+        kind = explicit.TOKENS if call.options.reduction == "none" else explicit.SCALAR
+        return explicit.run(lambda c, _: entropy(c), call, None, kind)
+    (h,) = log_probs(call, entropy=True)
+    if call.token_weights is not None:
+        # Each token's entropy is its own output: weighting it scales its gradient too.
+        h = h * call.token_weights.reshape(h.shape)
+    weight = driver.weighted_denominator(call, call.row_mask)
+    return driver.reduce(call, h, False, weight)

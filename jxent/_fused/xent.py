@@ -12,24 +12,26 @@ by the class weights) and two picks (the label's logit and its class weight); th
 gradient ``dloss/dz_k = (C + 2 z_loss lse) p_k - (1 - a) w_y [k = y] - (a / V) w_k``.
 
 Internal API: :class:`CrossEntropy` (the loss), :class:`XentRows` (its per-token
-inputs), :func:`prepare_labels`, :func:`linear_cross_entropy` (the whole fused loss on
-one device's arrays, validated).
+inputs), :func:`column_weights`, :func:`cross_entropy` (the whole fused loss of a
+checked call, on one device or a vocabulary split).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._fused import contract, driver
-from jxent._fused.logits import compute_dtype
-from jxent._layout import XentConfig
+from jxent._fused import contract, driver, explicit
+from jxent._fused.options import Call
+from jxent._layout import XentConfig, and_masks
 from jxent._reduction import mean_weight
 from jxent._softmax import finish_rows, take_classes
-from jxent._validation import accumulation_dtype
+from jxent._split import masked
+from jxent._split import mean_weight as split_mean_weight
 
 
 class XentRows(NamedTuple):
@@ -120,15 +122,6 @@ class CrossEntropy(NamedTuple):
         return dz - jnp.where(is_label, label_coef[:, None], jnp.zeros((), p.dtype))
 
 
-def prepare_labels(labels: jax.Array, num_classes: int) -> jax.Array:
-    """int32 labels with every label outside ``[0, num_classes)`` replaced by -1.
-
-    Range is checked in the labels' own dtype, so a wide label cannot wrap into range.
-    """
-    valid = (labels >= 0) & (labels < num_classes)
-    return jnp.where(valid, labels, -1).astype(jnp.int32)
-
-
 def column_weights(class_weights, real_columns, smoothing: bool, acc):
     """The per-column input of :class:`CrossEntropy`: class weights in ``acc`` with the
     padding's (any values) selected to 0; without class weights, the padding indicator
@@ -141,53 +134,45 @@ def column_weights(class_weights, real_columns, smoothing: bool, acc):
     return None
 
 
-def linear_cross_entropy(
-    x: jax.Array,
-    w: jax.Array,
-    labels: jax.Array,
-    *,
-    bias: jax.Array | None,
-    row_mask: jax.Array | None,
-    class_weights: jax.Array | None,
-    config: XentConfig,
-    reduction: str,
-    chunk_size,
-    num_classes: int,
-    token_weights: jax.Array | None = None,
-    normalizer: jax.Array | None = None,
-    return_lse: bool = False,
-    w_layout: str = "dv",
-):
-    """The fused cross-entropy of validated arrays on one device (``row_mask`` already
-    includes ``ignore_index``; ``class_weights`` constants; ``num_classes <= w.shape[1]``;
-    ``token_weights`` ``[N]`` in the accumulation dtype). With ``return_lse``: the loss
-    and each token's log-sum-exp (of shape ``x.shape[:-1]``)."""
-    n, columns = labels.size, w.shape[1] if w_layout == "dv" else w.shape[0]
-    batch_shape = x.shape[:-1]
-    acc = accumulation_dtype(compute_dtype(x, w, bias))
-    real = jnp.arange(columns) < num_classes if num_classes < columns else None
-    cw = column_weights(class_weights, real, config.label_smoothing > 0, acc)
-    keep = None if row_mask is None else row_mask.reshape(n)
-    rows = XentRows(prepare_labels(labels.reshape(n), num_classes), None, keep, token_weights)
-    result, summed = driver.run(
-        CrossEntropy(config._replace(soft_cap=None, class_axes=None), return_lse),
-        x.reshape(n, x.shape[-1]),
-        w,
-        bias,
-        rows,
-        cw,
-        num_classes=num_classes,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        soft_cap=config.soft_cap,
-        per_token=return_lse,
-        w_layout=w_layout,
-    )
+def cross_entropy(call: Call, config: XentConfig, ignore_index, return_lse: bool):
+    """The fused cross-entropy of a checked call (one device or a vocabulary split;
+    ``config``'s soft cap is the call's). With ``return_lse``: the loss and each token's
+    log-sum-exp (of the batch shape)."""
+    if explicit.sharded(call):
+        body = lambda c, _: cross_entropy(c, config, ignore_index, return_lse)  # noqa: E731
+        kind = explicit.TOKENS if call.options.reduction == "none" else explicit.SCALAR
+        return explicit.run(body, call, None, (kind, explicit.TOKENS) if return_lse else kind)
+    opts, batch_shape = call.options, call.batch_shape
+    n = math.prod(batch_shape)
+    if ignore_index is not None:
+        call = call._replace(row_mask=and_masks(call.row_mask, call.labels != ignore_index))
+    real = driver.real_columns(call)
+    class_weights = call.class_weights
+    if opts.split is not None and class_weights is not None:
+        # The padding's weights (any values) never take part, the mean's included.
+        class_weights = masked(class_weights, real, 0)
+    cw = column_weights(class_weights, real, config.label_smoothing > 0, call.acc)
+    here, valid = driver.class_columns(call, call.labels.reshape(n))
+    keep = None if call.row_mask is None else call.row_mask.reshape(n)
+    rows = XentRows(here, valid, keep, driver.flat(call.token_weights))
+    loss = CrossEntropy(config._replace(soft_cap=None, class_axes=None), return_lse)
+    result, summed = driver.run(loss, call, rows, cw, per_token=return_lse)
     lse = None
     if return_lse:
         result, lse = result
-    take = lambda table, y: take_classes(table, jnp.clip(y, 0, num_classes - 1))  # noqa: E731
-    weight = mean_weight(row_mask, class_weights, labels, reduction, acc, take)
-    weight = driver.weighted_denominator(weight, token_weights, batch_shape)
-    loss = driver.reduce(result, summed, batch_shape, reduction, weight, normalizer)
+    weight = _mean_weight(call, class_weights)
+    loss = driver.reduce(call, result, summed, driver.weighted_denominator(call, weight))
     return loss if lse is None else (loss, lse.reshape(batch_shape))
+
+
+def _mean_weight(call: Call, class_weights):
+    """Each token's weight in the ``"mean"``'s denominator: its label's class weight
+    (read on the shard that holds it, when split) on kept tokens, or the token mask."""
+    opts = call.options
+    if opts.split is not None:
+        return split_mean_weight(
+            opts.split, call.labels, call.row_mask, class_weights, opts.reduction, call.acc
+        )
+    last = opts.num_classes - 1
+    take = lambda table, y: take_classes(table, jnp.clip(y, 0, last))  # noqa: E731
+    return mean_weight(call.row_mask, class_weights, call.labels, opts.reduction, call.acc, take)

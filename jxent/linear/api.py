@@ -1,21 +1,17 @@
-"""``linear_softmax_cross_entropy``: validation and dispatch.
-
-The arrays typed with ``Explicit`` mesh axes go to ``jxent.linear.explicit`` (the loss
-under ``shard_map``); everything else to the blocked engine on this device's arrays
-(``jxent._fused.xent.linear_cross_entropy``; under ``jax.jit`` with ``Auto`` mesh axes
-GSPMD partitions its grouped blocks).
+"""``linear_softmax_cross_entropy``: the signature and the documentation; the arguments
+are checked by ``jxent._fused.options.checked_call`` and the loss is
+``jxent._fused.xent.cross_entropy`` (arrays typed with ``Explicit`` mesh axes run it
+under ``shard_map``; under ``jax.jit`` with ``Auto`` mesh axes GSPMD partitions its
+grouped blocks).
 """
 
 from __future__ import annotations
 
 import jax
 
-from jxent import _validation as v
-from jxent._fused import driver
-from jxent._fused.logits import compute_dtype
-from jxent._fused.xent import linear_cross_entropy
-from jxent._layout import and_masks, xent_config
-from jxent.linear import explicit
+from jxent._fused.options import checked_bool, checked_call
+from jxent._fused.xent import cross_entropy
+from jxent._layout import xent_config
 
 
 def linear_softmax_cross_entropy(
@@ -37,6 +33,7 @@ def linear_softmax_cross_entropy(
     normalizer: jax.typing.ArrayLike | None = None,
     return_lse: bool = False,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
@@ -113,6 +110,9 @@ def linear_softmax_cross_entropy(
       w_layout: ``"dv"`` (default): ``w`` is ``[D, V]``; ``"vd"``: ``w`` is ``[V, D]``,
         e.g. a tied embedding table, read in place (no transposed copy; its gradient
         comes back ``[V, D]``).
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
@@ -186,87 +186,21 @@ def linear_softmax_cross_entropy(
       Milakov & Gimelshein, `Online normalizer calculation for softmax
       <https://arxiv.org/abs/1805.02867>`_, 2018.
     """
-    (x, w, labels, bias, class_weights, row_mask), num_classes = checked_inputs(
-        x, w, labels, bias, class_weights, where, w_layout, num_classes
-    )
-    v.check_reduction(reduction)
-    config = xent_config(label_smoothing, z_loss, logit_soft_cap)
-    if class_weights is not None:
-        # Constants (see Args): no gradient, the mean's denominator included.
-        class_weights = jax.lax.stop_gradient(class_weights)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
-    if explicit.explicitly_sharded(x, w, labels):
-        # Arrays typed with Explicit mesh axes: a loop over the blocks of a sharded w has
-        # no typed sharded form; the loss runs per device under shard_map.
-        v.check_dtypes(x, w, bias)
-        acc = v.accumulation_dtype(compute_dtype(x, w, bias))
-        if token_weights is not None:
-            # Checked here (as driver.token_weights does) on the global shape; split as
-            # the tokens under shard_map.
-            token_weights = v.as_array("token_weights", token_weights)
-            v.check_floating("token_weights", token_weights)
-            v.check_shape(
-                "token_weights", token_weights, x.shape[:-1], "x.shape[:-1]: one weight per token"
-            )
-            token_weights = jax.lax.stop_gradient(token_weights)
-        return explicit.linear_from_explicit_sharding(
-            x,
-            w,
-            labels,
-            bias=bias,
-            ignore_index=ignore_index,
-            where=where,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            logit_soft_cap=logit_soft_cap,
-            class_weights=class_weights,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            num_classes=num_classes,
-            token_weights=token_weights,
-            normalizer=v.checked_normalizer(normalizer, reduction, acc),
-            return_lse=return_lse,
-            w_layout=w_layout,
-        )
-    if ignore_index is not None:
-        row_mask = and_masks(row_mask, labels != ignore_index)
-    v.check_dtypes(x, w, bias)
-    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
-    return linear_cross_entropy(
+    call = checked_call(
         x,
         w,
         labels,
         bias=bias,
-        row_mask=row_mask,
         class_weights=class_weights,
-        config=config,
+        where=where,
+        token_weights=token_weights,
+        normalizer=normalizer,
         reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
         num_classes=num_classes,
-        token_weights=driver.token_weights(token_weights, x.shape[:-1], acc),
-        normalizer=v.checked_normalizer(normalizer, reduction, acc),
-        return_lse=return_lse,
         w_layout=w_layout,
+        implementation=implementation,
     )
-
-
-def checked_inputs(x, w, labels, bias, class_weights, where, w_layout: str, num_classes):
-    """The checked arguments of a fused loss on one device's ``w`` (``[D, V]``, or
-    ``[V, D]`` with ``w_layout="vd"``), and its number of classes."""
-    inputs = v.linear_inputs(
-        x,
-        w,
-        labels,
-        bias,
-        class_weights,
-        where,
-        w_name="w",
-        # A [D, 0] w gets this message too: at least one column (class) is wanted.
-        w_shape="(D, V) = ({D}, num_classes >= 1) (for tied embeddings pass embedding.T, "
-        "or the [V, D] table with w_layout='vd')",
-        per_column="w.shape[1]" if w_layout == "dv" else "w.shape[0]",
-        w_layout=w_layout,
-    )
-    columns = inputs.w.shape[1] if w_layout == "dv" else inputs.w.shape[0]
-    return inputs, v.checked_num_classes(num_classes, columns)
+    config = xent_config(label_smoothing, z_loss)
+    return cross_entropy(call, config, ignore_index, checked_bool("return_lse", return_lse))

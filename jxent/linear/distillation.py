@@ -5,101 +5,12 @@ states and weight, without either's ``[tokens, V]`` logits."""
 
 from __future__ import annotations
 
-import math
-
 import jax
-import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._fused import driver
-from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
-from jxent._fused.logits import compute_dtype
-from jxent._fused.xent import prepare_labels
-from jxent.linear.api import checked_inputs
-
-
-def _distill(
-    x,
-    w,
-    labels,
-    teacher,
-    *,
-    make_loss,
-    temperature,
-    bias,
-    where,
-    token_weights,
-    normalizer,
-    logit_soft_cap,
-    reduction,
-    chunk_size,
-    num_classes,
-    w_layout,
-):
-    (x, w, labels, bias, _, row_mask), num_classes = checked_inputs(
-        x, w, labels, bias, None, where, w_layout, num_classes
-    )
-    v.check_dtypes(x, w, bias)
-    v.check_reduction(reduction)
-    if logit_soft_cap is not None:
-        logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
-    weights = driver.token_weights(token_weights, batch_shape, acc)
-    index = known = log_p = stream = None
-    if v.is_hidden_teacher(teacher):
-        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, w_layout, acc)
-        stream = jax.lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
-        loss = make_loss(None)
-    else:
-        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-        k = indices.shape[-1]
-        flat_index = indices.reshape(n, k)
-        known = (flat_index >= 0) & (flat_index < num_classes)
-        index = jnp.where(known, flat_index, -1).astype(jnp.int32)
-        log_p = jax.lax.stop_gradient(log_probs.reshape(n, k).astype(acc))
-        loss = make_loss(k)
-    rows = TopKRows(
-        index=index,
-        known=known,
-        log_p=log_p,
-        labels=None if labels is None else prepare_labels(labels.reshape(n), num_classes),
-        valid=None,
-        keep=None if row_mask is None else row_mask.reshape(n),
-        weights=weights,
-    )
-    result, summed = driver.run(
-        loss,
-        x.reshape(n, x.shape[-1]),
-        w,
-        bias,
-        rows,
-        None,
-        num_classes=num_classes,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        soft_cap=logit_soft_cap,
-        temperature=None if temperature == 1 else temperature,
-        w_layout=w_layout,
-        teacher=stream,
-    )
-    weight = driver.weighted_denominator(row_mask, weights, batch_shape)
-    return driver.reduce(
-        result,
-        summed,
-        batch_shape,
-        reduction,
-        weight,
-        v.checked_normalizer(normalizer, reduction, acc),
-    )
-
-
-def _distillation(temperature: float, alpha: float, k: int | None):
-    """The loss object: from a top-``k`` teacher, or (``k`` None) its logits stream."""
-    if k is None:
-        return TeacherDistillation(temperature, alpha)
-    return Distillation(temperature, alpha, k)
+from jxent._fused import options
+from jxent._fused.distill import distillation, from_teacher, jensen_shannon
+from jxent._fused.options import checked_call
 
 
 def linear_softmax_kl_divergence(
@@ -117,6 +28,7 @@ def linear_softmax_kl_divergence(
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
@@ -178,6 +90,9 @@ def linear_softmax_kl_divergence(
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose teacher puts probability on a class
@@ -214,24 +129,22 @@ def linear_softmax_kl_divergence(
       Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused
       distillation losses).
     """
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
-    return _distill(
+    call = checked_call(
         x,
         w,
-        None,
-        teacher,
-        make_loss=lambda k: _distillation(temperature, 0.0, k),
-        temperature=temperature,
         bias=bias,
         where=where,
         token_weights=token_weights,
         normalizer=normalizer,
-        logit_soft_cap=logit_soft_cap,
         reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
         num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
     )
+    return from_teacher(call, teacher, lambda k, t: distillation(t, 0.0, k))
 
 
 def linear_distillation_loss(
@@ -251,6 +164,7 @@ def linear_distillation_loss(
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
 
@@ -290,6 +204,9 @@ def linear_distillation_loss(
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
@@ -316,26 +233,25 @@ def linear_distillation_loss(
       <https://arxiv.org/abs/1503.02531>`_, 2015.
     """
     alpha = v.static_number("alpha", alpha, lo=0, hi=1)
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
     if labels is None:
         raise TypeError("labels must be an integer array of shape x.shape[:-1], got None.")
-    return _distill(
+    call = checked_call(
         x,
         w,
         labels,
-        teacher,
-        make_loss=lambda k: _distillation(temperature, alpha, k),
-        temperature=temperature,
         bias=bias,
         where=where,
         token_weights=token_weights,
         normalizer=normalizer,
-        logit_soft_cap=logit_soft_cap,
         reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
         num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
     )
+    return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
 
 
 def linear_softmax_jensen_shannon_divergence(
@@ -354,6 +270,7 @@ def linear_softmax_jensen_shannon_divergence(
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
 
@@ -423,6 +340,9 @@ def linear_softmax_jensen_shannon_divergence(
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place; a teacher's ``w_t`` in the same layout).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose top-k teacher puts probability on a class
@@ -463,22 +383,20 @@ def linear_softmax_jensen_shannon_divergence(
       Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
       Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_, 2024 (fused JSD).
     """
-    beta = v.jensen_shannon_beta(beta, teacher)
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
-    return _distill(
+    beta = options.jensen_shannon_beta(beta, teacher)
+    call = checked_call(
         x,
         w,
-        None,
-        teacher,
-        make_loss=lambda k: jensen_shannon(beta, k),
-        temperature=temperature,
         bias=bias,
         where=where,
         token_weights=token_weights,
         normalizer=normalizer,
-        logit_soft_cap=logit_soft_cap,
         reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
         num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
     )
+    return from_teacher(call, teacher, lambda k, t: jensen_shannon(beta, k))

@@ -3,61 +3,10 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 
-from jxent import _validation as v
-from jxent._fused import driver
-from jxent._fused.logprobs import LabelRows, LogProbs
-from jxent._fused.xent import prepare_labels
-from jxent.linear.api import checked_inputs
-
-
-def _per_token(
-    x,
-    w,
-    labels,
-    *,
-    bias,
-    where,
-    temperature,
-    soft_cap,
-    chunk_size,
-    num_classes,
-    with_entropy,
-    w_layout,
-):
-    """Validated per-token outputs of :class:`LogProbs` (shaped as the tokens) and the
-    token mask."""
-    (x, w, labels, bias, _, row_mask), num_classes = checked_inputs(
-        x, w, labels, bias, None, where, w_layout, num_classes
-    )
-    v.check_dtypes(x, w, bias)
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
-    if soft_cap is not None:
-        soft_cap = v.static_number("logit_soft_cap", soft_cap, lo=0, lo_open=True)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    keep = None if row_mask is None else row_mask.reshape(n)
-    label_rows = None if labels is None else prepare_labels(labels.reshape(n), num_classes)
-    loss = LogProbs(label=labels is not None, entropy=with_entropy)
-    outputs, _ = driver.run(
-        loss,
-        x.reshape(n, x.shape[-1]),
-        w,
-        bias,
-        LabelRows(label_rows, None, keep),
-        None,
-        num_classes=num_classes,
-        reduction="none",
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
-        temperature=None if temperature == 1 else temperature,
-        per_token=True,
-        w_layout=w_layout,
-    )
-    return tuple(o.reshape(batch_shape) for o in outputs), row_mask
+from jxent._fused.logprobs import entropy, log_probs
+from jxent._fused.options import checked_bool, checked_call
 
 
 def linear_log_probs(
@@ -73,6 +22,7 @@ def linear_log_probs(
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Per-token log-probability of ``labels`` under ``softmax(x @ w / T)``, fused.
 
@@ -108,6 +58,9 @@ def linear_log_probs(
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` in float32 (float64 for float64 inputs),
       or ``(log_probs, entropy)``. A token kept by ``where`` whose label is outside
@@ -137,23 +90,24 @@ def linear_log_probs(
       <https://arxiv.org/abs/1707.06347>`_, 2017.
       Shao et al., `DeepSeekMath (GRPO) <https://arxiv.org/abs/2402.03300>`_, 2024.
     """
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
     if labels is None:
         raise TypeError("labels must be an integer array of shape x.shape[:-1], got None.")
-    outputs, _ = _per_token(
+    return_entropy = checked_bool("return_entropy", return_entropy)
+    call = checked_call(
         x,
         w,
         labels,
         bias=bias,
         where=where,
-        temperature=temperature,
-        soft_cap=logit_soft_cap,
+        reduction="none",
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
         num_classes=num_classes,
-        with_entropy=return_entropy,
         w_layout=w_layout,
+        implementation=implementation,
     )
+    outputs = log_probs(call, return_entropy)
     return outputs if return_entropy else outputs[0]
 
 
@@ -171,6 +125,7 @@ def linear_entropy(
     chunk_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""The entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits): its mean
     over the kept tokens (the default, as every fused loss), or per token.
@@ -202,6 +157,9 @@ def linear_entropy(
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean.
@@ -224,24 +182,19 @@ def linear_entropy(
       Mnih et al., `Asynchronous Methods for Deep Reinforcement Learning
       <https://arxiv.org/abs/1602.01783>`_, 2016 (the entropy bonus).
     """
-    v.check_reduction(reduction)
-    (h,), row_mask = _per_token(
+    call = checked_call(
         x,
         w,
-        None,
         bias=bias,
         where=where,
-        temperature=temperature,
-        soft_cap=logit_soft_cap,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
         num_classes=num_classes,
-        with_entropy=True,
         w_layout=w_layout,
+        implementation=implementation,
     )
-    weights = driver.token_weights(token_weights, h.shape, h.dtype)
-    if weights is not None:
-        # Each token's entropy is its own output: weighting it scales its gradient too.
-        h = h * weights.reshape(h.shape)
-    weight = driver.weighted_denominator(row_mask, weights, h.shape)
-    normalizer = v.checked_normalizer(normalizer, reduction, h.dtype)
-    return driver.reduce(h, False, h.shape, reduction, weight, normalizer)
+    return entropy(call)

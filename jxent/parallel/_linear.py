@@ -9,26 +9,11 @@ pass sums ``dx`` over the shards.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 
-from jxent import _validation as v
-from jxent._fused import contract, driver, engine, plan
-from jxent._fused.logits import compute_dtype
-from jxent._fused.xent import CrossEntropy, XentRows, column_weights
-from jxent._layout import and_masks, xent_config
-from jxent._reduction import reduce_across
-from jxent._validation import accumulation_dtype
-from jxent.parallel._split import (
-    AxisName,
-    check_split,
-    check_unsplit,
-    local_labels,
-    masked,
-    mean_weight,
-    real_columns,
-    vocab_layout,
-)
+from jxent._fused.options import checked_bool, checked_call
+from jxent._fused.xent import cross_entropy
+from jxent._layout import xent_config
+from jxent._split import AxisName
 
 
 def linear_softmax_cross_entropy(
@@ -52,6 +37,7 @@ def linear_softmax_cross_entropy(
     normalizer: jax.typing.ArrayLike | None = None,
     return_lse: bool = False,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""The fused linear softmax cross-entropy with the output weight split over devices.
 
@@ -119,6 +105,9 @@ def linear_softmax_cross_entropy(
         embedding, split in ``P("model", None)``), read in place (its gradient comes
         back ``[V_local, D]``).
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
       ``"none"``, else a scalar; equal on every device of ``axis_name``. With
@@ -165,74 +154,23 @@ def linear_softmax_cross_entropy(
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
       <https://arxiv.org/abs/2411.09009>`_, 2024.
     """
-    x, w, labels, bias, class_weights, row_mask = v.linear_inputs(
+    call = checked_call(
         x,
         local_w,
         labels,
-        bias,
-        class_weights,
-        where,
-        w_name="local_w",
-        w_shape="(D, V_local) = ({D}, columns on this shard)",
-        per_column="this shard's slice of the columns",
+        bias=bias,
+        class_weights=class_weights,
+        where=where,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
     )
-    batch_shape = x.shape[:-1]
-    v.check_reduction(reduction)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
-    cfg = xent_config(label_smoothing, z_loss, logit_soft_cap)
-    columns = w.shape[1] if w_layout == "dv" else w.shape[0]
-    split = vocab_layout(axis_name, columns, num_classes)
-    check_split("local_w", w, split)
-    check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
-    check_unsplit("labels", labels, split, 'P("data") as x\'s tokens')
-    check_unsplit("where", row_mask, split, 'P("data") as x\'s tokens')
-    real = real_columns(split)
-    if class_weights is not None:
-        # A constant (see Args); the padding's weights (any values) never take part.
-        class_weights = masked(lax.stop_gradient(class_weights), real, 0)
-    if ignore_index is not None:
-        row_mask = and_masks(row_mask, labels != ignore_index)
-    n = labels.size
-    cdt = compute_dtype(x, w, bias)
-    acc = accumulation_dtype(cdt)
-    weights = driver.token_weights(token_weights, batch_shape, acc)
-    check_unsplit("token_weights", weights, split, 'P("data") as x\'s tokens')
-    normalizer = v.checked_normalizer(normalizer, reduction, acc)
-    # The streaming schedule (the single pass needs the whole vocabulary's softmax per
-    # block), with contiguous blocks: this shard's columns are its own already.
-    plans, _ = plan.plans(
-        n,
-        x.shape[-1],
-        columns,
-        "none",
-        chunk_size,
-        jnp.dtype(acc).itemsize,
-        grouped=False,
-        float32=cdt == jnp.float32,
-    )
-    spec = contract.Spec(
-        CrossEntropy(cfg._replace(soft_cap=None), return_lse),
-        plans,
-        cfg.soft_cap,
-        split.num_classes,
-        split.axis_name,
-        w_layout=w_layout,
-    )
-    flat_labels = labels.reshape(n)
-    if flat_labels.dtype != jnp.int64:
-        flat_labels = flat_labels.astype(jnp.int32)
-    here, _ = local_labels(split, flat_labels)
-    valid = (flat_labels >= 0) & (flat_labels < split.num_classes)
-    keep = None if row_mask is None else row_mask.reshape(n)
-    cw = column_weights(class_weights, real, cfg.label_smoothing > 0, acc)
-    x2 = x.reshape(n, x.shape[-1])
-    rows = XentRows(here, valid, keep, weights)
-    result = engine.per_token_loss(spec, x2, w, bias, rows, cw, real)
-    loss, lse = result if return_lse else (result, None)
-    loss = loss.reshape(batch_shape)
-    weight = mean_weight(split, labels, row_mask, class_weights, reduction, loss.dtype)
-    weight = driver.weighted_denominator(weight, weights, batch_shape)
-    loss = reduce_across(loss, reduction, weight, batch_axis_name, normalizer)
-    return loss if lse is None else (loss, lse.reshape(batch_shape))
+    config = xent_config(label_smoothing, z_loss)
+    return cross_entropy(call, config, ignore_index, checked_bool("return_lse", return_lse))

@@ -7,100 +7,13 @@ states has its weight split as the student's.
 
 from __future__ import annotations
 
-import math
-
 import jax
-import jax.numpy as jnp
-from jax import lax
 
 from jxent import _validation as v
-from jxent._fused import driver
-from jxent._fused.distill import Distillation, TeacherDistillation, TopKRows, jensen_shannon
-from jxent._fused.logits import compute_dtype
-from jxent._reduction import reduce_across
-from jxent.parallel._linear_losses import (
-    TOKENS_SPEC,
-    run_split,
-    split_inputs,
-    split_labels,
-    static_options,
-)
-from jxent.parallel._split import AxisName, check_split, check_unsplit, local_labels
-
-
-def _from_teacher(
-    make_loss,
-    x,
-    local_w,
-    labels,
-    teacher,
-    *,
-    axis_name,
-    temperature,
-    bias,
-    where,
-    token_weights,
-    normalizer,
-    logit_soft_cap,
-    reduction,
-    num_classes,
-    batch_axis_name,
-    chunk_size,
-    w_layout,
-):
-    """A loss against a teacher (its top-k, or its hidden states and split weight):
-    ``make_loss(k, temperature)`` (``k`` None for hidden states) on every shard."""
-    v.check_reduction(reduction)
-    x, w, labels, bias, row_mask, split = split_inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes, w_layout
-    )
-    temperature, soft_cap = static_options(temperature, logit_soft_cap)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    acc = v.accumulation_dtype(compute_dtype(x, w, bias))
-    weights = driver.token_weights(token_weights, batch_shape, acc)
-    here, valid = split_labels(split, labels, n)
-    rows = TopKRows(None, None, None, here, valid, None, weights)
-    rows = rows._replace(keep=None if row_mask is None else row_mask.reshape(n))
-    stream = None
-    if v.is_hidden_teacher(teacher):
-        x_t, w_t, b_t = v.hidden_teacher(teacher, batch_shape, w, w_layout, acc)
-        check_unsplit("teacher[0] (x_t)", x_t, split, TOKENS_SPEC)
-        check_split("teacher[1] (local_w_t)", w_t, split)
-        if b_t is not None:
-            check_split("teacher[2] (local_bias_t)", b_t, split)
-        stream = lax.stop_gradient((x_t.reshape(n, x_t.shape[-1]), w_t, b_t))
-        loss_object = make_loss(None, temperature)
-    else:
-        indices, log_probs = v.top_k_teacher(teacher, batch_shape)
-        check_unsplit("teacher[0] (indices)", indices, split, TOKENS_SPEC)
-        check_unsplit("teacher[1] (log_probs)", log_probs, split, TOKENS_SPEC)
-        k = indices.shape[-1]
-        flat = indices.reshape(n, k)
-        flat = flat if flat.dtype == jnp.int64 else flat.astype(jnp.int32)
-        local, _ = local_labels(split, flat)
-        rows = rows._replace(
-            index=local,
-            known=(flat >= 0) & (flat < split.num_classes),
-            log_p=lax.stop_gradient(log_probs.reshape(n, k).astype(acc)),
-        )
-        loss_object = make_loss(k, temperature)
-    loss = run_split(
-        loss_object,
-        x,
-        w,
-        bias,
-        rows,
-        split,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
-        temperature=temperature,
-        w_layout=w_layout,
-        teacher=stream,
-    ).reshape(batch_shape)
-    weight = driver.weighted_denominator(row_mask, weights, batch_shape)
-    normalizer = v.checked_normalizer(normalizer, reduction, acc)
-    return reduce_across(loss, reduction, weight, batch_axis_name, normalizer)
+from jxent._fused import options
+from jxent._fused.distill import distillation, from_teacher, jensen_shannon
+from jxent._fused.options import checked_call
+from jxent._split import AxisName
 
 
 def linear_distillation_loss(
@@ -122,6 +35,7 @@ def linear_distillation_loss(
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r""":func:`jxent.linear_distillation_loss` (``alpha > 0``, with ``labels``) or
     :func:`jxent.linear_softmax_kl_divergence` (``labels=None``, ``alpha=0``) with the
@@ -162,6 +76,9 @@ def linear_distillation_loss(
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.
@@ -195,25 +112,25 @@ def linear_distillation_loss(
     alpha = v.static_number("alpha", alpha, lo=0, hi=1)
     if alpha > 0 and labels is None:
         raise TypeError("labels must be given (integer class ids) when alpha > 0, got None.")
-    return _from_teacher(
-        lambda k, t: TeacherDistillation(t, alpha) if k is None else Distillation(t, alpha, k),
+    call = checked_call(
         x,
         local_w,
         labels if alpha > 0 else None,
-        teacher,
-        axis_name=axis_name,
-        temperature=temperature,
         bias=bias,
         where=where,
         token_weights=token_weights,
         normalizer=normalizer,
-        logit_soft_cap=logit_soft_cap,
         reduction=reduction,
-        num_classes=num_classes,
-        batch_axis_name=batch_axis_name,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
+        num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
     )
+    return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
 
 
 def linear_softmax_jensen_shannon_divergence(
@@ -234,6 +151,7 @@ def linear_softmax_jensen_shannon_divergence(
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r""":func:`jxent.linear_softmax_jensen_shannon_divergence` with the output weight split
     over ``axis_name``, inside ``jax.shard_map``.
@@ -274,6 +192,9 @@ def linear_softmax_jensen_shannon_divergence(
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.
@@ -305,23 +226,22 @@ def linear_softmax_jensen_shannon_divergence(
       Agarwal et al., `On-Policy Distillation of Language Models: Learning from
       Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024.
     """
-    beta = v.jensen_shannon_beta(beta, teacher)
-    return _from_teacher(
-        lambda k, t: jensen_shannon(beta, k),
+    beta = options.jensen_shannon_beta(beta, teacher)
+    call = checked_call(
         x,
         local_w,
-        None,
-        teacher,
-        axis_name=axis_name,
-        temperature=temperature,
         bias=bias,
         where=where,
         token_weights=token_weights,
         normalizer=normalizer,
-        logit_soft_cap=logit_soft_cap,
         reduction=reduction,
-        num_classes=num_classes,
-        batch_axis_name=batch_axis_name,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
+        num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
     )
+    return from_teacher(call, teacher, lambda k, t: jensen_shannon(beta, k))

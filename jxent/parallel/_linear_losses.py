@@ -3,110 +3,17 @@
 ``w``, and the engine's vocabulary-parallel combine gives every shard the whole
 vocabulary's per-token numbers (one ``pmax``, one ``psum``). The layout is that of
 :func:`jxent.parallel.linear_softmax_cross_entropy`; labels are global class ids, split
-over the tokens only.
-
-Internal API (``jxent.parallel._linear_distillation`` builds on these):
-:func:`split_inputs`, :func:`split_labels`, :func:`run_split`, :func:`static_options`,
-``TOKENS_SPEC``.
+over the tokens only. The signatures and documentation; the arguments are checked by
+``jxent._fused.options.checked_call`` and the losses are ``jxent._fused.logprobs``'s.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
-import jax.numpy as jnp
 
-from jxent import _validation as v
-from jxent._fused import contract, driver, engine, plan
-from jxent._fused.logits import compute_dtype
-from jxent._fused.logprobs import LabelRows, LogProbs
-from jxent._reduction import reduce_across
-from jxent.parallel._split import (
-    AxisName,
-    Layout,
-    check_split,
-    check_unsplit,
-    local_labels,
-    real_columns,
-    vocab_layout,
-)
-
-TOKENS_SPEC = 'P("data") as x\'s tokens'
-
-
-def split_inputs(x, local_w, labels, bias, where, axis_name, num_classes, w_layout):
-    """Checked arrays, the split, and the token mask (flattened later)."""
-    x, w, labels, bias, _, row_mask = v.linear_inputs(
-        x,
-        local_w,
-        labels,
-        bias,
-        None,
-        where,
-        w_name="local_w",
-        w_shape="(D, V_local) = ({D}, columns on this shard)",
-        per_column="this shard's slice of the columns",
-        w_layout=w_layout,
-    )
-    v.check_dtypes(x, w, bias)
-    split = vocab_layout(axis_name, w.shape[1 if w_layout == "dv" else 0], num_classes)
-    check_split("local_w", w, split)
-    check_unsplit("x", x, split, 'P("data", None) for x beside local_w in P(None, "model")')
-    check_unsplit("labels", labels, split, TOKENS_SPEC)
-    check_unsplit("where", row_mask, split, TOKENS_SPEC)
-    return x, w, labels, bias, row_mask, split
-
-
-def split_labels(split: Layout, labels, n):
-    """``(local column or -1, the label is a class)`` of global labels, ``[N]``."""
-    if labels is None:
-        return None, None
-    flat = labels.reshape(n)
-    if flat.dtype != jnp.int64:
-        flat = flat.astype(jnp.int32)
-    here, _ = local_labels(split, flat)
-    return here, (flat >= 0) & (flat < split.num_classes)
-
-
-def run_split(
-    loss, x, w, bias, rows, split: Layout, *, chunk_size, soft_cap, temperature, w_layout,
-    teacher=None,
-):  # fmt: skip
-    """Per-token output(s) ``[N]`` of ``loss`` over the whole (split) vocabulary."""
-    n, d = math.prod(x.shape[:-1]), x.shape[-1]
-    cdt = compute_dtype(x, w, bias)
-    acc = v.accumulation_dtype(cdt)
-    # The streaming schedule with contiguous blocks: this shard's columns are its own.
-    plans, _ = plan.plans(
-        n,
-        d,
-        w.shape[1 if w_layout == "dv" else 0],
-        "none",
-        chunk_size,
-        jnp.dtype(acc).itemsize,
-        grouped=False,
-        float32=cdt == jnp.float32,
-        scatters=getattr(loss, "scatters", False) or teacher is not None,
-    )
-    spec = contract.Spec(
-        loss,
-        plans,
-        soft_cap,
-        split.num_classes,
-        split.axis_name,
-        temperature=None if temperature == 1 else temperature,
-        w_layout=w_layout,
-    )
-    real = real_columns(split)
-    return engine.per_token_loss(spec, x.reshape(n, d), w, bias, rows, None, real, teacher)
-
-
-def static_options(temperature, logit_soft_cap):
-    temperature = v.static_number("temperature", temperature, lo=0, lo_open=True)
-    if logit_soft_cap is not None:
-        logit_soft_cap = v.static_number("logit_soft_cap", logit_soft_cap, lo=0, lo_open=True)
-    return temperature, logit_soft_cap
+from jxent._fused.logprobs import entropy, log_probs
+from jxent._fused.options import checked_bool, checked_call
+from jxent._split import AxisName
 
 
 def linear_log_probs(
@@ -123,6 +30,7 @@ def linear_log_probs(
     num_classes: int | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r""":func:`jxent.linear_log_probs` with the output weight split over ``axis_name``.
 
@@ -149,6 +57,9 @@ def linear_log_probs(
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
       ``(log_probs, entropy)``.
@@ -176,52 +87,24 @@ def linear_log_probs(
     References:
       Shoeybi et al., `Megatron-LM <https://arxiv.org/abs/1909.08053>`_, 2019.
     """
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
-    outputs, _ = _log_probs(
+    return_entropy = checked_bool("return_entropy", return_entropy)
+    call = checked_call(
         x,
         local_w,
         labels,
-        return_entropy,
-        axis_name=axis_name,
-        temperature=temperature,
         bias=bias,
         where=where,
+        reduction="none",
+        chunk_size=chunk_size,
         logit_soft_cap=logit_soft_cap,
-        num_classes=num_classes,
-        chunk_size=chunk_size,
-        w_layout=w_layout,
-    )
-    return outputs if return_entropy else outputs[0]
-
-
-def _log_probs(
-    x, local_w, labels, entropy, *, axis_name, temperature, bias, where, logit_soft_cap,
-    num_classes, chunk_size, w_layout,
-):  # fmt: skip
-    """:class:`LogProbs`'s outputs (``log p_y`` with ``labels``, then ``H`` with
-    ``entropy``), shaped as the tokens, and the token mask."""
-    x, w, labels, bias, row_mask, split = split_inputs(
-        x, local_w, labels, bias, where, axis_name, num_classes, w_layout
-    )
-    temperature, soft_cap = static_options(temperature, logit_soft_cap)
-    batch_shape = x.shape[:-1]
-    n = math.prod(batch_shape)
-    here, valid = split_labels(split, labels, n)
-    keep = None if row_mask is None else row_mask.reshape(n)
-    outputs = run_split(
-        LogProbs(label=labels is not None, entropy=entropy),
-        x,
-        w,
-        bias,
-        LabelRows(here, valid, keep),
-        split,
-        chunk_size=chunk_size,
-        soft_cap=soft_cap,
         temperature=temperature,
+        num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
+        axis_name=axis_name,
     )
-    return tuple(o.reshape(batch_shape) for o in outputs), row_mask
+    outputs = log_probs(call, return_entropy)
+    return outputs if return_entropy else outputs[0]
 
 
 def linear_entropy(
@@ -240,6 +123,7 @@ def linear_entropy(
     batch_axis_name: AxisName | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
+    implementation: str | None = None,
 ) -> jax.Array:
     r""":func:`jxent.linear_entropy` with the output weight split over ``axis_name``,
     inside ``jax.shard_map`` (the layout of
@@ -267,6 +151,9 @@ def linear_entropy(
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
 
+      implementation: which implementation runs the loss: ``None`` or ``"auto"``
+        (default: the first of the library's implementations that supports the call),
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean; equal on every shard of ``axis_name``.
@@ -294,24 +181,21 @@ def linear_entropy(
       Mnih et al., `Asynchronous Methods for Deep Reinforcement Learning
       <https://arxiv.org/abs/1602.01783>`_, 2016 (the entropy bonus).
     """
-    v.check_reduction(reduction)
-    (h,), row_mask = _log_probs(
+    call = checked_call(
         x,
         local_w,
-        None,
-        True,
-        axis_name=axis_name,
-        temperature=temperature,
         bias=bias,
         where=where,
-        logit_soft_cap=logit_soft_cap,
-        num_classes=num_classes,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        reduction=reduction,
         chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        temperature=temperature,
+        num_classes=num_classes,
         w_layout=w_layout,
+        implementation=implementation,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
     )
-    weights = driver.token_weights(token_weights, h.shape, h.dtype)
-    if weights is not None:
-        h = h * weights.reshape(h.shape)
-    weight = driver.weighted_denominator(row_mask, weights, h.shape)
-    normalizer = v.checked_normalizer(normalizer, reduction, h.dtype)
-    return reduce_across(h, reduction, weight, batch_axis_name, normalizer)
+    return entropy(call)

@@ -29,8 +29,7 @@ from jxent._softmax import (
     gather_last,
     row_sums,
 )
-from jxent._validation import accumulation_dtype
-from jxent.parallel._split import (
+from jxent._split import (
     AxisName,
     Layout,
     check_split,
@@ -42,6 +41,7 @@ from jxent.parallel._split import (
     shard_offset,
     vocab_layout,
 )
+from jxent._validation import accumulation_dtype
 
 
 class _Residuals(NamedTuple):
@@ -122,15 +122,15 @@ def _combine(cfg: XentConfig, row_max, has_class, sums, valid, row_mask):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _xent(layout, cfg, x, labels, row_mask, class_weights):
+def _split_xent(layout, cfg, x, labels, row_mask, class_weights):
     return _forward(layout, cfg, x, labels, row_mask, class_weights)[0]
 
 
-def _xent_fwd(layout, cfg, x, labels, row_mask, class_weights):
+def _split_xent_fwd(layout, cfg, x, labels, row_mask, class_weights):
     return _forward(layout, cfg, x, labels, row_mask, class_weights)
 
 
-def _xent_bwd(layout, cfg, res: _Residuals, g):
+def _split_xent_bwd(layout, cfg, res: _Residuals, g):
     """d loss / d x on this shard: ``g (scale p - c) dz``, with no communication."""
     x, stats = res.x, res.stats
     acc = stats.lse_rel.dtype
@@ -163,7 +163,7 @@ def _xent_bwd(layout, cfg, res: _Residuals, g):
     return sum_to_type(grad.astype(x.dtype), x), None, None, cw_bar
 
 
-_xent.defvjp(_xent_fwd, _xent_bwd)
+_split_xent.defvjp(_split_xent_fwd, _split_xent_bwd)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -313,6 +313,6 @@ def softmax_cross_entropy_with_integer_labels(
     check_split("local_logits", x, layout)
     check_unsplit("labels", labels, layout, 'P("data") for labels of P("data", "model") logits')
     check_unsplit("where", where, layout, 'P("data") as the labels')
-    loss = _xent(layout, cfg, x, labels, row_mask, class_weights)
+    loss = _split_xent(layout, cfg, x, labels, row_mask, class_weights)
     weight = mean_weight(layout, labels, row_mask, class_weights, reduction, loss.dtype)
     return reduce_across(loss, reduction, weight, batch_axis_name)

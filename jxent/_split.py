@@ -1,8 +1,9 @@
 """How a vocabulary is split over a mesh axis, and the checks that it is split as said.
 
-Internal API of ``jxent.parallel``: :class:`Layout`, :func:`vocab_layout`, :func:`check_split`,
-:func:`check_unsplit`, :func:`shard_offset`, :func:`real_columns`, :func:`masked`,
-:func:`local_labels`, :func:`local_pick`, :func:`mean_weight`.
+Internal API (``jxent.parallel`` and the fused losses' driver): :class:`Layout`,
+:func:`vocab_layout`, :func:`check_split`, :func:`check_unsplit`, :func:`shard_offset`,
+:func:`real_columns`, :func:`masked`, :func:`local_labels`, :func:`local_pick`,
+:func:`mean_weight`.
 """
 
 from __future__ import annotations
