@@ -22,7 +22,9 @@ loop once, whatever its trip count: for the fused loss (a loop over blocks) its 
 and bytes are those of one block. **Nothing runs, and the roofline column is an
 estimate, not a timing**: the matrix products' flops (``2 N D V`` each: three for the
 unfused loss and the fused single pass, four for the fused streaming schedule, which
-recomputes the logits) over the peak below (bfloat16 matrix peak; jxent's float32
+recomputes the logits; ``jxent single pass`` is the same loss with
+``schedule="single_pass"``, three products for a float32 ``[D, V]`` accumulator) over
+the peak below (bfloat16 matrix peak; jxent's float32
 products run at ``HIGHEST``, six bfloat16 passes on a TPU, so their peak is taken as a
 sixth; the unfused float32 ``x @ w`` runs at JAX's default precision, one pass). At
 these shapes every contender is compute-bound (``D`` multiply-adds per logit).
@@ -143,6 +145,9 @@ SHAPES = {
 
 UNFUSED = "x @ w + optax"
 UNFUSED_FLOAT32 = "(x @ w).astype(f32) + optax"
+#: jxent with ``schedule="single_pass"``: three products for a float32 ``[D, V]``
+#: accumulator, beside the default schedule (streaming at language-model shapes).
+SINGLE_PASS = "jxent single pass"
 
 
 def _products(name: str, n: int, d: int, v: int) -> int:
@@ -150,7 +155,7 @@ def _products(name: str, n: int, d: int, v: int) -> int:
     jax-cce recomputes the logits in its backward pass)."""
     if name == "jax-cce":
         return 4
-    if name != "jxent":
+    if name != "jxent":  # the unfused loss, jxent's single pass
         return 3
     from jxent._fused import plan
 
@@ -176,6 +181,9 @@ def _contenders(peers: bool = False) -> tuple[dict, list[dict]]:
     def fused(x, w, y):
         return jxent.linear_softmax_cross_entropy(x, w, y)
 
+    def fused_single_pass(x, w, y):
+        return jxent.linear_softmax_cross_entropy(x, w, y, schedule="single_pass")
+
     def unfused(x, w, y):
         # As an optax user writes it: the logits in the inputs' dtype.
         return optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
@@ -185,7 +193,11 @@ def _contenders(peers: bool = False) -> tuple[dict, list[dict]]:
         logits = (x @ w).astype(jnp.float32)
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    out = {"jxent": (fused, "DV"), UNFUSED: (unfused, "DV")}
+    out = {
+        "jxent": (fused, "DV"),
+        SINGLE_PASS: (fused_single_pass, "DV"),
+        UNFUSED: (unfused, "DV"),
+    }
     if not peers:
         return out, []
     out[UNFUSED_FLOAT32] = (unfused_float32, "DV")
@@ -268,7 +280,7 @@ def measure(target: str, shapes=None, peers: bool = False) -> tuple[list[dict], 
                 else:
                     # jxent's float32 products run at HIGHEST (six bf16 passes on a TPU);
                     # the unfused x @ w at JAX's default precision (one bf16 pass).
-                    highest = dtype == jnp.float32 and name == "jxent"
+                    highest = dtype == jnp.float32 and name in ("jxent", SINGLE_PASS)
                     flop_peak = peak["flops"] / (6 if highest else 1)
                 matmul_flops = _products(name, n, d, v) * 2 * n * d * v
                 row = {

@@ -61,6 +61,7 @@ def call(name, x, w, b, data, opts):
         reduction=opts.get("reduction", "mean"),
         token_weights=data.get("token_weights"),
         normalizer=data.get("normalizer"),
+        schedule=opts.get("schedule", "auto"),
     )
     teacher = (data.get("indices"), data.get("log_probs"))
     if name in HIDDEN:
@@ -76,7 +77,14 @@ def call(name, x, w, b, data, opts):
         tw, norm = data.get("token_weights"), data.get("normalizer")
         return (
             jxent.linear_entropy(
-                x, w, temperature=t, reduction=red, token_weights=tw, normalizer=norm, **common
+                x,
+                w,
+                temperature=t,
+                reduction=red,
+                token_weights=tw,
+                normalizer=norm,
+                schedule=opts.get("schedule", "auto"),
+                **common,
             ),
         )
     if name == "kl":
@@ -725,6 +733,13 @@ def test_single_pass_matches_reference_and_streaming(case):
     out_1, grads_1, _ = check_against_reference(name, single, arrays, data, cts)
     out_s, grads_s, _ = check_against_reference(name, opts, arrays, data, cts)
     for a, b in zip(out_1 + tuple(grads_1), out_s + tuple(grads_s), strict=True):
+        checks.assert_close(a, b)
+    # schedule="streaming" streams the blocks that would have taken the single pass.
+    streamed = dict(single, schedule="streaming")
+    args = (n, D, columns, opts["reduction"], single["chunk_size"], 8)
+    assert not jxent._fused.plan.plans(*args, schedule="streaming")[1]
+    out_t, grads_t, _ = check_against_reference(name, streamed, arrays, data, cts)
+    for a, b in zip(out_1 + tuple(grads_1), out_t + tuple(grads_t), strict=True):
         checks.assert_close(a, b)
 
 

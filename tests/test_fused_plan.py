@@ -134,3 +134,21 @@ def test_single_pass_blocks_per_platform():
     }
     for platform, (tb, vb, _) in blocks.items():
         assert tb * vb * 4 <= _backend.single_pass_block_bytes(platform)
+
+
+def test_schedule_choice():
+    """schedule= trades memory for a product: the single pass at any size of its float32
+    [D, V] accumulator (a summed or averaged loss), or never."""
+    gemma2 = (8192, 2304, 256000)
+    assert not plan.plan_blocks(*gemma2, "mean", None)[2]
+    tb, vb, single = plan.plan_blocks(*gemma2, "mean", None, schedule="single_pass")
+    assert single and vb == 256000 and 8192 % tb == 0
+    # Per-token losses cannot take it whatever is asked; the driver refuses the request.
+    assert not plan.plan_blocks(*gemma2, "none", None, schedule="single_pass")[2]
+    # "streaming" streams where "auto" would take the single pass, blocks given or not.
+    assert plan.plan_blocks(4096, 1024, 32000, "mean", None)[2]
+    tb, vb, single = plan.plan_blocks(4096, 1024, 32000, "mean", None, schedule="streaming")
+    assert not single and vb < 32000
+    assert plan.plan_blocks(100, 8, 50, "mean", (7, 50), schedule="streaming") == (7, 50, False)
+    plans, single = plan.plans(*gemma2, "sum", None, 4, schedule="single_pass")
+    assert single and all(p.vocab_block == 256000 for _, p in plans)

@@ -128,6 +128,36 @@ def test_compiled_temp_memory_streaming_is_flat_in_n():
     assert grow < 2048 * d * 4 * 3 / MiB + 1  # at most a few [N, D] float32 arrays
 
 
+def test_schedule_trades_memory_for_a_product():
+    """D=2048, V=40000 (compiled only): the float32 [D, V] accumulator, 312.5 MiB, is over
+    the default's 256 MiB, so "auto" streams; schedule="single_pass" holds it (and
+    computes the loss in three products), "streaming" stays within a few panels."""
+    n, d, v = 256, 2048, 40000
+    accumulator = d * v * 4 / MiB
+
+    def temp(schedule):
+        fn = lambda x, w, y: LINEAR(x, w, y, schedule=schedule)  # noqa: E731
+        return _temp_mib(fn, n, d, v, dtype=jnp.bfloat16)
+
+    auto, single, streaming = temp("auto"), temp("single_pass"), temp("streaming")
+    assert single >= accumulator > 4 * max(auto, streaming), (auto, single, streaming)
+    assert auto == streaming
+
+
+def test_schedule_is_checked():
+    x, w = jnp.ones((4, 3)), jnp.ones((3, 5))
+    y = jnp.array([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"schedule must be one of \('auto', 'single_pass'"):
+        LINEAR(x, w, y, schedule="fast")
+    with pytest.raises(ValueError, match='needs reduction="sum" or "mean"'):
+        LINEAR(x, w, y, schedule="single_pass", reduction="none")
+    with pytest.raises(ValueError, match="not with per-token outputs"):
+        LINEAR(x, w, y, schedule="single_pass", return_lse=True)
+    want = LINEAR(x, w, y)
+    for schedule in ("single_pass", "streaming"):
+        np.testing.assert_allclose(LINEAR(x, w, y, schedule=schedule), want, rtol=1e-12)
+
+
 def test_gemma2_shape_memory_bar():
     """The issue's bar, compiled only: below 1/50 of the unfused step (about 360 MiB)."""
     fused = _temp_mib(lambda x, w, y: LINEAR(x, w, y), 8192, 2304, 256000, dtype=jnp.bfloat16)

@@ -59,6 +59,12 @@ def run(loss: contract.FusedLoss, call: Call, rows, columns=None, teacher=None, 
     # Per token when asked, when split (the single pass needs the whole vocabulary's
     # softmax per block), and when the tokens are split (the mean's sums cross devices).
     per_token = per_token or not one_device or opts.batch_axis_name is not None
+    if per_token and opts.schedule == "single_pass":
+        raise ValueError(
+            'schedule="single_pass" computes the loss summed over the tokens, on one '
+            "device's whole vocabulary: not with per-token outputs (return_lse), a split "
+            'vocabulary or tokens split over devices; use schedule="auto" there.'
+        )
     plans, single_pass = plan.plans(
         n,
         d,
@@ -72,6 +78,7 @@ def run(loss: contract.FusedLoss, call: Call, rows, columns=None, teacher=None, 
         # A teacher's logits block sits beside the student's: smaller panels, as for a
         # loss that scatters into its block.
         scatters=getattr(loss, "scatters", False) or teacher is not None,
+        schedule=opts.schedule,
     )
     if one_device:
         num_classes = None if opts.num_classes == cols else opts.num_classes

@@ -47,6 +47,7 @@ class Options(NamedTuple):
     implementation: str  # "auto" or a name of engine.IMPLEMENTATIONS
     split: Layout | None = None  # the vocabulary's split over a mesh axis; None: one device
     batch_axis_name: AxisName | None = None  # mesh axes the tokens are split over
+    schedule: str = "auto"  # "auto", "single_pass" or "streaming" (see plan.plan_blocks)
 
 
 class Call(NamedTuple):
@@ -98,6 +99,7 @@ def checked_call(
     implementation: str | None = None,
     axis_name: AxisName | None = None,
     batch_axis_name: AxisName | None = None,
+    schedule: str = "auto",
 ) -> Call:
     """Every argument of a fused loss checked, as a :class:`Call`. ``axis_name``: ``w``
     is this shard's columns of a vocabulary split over that mesh axis (inside
@@ -155,6 +157,7 @@ def checked_call(
         implementation=_implementation(implementation),
         split=split,
         batch_axis_name=batch_axis_name,
+        schedule=_schedule(schedule, reduction),
     )
     if class_weights is not None:
         # Constants: no gradient, the mean's denominator included.
@@ -176,6 +179,21 @@ def checked_call(
 def _temperature(temperature) -> float | None:
     temperature = static_positive("temperature", temperature)
     return None if temperature == 1 else temperature
+
+
+#: The schedules a caller may ask for (see ``jxent._fused.plan.plan_blocks``).
+SCHEDULES = ("auto", "single_pass", "streaming")
+
+
+def _schedule(schedule, reduction: str) -> str:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if schedule == "single_pass" and reduction == "none":
+        raise ValueError(
+            'schedule="single_pass" computes the loss summed over the tokens with its '
+            'gradients: it needs reduction="sum" or "mean", got reduction="none".'
+        )
+    return schedule
 
 
 def _implementation(implementation) -> str:

@@ -129,6 +129,7 @@ def plan_blocks(
     platform: str = "cpu",
     scatters: bool = False,
     float32: bool = False,
+    schedule: str = "auto",
 ) -> tuple[int, int, bool]:
     """``(token_block, vocab_block, single_pass)`` for a call on ``platform`` (all static).
 
@@ -154,6 +155,10 @@ def plan_blocks(
     pair sets both; a vocabulary block as wide as ``V`` with a summed or averaged
     loss selects the single pass. Whether the single pass is taken never depends on
     the platform (only the block lengths do).
+
+    ``schedule``: ``"auto"`` (the rule above), ``"single_pass"`` (a summed or averaged
+    loss takes the single pass whatever the accumulator's size: three products for
+    ``4 D V`` bytes of memory) or ``"streaming"`` (never the single pass).
 
     ``num_tokens=None`` (or a symbolic dimension): an unknown number of tokens. The
     token block is then the power of two of :func:`symbolic_token_block` below the
@@ -182,9 +187,10 @@ def plan_blocks(
             vb = _positive_int(chunk_size, "vocabulary block")
             tb = token_block(panel // max(d, 1))
         tb, vb = (tb if n is None else min(tb, max(n, 1))), min(vb, k)
-        return tb, vb, summed and vb == k
+        return tb, vb, summed and vb == k and schedule != "streaming"
     rows_cap = panel // max(d, 1)
-    if summed and d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR:
+    small = d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR
+    if summed and schedule != "streaming" and (small or schedule == "single_pass"):
         # Token blocks of about 2 D rows: each block adds its x.T @ dz into the [D, V]
         # accumulator, and an inner dimension of 2 D keeps that product efficient and
         # the accumulator's traffic small beside it.
@@ -214,6 +220,7 @@ def plans(
     grouped: bool = True,
     float32: bool = False,
     scatters: bool = False,
+    schedule: str = "auto",
 ) -> tuple[tuple[tuple[str, Plan], ...], bool]:
     """Every platform's :class:`Plan` (as ``((platform, plan), ...)``, hashable) and
     whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
@@ -221,7 +228,8 @@ def plans(
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
     ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
-    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``). ``num_tokens``: None for an unknown
+    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``); ``schedule``: as :func:`plan_blocks`'s.
+    ``num_tokens``: None for an unknown
     number of tokens, or a symbolic one (see :func:`plan_blocks`; the tokens are one
     group)."""
     out, single = [], None
@@ -237,6 +245,7 @@ def plans(
             platform,
             scatters,
             float32,
+            schedule,
         )
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:

@@ -34,6 +34,7 @@ def linear_softmax_cross_entropy(
     return_lse: bool = False,
     w_layout: str = "dv",
     implementation: str | None = None,
+    schedule: str = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
@@ -64,7 +65,9 @@ def linear_softmax_cross_entropy(
       or ``"mean"``): one pass over token blocks computes the loss and, when
       differentiated, the gradients too, into a float32 ``[D, V]`` accumulator.
       Three matrix products: the fastest schedule, chosen by default when that
-      accumulator takes at most 256 MiB. Force it with ``chunk_size=(t, V)``.
+      accumulator takes at most 256 MiB. ``schedule="single_pass"`` takes it at any
+      size (trading that accumulator's memory for a quarter of the products),
+      ``schedule="streaming"`` never.
 
     Gradients flow to ``x``, ``w`` and ``bias`` and come back in their dtypes; only
     those being differentiated are computed. ``class_weights`` is treated as a
@@ -114,6 +117,12 @@ def linear_softmax_cross_entropy(
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
 
+      schedule: ``"auto"`` (default: the single pass when the loss is summed or
+        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
+        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
+        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
+        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
+        that does not grow with ``V``).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
       ``x.shape[:-1]`` with ``reduction="none"``. A token with a label outside
@@ -201,6 +210,7 @@ def linear_softmax_cross_entropy(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        schedule=schedule,
     )
     config = xent_config(label_smoothing, z_loss)
     return cross_entropy(call, config, ignore_index, checked_bool("return_lse", return_lse))

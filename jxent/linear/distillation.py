@@ -29,6 +29,7 @@ def linear_softmax_kl_divergence(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    schedule: str = "auto",
 ) -> jax.Array:
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
@@ -93,6 +94,12 @@ def linear_softmax_kl_divergence(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      schedule: ``"auto"`` (default: the single pass when the loss is summed or
+        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
+        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
+        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
+        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
+        that does not grow with ``V``).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose teacher puts probability on a class
@@ -143,6 +150,7 @@ def linear_softmax_kl_divergence(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, 0.0, k))
 
@@ -165,6 +173,7 @@ def linear_distillation_loss(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    schedule: str = "auto",
 ) -> jax.Array:
     r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
 
@@ -207,6 +216,12 @@ def linear_distillation_loss(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      schedule: ``"auto"`` (default: the single pass when the loss is summed or
+        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
+        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
+        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
+        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
+        that does not grow with ``V``).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
@@ -250,6 +265,7 @@ def linear_distillation_loss(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
 
@@ -271,6 +287,7 @@ def linear_softmax_jensen_shannon_divergence(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    schedule: str = "auto",
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
 
@@ -343,6 +360,12 @@ def linear_softmax_jensen_shannon_divergence(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      schedule: ``"auto"`` (default: the single pass when the loss is summed or
+        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
+        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
+        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
+        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
+        that does not grow with ``V``).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose top-k teacher puts probability on a class
@@ -398,5 +421,6 @@ def linear_softmax_jensen_shannon_divergence(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: jensen_shannon(beta, k))

@@ -126,6 +126,7 @@ def linear_entropy(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    schedule: str = "auto",
 ) -> jax.Array:
     r"""The entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits): its mean
     over the kept tokens (the default, as every fused loss), or per token.
@@ -160,6 +161,12 @@ def linear_entropy(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      schedule: ``"auto"`` (default: the single pass when the loss is summed or
+        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
+        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
+        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
+        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
+        that does not grow with ``V``).
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean.
@@ -196,5 +203,6 @@ def linear_entropy(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        schedule=schedule,
     )
     return entropy(call)
