@@ -3,6 +3,8 @@ memory property (compiled temporary memory, nothing is allocated)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,42 @@ def test_schedule_is_checked():
     want = LINEAR(x, w, y)
     for schedule in ("single_pass", "streaming"):
         np.testing.assert_allclose(LINEAR(x, w, y, schedule=schedule), want, rtol=1e-12)
+
+
+def _dot_precisions(fn, *args):
+    """The precision of every matrix product in ``value_and_grad(fn)``'s lowering."""
+    text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).as_text()
+    lines = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    return [line.split("precision = ")[1].split("]")[0] + "]" for line in lines]
+
+
+def test_precision_reaches_every_product():
+    """precision= (issue 24) on every matrix product of every fused loss, forward and
+    backward, teacher streams included; None: x @ w's (jax.default_matmul_precision)."""
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(12, 6)), jnp.float32), jnp.ones((6, 20), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 20, size=(12,)))
+    top = (y[:, None], jnp.zeros((12, 1), jnp.float32))
+    losses = {
+        "xent": lambda x, w, **kw: LINEAR(x, w, y, chunk_size=(4, 8), **kw),
+        "entropy": lambda x, w, **kw: jxent.linear_entropy(x, w, **kw),
+        "log_probs": lambda x, w, **kw: jxent.linear_log_probs(x, w, y, **kw).sum(),
+        "kl": lambda x, w, **kw: jxent.linear_softmax_kl_divergence(x, w, top, **kw),
+        "distill": lambda x, w, **kw: jxent.linear_distillation_loss(x, w, y, (x, w), **kw),
+        "jsd": lambda x, w, **kw: jxent.linear_softmax_jensen_shannon_divergence(
+            x, w, (x, w), beta=0.5, chunk_size=(4, 8), **kw
+        ),
+    }
+    for name, loss in losses.items():
+        highest = _dot_precisions(functools.partial(loss, precision="highest"), x, w)
+        assert len(highest) >= 3 and set(highest) == {"[HIGHEST, HIGHEST]"}, (name, highest)
+        pair = _dot_precisions(functools.partial(loss, precision=("high", "default")), x, w)
+        assert set(pair) == {"[HIGH, DEFAULT]"}, (name, pair)
+        assert set(_dot_precisions(loss, x, w)) == {"[DEFAULT, DEFAULT]"}, name
+        with jax.default_matmul_precision("highest"):
+            assert set(_dot_precisions(loss, x, w)) == {"[HIGHEST, HIGHEST]"}, name
+    with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision"):
+        LINEAR(x, w, y, precision="fast")
 
 
 def test_gemma2_shape_memory_bar():

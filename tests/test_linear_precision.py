@@ -94,6 +94,8 @@ def make_inputs(case):
 def fused(case, rounded, y, cw, where, ct):
     """jxent's loss and its vjp (x, w, bias) under jit with x64 disabled."""
     kw = dict(case["opts"])
+    if case.get("precision") is not None:
+        kw["precision"] = case["precision"]
     if case["weighted"]:
         kw["class_weights"] = jnp.asarray(cw)
     if where is not None:
@@ -149,7 +151,7 @@ def tolerances(case):
     return acc, grad
 
 
-def check_case(case):
+def check_case(case, tolerance=None):
     rounded, exact, y, cw, where = make_inputs(case)
     rng = np.random.default_rng(case["seed"] + 1)
     ct = rng.uniform(0.5, 1.5, case["n"]) if case["reduction"] == "none" else np.float64(0.75)
@@ -158,7 +160,7 @@ def check_case(case):
     assert out.dtype == jnp.float32
     assert gx.dtype == gw.dtype == gb.dtype == jnp.dtype(case["dtype"])
     r = expected(case, exact, y, cw, where, ct)
-    loss_tol, grad_tol = tolerances(case)
+    loss_tol, grad_tol = tolerances(case) if tolerance is None else tolerance
     ref.assert_within(out, r.loss, loss_tol * r.loss_scale, "loss")
     v = case["v"]
     ref.assert_within(gx, r.grad_x, grad_tol * r.grad_x_scale, "dx")
@@ -330,3 +332,18 @@ def test_class_weights_get_no_gradient(reduction, chunk_size):
     g_cw, g_x = jax.jit(jax.grad(f, argnums=(0, 1)))(cw, x)
     assert np.all(np.asarray(g_cw) == 0), g_cw
     assert np.any(np.asarray(g_x) != 0)  # the loss does depend on its other inputs
+
+
+@pytest.mark.parametrize("precision", [None, "highest", ("high", "default")])
+def test_precision_float32_matches_reference(precision):
+    """precision= (issue 24): "highest" within the float32 bound of the float64 reference;
+    the default (x @ w's) and a pair within one bfloat16 pass's bound (the products'
+    operands rounded to bfloat16 at worst: XLA:TPU's default; CPU multiplies float32)."""
+    case = dict(
+        n=13, d=8, v=40, pad=2, chunk_size=(5, 11), opts={"label_smoothing": 0.1, "z_loss": 1e-3},
+        weighted=True, ignored="some", where=True, offset=1e2, pad_value="nan",
+        reduction="mean", dtype="float32", seed=7, precision=precision,
+    )  # fmt: skip
+    terms = case["n"] * case["d"] * (case["v"] + case["pad"])
+    one_pass = checks.float_tolerance(jnp.bfloat16, terms)
+    check_case(case, None if precision == "highest" else (one_pass, one_pass))

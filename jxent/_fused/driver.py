@@ -79,6 +79,7 @@ def run(loss: contract.FusedLoss, call: Call, rows, columns=None, teacher=None, 
         # loss that scatters into its block.
         scatters=getattr(loss, "scatters", False) or teacher is not None,
         schedule=opts.schedule,
+        precision=opts.precision,
     )
     if one_device:
         num_classes = None if opts.num_classes == cols else opts.num_classes

@@ -48,6 +48,7 @@ class Options(NamedTuple):
     split: Layout | None = None  # the vocabulary's split over a mesh axis; None: one device
     batch_axis_name: AxisName | None = None  # mesh axes the tokens are split over
     schedule: str = "auto"  # "auto", "single_pass" or "streaming" (see plan.plan_blocks)
+    precision: Any = None  # of the matrix products, as jnp.dot's (a Precision or a pair)
 
 
 class Call(NamedTuple):
@@ -100,6 +101,7 @@ def checked_call(
     axis_name: AxisName | None = None,
     batch_axis_name: AxisName | None = None,
     schedule: str = "auto",
+    precision=None,
 ) -> Call:
     """Every argument of a fused loss checked, as a :class:`Call`. ``axis_name``: ``w``
     is this shard's columns of a vocabulary split over that mesh axis (inside
@@ -158,6 +160,7 @@ def checked_call(
         split=split,
         batch_axis_name=batch_axis_name,
         schedule=_schedule(schedule, reduction),
+        precision=_precision(precision),
     )
     if class_weights is not None:
         # Constants: no gradient, the mean's denominator included.
@@ -194,6 +197,30 @@ def _schedule(schedule, reduction: str) -> str:
             'gradients: it needs reduction="sum" or "mean", got reduction="none".'
         )
     return schedule
+
+
+def _precision(precision):
+    """``precision`` as ``jnp.dot`` takes it (None, a ``jax.lax.Precision`` or its name, or
+    a pair of them: one per operand), as Precision values; a clear error otherwise."""
+    if precision is None:
+        return None
+    pair = isinstance(precision, (tuple, list))
+    parts = tuple(precision) if pair else (precision,)
+    out = []
+    for p in parts:
+        if isinstance(p, str) and p in _PRECISION_NAMES:
+            p = jax.lax.Precision(p)
+        if not isinstance(p, jax.lax.Precision) or (pair and len(parts) != 2):
+            raise ValueError(
+                f"precision must be None, a jax.lax.Precision or one of {_PRECISION_NAMES}, "
+                f"or a pair of them (one per operand), as jnp.dot takes it; got {precision!r}."
+            )
+        out.append(p)
+    return tuple(out) if pair else out[0]
+
+
+#: The names jax.lax.Precision takes.
+_PRECISION_NAMES = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 def _implementation(implementation) -> str:

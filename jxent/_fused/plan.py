@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import jax
 
 from jxent import _backend
 
@@ -46,7 +48,10 @@ class Plan(NamedTuple):
     vocab_block: int
     token_groups: int = 1
     vocab_groups: int = 1
-    precision: str | None = None  # of the float32 products (``_backend.FLOAT32_PRECISION``)
+    # The products' precision, as jnp.dot's: the caller's, else the platform's for float32
+    # inputs (_backend.FLOAT32_PRECISION) unless jax.default_matmul_precision is set
+    # (None: that, or JAX's default).
+    precision: Any = None
 
 
 def _block_length(total: int, cap: int, align: int, step: int = 8, floor: int = 0) -> int:
@@ -221,6 +226,7 @@ def plans(
     float32: bool = False,
     scatters: bool = False,
     schedule: str = "auto",
+    precision: Any = None,
 ) -> tuple[tuple[tuple[str, Plan], ...], bool]:
     """Every platform's :class:`Plan` (as ``((platform, plan), ...)``, hashable) and
     whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
@@ -228,12 +234,18 @@ def plans(
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
     ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
-    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``); ``schedule``: as :func:`plan_blocks`'s.
+    ``dz`` (``_backend.SCATTER_PANEL_FRACTION``); ``schedule``: as :func:`plan_blocks`'s;
+    ``precision``: the caller's (as ``jnp.dot``'s), or None for the products' default:
+    ``jax.default_matmul_precision`` where set, else the platform's
+    ``_backend.FLOAT32_PRECISION`` for float32 products.
     ``num_tokens``: None for an unknown
     number of tokens, or a symbolic one (see :func:`plan_blocks`; the tokens are one
     group)."""
     out, single = [], None
     num_tokens = _static_count(num_tokens)
+    # The context's default (read while tracing, where jax.default_matmul_precision is in
+    # force) is the products' as it is x @ w's: None leaves it to the lowering.
+    context = jax.config.jax_default_matmul_precision is not None
     for platform in _backend.PLATFORMS:
         tb, vb, single = plan_blocks(
             num_tokens,
@@ -247,10 +259,12 @@ def plans(
             float32,
             schedule,
         )
+        own = precision
+        if own is None and float32 and not context:
+            own = _backend.FLOAT32_PRECISION[platform]
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:
             token_groups = 1 if num_tokens is None else block_groups(num_tokens, tb)
             groups = (token_groups, block_groups(columns, vb, MIN_VOCAB_RUN))
-        precision = _backend.FLOAT32_PRECISION[platform] if float32 else None
-        out.append((platform, Plan(tb, vb, *groups, precision)))
+        out.append((platform, Plan(tb, vb, *groups, own)))
     return tuple(out), bool(single)

@@ -35,6 +35,7 @@ def linear_softmax_cross_entropy(
     w_layout: str = "dv",
     implementation: str | None = None,
     schedule: str = "auto",
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy of a linear layer's output, without materialising the logits.
 
@@ -123,6 +124,12 @@ def linear_softmax_cross_entropy(
         three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
         2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
         that does not grow with ``V``).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
       ``x.shape[:-1]`` with ``reduction="none"``. A token with a label outside
@@ -210,6 +217,7 @@ def linear_softmax_cross_entropy(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         schedule=schedule,
     )
     config = xent_config(label_smoothing, z_loss)

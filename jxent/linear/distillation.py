@@ -30,6 +30,7 @@ def linear_softmax_kl_divergence(
     w_layout: str = "dv",
     implementation: str | None = None,
     schedule: str = "auto",
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
@@ -100,6 +101,12 @@ def linear_softmax_kl_divergence(
         three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
         2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
         that does not grow with ``V``).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose teacher puts probability on a class
@@ -150,6 +157,7 @@ def linear_softmax_kl_divergence(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, 0.0, k))
@@ -174,6 +182,7 @@ def linear_distillation_loss(
     w_layout: str = "dv",
     implementation: str | None = None,
     schedule: str = "auto",
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
 
@@ -222,6 +231,12 @@ def linear_distillation_loss(
         three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
         2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
         that does not grow with ``V``).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
@@ -265,6 +280,7 @@ def linear_distillation_loss(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
@@ -288,6 +304,7 @@ def linear_softmax_jensen_shannon_divergence(
     w_layout: str = "dv",
     implementation: str | None = None,
     schedule: str = "auto",
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
 
@@ -366,6 +383,12 @@ def linear_softmax_jensen_shannon_divergence(
         three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
         2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
         that does not grow with ``V``).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose top-k teacher puts probability on a class
@@ -421,6 +444,7 @@ def linear_softmax_jensen_shannon_divergence(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: jensen_shannon(beta, k))

@@ -23,6 +23,7 @@ def linear_log_probs(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Per-token log-probability of ``labels`` under ``softmax(x @ w / T)``, fused.
 
@@ -61,6 +62,12 @@ def linear_log_probs(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` in float32 (float64 for float64 inputs),
       or ``(log_probs, entropy)``. A token kept by ``where`` whose label is outside
@@ -106,6 +113,7 @@ def linear_log_probs(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
     )
     outputs = log_probs(call, return_entropy)
     return outputs if return_entropy else outputs[0]
@@ -127,6 +135,7 @@ def linear_entropy(
     w_layout: str = "dv",
     implementation: str | None = None,
     schedule: str = "auto",
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r"""The entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits): its mean
     over the kept tokens (the default, as every fused loss), or per token.
@@ -167,6 +176,12 @@ def linear_entropy(
         three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
         2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
         that does not grow with ``V``).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean.
@@ -203,6 +218,7 @@ def linear_entropy(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         schedule=schedule,
     )
     return entropy(call)

@@ -36,6 +36,7 @@ def linear_distillation_loss(
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r""":func:`jxent.linear_distillation_loss` (``alpha > 0``, with ``labels``) or
     :func:`jxent.linear_softmax_kl_divergence` (``labels=None``, ``alpha=0``) with the
@@ -79,6 +80,12 @@ def linear_distillation_loss(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.
@@ -127,6 +134,7 @@ def linear_distillation_loss(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         axis_name=axis_name,
         batch_axis_name=batch_axis_name,
     )
@@ -152,6 +160,7 @@ def linear_softmax_jensen_shannon_divergence(
     chunk_size: int | tuple[int, int] | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
+    precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r""":func:`jxent.linear_softmax_jensen_shannon_divergence` with the output weight split
     over ``axis_name``, inside ``jax.shard_map``.
@@ -195,6 +204,12 @@ def linear_softmax_jensen_shannon_divergence(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
+        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
+        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
+        where set), except float32 products on TPU, which run at ``"highest"`` unless
+        that context or this argument says otherwise (XLA:TPU would otherwise round a
+        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.
@@ -241,6 +256,7 @@ def linear_softmax_jensen_shannon_divergence(
         num_classes=num_classes,
         w_layout=w_layout,
         implementation=implementation,
+        precision=precision,
         axis_name=axis_name,
         batch_axis_name=batch_axis_name,
     )
