@@ -24,9 +24,9 @@ estimate, not a timing**: the matrix products' flops (``2 N D V`` each: three fo
 unfused loss and the fused single pass, four for the fused streaming schedule, which
 recomputes the logits; ``jxent single pass`` is the same loss with
 ``schedule="single_pass"``, three products for a float32 ``[D, V]`` accumulator) over
-the peak below (bfloat16 matrix peak; jxent's float32
-products run at ``HIGHEST``, six bfloat16 passes on a TPU, so their peak is taken as a
-sixth; the unfused float32 ``x @ w`` runs at JAX's default precision, one pass). At
+the peak below (bfloat16 matrix peak: every contender's float32 products run at JAX's
+default precision, one bfloat16 pass on a TPU; jxent rounds its blocks of ``w`` in the
+loop, ``_backend.BFLOAT16_BLOCKS``). At
 these shapes every contender is compute-bound (``D`` multiply-adds per logit).
 
 **H100** (``--target h100``): XLA:GPU compiles for a device described by a
@@ -278,10 +278,8 @@ def measure(target: str, shapes=None, peers: bool = False) -> tuple[list[dict], 
                     float32 = dtype == jnp.float32 or name == "jax-cce"
                     flop_peak = peak["float32_flops"] if float32 else peak["flops"]
                 else:
-                    # jxent's float32 products run at HIGHEST (six bf16 passes on a TPU);
-                    # the unfused x @ w at JAX's default precision (one bf16 pass).
-                    highest = dtype == jnp.float32 and name in ("jxent", SINGLE_PASS)
-                    flop_peak = peak["flops"] / (6 if highest else 1)
+                    # Every float32 product at the default precision: one bf16 pass.
+                    flop_peak = peak["flops"]
                 matmul_flops = _products(name, n, d, v) * 2 * n * d * v
                 row = {
                     "target": target,

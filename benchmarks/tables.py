@@ -363,8 +363,8 @@ def _accelerators(res: Results, target: str) -> str:
         f"Compiled for {target} without a device: compile-time facts, not timings. XLA's "
         "cost analysis counts a loop body once (the fused loss's figures are one block's); "
         f"the roofline is the matrix products' flops over the peak of {peak['source']} "
-        "(jxent's float32 products at a sixth: six passes at HIGHEST; the unfused float32 "
-        "product at the default precision, one pass). `jxent` is the default schedule "
+        "(float32 products at the default precision: one bfloat16 pass, jxent's blocks of "
+        "w rounded in the loop). `jxent` is the default schedule "
         "(streaming at these shapes: four products), `jxent single pass` the same loss "
         "with schedule='single_pass' (three products, a float32 [D, V] accumulator)."
     )

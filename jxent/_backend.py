@@ -34,8 +34,9 @@ entry                         what it works around
                               smaller token blocks there.
 ``GROUPED_BLOCKS``            XLA:TPU relayouts the whole of ``w`` for grouped blocks.
 ``VOCAB_ALIGN``               XLA:TPU relayouts ``w`` for blocks not aligned to 128 columns.
-``FLOAT32_PRECISION``         XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
-                              default precision: float32 blocks multiply at ``HIGHEST``.
+``BFLOAT16_BLOCKS``            XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
+                              default precision: the plan rounds each block of ``w`` in
+                              the loop instead, through its bits.
 ``single_device``             views that merge part of the class axis with the batch are
                               only taken on one device (GSPMD could regather a
                               class-sharded axis for them).
@@ -350,15 +351,16 @@ GROUPED_BLOCKS = {"cpu": True, "tpu": False, "default": True}
 #: 8192 x 4096 x 128256 bfloat16 on v6e: 4096-column blocks 1132 MiB, 768-column 128.5).
 VOCAB_ALIGN = {"cpu": 8, "tpu": 128, "default": 8}
 
-#: The precision of the fused losses' float32 products per platform (None: JAX's
-#: default). XLA:TPU multiplies float32 at the default precision in bfloat16 and converts
-#: the whole loop-invariant ``w`` (and ``x``) to bfloat16 once, before the block loop: a
-#: copy of ``w`` (Gemma-2 float32 on v5e: 1162 MiB of temporary memory). At ``HIGHEST``
-#: the blocks are multiplied in float32 passes without the copy (64 MiB at 8192 x 2304 x
-#: 65536), and the logits are the float32 products the loss promises. Narrower inputs
-#: are multiplied as they are on every platform. A caller's ``precision=`` or a
-#: ``jax.default_matmul_precision`` context replaces it (with XLA:TPU's copy at the
-#: default). Putting each block behind an optimization barrier does not keep the copy
-#: away (jax 0.10.2, libtpu, Gemma 2 float32 on v5e: 1161.6 MiB either way): XLA:TPU
-#: still converts ``w`` whole before the loop.
-FLOAT32_PRECISION = {"cpu": None, "tpu": "highest", "default": None}
+#: Whether the fused losses' float32 products at the default precision round their
+#: blocks to bfloat16 themselves, per platform. XLA:TPU multiplies float32 at the default
+#: precision in one bfloat16 pass, as ``x @ w`` does, but for a product inside the block
+#: loop it converts the whole loop-invariant ``w`` to bfloat16 once, before the loop: a
+#: copy of ``w`` (Gemma 2 float32 on v5e: 1161.6 MiB of temporary memory; an
+#: optimization barrier on each block does not prevent it, jax 0.10.2). The plan then
+#: rounds each block of ``w`` to bfloat16 where it is read, through its bits
+#: (``jxent._fused.logits.round_to_bfloat16``: integer arithmetic, which XLA does not move
+#: out of the loop), ``x`` and ``dz`` with a plain conversion, and multiplies bfloat16
+#: operands, accumulating in float32: the same single pass, 144.5 MiB. A caller's
+#: ``precision=`` or a ``jax.default_matmul_precision`` context multiplies float32 as asked
+#: (at XLA:TPU's default, with the copy). Narrower inputs are multiplied as they are.
+BFLOAT16_BLOCKS = {"cpu": False, "tpu": True, "default": False}

@@ -40,21 +40,26 @@ def main(target: str) -> None:
         logits = (x @ w).astype(jnp.float32)
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def compiled(fn, dtype):
+    def compiled_program(fn, dtype):
         args = (struct((N, D), dtype), struct((D, V), dtype), struct((N,), jnp.int32))
-        grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
-        return grad.lower(*args).compile().memory_analysis()
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
+
+    def compiled(fn, dtype):
+        return compiled_program(fn, dtype).memory_analysis()
 
     out = {}
     for dtype in (jnp.bfloat16, jnp.float32):
         name = jnp.dtype(dtype).name
-        mem = compiled(fused, dtype)
+        program = compiled_program(fused, dtype)
+        mem = program.memory_analysis()
         tpu = dict(plan.plans(N, D, V, "mean", None, 4, float32=dtype == jnp.float32)[0])["tpu"]
         out[name] = {
             "temp_mib": mem.temp_size_in_bytes / MiB,
             "output_mib": mem.output_size_in_bytes / MiB,
             # The floor: a float32 dx accumulator and one float32 logits block.
             "floor_mib": (N * D * 4 + tpu.token_block * tpu.vocab_block * 4) / MiB,
+            # A bfloat16 copy of the whole of w (XLA:TPU's at the default precision).
+            "whole_bf16_w": f"bf16[{D},{V}]" in program.as_text(),
         }
     out["bfloat16"]["unfused_temp_mib"] = compiled(unfused, jnp.bfloat16).temp_size_in_bytes / MiB
     # The distillation KL from a teacher's top-64 (issue 14): it scatters into dz's blocks.

@@ -3,6 +3,7 @@ the single pass, and the groups of a blocked axis."""
 
 from __future__ import annotations
 
+import jax
 from jax import export
 
 from jxent import _backend
@@ -75,16 +76,23 @@ def test_plans_per_platform():
 def test_tpu_plan_is_ungrouped_and_lane_aligned():
     """XLA:TPU copies the whole of w for grouped or unaligned vocabulary blocks, and for
     float32 products at the default precision (``_backend``'s register): the TPU plan
-    has one group, blocks of whole 128-column tiles, and float32 products at HIGHEST."""
+    has one group, blocks of whole 128-column tiles, and float32 products as bfloat16
+    blocks rounded in the loop (one pass, the default precision's); a caller's precision
+    or a jax.default_matmul_precision context multiplies as asked instead."""
     for n, d, v in ((8192, 2304, 256000), (8192, 4096, 128256), (4096, 1024, 32000)):
         for float32 in (False, True):
             plans, single = plan.plans(n, d, v, "mean", None, 4, float32=float32)
             tpu = dict(plans)["tpu"]
             assert (tpu.token_groups, tpu.vocab_groups) == (1, 1)
-            assert tpu.precision == ("highest" if float32 else None)
+            assert tpu.precision is None and tpu.bfloat16_blocks == float32
             if not single:
                 assert tpu.vocab_block % 128 == 0, tpu
-            assert dict(plans)["cpu"].precision is None
+            assert not dict(plans)["cpu"].bfloat16_blocks
+            asked = dict(plan.plans(n, d, v, "mean", None, 4, float32=True, precision="highest")[0])
+            assert asked["tpu"].precision == "highest" and not asked["tpu"].bfloat16_blocks
+            with jax.default_matmul_precision("float32"):
+                ctx = dict(plan.plans(n, d, v, "mean", None, 4, float32=True)[0])["tpu"]
+            assert ctx.precision is None and not ctx.bfloat16_blocks
 
 
 def test_symbolic_token_count():

@@ -347,3 +347,47 @@ def test_precision_float32_matches_reference(precision):
     terms = case["n"] * case["d"] * (case["v"] + case["pad"])
     one_pass = checks.float_tolerance(jnp.bfloat16, terms)
     check_case(case, None if precision == "highest" else (one_pass, one_pass))
+
+
+def test_round_to_bfloat16_is_the_conversion():
+    """The bits' rounding (_backend.BFLOAT16_BLOCKS) is bit for bit a.astype(bfloat16):
+    ties to even, subnormals, the largest finite values, infinities, signed zeros, NaN."""
+    from jxent._fused.logits import round_to_bfloat16
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [
+            rng.standard_normal(4096) * 10.0 ** rng.integers(-40, 39, 4096),
+            # Exact ties between two bfloat16 values (low 16 bits 0x8000), odd and even.
+            (np.arange(1, 513, dtype=np.uint32) << 16 | 0x8000).view(np.float32),
+            np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38, 1e-45]),
+        ]
+    ).astype(np.float32)
+    with checks.x64_off():
+        got = np.asarray(round_to_bfloat16(jnp.asarray(values)))
+        want = np.asarray(jnp.asarray(values).astype(jnp.bfloat16))
+    nan = np.isnan(want.astype(np.float32))
+    assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+    assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("chunk_size", [(5, 11), (4, 42)], ids=["streaming", "single"])
+def test_bfloat16_blocks_match_reference_within_one_pass(monkeypatch, chunk_size):
+    """The TPU plan's float32 products as bfloat16 blocks rounded in the loop, run here on
+    the CPU (the platform's flag set for the test): within one bfloat16 pass's bound of
+    the float64 reference, both schedules, padding holding NaN."""
+    from jxent import _backend
+
+    monkeypatch.setitem(_backend.BFLOAT16_BLOCKS, "cpu", True)
+    jax.clear_caches()
+    case = dict(
+        n=13, d=8, v=40, pad=2, chunk_size=chunk_size, opts={"logit_soft_cap": 30.0},
+        weighted=False, ignored="some", where=False, offset=0.0, pad_value="nan",
+        reduction="mean", dtype="float32", seed=11,
+    )  # fmt: skip
+    terms = case["n"] * case["d"] * (case["v"] + case["pad"])
+    one_pass = checks.float_tolerance(jnp.bfloat16, terms)
+    out, r = check_case(case, (one_pass, one_pass))
+    # The products were rounded: float32 products would have agreed far closer.
+    assert abs(float(out) - r.loss) > checks.float_tolerance(jnp.float32, terms) * r.loss_scale
+    jax.clear_caches()

@@ -11,8 +11,8 @@ padding, ``w_t`` in ``w``'s layout and grouping.
 The functions take the call's static choices as ``spec`` (``contract.Spec``: its
 ``soft_cap``, ``temperature`` and ``w_layout``) and a block plan (``plan.Plan``).
 
-Internal API: :data:`PADDING_LOGIT`, :func:`compute_dtype`, :func:`vocab_axis`,
-:func:`block_logits`, :class:`Teacher`, :func:`grouped_teacher`,
+Internal API: :data:`PADDING_LOGIT`, :func:`compute_dtype`, :func:`round_to_bfloat16`,
+:func:`vocab_axis`, :func:`block_logits`, :class:`Teacher`, :func:`grouped_teacher`,
 :func:`teacher_columns`, :func:`teacher_logits`, :func:`real_weights`.
 """
 
@@ -39,6 +39,18 @@ def compute_dtype(*arrays) -> jnp.dtype:
     return functools.reduce(jnp.promote_types, [a.dtype for a in arrays if a is not None])
 
 
+def round_to_bfloat16(a: jax.Array) -> jax.Array:
+    """float32 ``a`` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as
+    ``a.astype(jnp.bfloat16)`` but through the bits: integer arithmetic on the block, which
+    XLA:TPU does not turn into a conversion of the whole array it was sliced from
+    (``_backend.BFLOAT16_BLOCKS``)."""
+    bits = lax.bitcast_convert_type(a, jnp.uint32)
+    odd = (bits >> 16) & jnp.uint32(1)
+    rounded = ((bits + jnp.uint32(0x7FFF) + odd) >> 16).astype(jnp.uint16)
+    out = lax.bitcast_convert_type(rounded, jnp.bfloat16)
+    return jnp.where(jnp.isnan(a), jnp.asarray(jnp.nan, jnp.bfloat16), out)
+
+
 def vocab_axis(w_layout: str) -> int:
     """The axis of ``w`` that runs over the vocabulary in ``w_layout``."""
     return 0 if w_layout == "vd" else 1
@@ -50,9 +62,12 @@ def block_logits(spec, plan: Plan, x_blk, w_blk, b_blk, real_blk=None):
     acc = accumulation_dtype(cdt)
     # x [n, D] times w's block, [D, vb] or [vb, D]: contract D either way (no transpose).
     dims = (((1,), (vocab_axis(spec.w_layout) ^ 1,)), ((), ()))
+    x_blk, w_blk = x_blk.astype(cdt), w_blk.astype(cdt)
+    if plan.bfloat16_blocks:
+        x_blk, w_blk = x_blk.astype(jnp.bfloat16), round_to_bfloat16(w_blk)
     logits = lax.dot_general(
-        x_blk.astype(cdt),
-        w_blk.astype(cdt),
+        x_blk,
+        w_blk,
         dims,
         precision=plan.precision,
         preferred_element_type=acc,

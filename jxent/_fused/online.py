@@ -37,7 +37,7 @@ from jxent._fused.contract import (
     class_count,
     row_scale,
 )
-from jxent._fused.logits import compute_dtype
+from jxent._fused.logits import compute_dtype, round_to_bfloat16
 from jxent._fused.plan import Plan
 from jxent._softmax import row_sums
 
@@ -281,6 +281,11 @@ def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax:
     cdt = compute_dtype(inp.x, inp.w, inp.bias)
     acc = dz.dtype
     dzc = dz.astype(cdt)
+    w_blk = w_blk.astype(cdt)
+    if plan.bfloat16_blocks:
+        # One bfloat16 pass, as XLA:TPU's default precision, without its copy of w.
+        dzc, w_blk = dzc.astype(jnp.bfloat16), round_to_bfloat16(w_blk)
+        cdt = jnp.bfloat16
     dx = dw = None
     if wanted.x:
         dims = (((1,), (ax,)), ((), ()))

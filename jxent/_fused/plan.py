@@ -48,10 +48,12 @@ class Plan(NamedTuple):
     vocab_block: int
     token_groups: int = 1
     vocab_groups: int = 1
-    # The products' precision, as jnp.dot's: the caller's, else the platform's for float32
-    # inputs (_backend.FLOAT32_PRECISION) unless jax.default_matmul_precision is set
-    # (None: that, or JAX's default).
+    # The products' precision, as jnp.dot's: the caller's, or None (the context's
+    # jax.default_matmul_precision, or JAX's default).
     precision: Any = None
+    # float32 products at the default precision as bfloat16 blocks rounded in the loop
+    # (_backend.BFLOAT16_BLOCKS): one pass, without a bfloat16 copy of the whole of w.
+    bfloat16_blocks: bool = False
 
 
 def _block_length(total: int, cap: int, align: int, step: int = 8, floor: int = 0) -> int:
@@ -233,11 +235,11 @@ def plans(
     group), as on a shard of a vocabulary already split over devices; platforms whose
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
     ``float32``: the products are float32 (their precision is the platform's
-    ``_backend.FLOAT32_PRECISION``). ``scatters``: the loss scatters into its block of
+    ``_backend.BFLOAT16_BLOCKS``). ``scatters``: the loss scatters into its block of
     ``dz`` (``_backend.SCATTER_PANEL_FRACTION``); ``schedule``: as :func:`plan_blocks`'s;
     ``precision``: the caller's (as ``jnp.dot``'s), or None for the products' default:
-    ``jax.default_matmul_precision`` where set, else the platform's
-    ``_backend.FLOAT32_PRECISION`` for float32 products.
+    ``jax.default_matmul_precision`` where set, else JAX's (float32 blocks rounded to
+    bfloat16 in the loop where ``_backend.BFLOAT16_BLOCKS`` says so).
     ``num_tokens``: None for an unknown
     number of tokens, or a symbolic one (see :func:`plan_blocks`; the tokens are one
     group)."""
@@ -259,12 +261,11 @@ def plans(
             float32,
             schedule,
         )
-        own = precision
-        if own is None and float32 and not context:
-            own = _backend.FLOAT32_PRECISION[platform]
+        rounded = precision is None and float32 and not context
+        rounded = rounded and _backend.BFLOAT16_BLOCKS.get(platform, False)
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:
             token_groups = 1 if num_tokens is None else block_groups(num_tokens, tb)
             groups = (token_groups, block_groups(columns, vb, MIN_VOCAB_RUN))
-        out.append((platform, Plan(tb, vb, *groups, own)))
+        out.append((platform, Plan(tb, vb, *groups, precision, rounded)))
     return tuple(out), bool(single)

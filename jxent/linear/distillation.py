@@ -104,9 +104,8 @@ def linear_softmax_kl_divergence(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose teacher puts probability on a class
@@ -234,9 +233,8 @@ def linear_distillation_loss(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
@@ -386,9 +384,8 @@ def linear_softmax_jensen_shannon_divergence(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose top-k teacher puts probability on a class

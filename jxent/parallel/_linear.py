@@ -112,9 +112,8 @@ def linear_softmax_cross_entropy(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
       ``"none"``, else a scalar; equal on every device of ``axis_name``. With

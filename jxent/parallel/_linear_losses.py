@@ -64,9 +64,8 @@ def linear_log_probs(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
       ``(log_probs, entropy)``.
@@ -166,9 +165,8 @@ def linear_entropy(
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set), except float32 products on TPU, which run at ``"highest"`` unless
-        that context or this argument says otherwise (XLA:TPU would otherwise round a
-        whole copy of ``w`` to bfloat16 before the block loop, 1.1 GiB at Gemma 2).
+        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
+        block). ``"highest"`` for float32 products in float32 everywhere.
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean; equal on every shard of ``axis_name``.
