@@ -34,7 +34,7 @@ entry                         what it works around
                               smaller token blocks there.
 ``GROUPED_BLOCKS``            XLA:TPU relayouts the whole of ``w`` for grouped blocks.
 ``VOCAB_ALIGN``               XLA:TPU relayouts ``w`` for blocks not aligned to 128 columns.
-``BFLOAT16_BLOCKS``            XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
+``BFLOAT16_BLOCKS``           XLA:TPU converts the whole float32 ``w`` to bfloat16 at the
                               default precision: the plan rounds each block of ``w`` in
                               the loop instead, through its bits.
 ``single_device``             views that merge part of the class axis with the batch are
@@ -360,7 +360,7 @@ VOCAB_ALIGN = {"cpu": 8, "tpu": 128, "default": 8}
 #: rounds each block of ``w`` to bfloat16 where it is read, through its bits
 #: (``jxent._fused.logits.round_to_bfloat16``: integer arithmetic, which XLA does not move
 #: out of the loop), ``x`` and ``dz`` with a plain conversion, and multiplies bfloat16
-#: operands, accumulating in float32: the same single pass, 144.5 MiB. A caller's
+#: operands, accumulating in float32: the same single pass, 72.6 MiB. A caller's
 #: ``precision=`` or a ``jax.default_matmul_precision`` context multiplies float32 as asked
 #: (at XLA:TPU's default, with the copy). Narrower inputs are multiplied as they are.
 BFLOAT16_BLOCKS = {"cpu": False, "tpu": True, "default": False}

@@ -83,7 +83,6 @@ def call(name, x, w, b, data, opts):
                 reduction=red,
                 token_weights=tw,
                 normalizer=norm,
-                schedule=opts.get("schedule", "auto"),
                 **common,
             ),
         )

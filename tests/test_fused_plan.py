@@ -84,7 +84,8 @@ def test_tpu_plan_is_ungrouped_and_lane_aligned():
             plans, single = plan.plans(n, d, v, "mean", None, 4, float32=float32)
             tpu = dict(plans)["tpu"]
             assert (tpu.token_groups, tpu.vocab_groups) == (1, 1)
-            assert tpu.precision is None and tpu.bfloat16_blocks == float32
+            # The flag is the platform's; each product applies it to float32 operands.
+            assert tpu.precision is None and tpu.bfloat16_blocks
             if not single:
                 assert tpu.vocab_block % 128 == 0, tpu
             assert not dict(plans)["cpu"].bfloat16_blocks

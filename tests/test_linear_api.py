@@ -155,6 +155,8 @@ def test_schedule_is_checked():
         LINEAR(x, w, y, schedule="single_pass", reduction="none")
     with pytest.raises(ValueError, match="not with per-token outputs"):
         LINEAR(x, w, y, schedule="single_pass", return_lse=True)
+    with pytest.raises(ValueError, match="needs vocabulary blocks spanning all 5 columns"):
+        LINEAR(x, w, y, schedule="single_pass", chunk_size=2)
     want = LINEAR(x, w, y)
     for schedule in ("single_pass", "streaming"):
         np.testing.assert_allclose(LINEAR(x, w, y, schedule=schedule), want, rtol=1e-12)
@@ -194,6 +196,15 @@ def test_precision_reaches_every_product():
             assert set(_dot_precisions(loss, x, w)) == {"[HIGHEST, HIGHEST]"}, name
     with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision"):
         LINEAR(x, w, y, precision="fast")
+    with pytest.raises(ValueError, match="precision must be None, a jax.lax.Precision"):
+        LINEAR(x, w, y, precision=())
+    # A pair is (x's, w's) on every product, whatever w's layout: with w as [V, D] the
+    # weight gradient's product takes dz first, so the pair is swapped there.
+    table = jnp.ones((20, 6), jnp.float32)
+    vd = _dot_precisions(
+        lambda x, w: LINEAR(x, w, y, w_layout="vd", precision=("high", "default")), x, table
+    )
+    assert sorted(set(vd)) == ["[DEFAULT, HIGH]", "[HIGH, DEFAULT]"], vd
 
 
 def test_gemma2_shape_memory_bar():

@@ -391,3 +391,27 @@ def test_bfloat16_blocks_match_reference_within_one_pass(monkeypatch, chunk_size
     # The products were rounded: float32 products would have agreed far closer.
     assert abs(float(out) - r.loss) > checks.float_tolerance(jnp.float32, terms) * r.loss_scale
     jax.clear_caches()
+
+
+def test_bfloat16_blocks_with_a_teacher_of_another_dtype(monkeypatch):
+    """The bfloat16-block path rounds float32 blocks only: a float32 student beside a
+    bfloat16 teacher's stream (and the reverse) runs, within one pass of the float32
+    products."""
+    from jxent import _backend
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((12, 8)), rng.standard_normal((8, 30)) / 3
+    xt, wt = rng.standard_normal((12, 8)), rng.standard_normal((8, 30)) / 3
+    with checks.x64_off():
+        for student, teacher in ((jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)):
+            args = (jnp.asarray(x, student), jnp.asarray(w, student))
+            stream = (jnp.asarray(xt, teacher), jnp.asarray(wt, teacher))
+            want = jxent.linear_softmax_kl_divergence(*args, stream, chunk_size=(4, 8))
+            monkeypatch.setitem(_backend.BFLOAT16_BLOCKS, "cpu", True)
+            jax.clear_caches()
+            got = jxent.linear_softmax_kl_divergence(*args, stream, chunk_size=(4, 8))
+            monkeypatch.setitem(_backend.BFLOAT16_BLOCKS, "cpu", False)
+            jax.clear_caches()
+            one_pass = checks.float_tolerance(jnp.bfloat16, 12 * 8 * 30)
+            assert np.isfinite(float(got))
+            np.testing.assert_allclose(float(got), float(want), rtol=one_pass, atol=one_pass)

@@ -13,7 +13,11 @@
   over a mesh axis, with the vocabulary-parallel combine);
 - ``rules``: their ``jax.custom_vjp`` rules, the XLA implementation;
 - ``engine``: the implementations and the choice between them (``implementation=``);
-- ``driver``: one device's run of any fused loss (plans, schedule, reduction);
+- ``options``: a call's arguments checked once (:class:`options.Options`,
+  :class:`options.Call`);
+- ``explicit``: arrays typed with ``Explicit`` mesh axes, run under ``shard_map``;
+- ``driver``: one run of any fused loss, on one device or a vocabulary split (plans,
+  the engine's spec, schedule, reduction);
 - ``xent``, ``logprobs``, ``distill``: the losses written to the contract (the
   integer-label cross-entropy; log-probabilities and entropy; distillation and the
   Jensen-Shannon divergence from a teacher's top-k or its logits stream).

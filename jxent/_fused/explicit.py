@@ -9,7 +9,7 @@ combine across them) or none, and the tokens' axes as ``batch_axis_name`` (the m
 sums across them). Every array of the call, and a teacher's, is resharded to those
 specs first (``jax.sharding.reshard``), so a call with no mesh set works too.
 
-Internal API: :func:`sharded`, :func:`run`.
+Internal API: :func:`sharded`, :func:`run`, :data:`TOKENS`, :data:`SCALAR`.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def block_logits(spec, plan: Plan, x_blk, w_blk, b_blk, real_blk=None):
     # x [n, D] times w's block, [D, vb] or [vb, D]: contract D either way (no transpose).
     dims = (((1,), (vocab_axis(spec.w_layout) ^ 1,)), ((), ()))
     x_blk, w_blk = x_blk.astype(cdt), w_blk.astype(cdt)
-    if plan.bfloat16_blocks:
+    if plan.bfloat16_blocks and cdt == jnp.float32:
         x_blk, w_blk = x_blk.astype(jnp.bfloat16), round_to_bfloat16(w_blk)
     logits = lax.dot_general(
         x_blk,

@@ -6,12 +6,12 @@ the loss's row sums and picks) and how one logits block is folded into them
 the final per-token numbers (:func:`final`) and the loss's coefficients
 (:func:`finish`, :class:`Coefficients`); a second pass's sums of one block
 (:func:`second_stats`, :func:`second_sums`); and the backward pass of one block:
-``dloss/dlogits`` from the recomputed softmax (:func:`dlogits`, :func:`log_softmax`)
+``dloss/dlogits`` from the recomputed softmax (:func:`dlogits`)
 and its two matrix products (:func:`add_products`).
 
 Internal API: :class:`Running`, :func:`init_running`, :func:`rescale`,
 :func:`gap_totals`, :func:`recentred`, :func:`merge`, :class:`Coefficients`,
-:func:`final`, :func:`finish`, :func:`second_stats`, :func:`log_softmax`,
+:func:`final`, :func:`finish`, :func:`second_stats`,
 :func:`second_sums`, :func:`dlogits`, :func:`scaled`, :class:`Wanted`,
 :func:`add_products`.
 """
@@ -220,14 +220,14 @@ def second_stats(loss: FusedLoss, sums: RowSums, rows):
     return Coefficients(sums.row_max, sums.lse_rel, None, second.fixed), second.names
 
 
-def log_softmax(z, stats: Coefficients):
+def _log_softmax(z, stats: Coefficients):
     """``log softmax(z)`` of a block from the row's final statistics (numerical rule 1)."""
     return (z - stats.row_max[:, None]) - stats.lse_rel[:, None]
 
 
 def second_sums(loss: FusedLoss, z, view: View, stats: Coefficients, real_blk) -> dict:
     """One block's share of the second pass's row sums (``[n]`` each)."""
-    log_p = log_softmax(z, stats)
+    log_p = _log_softmax(z, stats)
     terms = loss.second_terms(jnp.exp(log_p), log_p, view._replace(fixed=stats.fixed))
     if real_blk is not None:
         zero = jnp.zeros((), z.dtype)
@@ -236,7 +236,7 @@ def second_sums(loss: FusedLoss, z, view: View, stats: Coefficients, real_blk) -
 
 
 def dlogits(spec: Spec, z, dcap, coefs: Coefficients, view: View, real_blk=None):
-    log_p = log_softmax(z, coefs)
+    log_p = _log_softmax(z, coefs)
     dz = spec.loss.dlogits(jnp.exp(log_p), log_p, coefs.loss, view._replace(fixed=coefs.fixed))
     dz = dz if dcap is None else dz * dcap
     if real_blk is not None:
@@ -282,7 +282,7 @@ def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax:
     acc = dz.dtype
     dzc = dz.astype(cdt)
     w_blk = w_blk.astype(cdt)
-    if plan.bfloat16_blocks:
+    if plan.bfloat16_blocks and cdt == jnp.float32:
         # One bfloat16 pass, as XLA:TPU's default precision, without its copy of w.
         dzc, w_blk = dzc.astype(jnp.bfloat16), round_to_bfloat16(w_blk)
         cdt = jnp.bfloat16
@@ -298,8 +298,11 @@ def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax:
         )
     elif wanted.w:
         dims = (((0,), (0,)), ((), ()))
+        # dz first here: a caller's pair (x's, then the other operand's) swapped to match.
+        pair = isinstance(plan.precision, tuple)
+        precision = plan.precision[::-1] if pair else plan.precision
         dw = lax.dot_general(
-            dzc, xt_blk.astype(cdt), dims, precision=plan.precision, preferred_element_type=acc
+            dzc, xt_blk.astype(cdt), dims, precision=precision, preferred_element_type=acc
         )
     return dx, dw
 

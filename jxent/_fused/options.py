@@ -3,10 +3,11 @@
 Every public fused loss (``jxent.linear_*`` and ``jxent.parallel.linear_*``) hands its
 arguments to :func:`checked_call` and gets a :class:`Call`: the static
 :class:`Options` (hashable) and the checked arrays. Whatever is wrong with them raises
-there, at trace time, naming the argument; after it the driver
-(:mod:`jxent._fused.driver`) and the losses only compute. The same function serves one
-device's ``w`` and a ``w`` split over a mesh axis (``axis_name``, inside
-``jax.shard_map``), so every option means the same in both forms.
+there, at trace time, naming the argument, except what only a later step can judge,
+also at trace time: the block sizes (``plan.plan_blocks``), a teacher (its loss's call,
+with the checks below) and a schedule the call cannot take (``driver.run``). The same
+function serves one device's ``w`` and a ``w`` split over a mesh axis (``axis_name``,
+inside ``jax.shard_map``), so every option means the same in both forms.
 
 The checks of the fused losses' own arguments live here too (the hidden states and
 weight, padding columns, a normalizer, a teacher's top-k or hidden states); the checks
@@ -147,6 +148,8 @@ def checked_call(
     weights = _token_weights(token_weights, x.shape[:-1], acc)
     if split is not None:
         check_unsplit("token_weights", weights, split, TOKENS_SPEC)
+    if isinstance(chunk_size, list):
+        chunk_size = tuple(chunk_size)  # the options are static: hashable
     options = Options(
         reduction=reduction,
         chunk_size=chunk_size,
@@ -201,22 +204,19 @@ def _schedule(schedule, reduction: str) -> str:
 
 def _precision(precision):
     """``precision`` as ``jnp.dot`` takes it (None, a ``jax.lax.Precision`` or its name, or
-    a pair of them: one per operand), as Precision values; a clear error otherwise."""
+    a pair of them: one per operand, ``x``'s first), as Precision values; a clear error
+    otherwise."""
     if precision is None:
         return None
     pair = isinstance(precision, (tuple, list))
     parts = tuple(precision) if pair else (precision,)
-    out = []
-    for p in parts:
-        if isinstance(p, str) and p in _PRECISION_NAMES:
-            p = jax.lax.Precision(p)
-        if not isinstance(p, jax.lax.Precision) or (pair and len(parts) != 2):
-            raise ValueError(
-                f"precision must be None, a jax.lax.Precision or one of {_PRECISION_NAMES}, "
-                f"or a pair of them (one per operand), as jnp.dot takes it; got {precision!r}."
-            )
-        out.append(p)
-    return tuple(out) if pair else out[0]
+    named = [jax.lax.Precision(p) if p in _PRECISION_NAMES else p for p in parts]
+    if (pair and len(parts) != 2) or not all(isinstance(p, jax.lax.Precision) for p in named):
+        raise ValueError(
+            f"precision must be None, a jax.lax.Precision or one of {_PRECISION_NAMES}, "
+            f"or a pair of them (one per operand), as jnp.dot takes it; got {precision!r}."
+        )
+    return tuple(named) if pair else named[0]
 
 
 #: The names jax.lax.Precision takes.

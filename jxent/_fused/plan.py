@@ -52,7 +52,9 @@ class Plan(NamedTuple):
     # jax.default_matmul_precision, or JAX's default).
     precision: Any = None
     # float32 products at the default precision as bfloat16 blocks rounded in the loop
-    # (_backend.BFLOAT16_BLOCKS): one pass, without a bfloat16 copy of the whole of w.
+    # (_backend.BFLOAT16_BLOCKS): one pass, without a bfloat16 copy of the whole of w. Set
+    # where the platform needs it and the default precision is in force; each product
+    # applies it to float32 operands only.
     bfloat16_blocks: bool = False
 
 
@@ -194,6 +196,12 @@ def plan_blocks(
             vb = _positive_int(chunk_size, "vocabulary block")
             tb = token_block(panel // max(d, 1))
         tb, vb = (tb if n is None else min(tb, max(n, 1))), min(vb, k)
+        if schedule == "single_pass" and vb < k:
+            raise ValueError(
+                f'schedule="single_pass" needs vocabulary blocks spanning all {k} columns; '
+                f"chunk_size={chunk_size!r} sets blocks of {vb}: pass (tokens, {k}) or no "
+                "chunk_size."
+            )
         return tb, vb, summed and vb == k and schedule != "streaming"
     rows_cap = panel // max(d, 1)
     small = d * k * acc_bytes <= SINGLE_PASS_MAX_ACCUMULATOR
@@ -234,15 +242,14 @@ def plans(
     whether the loss takes the single pass. ``grouped=False``: contiguous blocks (one
     group), as on a shard of a vocabulary already split over devices; platforms whose
     compiler copies ``w`` for grouped blocks never group (``_backend.GROUPED_BLOCKS``).
-    ``float32``: the products are float32 (their precision is the platform's
-    ``_backend.BFLOAT16_BLOCKS``). ``scatters``: the loss scatters into its block of
+    ``float32``: the products are float32 (CPU's smaller panels,
+    ``_backend.FLOAT32_PANEL_BYTES``). ``scatters``: the loss scatters into its block of
     ``dz`` (``_backend.SCATTER_PANEL_FRACTION``); ``schedule``: as :func:`plan_blocks`'s;
     ``precision``: the caller's (as ``jnp.dot``'s), or None for the products' default:
     ``jax.default_matmul_precision`` where set, else JAX's (float32 blocks rounded to
-    bfloat16 in the loop where ``_backend.BFLOAT16_BLOCKS`` says so).
-    ``num_tokens``: None for an unknown
-    number of tokens, or a symbolic one (see :func:`plan_blocks`; the tokens are one
-    group)."""
+    bfloat16 in the loop where ``_backend.BFLOAT16_BLOCKS`` says so: ``Plan.bfloat16_blocks``).
+    ``num_tokens``: None for an unknown number of tokens, or a symbolic one (see
+    :func:`plan_blocks`; the tokens are one group)."""
     out, single = [], None
     num_tokens = _static_count(num_tokens)
     # The context's default (read while tracing, where jax.default_matmul_precision is in
@@ -261,7 +268,9 @@ def plans(
             float32,
             schedule,
         )
-        rounded = precision is None and float32 and not context
+        # Each product rounds its own float32 blocks (a teacher's stream may differ in dtype
+        # from the student's): the flag says only that the default precision is in force.
+        rounded = precision is None and not context
         rounded = rounded and _backend.BFLOAT16_BLOCKS.get(platform, False)
         groups = (1, 1)
         if grouped and _backend.GROUPED_BLOCKS[platform]:

@@ -133,7 +133,6 @@ def linear_entropy(
     num_classes: int | None = None,
     w_layout: str = "dv",
     implementation: str | None = None,
-    schedule: str = "auto",
     precision: str | jax.lax.Precision | tuple | None = None,
 ) -> jax.Array:
     r"""The entropy of ``softmax(x @ w / T)``, fused (no ``[tokens, V]`` logits): its mean
@@ -169,12 +168,6 @@ def linear_entropy(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      schedule: ``"auto"`` (default: the single pass when the loss is summed or
-        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
-        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
-        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
-        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
-        that does not grow with ``V``).
       precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
         ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
@@ -217,6 +210,5 @@ def linear_entropy(
         w_layout=w_layout,
         implementation=implementation,
         precision=precision,
-        schedule=schedule,
     )
     return entropy(call)
