@@ -117,7 +117,6 @@ def linear_softmax_cross_entropy(
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-
       schedule: ``"auto"`` (default: the single pass when the loss is summed or
         averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
         256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
@@ -129,6 +128,7 @@ def linear_softmax_cross_entropy(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape
       ``x.shape[:-1]`` with ``reduction="none"``. A token with a label outside

@@ -91,7 +91,6 @@ def linear_softmax_kl_divergence(
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -106,6 +105,7 @@ def linear_softmax_kl_divergence(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose teacher puts probability on a class
@@ -220,7 +220,6 @@ def linear_distillation_loss(
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -235,6 +234,7 @@ def linear_distillation_loss(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token with a label outside ``[0, V)`` gets NaN.
@@ -371,7 +371,6 @@ def linear_softmax_jensen_shannon_divergence(
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place; a teacher's ``w_t`` in the same layout).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -386,6 +385,7 @@ def linear_softmax_jensen_shannon_divergence(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
       ``reduction="none"``. A kept token whose top-k teacher puts probability on a class

@@ -58,7 +58,6 @@ def linear_log_probs(
         them (they take no part and get zero gradient).
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -67,6 +66,7 @@ def linear_log_probs(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` in float32 (float64 for float64 inputs),
       or ``(log_probs, entropy)``. A token kept by ``where`` whose label is outside
@@ -164,7 +164,6 @@ def linear_entropy(
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -173,6 +172,7 @@ def linear_entropy(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean.

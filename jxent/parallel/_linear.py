@@ -105,7 +105,6 @@ def linear_softmax_cross_entropy(
         ``local_w`` is this shard's ``[V_local, D]`` rows of a ``[V, D]`` table (a tied
         embedding, split in ``P("model", None)``), read in place (its gradient comes
         back ``[V_local, D]``).
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -114,6 +113,7 @@ def linear_softmax_cross_entropy(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for
       ``"none"``, else a scalar; equal on every device of ``axis_name``. With

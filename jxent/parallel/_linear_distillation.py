@@ -76,7 +76,6 @@ def linear_distillation_loss(
       w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -85,6 +84,7 @@ def linear_distillation_loss(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.
@@ -199,7 +199,6 @@ def linear_softmax_jensen_shannon_divergence(
       w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -208,6 +207,7 @@ def linear_softmax_jensen_shannon_divergence(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
       scalar; equal on every shard of ``axis_name``.

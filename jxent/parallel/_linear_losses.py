@@ -57,7 +57,6 @@ def linear_log_probs(
       w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -66,6 +65,7 @@ def linear_log_probs(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
       ``(log_probs, entropy)``.
@@ -158,7 +158,6 @@ def linear_entropy(
       w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
         ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
         a tied embedding table, read in place.
-
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
         or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
@@ -167,6 +166,7 @@ def linear_entropy(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
       their sum or mean; equal on every shard of ``axis_name``.
