@@ -49,6 +49,8 @@ class Result:
     grad_x_scale: np.ndarray
     grad_w_scale: np.ndarray
     grad_bias_scale: np.ndarray
+    # dloss/dz of sum(cotangent * loss) [tokens, classes] (0 on tokens that do not count).
+    grad_z: np.ndarray | None = None
 
 
 def _row(z, zmag, y, weights, a, z_loss):
@@ -160,6 +162,7 @@ def linear_softmax_cross_entropy(
         grad_x_scale=(gz_scale @ np.abs(w.T)).reshape(x.shape),
         grad_w_scale=padded(np.abs(xs.T) @ gz_scale),
         grad_bias_scale=padded(gz_scale.sum(axis=0)),
+        grad_z=grad_z,
     )
 
 

@@ -192,6 +192,8 @@ class Spec(NamedTuple):
     # Which implementation of the schedules runs the call (a name of
     # jxent._fused.engine.IMPLEMENTATIONS; "xla": the blocked loops of this package).
     implementation: str = "xla"
+    # Gradient filtering's eps (jxent._fused.filtering), or None: every block's products.
+    filter_eps: float | None = None
 
 
 class Inputs(NamedTuple):

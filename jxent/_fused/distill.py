@@ -97,6 +97,16 @@ def _hard_label_dlogits(temperature, q, log_q, c_ce, shift, view: contract.View)
     return c_ce[:, None] * (p1 - is_label.astype(q.dtype))
 
 
+def _top_k_and_label(rows: TopKRows, alpha: float) -> jax.Array:
+    """A top-k loss's target columns ``[N, k (+ 1)]``: the teacher's classes, and with
+    the hard-label term the label where it is not one of them (each column once)."""
+    if not alpha:
+        return rows.index
+    among = jnp.any(rows.index == rows.labels[:, None], axis=1)
+    label = jnp.where(among, -1, rows.labels)
+    return jnp.concatenate([rows.index, label[:, None].astype(rows.index.dtype)], axis=1)
+
+
 def _dropped(rows: TopKRows, loss, coefs):
     """The loss and its coefficients 0 on dropped tokens, times the token weights."""
     if rows.keep is not None:
@@ -152,6 +162,9 @@ class Distillation(NamedTuple):
         loss, coefs = _dropped(rows, loss + ce, (c_q, c_top, c_ce))
         return loss, coefs, t * sums.lse_rel - log_s
 
+    def targets(self, view: contract.View):
+        return _top_k_and_label(view.rows, self.alpha)
+
     def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, c_top, c_ce = coefs
         rows = view.rows
@@ -194,6 +207,9 @@ class TeacherDistillation(NamedTuple):
         ce, c_ce, log_s = _hard_label(t, a, sums, rows)
         loss, coefs = _dropped(rows, (1 - a) * kl + ce, (jnp.full_like(m, (1 - a) * t * t), c_ce))
         return loss, coefs, (t * sums.lse_rel - log_s, mt, sums.teacher_lse_rel)
+
+    def targets(self, view: contract.View):
+        return view.rows.labels if self.alpha else None
 
     def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, c_ce = coefs
@@ -269,6 +285,9 @@ class JensenShannon(NamedTuple):
         loss = jnp.where(bad, jnp.nan, jnp.maximum(loss, zero))
         coefs = (jnp.where(bad, jnp.nan, c_q), jnp.where(bad[:, None], jnp.nan, values))
         return _dropped(rows, loss, coefs)
+
+    def targets(self, view: contract.View):
+        return view.rows.index
 
     def dlogits(self, q, log_q, coefs, view: contract.View):
         c_q, values = coefs

@@ -93,6 +93,7 @@ def run(loss: contract.FusedLoss, call: Call, rows, columns=None, teacher=None, 
         None if one_device else opts.split.axis_name,
         temperature=opts.temperature,
         w_layout=opts.w_layout,
+        filter_eps=opts.filter_eps,
     )
     spec = spec._replace(implementation=engine.choose(opts.implementation, spec))
     x, rows, teacher = pad_tokens(plans, x, rows, teacher)

@@ -80,6 +80,9 @@ class LogProbs(NamedTuple):
             coefs.append(one)
         return tuple(outputs), tuple(coefs), h
 
+    def targets(self, view: contract.View):
+        return view.rows.labels if self.label else None
+
     def dlogits(self, p, log_p, coefs, view: contract.View):
         dz = jnp.zeros_like(p)
         coefs = list(coefs)

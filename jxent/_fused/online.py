@@ -13,7 +13,7 @@ Internal API: :class:`Running`, :func:`init_running`, :func:`rescale`,
 :func:`gap_totals`, :func:`recentred`, :func:`merge`, :class:`Coefficients`,
 :func:`final`, :func:`finish`, :func:`second_stats`,
 :func:`second_sums`, :func:`dlogits`, :func:`scaled`, :class:`Wanted`,
-:func:`add_products`.
+:func:`block_products`, :func:`product_rows`, :func:`add_products`.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class Wanted(NamedTuple):
     bias: bool
 
 
-def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax: int):
+def block_products(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax: int):
     """``(dz @ w_blk.T, xt_blk @ dz)`` (those wanted), accumulated in ``dz``'s dtype; with
     ``w`` as ``[V, D]`` (``ax = 0``): ``(dz @ w_blk, dz.T @ x_blk)``, ``xt_blk`` then
     being the block of ``x`` itself.
@@ -307,6 +307,18 @@ def _block_grads(plan: Plan, inp: Inputs, dz, xt_blk, w_blk, wanted: Wanted, ax:
     return dx, dw
 
 
+def product_rows(x, rows_blk, wanted: Wanted, ax: int):
+    """The token block ``rows_blk = (start, length, groups)`` of ``x`` as
+    :func:`block_products` takes it (transposed for ``w`` as ``[D, V]``), or None when
+    ``dw`` is not wanted."""
+    if not wanted.w:
+        return None
+    start, length, groups = rows_blk
+    if ax == 1:
+        return B.transposed_block(x, start, length, groups)
+    return B.block(x, start, length, 0, groups)
+
+
 def add_products(
     plan: Plan, inp: Inputs, x, rows_blk, dz, w_blk, wanted: Wanted, grads, write_dx, ax
 ):
@@ -316,13 +328,8 @@ def add_products(
     ``dw`` and ``dz``'s column sums to ``db``."""
     dx, dw, db = grads
     start, length, groups = rows_blk
-    xt_blk = None
-    if wanted.w:
-        if ax == 1:
-            xt_blk = B.transposed_block(x, start, length, groups)
-        else:
-            xt_blk = B.block(x, start, length, 0, groups)
-    dx_part, dw_part = _block_grads(plan, inp, dz, xt_blk, w_blk, wanted, ax)
+    xt_blk = product_rows(x, rows_blk, wanted, ax)
+    dx_part, dw_part = block_products(plan, inp, dz, xt_blk, w_blk, wanted, ax)
     if wanted.x:
         dx = write_dx(dx, dx_part, start, 0, groups)
     if wanted.w:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _validation as v
-from jxent._fused import engine
+from jxent._fused import engine, filtering
 from jxent._fused.logits import compute_dtype
 from jxent._split import AxisName, Layout, check_split, check_unsplit, vocab_layout
 
@@ -50,6 +50,7 @@ class Options(NamedTuple):
     batch_axis_name: AxisName | None = None  # mesh axes the tokens are split over
     schedule: str = "auto"  # "auto", "single_pass" or "streaming" (see plan.plan_blocks)
     precision: Any = None  # of the matrix products, as jnp.dot's (a Precision or a pair)
+    filter_eps: float | None = None  # gradient filtering's eps, "auto" resolved; None: off
 
 
 class Call(NamedTuple):
@@ -103,6 +104,7 @@ def checked_call(
     batch_axis_name: AxisName | None = None,
     schedule: str = "auto",
     precision=None,
+    filter_eps=None,
 ) -> Call:
     """Every argument of a fused loss checked, as a :class:`Call`. ``axis_name``: ``w``
     is this shard's columns of a vocabulary split over that mesh axis (inside
@@ -164,6 +166,7 @@ def checked_call(
         batch_axis_name=batch_axis_name,
         schedule=_schedule(schedule, reduction),
         precision=_precision(precision),
+        filter_eps=_filter_eps(filter_eps, compute_dtype(x, w, bias)),
     )
     if class_weights is not None:
         # Constants: no gradient, the mean's denominator included.
@@ -200,6 +203,18 @@ def _schedule(schedule, reduction: str) -> str:
             'gradients: it needs reduction="sum" or "mean", got reduction="none".'
         )
     return schedule
+
+
+def _filter_eps(filter_eps, dtype) -> float | None:
+    """``filter_eps`` (None, ``"auto"`` or a number in ``[0, 1]``) as a static float or
+    None (``"auto"``: the unit roundoff of the inputs' ``dtype``)."""
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f'filter_eps must be None, "auto" or a number in [0, 1], got {filter_eps!r}.')
+        return filtering.auto_eps(dtype)
+    return v.static_number("filter_eps", filter_eps, lo=0, hi=1)
 
 
 def _precision(precision):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jxent import _backend
 from jxent._fused import blocks as B
 from jxent._fused import logits as L
-from jxent._fused import online
+from jxent._fused import filtering, online
 from jxent._fused.contract import Inputs, Spec, View, accumulation, num_columns, vocab_axis
 from jxent._fused.plan import Plan
 
@@ -60,9 +60,10 @@ def loss_and_grads(spec: Spec, plan: Plan, inp: Inputs, wanted: online.Wanted):
         # the sum of exponentials above and the softmax below, and materialises it.
         coefs = coefs._replace(row_max=_backend.cpu_barrier(coefs.row_max))
         dz = online.dlogits(spec, z, dcap, coefs, view, inp.real_columns)
-        grads = online.add_products(
-            plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block, ax
-        )
+        grads = filtering.add_products(
+            spec, plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, (dx, dw, db), B.put_block, ax,
+            view, coefs, v, filtering.SINGLE_PASS_CHUNK,
+        )  # fmt: skip
         return total + jnp.sum(loss_blk), *grads
 
     carry = (

@@ -27,7 +27,7 @@ from jax import lax
 
 from jxent._fused import blocks as B
 from jxent._fused import logits as L
-from jxent._fused import online
+from jxent._fused import filtering, online
 from jxent._fused.contract import (
     Inputs,
     RowSums,
@@ -161,6 +161,7 @@ def backward(
     bias, real = (B.group(a, 0, vg) for a in (inp.bias, inp.real_columns))
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
     teacher = L.grouped_teacher(spec, plan, inp.teacher)
+    total = v if spec.axis_name is None else v * lax.psum(1, spec.axis_name)
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
@@ -177,9 +178,10 @@ def backward(
             rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
             view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
             dz = online.dlogits(spec, z, dcap, sub, view, c_blk)
-            return online.add_products(
-                plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax
-            )
+            return filtering.add_products(
+                spec, plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax,
+                view, sub, total,
+            )  # fmt: skip
 
         inner = (
             dx,

@@ -107,6 +107,9 @@ class CrossEntropy(NamedTuple):
         lse = sums.row_max + sums.lse_rel
         return (loss, lse), (coefs, jnp.ones_like(lse))
 
+    def targets(self, view: contract.View):
+        return view.rows.labels
+
     def dlogits(self, p, log_p, coefs, view: contract.View):
         if self.with_lse:
             coefs, lse_coef = coefs

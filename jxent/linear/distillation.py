@@ -31,6 +31,7 @@ def linear_softmax_kl_divergence(
     implementation: str | None = None,
     schedule: str = "auto",
     precision: str | jax.lax.Precision | tuple | None = None,
+    filter_eps: float | str | None = None,
 ) -> jax.Array:
     r"""Distillation loss from the student's hidden states: KL(teacher || student), fused.
 
@@ -105,6 +106,13 @@ def linear_softmax_kl_divergence(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
+        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
+        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
+        of blocks whose gradient off the targets (labels, a teacher's classes) is
+        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
+        loss is unchanged). Faster where a trained model's softmax is peaked; see the
+        README's "Gradient filtering".
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -157,6 +165,7 @@ def linear_softmax_kl_divergence(
         w_layout=w_layout,
         implementation=implementation,
         precision=precision,
+        filter_eps=filter_eps,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, 0.0, k))
@@ -182,6 +191,7 @@ def linear_distillation_loss(
     implementation: str | None = None,
     schedule: str = "auto",
     precision: str | jax.lax.Precision | tuple | None = None,
+    filter_eps: float | str | None = None,
 ) -> jax.Array:
     r"""Hard-label cross-entropy mixed with distillation, in one fused pass.
 
@@ -234,6 +244,13 @@ def linear_distillation_loss(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
+        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
+        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
+        of blocks whose gradient off the targets (labels, a teacher's classes) is
+        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
+        loss is unchanged). Faster where a trained model's softmax is peaked; see the
+        README's "Gradient filtering".
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -279,6 +296,7 @@ def linear_distillation_loss(
         w_layout=w_layout,
         implementation=implementation,
         precision=precision,
+        filter_eps=filter_eps,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
@@ -303,6 +321,7 @@ def linear_softmax_jensen_shannon_divergence(
     implementation: str | None = None,
     schedule: str = "auto",
     precision: str | jax.lax.Precision | tuple | None = None,
+    filter_eps: float | str | None = None,
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence from the student's hidden states, fused.
 
@@ -385,6 +404,13 @@ def linear_softmax_jensen_shannon_divergence(
         ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
         where set; on TPU, float32 products in one bfloat16 pass, rounded block by
         block). ``"highest"`` for float32 products in float32 everywhere.
+      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
+        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
+        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
+        of blocks whose gradient off the targets (labels, a teacher's classes) is
+        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
+        loss is unchanged). Faster where a trained model's softmax is peaked; see the
+        README's "Gradient filtering".
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -442,6 +468,7 @@ def linear_softmax_jensen_shannon_divergence(
         w_layout=w_layout,
         implementation=implementation,
         precision=precision,
+        filter_eps=filter_eps,
         schedule=schedule,
     )
     return from_teacher(call, teacher, lambda k, t: jensen_shannon(beta, k))
