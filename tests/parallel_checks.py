@@ -778,6 +778,68 @@ def linear_options_explicit_case(mesh_shape, w_split, reduction, with_normalizer
     }
 
 
+def linear_filtered_shard_map_case(mesh_shape, eps=1e-3):
+    """Gradient filtering (filter_eps) under shard_map with the vocabulary split, float64:
+    each shard filters its own blocks, sharing the bound by the whole vocabulary's width
+    (a psum of the shard count), so the gradients stay within the documented loss of
+    mass of the one-device unfiltered ones (|dx_n - dx_n'| <= eps u_n max_k |w_k|,
+    ||dw - dw'||_F <= eps sum_n u_n ||x_n||, u_n = 2 for a summed cross-entropy), while
+    some blocks are skipped (their dw columns exactly 0)."""
+    num_classes, shards = 64, mesh_shape[1]
+    mesh = make_mesh(mesh_shape, "explicit")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((ROWS, HIDDEN))
+    w = 0.3 * rng.standard_normal((HIDDEN, num_classes))
+    b = -3.0 * np.log1p(np.arange(num_classes))  # a peaked (Zipf) softmax
+    z = x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(num_classes, p=row) for row in p])
+
+    def local(xl, wl, bl, yl):
+        return jxent.parallel.linear_softmax_cross_entropy(
+            xl, wl, yl, axis_name="model", bias=bl, reduction="sum", batch_axis_name="data",
+            chunk_size=(8, 4), filter_eps=eps,
+        )  # fmt: skip
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data", None), P(None, "model"), P("model"), P("data")),
+        out_specs=P(),
+    )
+
+    def single(x, w, b):
+        return jxent.linear_softmax_cross_entropy(x, w, y, bias=b, reduction="sum")
+
+    args = (put(mesh, x, "data", None), put(mesh, w, None, "model"), put(mesh, b, "model"),
+            put(mesh, y, "data"))  # fmt: skip
+    v1, (dx1, dw1, db1) = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(*args)
+    v0, (dx0, dw0, db0) = jax.jit(jax.value_and_grad(single, argnums=(0, 1, 2)))(x, w, b)
+    dx1, dw1 = np.asarray(dx1, np.float64), np.asarray(dw1, np.float64)
+    dx0, dw0 = np.asarray(dx0, np.float64), np.asarray(dw0, np.float64)
+    unit = 2.0
+    tight = 1e-12
+    dx_bound = eps * unit * np.max(np.abs(w), axis=1)[None, :] + tight
+    dw_bound = eps * unit * float(np.sum(np.linalg.norm(x, axis=1))) + tight
+    zeros = int(np.sum((dw1 == 0) & (dw0 != 0)))
+    checks = {
+        "value": ratio(v1, v0, 1e-11, 1e-13),
+        "dx within the filtering bound": (
+            float(np.max(np.abs(dx1 - dx0) / dx_bound)), "max |dx - dx0| / bound"
+        ),
+        "dw within the filtering bound": (
+            float(np.linalg.norm(dw1 - dw0) / dw_bound), "||dw - dw0||_F / bound"
+        ),
+        "some blocks skipped": (0.0 if zeros else 2.0, f"{zeros} dw entries exactly 0"),
+    }
+    return {
+        "case": f"linear shard_map {mesh_shape} filter_eps={eps} float64 V={num_classes} "
+        f"over {shards} shards",
+        "checks": {k: [float(r), d] for k, (r, d) in checks.items()},
+    }
+
+
 def group_linear_options():
     """Issue 14's options (token weights, normalizer, lse, [V, D] tables) across devices."""
     return [
@@ -786,6 +848,7 @@ def group_linear_options():
         linear_options_explicit_case((2, 4), True, "mean", True, mesh_context=False),
         linear_options_explicit_case((2, 4), True, "none", False, mesh_context=True),
         linear_options_explicit_case((4, 2), False, "mean", False, mesh_context=True),
+        linear_filtered_shard_map_case((2, 4)),
     ]
 
 

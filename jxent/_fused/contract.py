@@ -135,7 +135,8 @@ class SecondPass(NamedTuple):
 
 class FusedLoss(Protocol):
     """A fused loss: a hashable object (its options are static) with five methods, and
-    two optional ones (``second_pass``, ``second_terms``) for a second forward pass."""
+    three optional ones: ``targets`` (for gradient filtering), ``second_pass`` and
+    ``second_terms`` (a second forward pass)."""
 
     def row_sums(self, columns) -> dict[str, RowSum]:
         """The row sums to keep, given this block's per-column inputs ``columns``."""
@@ -157,6 +158,13 @@ class FusedLoss(Protocol):
     def dlogits(self, p: jax.Array, log_p: jax.Array, coefs, view: View) -> jax.Array:
         """``dloss/dz`` of a block from its softmax ``p [n, vb]``, ``log_p`` (finite where
         ``p`` underflows) and ``coefs`` (this token block's, times each cotangent)."""
+
+    def targets(self, view: View) -> jax.Array | None:
+        """Optional (absent: None). The token's target columns, ``[n]`` or ``[n, k]``
+        vocabulary indices on this device (-1 or any column the block does not hold:
+        none), each at most once per token: where ``dloss/dz`` holds the loss's own terms
+        (a label's ``-1``), which gradient filtering (:mod:`jxent._fused.filtering`)
+        never drops."""
 
     def second_pass(self, sums: RowSums, rows) -> SecondPass | None:
         """Optional (absent: None). The second pass that the first pass's final numbers

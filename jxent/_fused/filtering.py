@@ -35,6 +35,8 @@ Internal API: :func:`add_products`, :func:`auto_eps`, :func:`skipped_blocks`,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -43,6 +45,7 @@ from jxent._fused import blocks as B
 from jxent._fused import online
 from jxent._fused.contract import Inputs, Spec, View
 from jxent._fused.plan import Plan
+from jxent._rules import vary_like
 
 #: ``filter_eps="auto"``: the unit roundoff of the inputs' dtype. The unfused loss
 #: rounds ``dloss/dz`` to that dtype before its products, which moves each token's
@@ -119,7 +122,10 @@ def _target_products(x_blk, dz, pos, w_blk, wanted: online.Wanted, grads, c0, ax
             db = db.at[c].add(v.astype(db.dtype), mode="drop")
         return dx_part, dw, db
 
-    return lax.fori_loop(0, pos.shape[1], one_target, (dx_part, dw, db))
+    carry = (dx_part, dw, db)
+    # Inside shard_map the carry must vary over the mesh axes the body's results do.
+    carry = vary_like(carry, jax.eval_shape(functools.partial(one_target, 0), carry))
+    return lax.fori_loop(0, pos.shape[1], one_target, carry)
 
 
 def add_products(
