@@ -61,6 +61,18 @@ def main(target: str) -> None:
             # A bfloat16 copy of the whole of w (XLA:TPU's at the default precision).
             "whole_bf16_w": f"bf16[{D},{V}]" in program.as_text(),
         }
+    # precision= reaches every matrix product of the TPU program, forward and backward
+    # (issue 24): each dot_general of the lowering carries the caller's precision.
+    for precision in ("highest", "high"):
+
+        def asked(x, w, y, precision=precision):
+            return jxent.linear_softmax_cross_entropy(x, w, y, precision=precision)
+
+        args = (struct((N, D), jnp.float32), struct((D, V), jnp.float32), struct((N,), jnp.int32))
+        text = jax.jit(jax.value_and_grad(asked, argnums=(0, 1))).lower(*args).as_text()
+        dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        tag = f"precision = [{precision.upper()}, {precision.upper()}]"
+        out["float32"][f"dots_{precision}"] = [len(dots), sum(tag in line for line in dots)]
     out["bfloat16"]["unfused_temp_mib"] = compiled(unfused, jnp.bfloat16).temp_size_in_bytes / MiB
     # The distillation KL from a teacher's top-64 (issue 14): it scatters into dz's blocks.
     k = 64

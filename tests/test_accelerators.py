@@ -29,7 +29,7 @@ def test_tpu_compiled_memory_is_bounded():
     """Gemma-2's output layer (8192 x 2304 x 256000), value_and_grad, TPU v5e: temporary
     memory at most twice the floor (a float32 dx and one float32 logits block) in bfloat16
     and float32, float32 within twice bfloat16's and with no bfloat16 copy of ``w`` (issue
-    24), and at most 1/20 of ``x @ w`` + optax's in bfloat16; the top-64
+    24), ``precision=`` on every dot of the lowered TPU program (issue 24), and at most 1/20 of ``x @ w`` + optax's in bfloat16; the top-64
     distillation KL within twice the cross-entropy's (issue 14)."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     # libtpu's lock guards a TPU device; a compilation without one may share it (CI runs
@@ -51,6 +51,11 @@ def test_tpu_compiled_memory_is_bounded():
     # rounded in the loop, never a bfloat16 copy of the whole of w (1161.6 MiB).
     assert not mem["float32"]["whole_bf16_w"], mem
     assert mem["float32"]["temp_mib"] <= 2 * mem["bfloat16"]["temp_mib"], mem
+    # precision= on every dot of the TPU lowering (four products: forward, recomputed
+    # logits, dx, dw; a shorter last block adds its own copies).
+    for precision in ("highest", "high"):
+        dots, tagged = mem["float32"][f"dots_{precision}"]
+        assert dots >= 4 and tagged == dots, (precision, dots, tagged)
     assert mem["bfloat16"]["temp_mib"] <= mem["bfloat16"]["unfused_temp_mib"] / 20, mem
     # A loss that scatters a teacher's top-k into dz: within twice the cross-entropy's.
     assert mem["bfloat16"]["kl_temp_mib"] <= 2 * mem["bfloat16"]["temp_mib"], mem
