@@ -63,6 +63,11 @@ _AUTO = {
 SINGLE_PASS_CHUNK = 4096
 
 
+#: Targets per token up to which the off-target mass is a compare-select per target
+#: (fused into the sum), beyond which a scatter (a teacher's top-k).
+_SELECTS = 4
+
+
 def auto_eps(dtype) -> float:
     """``filter_eps="auto"`` for inputs of ``dtype``: its unit roundoff (see ``_AUTO``)."""
     return _AUTO[jnp.dtype(dtype)]
@@ -87,7 +92,14 @@ def _targets(spec: Spec, view: View, dz: jax.Array):
 def _off_target_mass(dz: jax.Array, pos) -> jax.Array:
     """``sum_k |dz_nk|`` over the columns that are not the token's targets ``[n]``."""
     mag = jnp.abs(dz)
-    if pos is not None:
+    if pos is not None and pos.shape[1] <= _SELECTS:
+        # Compare-selects inside the reduction's fusion: |dz| is never materialised.
+        col = lax.broadcasted_iota(pos.dtype, dz.shape, 1)
+        target = functools.reduce(
+            jnp.logical_or, [col == pos[:, j : j + 1] for j in range(pos.shape[1])]
+        )
+        mag = jnp.where(target, jnp.zeros((), mag.dtype), mag)
+    elif pos is not None:
         rows = lax.broadcasted_iota(pos.dtype, pos.shape, 0)
         held = jnp.where((pos >= 0) & (pos < dz.shape[1]), pos, dz.shape[1])
         mag = mag.at[rows, held].set(jnp.zeros((), mag.dtype), mode="drop")
