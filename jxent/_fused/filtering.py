@@ -168,7 +168,9 @@ def add_products(
     x_blk = B.block(x, start, length, 0, groups)
     xt_blk = online.product_rows(x, rows_blk, wanted, ax)
     pos = _targets(spec, view, dz)
-    threshold = (spec.filter_eps / columns) * _unit(coefs)  # per column of a chunk
+    unit = _unit(coefs)
+    # Per column of a chunk (columns may be traced: a psum of the shards).
+    threshold = (spec.filter_eps * unit) / jnp.asarray(columns).astype(unit.dtype)
     width = dz.shape[1]
     chunk = width if chunk is None else min(chunk, width)
 
