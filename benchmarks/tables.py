@@ -230,6 +230,28 @@ def parallel(record: dict) -> str:
     return _table(head, ["---"] * 3 + ["---:"] * 5, lines)
 
 
+def filtering(record: dict) -> str:
+    """Gradient filtering (``bench_filtering``): per shape, dtype and distribution, the
+    fraction of blocks skipped per ``filter_eps`` and each jxent's time against the
+    unfused loss's."""
+    rows = record["rows"]
+    names = [k for k in rows[0].get("ms", {}) if k != "x @ w + optax"]
+    lines = []
+    for r in rows:
+        skipped = ", ".join(f"{k}: {v:.2f}" for k, v in r["skipped_fraction"].items())
+        times = [f"{r['ms'][k]:.0f} ms ({r['speedup_vs_unfused'][k]:.2f}x)" for k in names]
+        unfused = [f"{r['ms']['x @ w + optax']:.0f} ms"] if names else []
+        lines.append(
+            [r["shape"], r["dtype"], r["distribution"], f"{r['entropy_nats']:.2f}",
+             f"{r['mean_p_label']:.2f}", r["schedule"], skipped, *unfused, *times]
+        )  # fmt: skip
+    head = ["shape", "dtype", "softmax", "entropy (nats)", "mean p(label)", "schedule",
+            "blocks skipped, by filter_eps"]  # fmt: skip
+    head += ["x @ w + optax"] if names else []
+    head += [f"{k} (speed-up)" for k in names]
+    return _table(head, ["---"] * 7 + ["---:"] * (len(head) - 7), lines)
+
+
 def suite_tables(record: dict) -> str:
     """A suite's tables, as ``python -m benchmarks`` prints them after the suite."""
     suite = record["suite"]
@@ -339,10 +361,36 @@ def _parallel_block(res: Results) -> str:
     )
 
 
+#: Matrix products of each contender of the accelerator records, and how many of them
+#: gradient filtering skips in a skipped block (the backward pass's two).
+_PRODUCTS = {"jxent": 4, "jxent single pass": 3, "x @ w + optax": 3}
+
+
+def _filtered_fraction(res: Results) -> tuple[float, str]:
+    """The skipped fraction measured at the peaked bfloat16 softmax on CPU (the filtering
+    record), and its description, for the roofline estimate with filtering."""
+    record = res("cpu_filtering.json")
+    rows = [r for r in record["rows"] if r["dtype"] == "bfloat16" and r["distribution"] == "zipf s=2.5"]  # noqa: E501
+    r = rows[0]
+    f = r["skipped_fraction"]["auto"]
+    return f, (
+        f"{f:.3f}, the fraction filter_eps='auto' skips on CPU at {r['shape']} bfloat16 with "
+        f"a Zipf softmax of {r['entropy_nats']:.2f} nats (benchmarks/results/cpu_filtering.json)"
+    )
+
+
 def _accelerators(res: Results, target: str) -> str:
     name = f"accelerators_{target}.json"
     record = res(name)
     peak = record["peaks"]
+    f, described = _filtered_fraction(res)
+
+    def filtered(r: dict) -> str:
+        products = _PRODUCTS[r["contender"]]
+        if r["contender"] == "x @ w + optax":
+            return "-"
+        return f"{r['roofline_ms'] * (products - 2 * f) / products:.2f}"
+
     lines = [
         [
             f"{r['shape_name']} ({r['shape']})",
@@ -353,12 +401,14 @@ def _accelerators(res: Results, target: str) -> str:
             f"{r['xla_gflops']:.0f}",
             f"{r['xla_gbytes_accessed']:.1f}",
             f"{r['matmul_gflops']:.0f}",
+            str(_PRODUCTS[r["contender"]]),
             f"{r['roofline_ms']:.2f}",
+            filtered(r),
         ]
         for r in record["rows"]
     ]
     head = ["shape", "dtype", "contender", "temp MiB", "outputs MiB", "XLA GFLOP", "XLA GB"]
-    head += ["matmul GFLOP", "roofline ms"]
+    head += ["matmul GFLOP", "products", "roofline ms", f"roofline ms, filtering {f:.2f}"]
     note = (
         f"Compiled for {target} without a device: compile-time facts, not timings. XLA's "
         "cost analysis counts a loop body once (the fused loss's figures are one block's); "
@@ -366,10 +416,13 @@ def _accelerators(res: Results, target: str) -> str:
         "(float32 products at the default precision: one bfloat16 pass, jxent's blocks of "
         "w rounded in the loop). `jxent` is the default schedule "
         "(streaming at these shapes: four products), `jxent single pass` the same loss "
-        "with schedule='single_pass' (three products, a float32 [D, V] accumulator)."
+        "with schedule='single_pass' (three products, a float32 [D, V] accumulator). "
+        "The last column is an estimate, not a compile: the roofline with gradient "
+        "filtering skipping the backward products of a fraction f of the blocks (each "
+        f"skipped block saves two products), f = {described}."
     )
     return "\n\n".join(
-        [caption(record, res.rel(name)), note, _table(head, ["---"] * 3 + ["---:"] * 6, lines)]
+        [caption(record, res.rel(name)), note, _table(head, ["---"] * 3 + ["---:"] * 8, lines)]
     )
 
 
@@ -613,6 +666,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "linear-isa": _isa_block,
     "parallel": _parallel_block,
     "fused-losses": _fused_losses,
+    "filtering": lambda res: _with_caption(res, "cpu_filtering.json", filtering),
     "accelerators-tpu-v5e": lambda res: _accelerators(res, "tpu-v5e"),
     "accelerators-tpu-v6e": lambda res: _accelerators(res, "tpu-v6e"),
     "accelerators-h100": lambda res: _accelerators_gpu(res, "h100"),

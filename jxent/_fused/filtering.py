@@ -17,10 +17,12 @@ by the products of the block's *target* entries only (the loss's
 so nothing a target carries is lost): an ``[n, D]`` gather of ``w``'s target columns
 for ``dx`` and a scatter into ``dw``'s, ``O(n k D)`` work instead of ``O(n width D)``.
 ``u_n`` is the token's gradient scale, the sum of the magnitudes of its coefficients
-(for the cross-entropy, ``|g_n| (1 + (1 - alpha))`` with ``g_n`` the token's
-cotangent times its weight: ``dloss/dz_n = g_n (p_n - target_n)`` is at most that in
-every entry and in ``L1``), ``width`` the block's columns and ``C`` all the columns
-(every shard's). So each token loses at most ``eps * u_n`` of ``L1`` mass of its
+(``dloss/dz`` is linear in them): for the plain cross-entropy ``2 |g_n|``, with ``g_n``
+the token's cotangent times its weight (``dloss/dz_n = g_n (p_n - onehot(y_n))``, whose
+``L1`` mass is at most that); with label smoothing ``a``, class weights ``c`` and a
+z-loss, ``|g_n| (|s_n| + (1 - a) c_y + a / V)``, ``s_n = (1 - a) c_y + a sum(c) / V + 2
+z_loss lse_n``. ``width`` is the block's columns and ``C`` all the columns (every
+shard's). So each token loses at most ``eps * u_n`` of ``L1`` mass of its
 ``dloss/dz``, over all the blocks together, whatever their number:
 
     |dx_n - dx_n^filtered|_inf <= eps * u_n * max_k |w_k|_inf
