@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import jax
 
-from jxent._fused import rules
+from jxent._fused import pallas_tpu, rules
 from jxent._fused.contract import Spec
 
 
@@ -54,10 +54,19 @@ class Implementation(NamedTuple):
     summed_loss: Callable
     # (spec) -> whether this implementation runs the call (its loss, options, schedule)
     supports: Callable[[Spec], bool] = lambda spec: True  # noqa: E731
+    # (spec) -> whether "auto" takes it for a call it supports (a kernel for one
+    # platform: where that platform is the default backend); by name it runs anywhere
+    preferred: Callable[[Spec], bool] = lambda spec: True  # noqa: E731
 
 
 #: Every implementation, in the order ``"auto"`` tries them.
 IMPLEMENTATIONS: dict[str, Implementation] = {
+    "pallas_tpu": Implementation(
+        pallas_tpu.per_token_loss,
+        pallas_tpu.summed_loss,
+        pallas_tpu.supports,
+        pallas_tpu.preferred,
+    ),
     "xla": Implementation(rules.per_token_loss, rules.summed_loss),
 }
 
@@ -82,7 +91,8 @@ def choose(implementation: str | None, spec: Spec | None = None) -> str:
         if spec is None:
             return names[0]
         for name in names:
-            if IMPLEMENTATIONS[name].supports(spec):
+            impl = IMPLEMENTATIONS[name]
+            if impl.supports(spec) and impl.preferred(spec):
                 return name
         raise ValueError(f"no implementation of {names} supports this call")
     if implementation not in IMPLEMENTATIONS:
