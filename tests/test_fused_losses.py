@@ -529,12 +529,21 @@ CASES = [
 
 #: Every implementation of the engine (issue 23's seam) is held to the same references.
 IMPLEMENTATIONS = sorted(engine.IMPLEMENTATIONS)
+#: The functions an implementation runs, where not all of them ("auto" takes "xla" for
+#: the others; naming it there is an error, tests/test_pallas_tpu.py).
+RUNS = {"pallas_tpu": ("ce",)}
+
+
+def skip_unsupported(name, implementation):
+    if implementation in RUNS and name not in RUNS[implementation]:
+        pytest.skip(f"implementation={implementation!r} does not run {name}")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_float64_matches_reference(case, implementation):
     _, name, opts, kw = case
+    skip_unsupported(name, implementation)
     arrays, data = make_data(name, BATCH, D, V, seed=11, **kw)
     cts = make_cts(name, opts, BATCH)
     opts = dict(opts, implementation=implementation)
@@ -607,6 +616,7 @@ LOW = [
 @pytest.mark.parametrize("case", LOW, ids=[c[0] for c in LOW])
 def test_low_precision_matches_reference(case, dtype, implementation):
     name, opts, kw = case
+    skip_unsupported(name, implementation)
     arrays, data = make_data(name, BATCH, D, V, seed=12, **kw)
     cts = make_cts(name, opts, BATCH)
     opts = dict(opts, implementation=implementation)
