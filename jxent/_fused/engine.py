@@ -20,14 +20,17 @@ online log-sum-exp, and runs the backward pass block by block from the loss's
 **Implementations** (``Spec.implementation``, the public ``implementation=``): a name
 of :data:`IMPLEMENTATIONS`, each an :class:`Implementation` giving both schedules'
 differentiable functions for the same contract. ``"xla"`` is the blocked loops of
-this package, which XLA compiles on every platform. A kernel (a Pallas TPU kernel, a
-backward pass that skips blocks) joins by adding an entry: it receives the same
+this package, which XLA compiles on every platform; ``"pallas_tpu"``
+(:mod:`jxent._fused.pallas_tpu`) runs the cross-entropy as Pallas Mosaic-TPU kernels
+(Pallas' interpreter elsewhere). A kernel (a backward pass that skips blocks) joins by
+adding an entry: it receives the same
 :class:`~jxent._fused.contract.Spec` (the loss object, its plans, soft cap,
 temperature, padding and layout) and :class:`~jxent._fused.contract.Inputs`, says
 which calls it can run (:attr:`Implementation.supports`), and is tested against the
 same float64 references as ``"xla"`` (``tests/test_fused_engine.py`` runs every
 registered implementation). :func:`choose` turns the caller's choice (``None`` or
-``"auto"``: the first registered implementation that supports the call) into a name,
+``"auto"``: the first registered implementation that supports the call and is
+preferred for it, :attr:`Implementation.preferred`) into a name,
 with a clear error for an unknown or unsupported one.
 
 Internal API: :class:`Implementation`, :data:`IMPLEMENTATIONS`, :data:`AUTO`,
@@ -78,7 +81,7 @@ def choose(implementation: str | None, spec: Spec | None = None) -> str:
     """The implementation's name for ``implementation`` (a name of
     :data:`IMPLEMENTATIONS`, ``"auto"`` or ``None``), checked: a ``TypeError`` or
     ``ValueError`` that names the argument. With ``spec``, the implementation must
-    support the call (``"auto"``: the first one that does)."""
+    support the call (``"auto"``: the first one that does and is preferred)."""
     names = tuple(IMPLEMENTATIONS)
     if implementation is None:
         implementation = AUTO

@@ -174,7 +174,9 @@ def _kernel(spec: Spec, plan: Plan, inp: Inputs, mosaic: bool) -> Kernel:
 def _product(k: Kernel, a, b, contract: tuple[int, int]):
     a, b = a.astype(k.cdt), b.astype(k.cdt)
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=k.precision, preferred_element_type=k.acc)
+    # A precision is the float32 products' (Mosaic rejects one for bfloat16 operands).
+    precision = k.precision if k.cdt == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=k.acc)
 
 
 def _columns(k: Kernel, j, axis: int = 1):
