@@ -189,10 +189,13 @@ def test_auto_takes_it_only_on_a_tpu():
     assert list(engine.IMPLEMENTATIONS)[0] == "pallas_tpu"  # first: "auto" tries it first
 
 
-def test_other_losses_take_xla():
+def test_other_losses_and_filtering_take_xla():
     x, w = jnp.ones((8, 4)), jnp.ones((4, 16))
+    y = jnp.zeros((8,), jnp.int32)
     with pytest.raises(ValueError, match="implementation='pallas_tpu' does not support"):
         jxent.linear_entropy(x, w, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="implementation='pallas_tpu' does not support"):
+        jxent.linear_softmax_cross_entropy(x, w, y, filter_eps=0.1, implementation="pallas_tpu")
     # "auto" runs them (on "xla").
     assert jnp.isfinite(jxent.linear_entropy(x, w))
 

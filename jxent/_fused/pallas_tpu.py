@@ -34,7 +34,8 @@ platform plan's blocks (the caller's ``chunk_size``): that is how the tests run 
 CPU. ``"auto"`` takes it only where the default backend is a TPU (:func:`preferred`:
 the choice of an implementation is made while tracing, before any lowering); asked
 for by name it runs anywhere. It runs the cross-entropy on one device's whole
-vocabulary (:func:`supports`): other losses and a vocabulary split take ``"xla"``.
+vocabulary without gradient filtering (:func:`supports`): other losses, a vocabulary
+split and ``filter_eps`` take ``"xla"``.
 
 Internal API: :func:`supports`, :func:`preferred`, :func:`per_token_loss`,
 :func:`summed_loss`, :func:`tpu_blocks`, :data:`VMEM_LIMIT`.
@@ -73,10 +74,11 @@ MAX_VOCAB_BLOCK = 512
 
 
 def supports(spec: Spec) -> bool:
-    """Whether the kernels run the call: the cross-entropy on one device's vocabulary."""
+    """Whether the kernels run the call: the cross-entropy on one device's vocabulary,
+    without gradient filtering (``Spec.filter_eps``: every block's products run here)."""
     loss = type(spec.loss)
     name = f"{loss.__module__}.{loss.__qualname__}"
-    return name in KERNEL_LOSSES and spec.axis_name is None
+    return name in KERNEL_LOSSES and spec.axis_name is None and spec.filter_eps is None
 
 
 def preferred(spec: Spec) -> bool:
