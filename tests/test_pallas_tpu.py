@@ -173,6 +173,20 @@ def test_only_wanted_gradients_and_matching_xla():
         np.testing.assert_allclose(f("pallas_tpu")(x), f("xla")(x), rtol=1e-4, atol=1e-6)
 
 
+def test_symbolic_token_count():
+    """jax.export with a symbolic number of tokens (the driver pads them to its block)."""
+    with checks.x64_off():
+        (x, w, b, y), _ = make_case(5, jnp.float32)
+
+        def f(x, w, y):
+            return jxent.linear_softmax_cross_entropy(x, w, y, implementation="pallas_tpu")
+
+        (n,) = jax.export.symbolic_shape("n")
+        args = [jax.ShapeDtypeStruct(s, a.dtype) for s, a in (((n, D), x), (w.shape, w), ((n,), y))]
+        exported = jax.export.export(jax.jit(f), platforms=["cpu"])(*args)
+        np.testing.assert_allclose(exported.call(x, w, y), f(x, w, y), rtol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # The choice, the blocks
 # --------------------------------------------------------------------------------------------

@@ -409,15 +409,20 @@ def _call(k: Kernel, body, ops: dict, outs: dict, scratch: dict, vocab_outer: bo
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT
         ),
-        cost_estimate=pl.CostEstimate(
-            flops=int(flops),
-            transcendentals=int(k.n * k.v),
-            bytes_accessed=int(bytes_in),
-        ),
+        cost_estimate=_cost(k, flops, bytes_in),
         interpret=k.interpret,
         name=body.__name__.strip("_"),
     )
     return dict(zip(outs, call(*(a for a, _, _ in ops.values())), strict=True))
+
+
+def _cost(k: Kernel, flops, bytes_in) -> pl.CostEstimate | None:
+    """XLA's estimate of a kernel's cost (None for a symbolic number of tokens)."""
+    if not isinstance(k.n, int):
+        return None
+    return pl.CostEstimate(
+        flops=int(flops), transcendentals=int(k.n * k.v), bytes_accessed=int(bytes_in)
+    )
 
 
 def _statistics(k: Kernel, inp: Inputs) -> dict:
