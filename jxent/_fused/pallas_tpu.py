@@ -31,13 +31,13 @@ of the per-token losses: the same kernels.
 sized for its VMEM (:func:`tpu_blocks`); on any other platform, and for float64 inputs
 (Mosaic has none), Pallas' interpreter runs the same kernels as XLA loops with the
 platform plan's blocks (the caller's ``chunk_size``): that is how the tests run them on
-CPU. ``"auto"`` takes it only where the default backend is a TPU (:func:`preferred`:
-the choice of an implementation is made while tracing, before any lowering); asked
-for by name it runs anywhere. It runs the cross-entropy on one device's whole
+CPU. ``"auto"`` does not take it yet (it has not been timed on a TPU, and it runs five
+products to ``"xla"``'s four: see :mod:`jxent._fused.engine`); asked for by name it
+runs anywhere. It runs the cross-entropy on one device's whole
 vocabulary without gradient filtering (:func:`supports`): other losses, a vocabulary
 split and ``filter_eps`` take ``"xla"``.
 
-Internal API: :func:`supports`, :func:`preferred`, :func:`per_token_loss`,
+Internal API: :func:`supports`, :func:`per_token_loss`,
 :func:`summed_loss`, :func:`tpu_blocks`, :data:`VMEM_LIMIT`.
 """
 
@@ -79,11 +79,6 @@ def supports(spec: Spec) -> bool:
     loss = type(spec.loss)
     name = f"{loss.__module__}.{loss.__qualname__}"
     return name in KERNEL_LOSSES and spec.axis_name is None and spec.filter_eps is None
-
-
-def preferred(spec: Spec) -> bool:
-    """Whether ``"auto"`` takes this implementation: where the default backend is a TPU."""
-    return supports(spec) and jax.default_backend() == "tpu"
 
 
 class Kernel(NamedTuple):
