@@ -117,7 +117,10 @@ def linear_softmax_cross_entropy(
         comes back ``[V, D]``).
       implementation: which implementation runs the loss: ``None`` or ``"auto"``
         (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
+        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform;
+        what ``"auto"`` takes) or ``"pallas_tpu"`` (Pallas kernels for TPU: no
+        temporary memory, five products to ``"xla"``'s four; Pallas' interpreter
+        elsewhere; not with ``filter_eps``).
       schedule: ``"auto"`` (default: the single pass when the loss is summed or
         averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
         256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
