@@ -80,22 +80,36 @@ def inputs(n, d, v, s, sigma, dtype, seed=0):
 
 
 def blocks(n, d, v, dtype):
-    """``(token_block, column chunk, schedule)`` of the CPU plan for a mean loss."""
-    acc = 4
-    tb, vb, single = plan.plan_blocks(
-        n, d, v, "mean", None, acc, "cpu", float32=jnp.dtype(dtype) == jnp.float32
-    )
-    return tb, (filtering.SINGLE_PASS_CHUNK if single else vb), single
+    """The CPU plan's blocks for a mean loss: ``(token order, token block, column order,
+    column chunk, single pass)``, the orders listing rows and columns block by block (a
+    grouped block takes the same run of every group: ``jxent._fused.blocks``)."""
+    plans, single = plan.plans(n, d, v, "mean", None, 4, float32=jnp.dtype(dtype) == jnp.float32)
+    p = dict(plans)["cpu"]
+
+    def order(total, block, groups):
+        run, length = block // groups, total // groups
+        starts = range(0, length, run)
+        return np.concatenate(
+            [np.arange(g * length + s, g * length + min(s + run, length)) for s in starts for g in range(groups)]  # noqa: E501
+        )
+
+    rows = order(n, p.token_block, p.token_groups)
+    if single:
+        return rows, p.token_block, np.arange(v), filtering.SINGLE_PASS_CHUNK, True
+    return rows, p.token_block, order(v, p.vocab_block, p.vocab_groups), p.vocab_block, False
 
 
-def skipped_fraction(z, labels, eps, tb, chunk) -> float:
+def skipped_fraction(z, labels, eps, blk) -> float:
     """The fraction of (token block, chunk) pairs the filter skips, for a mean loss."""
+    rows, tb, cols, chunk, _ = blk
     n = z.shape[0]
-    dz = jax.nn.softmax(z) - jax.nn.one_hot(labels, z.shape[1], dtype=z.dtype)
+    z, labels = z[rows][:, cols], labels[rows]
+    where = jnp.argsort(jnp.asarray(cols))  # a class's position in the block order
+    targets = where[labels][:, None]
+    dz = (jax.nn.softmax(z) - jax.nn.one_hot(targets[:, 0], z.shape[1], dtype=z.dtype)) / n
     unit = jnp.full((n,), 2.0 / n)  # the mean's g_n = 1/N, u_n = 2 |g_n|
-    dz = dz / n
     skipped = [
-        filtering.skipped_blocks(dz[t0 : t0 + tb], labels[t0 : t0 + tb, None], unit[t0 : t0 + tb], eps, chunk)  # noqa: E501
+        filtering.skipped_blocks(dz[t0 : t0 + tb], targets[t0 : t0 + tb], unit[t0 : t0 + tb], eps, chunk)  # noqa: E501
         for t0 in range(0, n, tb)
     ]
     return float(jnp.mean(jnp.concatenate(skipped).astype(jnp.float32)))
@@ -119,13 +133,14 @@ def run(shapes, dtypes, distributions, eps_values, repeats, timed=True, progress
     rows = []
     for n, d, v in shapes:
         for dtype in dtypes:
-            tb, chunk, single = blocks(n, d, v, dtype)
+            blk = blocks(n, d, v, dtype)
+            tb, chunk, single = blk[1], blk[3], blk[4]
             for name, s, sigma in distributions:
                 x, w, labels, z, entropy, p_label = inputs(n, d, v, s, sigma, dtype)
                 fractions = {}
                 for eps in eps_values:
                     e = filtering.auto_eps(dtype) if eps == "auto" else float(eps)
-                    fractions[str(eps)] = skipped_fraction(z, labels, e, tb, chunk)
+                    fractions[str(eps)] = skipped_fraction(z, labels, e, blk)
                 row = {
                     "shape": f"{n}x{d}x{v}",
                     "dtype": jnp.dtype(dtype).name,
