@@ -89,7 +89,7 @@ def interleaved(
     *,
     rounds: int = 3,
     round_seconds: float = 0.5,
-    min_calls: int = 10,
+    min_calls: int = 5,
     max_calls: int = 400,
     warmup: int = 3,
 ) -> tuple[dict[str, float], list[float], int]:
