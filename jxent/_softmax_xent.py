@@ -243,7 +243,7 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             finite, gaps = finite_and_half_gap(z)
             return {"n": finite, "w": finite * w_rows, "w_gap": w_rows * gaps}
 
-        if short or labels is None or class_mask is not None or cfg.soft_cap is not None:
+        if labels is None or class_mask is not None or cfg.soft_cap is not None:
             # In the same variadic reduction as the sum of exponentials: every sum reads
             # the (converted, capped) logits in one pass.
             terms.update(smoothing_terms(z))
