@@ -57,6 +57,8 @@ def plot_record(record: dict, path: Path) -> Path | None:
     from benchmarks.common import machine_summary
 
     suite = record["suite"]
+    if suite == "classification":  # several row counts per K: its table is the figure
+        return None
     rows = [r for r in record["rows"] if r.get("kind", "time") != "memory"]
     by_column: dict[str, list[dict]] = {}
     for r in rows:

@@ -6,6 +6,8 @@
 Suites (``--only`` takes their names):
 
 - ``categorical``: softmax cross-entropy against optax (``bench_categorical.py``);
+- ``classification``: the same at classifiers' shapes, 256 to 65536 rows of 10 to 1000
+  classes, in rounds (``bench_categorical.run_classification``);
 - ``losses``: sigmoid BCE, focal, poly-1, KL, distillation and entropy against optax or,
   where optax has no such loss, the one-pass formula (``bench_losses.py``);
 - ``linear``: the fused linear cross-entropy against ``x @ w`` + optax and the JAX peers
@@ -126,6 +128,33 @@ def _sweep(name: str, module: str) -> Suite:
     return Suite(name, module, steps, run)
 
 
+def _classification_shape(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Rows, classes and rounds of the classification sweep (two small cells when quick)."""
+    bc = importlib.import_module("benchmarks.bench_categorical")
+    if cfg.quick:
+        return (256,), (10, 100), 1
+    return bc.CLASSIFICATION_ROWS, bc.CLASSIFICATION_CLASSES, 3
+
+
+def _classification_steps(cfg: Config) -> int:
+    bc = importlib.import_module("benchmarks.bench_categorical")
+    rows, classes, _ = _classification_shape(cfg)
+    return len(bc.CASES) * len(cfg.dtypes) * len(rows) * len(classes)
+
+
+def _classification_run(cfg: Config, record: dict, progress) -> None:
+    import jax.numpy as jnp
+
+    bc = importlib.import_module("benchmarks.bench_categorical")
+    rows, classes, rounds = _classification_shape(cfg)
+    record["config"] |= {"rows": list(rows), "classes": list(classes), "rounds": rounds}
+    dtypes = tuple(jnp.dtype(d) for d in cfg.dtypes)
+    seconds = 0.05 if cfg.quick else 0.5
+    record["rows"] += bc.run_classification(
+        rows, classes, dtypes, rounds=rounds, round_seconds=seconds, progress=progress
+    )
+
+
 def _linear_steps(cfg: Config) -> int:
     return 1 + len(cfg.linear_time_shapes)
 
@@ -202,6 +231,12 @@ SUITES = {
     s.name: s
     for s in (
         _sweep("categorical", "benchmarks.bench_categorical"),
+        Suite(
+            "classification",
+            "benchmarks.bench_categorical",
+            _classification_steps,
+            _classification_run,
+        ),
         _sweep("losses", "benchmarks.bench_losses"),
         Suite("linear", "benchmarks.bench_linear", _linear_steps, _linear_run),
         Suite("parallel", "benchmarks.bench_parallel", _parallel_steps, _parallel_run),
@@ -211,6 +246,7 @@ SUITES = {
 #: What each suite's record keeps of the configuration.
 _CONFIG_KEYS = {
     "categorical": ("rows", "classes", "repeats", "dtypes"),
+    "classification": ("dtypes",),
     "losses": ("rows", "classes", "repeats", "dtypes"),
     "linear": ("linear_time_shapes", "linear_memory_shapes", "linear_repeats", "dtypes"),
     "parallel": ("parallel_tokens", "parallel_hidden", "parallel_vocabs", "dtypes"),

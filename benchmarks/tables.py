@@ -260,6 +260,8 @@ def suite_tables(record: dict) -> str:
         return "\n\n".join(p for p in parts if p.count("\n") > 1 or "not measured" in p)
     if suite == "parallel":
         return parallel(record)
+    if suite == "classification":
+        return classification(record)
     return sweep(record)
 
 
@@ -302,6 +304,39 @@ def _sweep_block(res: Results, name: str) -> str:
     return "\n\n".join(
         [caption(record, res.rel(name)), sweep(record), f"![{record['suite']}](results/{figure})"]
     )
+
+
+def classification(record: dict) -> str:
+    """The classification sweep: jxent's speed-up over optax per case, dtype and row count
+    (rows of the table) and class count (columns), with the range of the rounds' ratios."""
+    classes = sorted({r["vocab"] for r in record["rows"]})
+    cells: dict[tuple, dict[int, str]] = {}
+    for r in record["rows"]:
+        jx, base = r["contenders"]["jxent"], r["contenders"][r["baseline"]]
+        cell = _ratio(base["ms"], jx["ms"])
+        rounds = r.get("round_ratios") or []
+        if len(rounds) > 1:
+            cell += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+        n = int(r["shape"].split("x")[0])
+        cells.setdefault((r["case"], r["dtype"], n), {})[r["vocab"]] = cell
+    lines = [
+        [case, dtype, str(n), *(by_k.get(k, "") for k in classes)]
+        for (case, dtype, n), by_k in cells.items()
+    ]
+    head = ["case", "dtype", "N", *(f"K = {k}" for k in classes)]
+    return _table(head, ["---"] * 3 + ["---:"] * len(classes), lines)
+
+
+def _classification_block(res: Results) -> str:
+    name = "cpu_classification.json"
+    record = res(name)
+    rounds = record["config"].get("rounds")
+    note = (
+        "Speed-up of jxent over optax (optax's median time / jxent's) at classifiers' "
+        f"shapes, N rows x K classes; in brackets the lowest and highest of the {rounds} "
+        "rounds' ratios, each round's medians taken over calls alternating between the two:"
+    )
+    return "\n\n".join([caption(record, res.rel(name)), note, classification(record)])
 
 
 def _linear_block(res: Results) -> str:
@@ -661,6 +696,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "headline": _headline,
     "gemma2-memory": _gemma2_phrase,
     "categorical": lambda res: _sweep_block(res, "cpu_categorical.json"),
+    "classification": _classification_block,
     "losses": lambda res: _sweep_block(res, "cpu_losses.json"),
     "linear": _linear_block,
     "linear-isa": _isa_block,

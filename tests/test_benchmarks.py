@@ -106,6 +106,20 @@ def test_rows_are_labelled_with_what_was_measured(suite):
     assert (RESULTS / f"cpu_{suite}.png").stat().st_size > 0
 
 
+def test_classification_sweep_is_labelled():
+    """The classification sweep: every cell of its configuration, each case and dtype
+    once, with the rounds' ratios that say how noisy the run was."""
+    record = json.loads((RESULTS / "cpu_classification.json").read_text())
+    cfg = record["config"]
+    cells = {f"{n}x{k}" for n in cfg["rows"] for k in cfg["classes"]}
+    seen = {(r["case"], r["dtype"], r["shape"]) for r in record["rows"]}
+    assert {s for _, _, s in seen} == cells
+    assert len(seen) == len(record["rows"]) == 3 * len(cfg["dtypes"]) * len(cells)
+    for row in record["rows"]:
+        assert row["baseline"] == "optax" and len(row["round_ratios"]) == cfg["rounds"]
+        assert all(c["ms"] > 0 and c["temp_mib"] >= 0 for c in row["contenders"].values())
+
+
 def test_skipped_peers_say_why():
     record = json.loads((RESULTS / "cpu_linear.json").read_text())
     measured = {n for r in record["rows"] for n in r["contenders"]}
@@ -132,6 +146,8 @@ def test_quick_run(tmp_path):
         assert record["machine"]["isa_flags"] and record["load"]["loadavg_end"]
         assert (tmp_path / f"cpu_{suite}.png").stat().st_size > 0, suite
         assert "| " in tables.suite_tables(record)
+    classification = json.loads((tmp_path / "cpu_classification.json").read_text())
+    assert classification["rows"] and "| K = 10 |" in tables.suite_tables(classification)
     linear = json.loads((tmp_path / "cpu_linear.json").read_text())
     for row in linear["rows"]:
         for name in ("jxent", "optax"):
