@@ -186,6 +186,10 @@ def _dense_sums(x, targets, row_max, sum_exp_only, dense_terms, acc):
 
         return lax.cond(ok, unmasked, masked)
 
+    if not _backend.single_device():
+        # Under GSPMD the cond's branches keep a [rows, V_local] float32 buffer per device
+        # (tests/parallel_checks.py's HLO check): several devices take the masked path.
+        return masked(), None
     return _backend.on_cpu(separate, masked), None
 
 
@@ -385,8 +389,10 @@ def _xent_jvp(cfg, primals, tangents):
     loss, stats = _forward(cfg, x, targets, labels, class_mask, row_mask, class_weights)
     # checkpoint: under reverse mode the residuals are this call's inputs (x and the
     # per-row stats), and the softmax is recomputed inside the transposed rule.
-    # The exponentials of a 16-bit x are not shared: a float32 copy would be materialised.
-    share = jnp.dtype(x.dtype).itemsize >= 4
+    # The exponentials of a 16-bit x are not shared: a float32 copy would be materialised;
+    # nor over several devices, where GSPMD keeps them as a [rows, V_local] temporary
+    # (tests/parallel_checks.py's HLO check).
+    share = jnp.dtype(x.dtype).itemsize >= 4 and _backend.single_device()
     tangent = jax.checkpoint(functools.partial(_tangent, cfg), prevent_cse=not share)(
         x, targets, labels, class_mask, class_weights, stats, x_dot, t_dot
     )

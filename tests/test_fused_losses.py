@@ -534,16 +534,23 @@ IMPLEMENTATIONS = sorted(engine.IMPLEMENTATIONS)
 RUNS = {"pallas_tpu": ("ce",)}
 
 
-def skip_unsupported(name, implementation):
-    if implementation in RUNS and name not in RUNS[implementation]:
-        pytest.skip(f"implementation={implementation!r} does not run {name}")
+def runs(name: str, implementation: str) -> bool:
+    return implementation not in RUNS or name in RUNS[implementation]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def with_implementations(cases, name_of):
+    """``(case, implementation)`` for every implementation that runs the case's loss."""
+    return [
+        pytest.param(c, impl, id=f"{c[0]}-{impl}")
+        for c in cases
+        for impl in IMPLEMENTATIONS
+        if runs(name_of(c), impl)
+    ]
+
+
+@pytest.mark.parametrize("case, implementation", with_implementations(CASES, lambda c: c[1]))
 def test_float64_matches_reference(case, implementation):
     _, name, opts, kw = case
-    skip_unsupported(name, implementation)
     arrays, data = make_data(name, BATCH, D, V, seed=11, **kw)
     cts = make_cts(name, opts, BATCH)
     opts = dict(opts, implementation=implementation)
@@ -611,12 +618,10 @@ LOW = [
 ]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("case", LOW, ids=[c[0] for c in LOW])
+@pytest.mark.parametrize("case, implementation", with_implementations(LOW, lambda c: c[0]))
 def test_low_precision_matches_reference(case, dtype, implementation):
     name, opts, kw = case
-    skip_unsupported(name, implementation)
     arrays, data = make_data(name, BATCH, D, V, seed=12, **kw)
     cts = make_cts(name, opts, BATCH)
     opts = dict(opts, implementation=implementation)
