@@ -148,6 +148,9 @@ UNFUSED_FLOAT32 = "(x @ w).astype(f32) + optax"
 #: jxent with ``schedule="single_pass"``: three products for a float32 ``[D, V]``
 #: accumulator, beside the default schedule (streaming at language-model shapes).
 SINGLE_PASS = "jxent single pass"
+#: jxent with ``implementation="pallas_tpu"`` (TPU targets): Pallas Mosaic kernels, five
+#: products (forward, and the logits recomputed for dx and for dw), no HBM temporary.
+PALLAS = "jxent pallas_tpu"
 
 
 def _products(name: str, n: int, d: int, v: int) -> int:
@@ -155,6 +158,8 @@ def _products(name: str, n: int, d: int, v: int) -> int:
     jax-cce recomputes the logits in its backward pass)."""
     if name == "jax-cce":
         return 4
+    if name == PALLAS:
+        return 5
     if name != "jxent":  # the unfused loss, jxent's single pass
         return 3
     from jxent._fused import plan
@@ -171,9 +176,10 @@ def _floor_mib(n: int, d: int, v: int, platform: str) -> float:
     return (n * d * 4 + blocks.token_block * blocks.vocab_block * 4) / MiB
 
 
-def _contenders(peers: bool = False) -> tuple[dict, list[dict]]:
-    """``({name: (loss, weight_layout)}, skipped)``: jxent, the unfused loss and, with
-    ``peers``, the JAX peers importable here (``benchmarks.bench_linear.contenders``)."""
+def _contenders(peers: bool = False, tpu: bool = False) -> tuple[dict, list[dict]]:
+    """``({name: (loss, weight_layout)}, skipped)``: jxent, the unfused loss, with ``tpu``
+    jxent's Pallas kernels and, with ``peers``, the JAX peers importable here
+    (``benchmarks.bench_linear.contenders``)."""
     import optax
 
     import jxent
@@ -193,11 +199,16 @@ def _contenders(peers: bool = False) -> tuple[dict, list[dict]]:
         logits = (x @ w).astype(jnp.float32)
         return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    def fused_pallas(x, w, y):
+        return jxent.linear_softmax_cross_entropy(x, w, y, implementation="pallas_tpu")
+
     out = {
         "jxent": (fused, "DV"),
         SINGLE_PASS: (fused_single_pass, "DV"),
         UNFUSED: (unfused, "DV"),
     }
+    if tpu:
+        out = {"jxent": out["jxent"], SINGLE_PASS: out[SINGLE_PASS], PALLAS: (fused_pallas, "DV"), UNFUSED: out[UNFUSED]}  # noqa: E501
     if not peers:
         return out, []
     out[UNFUSED_FLOAT32] = (unfused_float32, "DV")
@@ -252,7 +263,7 @@ def measure(target: str, shapes=None, peers: bool = False) -> tuple[list[dict], 
     gpu = peak.get("platform") == "cuda"
     mesh = topologies.make_mesh(_topology(target), (1,), ("d",))
     spec = NamedSharding(mesh, P())
-    contenders, skipped = _contenders(peers)
+    contenders, skipped = _contenders(peers, tpu=not gpu)
     rows = []
     for shape_name, (n, d, v) in SHAPES.items():
         if shapes and shape_name not in shapes:

@@ -398,7 +398,7 @@ def _parallel_block(res: Results) -> str:
 
 #: Matrix products of each contender of the accelerator records, and how many of them
 #: gradient filtering skips in a skipped block (the backward pass's two).
-_PRODUCTS = {"jxent": 4, "jxent single pass": 3, "x @ w + optax": 3}
+_PRODUCTS = {"jxent": 4, "jxent single pass": 3, "jxent pallas_tpu": 5, "x @ w + optax": 3}
 
 
 def _filtered_fraction(res: Results) -> tuple[float, str]:
@@ -422,7 +422,7 @@ def _accelerators(res: Results, target: str) -> str:
 
     def filtered(r: dict) -> str:
         products = _PRODUCTS[r["contender"]]
-        if r["contender"] == "x @ w + optax":
+        if r["contender"] in ("x @ w + optax", "jxent pallas_tpu"):  # no filtering there
             return "-"
         return f"{r['roofline_ms'] * (products - 2 * f) / products:.2f}"
 
@@ -451,7 +451,9 @@ def _accelerators(res: Results, target: str) -> str:
         "(float32 products at the default precision: one bfloat16 pass, jxent's blocks of "
         "w rounded in the loop). `jxent` is the default schedule "
         "(streaming at these shapes: four products), `jxent single pass` the same loss "
-        "with schedule='single_pass' (three products, a float32 [D, V] accumulator). "
+        "with schedule='single_pass' (three products, a float32 [D, V] accumulator), "
+        "`jxent pallas_tpu` with implementation='pallas_tpu' (Pallas Mosaic kernels: five "
+        "products, its XLA GFLOP the kernels' cost estimates over the whole call). "
         "The last column is an estimate, not a compile: the roofline with gradient "
         "filtering skipping the backward products of a fraction f of the blocks (each "
         f"skipped block saves two products), f = {described}."
