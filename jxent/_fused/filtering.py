@@ -108,6 +108,14 @@ def _off_target_mass(dz: jax.Array, pos) -> jax.Array:
     return jnp.sum(mag, axis=1)
 
 
+def _skips(dz_chunk, pos, unit, eps: float, columns) -> jax.Array:
+    """The rule: whether a chunk of ``dz`` (a block's columns, ``pos`` the targets'
+    positions in it) is skipped, every token's off-target mass within its share
+    ``eps * unit * width / columns``."""
+    share = (eps * unit) / jnp.asarray(columns).astype(unit.dtype)
+    return jnp.all(_off_target_mass(dz_chunk, pos) <= share * dz_chunk.shape[1])
+
+
 def _target_products(x_blk, dz, pos, w_blk, wanted: online.Wanted, grads, c0, ax):
     """``(dx_part, dw, db)`` plus the products of ``dz``'s target entries only (``dz``
     read at ``pos``; columns from ``c0`` in ``dw`` and ``db``)."""
@@ -122,7 +130,9 @@ def _target_products(x_blk, dz, pos, w_blk, wanted: online.Wanted, grads, c0, ax
 
     def one_target(j, carry):
         dx_part, dw, db = carry
-        v, s, c = (lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in (values, safe, column))
+        v, s, c = (
+            lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in (values, safe, column)
+        )
         if wanted.x:
             w_cols = jnp.take(w_blk, s, axis=ax).astype(dz.dtype)  # [D, n] or [n, D]
             dx_part = dx_part + v[:, None] * (w_cols.T if ax == 1 else w_cols)
@@ -171,8 +181,6 @@ def add_products(
     xt_blk = online.product_rows(x, rows_blk, wanted, ax)
     pos = _targets(spec, view, dz)
     unit = _unit(coefs)
-    # Per column of a chunk (columns may be traced: a psum of the shards).
-    threshold = (spec.filter_eps * unit) / jnp.asarray(columns).astype(unit.dtype)
     width = dz.shape[1]
     chunk = width if chunk is None else min(chunk, width)
 
@@ -181,7 +189,7 @@ def add_products(
         dz_c = B.block(dz, c0, cw, 1, 1)
         w_c = B.block(w_blk, c0, cw, ax, 1)
         pos_c = None if pos is None else pos - c0
-        skip = jnp.all(_off_target_mass(dz_c, pos_c) <= threshold * cw)
+        skip = _skips(dz_c, pos_c, unit, spec.filter_eps, columns)
 
         def full(carry):
             dx_part, dw, db = carry
@@ -211,11 +219,6 @@ def skipped_blocks(dz, targets, unit, eps: float, chunk: int) -> jax.Array:
     ``[V // chunk]``, for measurements (``benchmarks/``): the same rule as
     :func:`add_products` with targets ``[n, k]`` (vocabulary indices) and gradient scales
     ``unit [n]``."""
-    n, v = dz.shape
-    out = []
-    for c0 in range(0, v, chunk):
-        cw = min(chunk, v - c0)
-        pos = targets - c0
-        mass = _off_target_mass(dz[:, c0 : c0 + cw], pos)
-        out.append(jnp.all(mass <= (eps / v) * unit * cw))
-    return jnp.stack(out)
+    v = dz.shape[1]
+    chunks = range(0, v, chunk)
+    return jnp.stack([_skips(dz[:, c0 : c0 + chunk], targets - c0, unit, eps, v) for c0 in chunks])
