@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent._fused.options import checked_bool, checked_call
 from jxent._fused.xent import cross_entropy
 from jxent._layout import xent_config
 
 
+@_docstrings.fill
 def linear_softmax_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -106,9 +108,7 @@ def linear_softmax_cross_entropy(
       token_weights: optional float weights of shape ``x.shape[:-1]`` (constants: no
         gradient flows to them), multiplying each token's loss; ``"mean"`` then divides
         by their sum over the kept tokens (times :math:`w_y` with class weights).
-      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
-        token count of the whole batch when the loss is accumulated over
-        micro-batches); a constant.
+      <normalizer>
       return_lse: also return each token's log-sum-exp :math:`\mathrm{lse}(z)` (to
         monitor, or to reuse in an auxiliary loss: it is differentiable). The loss then
         takes the streaming schedule.
@@ -121,24 +121,9 @@ def linear_softmax_cross_entropy(
         what ``"auto"`` takes) or ``"pallas_tpu"`` (Pallas kernels for TPU: no
         temporary memory, five products to ``"xla"``'s four; Pallas' interpreter
         elsewhere; not with ``filter_eps``).
-      schedule: ``"auto"`` (default: the single pass when the loss is summed or
-        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
-        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
-        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
-        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
-        that does not grow with ``V``).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <schedule>
+      <precision>
+      <filter_eps>
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or of shape

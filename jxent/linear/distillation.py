@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent import _validation as v
 from jxent._fused import options
 from jxent._fused.distill import distillation, from_teacher, jensen_shannon
 from jxent._fused.options import checked_call
 
 
+@_docstrings.fill
 def linear_softmax_kl_divergence(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -76,43 +78,20 @@ def linear_softmax_kl_divergence(
         columns as ``w`` (``[D_t, V]``, or ``[V, D_t]`` with ``w_layout="vd"``) and an
         optional ``[V]`` bias, floating, accumulating in the student's dtype (float32
         for float32/bfloat16/float16, float64 for float64).
-      temperature: :math:`T > 0`, a static Python number: the student's logits are
-        divided by it (the teacher's top-k log-probabilities are taken as given, at
-        the temperature they were computed at) and the divergence scaled by
-        :math:`T^2`, so that its gradient keeps its size as :math:`T` changes.
+      <temperature_teacher>
       bias: optional ``[V]`` bias.
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
-        multiplying each token's loss; ``"mean"`` divides by their sum.
-      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
-        token count over micro-batches); a constant.
+      <token_weights_teacher>
+      <normalizer>
       logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
-      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
-        embedding table, read in place).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      schedule: ``"auto"`` (default: the single pass when the loss is summed or
-        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
-        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
-        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
-        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
-        that does not grow with ``V``).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout>
+      <implementation>
+      <schedule>
+      <precision>
+      <filter_eps>
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -171,6 +150,7 @@ def linear_softmax_kl_divergence(
     return from_teacher(call, teacher, lambda k, t: distillation(t, 0.0, k))
 
 
+@_docstrings.fill
 def linear_distillation_loss(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -214,43 +194,20 @@ def linear_distillation_loss(
         and weight ``(x_t, w_t[, bias_t])`` (its logits at temperature :math:`T`, capped
         as the student's), as :func:`jxent.linear_softmax_kl_divergence`.
       alpha: :math:`\alpha \in [0, 1]`, the cross-entropy's share (static).
-      temperature: :math:`T > 0`, a static Python number: the student's logits are
-        divided by it (the teacher's top-k log-probabilities are taken as given, at
-        the temperature they were computed at) and the divergence scaled by
-        :math:`T^2`, so that its gradient keeps its size as :math:`T` changes.
+      <temperature_teacher>
       bias: optional ``[V]`` bias.
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
-        multiplying each token's loss; ``"mean"`` divides by their sum.
-      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
-        token count over micro-batches); a constant.
+      <token_weights_teacher>
+      <normalizer>
       logit_soft_cap: :math:`c > 0` to soft-cap the student's logits, or ``None``.
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
-      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
-        embedding table, read in place).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      schedule: ``"auto"`` (default: the single pass when the loss is summed or
-        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
-        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
-        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
-        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
-        that does not grow with ``V``).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout>
+      <implementation>
+      <schedule>
+      <precision>
+      <filter_eps>
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with
@@ -302,6 +259,7 @@ def linear_distillation_loss(
     return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
 
 
+@_docstrings.fill
 def linear_softmax_jensen_shannon_divergence(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -380,9 +338,8 @@ def linear_softmax_jensen_shannon_divergence(
         are taken as given.
       bias: optional ``[V]`` bias.
       where: optional boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
-        multiplying each token's loss; ``"mean"`` divides by their sum.
-      normalizer: a scalar to divide the ``"mean"``'s sum by instead; a constant.
+      <token_weights_teacher>
+      <normalizer>
       logit_soft_cap: :math:`c > 0` to soft-cap the student's logits (and a hidden-state
         teacher's), or ``None``.
       reduction: ``"mean"`` (default: over the kept tokens), ``"sum"`` or ``"none"``.
@@ -390,27 +347,10 @@ def linear_softmax_jensen_shannon_divergence(
       num_classes: the number of real classes when ``w`` has padding columns.
       w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
         embedding table, read in place; a teacher's ``w_t`` in the same layout).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      schedule: ``"auto"`` (default: the single pass when the loss is summed or
-        averaged and its float32 ``[D, V]`` weight-gradient accumulator takes at most
-        256 MiB, else streaming), ``"single_pass"`` (a summed or averaged loss in
-        three matrix products instead of four, for that accumulator's ``4 D V`` bytes:
-        2.2 GiB at Gemma 2's 2304 x 256000) or ``"streaming"`` (temporary memory
-        that does not grow with ``V``).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <implementation>
+      <schedule>
+      <precision>
+      <filter_eps>
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token with

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent._fused.logprobs import entropy, log_probs
 from jxent._fused.options import checked_bool, checked_call
 
 
+@_docstrings.fill
 def linear_log_probs(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -57,23 +59,10 @@ def linear_log_probs(
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns after
         them (they take no part and get zero gradient).
-      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``, a tied
-        embedding table, read in place).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` in float32 (float64 for float64 inputs),
@@ -127,6 +116,7 @@ def linear_log_probs(
     return outputs if return_entropy else outputs[0]
 
 
+@_docstrings.fill
 def linear_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -166,29 +156,16 @@ def linear_entropy(
       token_weights: optional float weights of shape ``x.shape[:-1]`` (constants)
         multiplying each token's entropy; ``"mean"`` divides by their sum over the
         kept tokens.
-      normalizer: a scalar to divide the ``"mean"``'s sum by instead (e.g. the global
-        token count over micro-batches); a constant.
+      <normalizer>
       logit_soft_cap: :math:`c > 0` to soft-cap the logits, or ``None``.
       reduction: ``"mean"`` (default: over the kept tokens, as every fused loss of
         hidden states), ``"sum"``, or ``"none"`` (per token).
       chunk_size: blocks as in :func:`jxent.linear_softmax_cross_entropy`.
       num_classes: the number of real classes when ``w`` has padding columns.
-      w_layout: ``"dv"`` (default, ``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent._fused.options import checked_bool, checked_call
 from jxent._fused.xent import cross_entropy
 from jxent._layout import xent_config
 from jxent._split import AxisName
 
 
+@_docstrings.fill
 def linear_softmax_cross_entropy(
     x: jax.typing.ArrayLike,
     local_w: jax.typing.ArrayLike,
@@ -97,30 +99,16 @@ def linear_softmax_cross_entropy(
         multiplying each token's loss; ``"mean"`` then divides by their sum over the
         kept tokens (times :math:`w_y` with class weights), over every device of
         ``batch_axis_name`` if given.
-      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
-        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
-        whole batch; a constant. Only with ``reduction="mean"``.
+      <normalizer_split>
       return_lse: also return each token's log-sum-exp over the whole vocabulary
         (differentiable).
       w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]``; ``"vd"``:
         ``local_w`` is this shard's ``[V_local, D]`` rows of a ``[V, D]`` table (a tied
         embedding, split in ``P("model", None)``), read in place (its gradient comes
         back ``[V_local, D]``).
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
       float32 losses (float64 for float64 inputs): of shape ``x.shape[:-1]`` for

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent import _validation as v
 from jxent._fused import options
 from jxent._fused.distill import distillation, from_teacher, jensen_shannon
@@ -16,6 +17,7 @@ from jxent._fused.options import checked_call
 from jxent._split import AxisName
 
 
+@_docstrings.fill
 def linear_distillation_loss(
     x: jax.typing.ArrayLike,
     local_w: jax.typing.ArrayLike,
@@ -63,39 +65,20 @@ def linear_distillation_loss(
       temperature: :math:`T > 0` (static).
       bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
       where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: float per-token weights (constants); ``"mean"`` divides by their
-        sum over the kept tokens.
-      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
-        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
-        whole batch; a constant. Only with ``reduction="mean"``.
+      <token_weights_teacher_split>
+      <normalizer_split>
       logit_soft_cap: :math:`c > 0`, or ``None``.
-      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
-        tokens, or over every device of ``batch_axis_name`` if given.
+      <reduction_split>
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout_split>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
-      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
-      scalar; equal on every shard of ``axis_name``.
+      <returns_split>
 
     Raises:
       TypeError, ValueError: as :func:`jxent.linear_distillation_loss` and
@@ -149,6 +132,7 @@ def linear_distillation_loss(
     return from_teacher(call, teacher, lambda k, t: distillation(t, alpha, k))
 
 
+@_docstrings.fill
 def linear_softmax_jensen_shannon_divergence(
     x: jax.typing.ArrayLike,
     local_w: jax.typing.ArrayLike,
@@ -195,39 +179,20 @@ def linear_softmax_jensen_shannon_divergence(
         hidden-state teacher's).
       bias: this shard's ``[V_local]`` slice of the bias, or ``None``.
       where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
-      token_weights: float per-token weights (constants); ``"mean"`` divides by their
-        sum over the kept tokens.
-      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
-        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
-        whole batch; a constant. Only with ``reduction="mean"``.
+      <token_weights_teacher_split>
+      <normalizer_split>
       logit_soft_cap: :math:`c > 0`, or ``None``.
-      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``; over this device's
-        tokens, or over every device of ``batch_axis_name`` if given.
+      <reduction_split>
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout_split>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
-      float32 losses (float64 for float64 inputs), per token for ``"none"``, else a
-      scalar; equal on every shard of ``axis_name``.
+      <returns_split>
 
     Raises:
       TypeError, ValueError: as :func:`jxent.linear_softmax_jensen_shannon_divergence`

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import jax
 
+from jxent import _docstrings
 from jxent._fused.logprobs import entropy, log_probs
 from jxent._fused.options import checked_bool, checked_call
 from jxent._split import AxisName
 
 
+@_docstrings.fill
 def linear_log_probs(
     x: jax.typing.ArrayLike,
     local_w: jax.typing.ArrayLike,
@@ -55,24 +57,10 @@ def linear_log_probs(
       logit_soft_cap: :math:`c > 0`, or ``None``.
       num_classes: the true vocabulary size when the last shard is padded.
       chunk_size: blocks on each shard, as :func:`jxent.linear_softmax_cross_entropy`.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout_split>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
       ``log_probs`` of shape ``x.shape[:-1]`` (float32; float64 for float64 inputs), or
@@ -123,6 +111,7 @@ def linear_log_probs(
     return outputs if return_entropy else outputs[0]
 
 
+@_docstrings.fill
 def linear_entropy(
     x: jax.typing.ArrayLike,
     local_w: jax.typing.ArrayLike,
@@ -156,33 +145,17 @@ def linear_entropy(
       where: boolean mask of shape ``x.shape[:-1]``; False drops a token.
       token_weights: float per-token weights (constants) multiplying each entropy;
         ``"mean"`` divides by their sum over the kept tokens.
-      normalizer: a scalar to divide the ``"mean"``'s sum (over every device of
-        ``batch_axis_name`` if given) by instead, e.g. the global token count of the
-        whole batch; a constant. Only with ``reduction="mean"``.
+      <normalizer_split>
       logit_soft_cap: :math:`c > 0`, or ``None``.
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per token); over this
         device's tokens, or over every device of ``batch_axis_name`` if given.
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
-      w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
-        ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
-        a tied embedding table, read in place.
-      implementation: which implementation runs the loss: ``None`` or ``"auto"``
-        (default: the first of the library's implementations that supports the call),
-        or a name, ``"xla"`` (the blocked loops, compiled by XLA on every platform).
-      precision: the matrix products' precision, as ``jnp.dot``'s (``None``,
-        ``"default"``, ``"high"``, ``"highest"``, a ``jax.lax.Precision`` or a pair).
-        ``None`` (default): what ``x @ w`` would get (``jax.default_matmul_precision``
-        where set; on TPU, float32 products in one bfloat16 pass, rounded block by
-        block). ``"highest"`` for float32 products in float32 everywhere.
-      filter_eps: gradient filtering. ``None`` (default): off. A number ``eps``
-        in ``[0, 1]`` or ``"auto"`` (the inputs' unit roundoff: ``2**-8`` for
-        bfloat16, ``2**-24`` for float32): the backward pass skips the matrix products
-        of blocks whose gradient off the targets (labels, a teacher's classes) is
-        negligible, losing at most ``eps`` of each token's ``L1`` gradient mass (the
-        loss is unchanged). Faster where a trained model's softmax is peaked; see the
-        README's "Gradient filtering".
+      <w_layout_split>
+      <implementation>
+      <precision>
+      <filter_eps>
 
     Returns:
       float32 entropies (float64 for float64 inputs) of shape ``x.shape[:-1]``, or
