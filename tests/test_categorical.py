@@ -589,17 +589,23 @@ NEG_INF_X = np.array(
 
 
 @pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.3, "z_loss": 0.1}])
-def test_neg_inf_logits_sparse(opts, jit_mode):
-    y = np.array([0, 2, 4], dtype=np.int32)
-    kw = dict(opts, class_weights=np.array([1.0, 0.5, 2.0, 1.5, 0.7]))
-    r = ref.softmax_cross_entropy_with_integer_labels(NEG_INF_X, y, reduction="sum", **kw)
-    x = jnp.asarray(NEG_INF_X)
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("repeats", [1, 8], ids=["short-rows", "long-rows"])
+def test_neg_inf_logits_sparse(opts, weighted, repeats, jit_mode):
+    # Rows of 5 and of 40 classes: the short rows' sums and the long rows' blocked ones.
+    x_np = np.tile(NEG_INF_X, (1, repeats))
+    y = np.array([0, 2, 4], dtype=np.int32) + 5 * (repeats - 1)
+    kw = dict(opts)
+    if weighted:
+        kw["class_weights"] = np.tile(np.array([1.0, 0.5, 2.0, 1.5, 0.7]), repeats)
+    r = ref.softmax_cross_entropy_with_integer_labels(x_np, y, reduction="sum", **kw)
+    x = jnp.asarray(x_np)
     f = jit_mode(lambda x, y: SPARSE(x, y, reduction="sum", **jax_kwargs(kw)))
     out, g = f(x, jnp.asarray(y)), jit_mode(jax.grad(f))(x, jnp.asarray(y))
     assert np.isfinite(out)
     assert_close(out, r.loss)
     assert_no_nan(g)
-    assert np.all(np.asarray(g)[np.isneginf(NEG_INF_X)] == 0.0)
+    assert np.all(np.asarray(g)[np.isneginf(x_np)] == 0.0)
     assert_close(g, r.grad_logits)
 
 
