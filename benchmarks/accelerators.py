@@ -208,7 +208,12 @@ def _contenders(peers: bool = False, tpu: bool = False) -> tuple[dict, list[dict
         UNFUSED: (unfused, "DV"),
     }
     if tpu:
-        out = {"jxent": out["jxent"], SINGLE_PASS: out[SINGLE_PASS], PALLAS: (fused_pallas, "DV"), UNFUSED: out[UNFUSED]}  # noqa: E501
+        out = {
+            "jxent": out["jxent"],
+            SINGLE_PASS: out[SINGLE_PASS],
+            PALLAS: (fused_pallas, "DV"),
+            UNFUSED: out[UNFUSED],
+        }  # noqa: E501
     if not peers:
         return out, []
     out[UNFUSED_FLOAT32] = (unfused_float32, "DV")

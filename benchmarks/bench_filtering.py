@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jxent  # noqa: E402
+from benchmarks import tables  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     command_line,
     eprint,
@@ -46,7 +47,6 @@ from benchmarks.common import (  # noqa: E402
     median_times,
     start_record,
 )
-from benchmarks import tables  # noqa: E402
 from jxent._fused import filtering, plan  # noqa: E402
 
 #: (name, Zipf exponent s, spread sigma): from flat to a trained model's peak.
@@ -90,7 +90,11 @@ def blocks(n, d, v, dtype):
         run, length = block // groups, total // groups
         starts = range(0, length, run)
         return np.concatenate(
-            [np.arange(g * length + s, g * length + min(s + run, length)) for s in starts for g in range(groups)]  # noqa: E501
+            [
+                np.arange(g * length + s, g * length + min(s + run, length))
+                for s in starts
+                for g in range(groups)
+            ]
         )
 
     rows = order(n, p.token_block, p.token_groups)
@@ -109,7 +113,9 @@ def skipped_fraction(z, labels, eps, blk) -> float:
     dz = (jax.nn.softmax(z) - jax.nn.one_hot(targets[:, 0], z.shape[1], dtype=z.dtype)) / n
     unit = jnp.full((n,), 2.0 / n)  # the mean's g_n = 1/N, u_n = 2 |g_n|
     skipped = [
-        filtering.skipped_blocks(dz[t0 : t0 + tb], targets[t0 : t0 + tb], unit[t0 : t0 + tb], eps, chunk)  # noqa: E501
+        filtering.skipped_blocks(
+            dz[t0 : t0 + tb], targets[t0 : t0 + tb], unit[t0 : t0 + tb], eps, chunk
+        )
         for t0 in range(0, n, tb)
     ]
     return float(jnp.mean(jnp.concatenate(skipped).astype(jnp.float32)))
@@ -172,7 +178,9 @@ def main(argv=None) -> None:
     p.add_argument("--distributions", default=",".join(d[0] for d in DISTRIBUTIONS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-time", action="store_true", help="skipped fractions only")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_filtering.json")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_filtering.json"
+    )
     p.add_argument("--append", action="store_true", help="add the rows to --out's record")
     args = p.parse_args(argv)
     shapes = [tuple(int(a) for a in s.split(",")) for s in args.shapes.split(";")]
@@ -180,9 +188,19 @@ def main(argv=None) -> None:
     eps_values = [e if e == "auto" else float(e) for e in args.eps.split(",")]
     wanted = args.distributions.split(",")
     dists = [d for d in DISTRIBUTIONS if d[0] in wanted]
-    config = {"shapes": shapes, "dtypes": [t.name for t in dtypes], "eps": eps_values,
-              "distributions": dists, "repeats": args.repeats, "timed": not args.no_time}  # fmt: skip
-    record = start_record(command_line("benchmarks.bench_filtering", sys.argv[1:] if argv is None else argv), "filtering", config)  # noqa: E501
+    config = {
+        "shapes": shapes,
+        "dtypes": [t.name for t in dtypes],
+        "eps": eps_values,
+        "distributions": dists,
+        "repeats": args.repeats,
+        "timed": not args.no_time,
+    }
+    record = start_record(
+        command_line("benchmarks.bench_filtering", sys.argv[1:] if argv is None else argv),
+        "filtering",
+        config,
+    )
     started = time.perf_counter()
     record["rows"] = run(shapes, dtypes, dists, eps_values, args.repeats, timed=not args.no_time)
     finish_record(record, started)

@@ -405,7 +405,9 @@ def _filtered_fraction(res: Results) -> tuple[float, str]:
     """The skipped fraction measured at the peaked bfloat16 softmax on CPU (the filtering
     record), and its description, for the roofline estimate with filtering."""
     record = res("cpu_filtering.json")
-    rows = [r for r in record["rows"] if r["dtype"] == "bfloat16" and r["distribution"] == "zipf s=2.5"]  # noqa: E501
+    rows = [
+        r for r in record["rows"] if r["dtype"] == "bfloat16" and r["distribution"] == "zipf s=2.5"
+    ]  # noqa: E501
     r = rows[0]
     f = r["skipped_fraction"]["auto"]
     return f, (

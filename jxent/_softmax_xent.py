@@ -156,46 +156,56 @@ def _smoothing_sums(x, row_max, class_weights, exp_term, short, masked_smoothing
         n = jnp.full_like(gap_sum, x.shape[-1])
         return n, jnp.zeros_like(gap_sum) + sum_w, gap_sum
 
-    # One sum over the batch of non-negative terms, non-finite where any row's is (also where
-    # the total alone overflows: that only takes the masked path, as exact).
-    ok = jnp.isfinite(jnp.sum(gap_sum))
+    # A max of non-negative sums, NaN-propagating: fewer kernels on XLA:CPU than
+    # all(isfinite(.)), and unlike isfinite(sum(.)) no [rows, classes] float32 buffer
+    # (tests/test_categorical.py::test_compiled_temp_memory).
+    ok = jnp.isfinite(jnp.max(gap_sum, initial=0.0))
     n, sum_w, w_gap = lax.cond(ok, unmasked_sums, masked_smoothing_sums)
     return {**sums, "n": n, "w": sum_w, "w_gap": w_gap}, ok
 
 
-def _dense_sums(x, targets, row_max, sum_exp_only, dense_terms, acc):
+def _dense_sums(x, targets, row_max, exp_term, dense_terms, acc, short):
     """The dense target's row sums without a class mask (no label smoothing).
 
     On XLA:CPU a variadic reduction runs as a scalar loop (jax 0.10.2: four sums at
     1024x1000 float32 in 4.4 ms, 0.8 ms as four single reductions), so there the sums
-    are separate single reductions, each vectorised and accurate to about an ulp. The
-    common case, every logit finite, needs no mask: ``t (max - z) / 2`` is then finite,
-    and a batch with a ``-inf`` (or NaN) logit makes its sum non-finite and takes the
-    masked variadic path instead (the one other platforms take).
+    are separate single reductions, each vectorised and accurate to about an ulp; short
+    rows take three in one plain variadic reduction (the fourth, the target on ``-inf``
+    logits, cost a third of the step at 256x10). The common case, every logit finite,
+    needs no mask: ``t (max - z) / 2`` is then finite, and a batch with a ``-inf`` (or
+    NaN) logit makes its sum non-finite and takes the masked variadic path instead (the
+    one other platforms take).
     """
+    sum_rows = short_row_sums if short else row_sums
 
     def masked():
         # Converted inside the branch: a converted copy passed into the cond is materialised.
         z = x.astype(acc)
-        return row_sums({"sum_exp": jnp.exp(z - row_max[..., None]), **dense_terms(z)})
+        return sum_rows({"sum_exp": jnp.exp(z - row_max[..., None]), **dense_terms(z)})
+
+    def gap(x, t, m):
+        return t.astype(acc) * (0.5 * m - 0.5 * x.astype(acc))
 
     def separate():
-        sums = sum_exp_only()
-        # Each sum converts a 16-bit x or t itself: a conversion shared with another pass
-        # (the other sum, poly-1's) is materialised.
-        t_sum = _backend.reduce_rows(
-            jnp.sum, lambda t: t.astype(acc), (_backend.cpu_barrier(targets),)
-        )
-        t_gap = _backend.reduce_rows(
-            jnp.sum,
-            lambda x, t, m: t.astype(acc) * (0.5 * m - 0.5 * x.astype(acc)),
-            _backend.cpu_barrier((x, targets)),
-            (row_max,),
-        )
-        ok = jnp.all(jnp.isfinite(t_gap))
+        if short:
+            m = row_max[..., None]
+            sums = short_row_sums(
+                {"sum_exp": exp_term(x, m), "t": targets.astype(acc), "t_gap": gap(x, targets, m)}
+            )
+        else:
+            sums = {"sum_exp": _backend.reduce_rows(jnp.sum, exp_term, (x,), (row_max,))}
+            # Each sum converts a 16-bit x or t itself: a conversion shared with another
+            # pass (the other sum, poly-1's) is materialised.
+            sums["t"] = _backend.reduce_rows(
+                jnp.sum, lambda t: t.astype(acc), (_backend.cpu_barrier(targets),)
+            )
+            sums["t_gap"] = _backend.reduce_rows(
+                jnp.sum, gap, _backend.cpu_barrier((x, targets)), (row_max,)
+            )
+        ok = jnp.isfinite(jnp.max(sums["t_gap"], initial=0.0))  # as in _smoothing_sums
 
         def unmasked():
-            return {**sums, "t": t_sum, "t_gap": t_gap, "t_on_inf": jnp.zeros_like(t_gap)}
+            return {**sums, "t_on_inf": jnp.zeros_like(sums["t_gap"])}
 
         return lax.cond(ok, unmasked, masked)
 
@@ -231,10 +241,6 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
 
     def exp_term(x, m):
         return jnp.exp(cap_logits(x, cfg.soft_cap, acc) - m)
-
-    def sum_exp_only():
-        # The common case: one reduction, cut into pieces for long rows on CPU.
-        return {"sum_exp": _backend.reduce_rows(jnp.sum, exp_term, (x,), (row_max,))}
 
     def finite_and_half_gap(z=z):
         finite, z_floor = finite_parts(z)
@@ -276,12 +282,13 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
             sums, all_finite = _smoothing_sums(
                 x, row_max, class_weights, exp_term, short, masked_smoothing_sums
             )
+    elif labels is None and class_mask is None and cfg.soft_cap is None:
+        sums, all_finite = _dense_sums(x, targets, row_max, exp_term, dense_terms, acc, short)
     elif short:
         sums = short_row_sums(terms)
     elif labels is not None and class_mask is None:
-        sums = sum_exp_only()
-    elif labels is None and class_mask is None:
-        sums, all_finite = _dense_sums(x, targets, row_max, sum_exp_only, dense_terms, acc)
+        # The common case: one reduction, cut into pieces for long rows on CPU.
+        sums = {"sum_exp": _backend.reduce_rows(jnp.sum, exp_term, (x,), (row_max,))}
     else:
         sums = row_sums(terms)
 

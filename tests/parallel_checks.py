@@ -826,10 +826,12 @@ def linear_filtered_shard_map_case(mesh_shape, eps=1e-3):
     checks = {
         "value": ratio(v1, v0, 1e-11, 1e-13),
         "dx within the filtering bound": (
-            float(np.max(np.abs(dx1 - dx0) / dx_bound)), "max |dx - dx0| / bound"
+            float(np.max(np.abs(dx1 - dx0) / dx_bound)),
+            "max |dx - dx0| / bound",
         ),
         "dw within the filtering bound": (
-            float(np.linalg.norm(dw1 - dw0) / dw_bound), "||dw - dw0||_F / bound"
+            float(np.linalg.norm(dw1 - dw0) / dw_bound),
+            "||dw - dw0||_F / bound",
         ),
         "some blocks skipped": (0.0 if zeros else 2.0, f"{zeros} dw entries exactly 0"),
     }

@@ -29,8 +29,9 @@ def test_tpu_compiled_memory_is_bounded():
     """Gemma-2's output layer (8192 x 2304 x 256000), value_and_grad, TPU v5e: temporary
     memory at most twice the floor (a float32 dx and one float32 logits block) in bfloat16
     and float32, float32 within twice bfloat16's and with no bfloat16 copy of ``w`` (issue
-    24), ``precision=`` on every dot of the lowered TPU program (issue 24), and at most 1/20 of ``x @ w`` + optax's in bfloat16; the top-64
-    distillation KL within twice the cross-entropy's (issue 14)."""
+    24), ``precision=`` on every dot of the lowered TPU program (issue 24), and at most
+    1/20 of ``x @ w`` + optax's in bfloat16; the top-64 distillation KL within twice the
+    cross-entropy's (issue 14)."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     # libtpu's lock guards a TPU device; a compilation without one may share it (CI runs
     # two environments' suites side by side).

@@ -1078,7 +1078,7 @@ def _temp_bytes(fn, label_struct):
 
 @pytest.mark.parametrize(
     "name",
-    ["sparse", "sparse_options", "dense"],
+    ["sparse", "sparse_smoothing", "sparse_options", "dense"],
 )
 def test_compiled_temp_memory(name):
     int_labels = jax.ShapeDtypeStruct((MEM_N,), jnp.int32)
@@ -1089,6 +1089,11 @@ def test_compiled_temp_memory(name):
             lambda x, y: jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(x, y)),
             int_labels,
         )
+    elif name == "sparse_smoothing":  # its own path: the finite check's cond
+        ours = _temp_bytes(
+            lambda x, y: SPARSE(x, y, reduction="mean", label_smoothing=0.1), int_labels
+        )
+        theirs = None
     elif name == "sparse_options":
         ours = _temp_bytes(
             lambda x, y: SPARSE(

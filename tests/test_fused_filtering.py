@@ -179,9 +179,13 @@ def test_low_precision_within_the_bound(dtype, eps, options):
     tol = checks.float_tolerance(dtype, v)
     # |dx_n - dx_n^f| <= eps u_n max_k |w_kd|; |dw - dw^f|_F <= eps sum_n u_n |x_n|_2;
     # |db - db^f|_1 <= eps sum_n u_n (the module docstring's bound).
-    ref.assert_within(gx, r.grad_x, tol * r.grad_x_scale + eps_value * unit[:, None] * np.abs(w).max(1), "dx")  # noqa: E501
+    ref.assert_within(
+        gx, r.grad_x, tol * r.grad_x_scale + eps_value * unit[:, None] * np.abs(w).max(1), "dx"
+    )  # noqa: E501
     w_err = np.abs(gw - r.grad_w) - tol * r.grad_w_scale
-    assert np.sqrt(np.sum(np.maximum(w_err, 0) ** 2)) <= eps_value * np.sum(unit * np.linalg.norm(x, axis=1))  # noqa: E501
+    assert np.sqrt(np.sum(np.maximum(w_err, 0) ** 2)) <= eps_value * np.sum(
+        unit * np.linalg.norm(x, axis=1)
+    )  # noqa: E501
     b_err = np.abs(np.asarray(gb, np.float64) - r.grad_bias) - tol * r.grad_bias_scale
     assert np.sum(np.maximum(b_err, 0)) <= eps_value * np.sum(unit)
 
@@ -205,7 +209,7 @@ def _check_cold(fn, x, w, expected_dx, expected_dw, cold):
     grads = {}
     for eps in (None, 1e-6):
         grads[eps] = jax.jit(jax.grad(lambda x, w: fn(x, w, eps), argnums=(0, 1)))(x, w)  # noqa: B023
-    for eps, (gx, gw) in grads.items():
+    for gx, gw in grads.values():
         checks.assert_close(gx, expected_dx, rtol=1e-9, atol=1e-12)
         checks.assert_close(gw, expected_dw, rtol=1e-9, atol=1e-12)
     # Skipped blocks: no product ran, so their off-target columns are exactly 0.

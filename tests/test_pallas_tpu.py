@@ -77,9 +77,7 @@ def run(x, w, b, y, opts):
 def check(dtype, opts, seed=0, pad=0, pad_value=np.nan, layout="dv"):
     with checks.x64_off():
         (x, w, b, y), (ex, ew, eb, ey) = make_case(seed, dtype, pad, pad_value, layout)
-        jopts = {
-            k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()
-        }
+        jopts = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
         out, (gx, gw, gb) = run(x, w, b, y, dict(jopts, w_layout=layout))
     if layout == "vd":
         gw = gw.T
@@ -194,7 +192,7 @@ def test_symbolic_token_count():
 
 
 def test_auto_takes_xla_and_the_name_takes_the_kernels():
-    """"auto" runs "xla" (first in the registry until the kernels are timed on a TPU);
+    """ "auto" runs "xla" (first in the registry until the kernels are timed on a TPU);
     implementation="pallas_tpu" runs the kernels, on any platform."""
     x, w = jnp.ones((8, 4)), jnp.ones((4, 16))
     y = jnp.zeros((8,), jnp.int32)
@@ -253,7 +251,7 @@ def tpu_compile(target: str) -> None:
     # A caller's precision is the float32 products' (Mosaic rejects it for bfloat16).
     for dtype, precision in ((jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, "highest")):
 
-        def f(x, w, y):
+        def f(x, w, y, precision=precision):
             return jxent.linear_softmax_cross_entropy(
                 x, w, y, implementation="pallas_tpu", precision=precision
             )

@@ -212,7 +212,9 @@ def _filter_eps(filter_eps, dtype) -> float | None:
         return None
     if isinstance(filter_eps, str):
         if filter_eps != "auto":
-            raise ValueError(f'filter_eps must be None, "auto" or a number in [0, 1], got {filter_eps!r}.')
+            raise ValueError(
+                f'filter_eps must be None, "auto" or a number in [0, 1], got {filter_eps!r}.'
+            )
         return filtering.auto_eps(dtype)
     return v.static_number("filter_eps", filter_eps, lo=0, hi=1)
 

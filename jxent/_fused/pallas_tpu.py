@@ -537,9 +537,7 @@ def _per_token_bwd(spec, res, g):
     if all(is_zero(gi) for gi in jax.tree.leaves(g, is_leaf=is_zero)):
         return (*_zeros(inp), *_NO_GRADS)
     scaled = online.scaled(coefs, g if isinstance(g, tuple) else g.astype(coefs.lse_rel.dtype))
-    grads = _on_platform(
-        spec, lambda s, p, m, a, c: _backward(s, p, m, a, c, wanted), inp, scaled
-    )
+    grads = _on_platform(spec, lambda s, p, m, a, c: _backward(s, p, m, a, c, wanted), inp, scaled)
     filled = tuple(
         z if gr is None else sum_to_type(gr, p)
         for gr, z, p in zip(grads, _zeros(inp), (inp.x, inp.w, inp.bias), strict=True)
@@ -564,4 +562,3 @@ def summed_loss(
     its own)."""
     loss = per_token_loss(spec, x, w, bias, rows, columns, real_columns, teacher)
     return jnp.sum(loss)
-

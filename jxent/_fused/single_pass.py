@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from jxent import _backend
 from jxent._fused import blocks as B
-from jxent._fused import logits as L
 from jxent._fused import filtering, online
+from jxent._fused import logits as L
 from jxent._fused.contract import Inputs, Spec, View, accumulation, num_columns, vocab_axis
 from jxent._fused.plan import Plan
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._fused import blocks as B
-from jxent._fused import logits as L
 from jxent._fused import filtering, online
+from jxent._fused import logits as L
 from jxent._fused.contract import (
     Inputs,
     RowSums,
