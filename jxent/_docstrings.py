@@ -89,6 +89,10 @@ FRAGMENTS = _entries(
           whole batch; a constant. Only with ``reduction="mean"``.
         """,
     w_layout_split="""
+        w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]``; ``"vd"``: this
+          shard's ``[V_local, D]`` rows of a tied embedding table, read in place.
+        """,
+    w_layout_teacher_split="""
         w_layout: ``"dv"`` (default): ``local_w`` is ``[D, V_local]`` (and a teacher's
           ``local_w_t`` ``[D_t, V_local]``); ``"vd"``: this shard's ``[V_local, D]`` rows of
           a tied embedding table, read in place.

@@ -72,7 +72,7 @@ def linear_distillation_loss(
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
-      <w_layout_split>
+      <w_layout_teacher_split>
       <implementation>
       <precision>
       <filter_eps>
@@ -186,7 +186,7 @@ def linear_softmax_jensen_shannon_divergence(
       num_classes: the true vocabulary size when the last shard is padded.
       batch_axis_name: the data-parallel mesh axis (or axes) for a global reduction.
       chunk_size: blocks on each shard.
-      <w_layout_split>
+      <w_layout_teacher_split>
       <implementation>
       <precision>
       <filter_eps>
