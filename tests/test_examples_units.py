@@ -560,3 +560,15 @@ def test_no_tpu_errors_without_a_tpu():
     has_tpu_chip = any(p.read_text().strip() == "0x1ae0" for p in vendors)
     if importlib.util.find_spec("libtpu") is not None and not has_tpu_chip:
         assert any(n in stderr(start) for n in noise)  # the errors it removes
+
+
+def test_spawn_reports_the_process_killed_by_a_signal_first():
+    # Process 1 killed by SIGKILL and process 0 exiting with 3 on its broken connection
+    # can both be seen at one poll: the signal is the failure to report, whatever the order.
+    from jxent.examples.distributed import _first_failure
+
+    assert _first_failure([3, -9]) == (1, -9)
+    assert _first_failure([-15, -9]) == (0, -15)
+    assert _first_failure([None, 3, 2]) == (1, 3)
+    assert _first_failure([0, None]) is None
+    assert _first_failure([0, 0]) is None

@@ -226,6 +226,18 @@ def _signal_text(code: int) -> str:
     return f"was killed by {name}"
 
 
+def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """``(process, exit code)`` of the failure to report among the processes' exit codes
+    (None: still running), or None.
+
+    Several can have ended between two polls: one killed by a signal is the cause, a
+    peer's exit with an error code its consequence (its connection to the dead one
+    broke), so a signal wins; then the lowest process index.
+    """
+    failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+    return min(failed, key=lambda f: (f[1] > 0, f[0])) if failed else None
+
+
 def _tail(path: Path, lines: int) -> str:
     """The last lines of a log, without gloo's connection notices."""
     try:
@@ -254,7 +266,8 @@ def spawn(
     every process (they save a checkpoint and stop together). When a process fails, the
     others get ``grace_seconds`` to notice and report it, then are killed; on Linux they
     are also killed if this launcher itself dies. The exit code is the first failure's (128 + N
-    for a process killed by signal N), or 0.
+    for a process killed by signal N; of processes seen ended at once, one killed by a
+    signal first), or 0.
     """
     logs = Path(log_dir)
     try:
@@ -301,19 +314,16 @@ def spawn(
         deadline = None
         while any(p.poll() is None for p in procs):
             if failure is None:
-                for i, p in enumerate(procs):
-                    code = p.poll()
-                    if code not in (None, 0):
-                        failure = (i, code)
-                        deadline = time.monotonic() + grace_seconds
-                        break
+                failure = _first_failure([p.poll() for p in procs])
+                if failure is not None:
+                    deadline = time.monotonic() + grace_seconds
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
             time.sleep(poll_seconds)
         if failure is None:
-            failure = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
+            failure = _first_failure([p.returncode for p in procs])
         if failure is None:
             return 0
         i, code = failure
