@@ -202,18 +202,10 @@ def _contenders(peers: bool = False, tpu: bool = False) -> tuple[dict, list[dict
     def fused_pallas(x, w, y):
         return jxent.linear_softmax_cross_entropy(x, w, y, implementation="pallas_tpu")
 
-    out = {
-        "jxent": (fused, "DV"),
-        SINGLE_PASS: (fused_single_pass, "DV"),
-        UNFUSED: (unfused, "DV"),
-    }
+    out = {"jxent": (fused, "DV"), SINGLE_PASS: (fused_single_pass, "DV")}
     if tpu:
-        out = {
-            "jxent": out["jxent"],
-            SINGLE_PASS: out[SINGLE_PASS],
-            PALLAS: (fused_pallas, "DV"),
-            UNFUSED: out[UNFUSED],
-        }  # noqa: E501
+        out[PALLAS] = (fused_pallas, "DV")
+    out[UNFUSED] = (unfused, "DV")
     if not peers:
         return out, []
     out[UNFUSED_FLOAT32] = (unfused_float32, "DV")

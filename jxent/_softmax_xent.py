@@ -192,7 +192,7 @@ def _dense_sums(x, targets, row_max, exp_term, dense_terms, acc, short):
     def masked():
         # Converted inside the branch: a converted copy passed into the cond is materialised.
         z = x.astype(acc)
-        return sum_rows({"sum_exp": jnp.exp(z - row_max[..., None]), **dense_terms(z)})
+        return sum_rows({"sum_exp": exp_term(x, row_max[..., None]), **dense_terms(z)})
 
     def gap(x, t, m):
         return t.astype(acc) * (0.5 * m - 0.5 * x.astype(acc))
@@ -244,14 +244,15 @@ def _forward(cfg: XentConfig, x, targets, labels, class_mask, row_mask, class_we
     row_max = cap_logits(raw_max, cfg.soft_cap, acc)
     has_class = row_max != -jnp.inf  # NaN logits keep the row (and make it NaN)
     row_max = lax.stop_gradient(jnp.where(has_class, row_max, zero))
-    exp_shifted = jnp.exp(z - row_max[..., None])
+
+    def exp_term(x, m):
+        return jnp.exp(cap_logits(x, cfg.soft_cap, acc) - m)
+
+    exp_shifted = exp_term(x, row_max[..., None])
     if class_mask is not None:
         exp_shifted = jnp.where(class_mask, exp_shifted, zero)
     terms = {"sum_exp": exp_shifted}
     short = x.shape[-1] <= SHORT_ROW  # every sum in one plain pass, masked forms included
-
-    def exp_term(x, m):
-        return jnp.exp(cap_logits(x, cfg.soft_cap, acc) - m)
 
     def finite_and_half_gap(z=z):
         finite, z_floor = finite_parts(z)
