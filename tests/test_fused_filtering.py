@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import checks
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -218,19 +219,25 @@ def _check_cold(fn, x, w, expected_dx, expected_dw, cold):
     assert np.any(np.asarray(grads[None][1])[:, cold] != 0.0)
 
 
-def test_targets_kept_cross_entropy_and_log_probs():
-    x, w, targets = _cold_setup()
+@pytest.mark.parametrize("n, token_block", [(8, 8), (256, 128)], ids=["one-block", "grouped"])
+def test_targets_kept_cross_entropy_and_log_probs(n, token_block):
+    """The blocks' targets kept; with 256 tokens in blocks of 128 the token blocks are
+    grouped (64 groups of runs of 2: jxent._fused.blocks), so a skipped block's rows are
+    read from grouped views."""
+    x, w, targets = _cold_setup(n=n)
+    assert block_groups(n, token_block) == (1 if n == token_block else 64)
+    chunk = (token_block, 16)
     labels = targets[:, 0]
     v = w.shape[1]
     cold = np.setdiff1d(np.arange(16, v), labels)
     r = ref.linear_softmax_cross_entropy(x, w, labels, reduction="sum")
     fn = lambda x, w, eps: jxent.linear_softmax_cross_entropy(  # noqa: E731
-        x, w, labels, reduction="sum", chunk_size=(8, 16), filter_eps=eps
+        x, w, labels, reduction="sum", chunk_size=chunk, filter_eps=eps
     )
     _check_cold(fn, x, w, r.grad_x, r.grad_w, cold)
     rl = ref_fused.linear_log_probs(x, w, labels)
     fn = lambda x, w, eps: jnp.sum(  # noqa: E731
-        jxent.linear_log_probs(x, w, labels, chunk_size=(8, 16), filter_eps=eps)
+        jxent.linear_log_probs(x, w, labels, chunk_size=chunk, filter_eps=eps)
     )
     _check_cold(fn, x, w, rl.grad_x, rl.grad_w, cold)
 
@@ -298,3 +305,48 @@ def test_vmap_filters_each_example():
     unfiltered = jax.jit(jax.vmap(grad(None)))(x, y)
     checks.assert_close(batched, one_by_one, rtol=1e-12, atol=1e-15)
     assert np.max(np.abs(np.asarray(batched) - np.asarray(unfiltered))) > 0  # some skipped
+
+
+def _cond_branch_dots(fn, *args):
+    """For every two-way conditional in ``fn``'s jaxpr (not the per-platform switches):
+    the number of matrix products in each of its branches (sorted), inner jaxprs
+    included."""
+
+    def dots(jaxpr):
+        count = 0
+        for eqn in jaxpr.eqns:
+            count += eqn.primitive.name == "dot_general"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                count += dots(sub)
+        return count
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 2:
+                found.append(sorted(dots(b.jaxpr) for b in eqn.params["branches"]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_streaming_decides_before_making_the_logits(smoothing):
+    """The streaming schedule decides a block of the plain cross-entropy from the forward
+    pass's numbers: a skipped block runs no product at all, its logits included (one
+    conditional holds the block's three products). With label smoothing (no softmax
+    form) the block's logits are made first and only the two gradient products are
+    conditional."""
+    x, w, b, labels = peaked_inputs(8, 4, 64, seed=0)
+
+    def f(x, w):
+        return jxent.linear_softmax_cross_entropy(
+            x, w, labels, chunk_size=(8, 16), filter_eps="auto", label_smoothing=smoothing
+        )
+
+    branches = _cond_branch_dots(jax.grad(f, argnums=(0, 1)), x, w)
+    expected = [0, 2] if smoothing else [0, 3]
+    assert branches and all(b == expected for b in branches), branches

@@ -135,8 +135,8 @@ class SecondPass(NamedTuple):
 
 class FusedLoss(Protocol):
     """A fused loss: a hashable object (its options are static) with five methods, and
-    three optional ones: ``targets`` (for gradient filtering), ``second_pass`` and
-    ``second_terms`` (a second forward pass)."""
+    four optional ones: ``targets`` and ``softmax_form`` (for gradient filtering),
+    ``second_pass`` and ``second_terms`` (a second forward pass)."""
 
     def row_sums(self, columns) -> dict[str, RowSum]:
         """The row sums to keep, given this block's per-column inputs ``columns``."""
@@ -165,6 +165,14 @@ class FusedLoss(Protocol):
         none), each at most once per token: where ``dloss/dz`` holds the loss's own terms
         (a label's ``-1``), which gradient filtering (:mod:`jxent._fused.filtering`)
         never drops."""
+
+    def softmax_form(self):
+        """Optional (absent: None). For a loss whose ``dloss/dz`` is a multiple of the
+        softmax off its targets, ``dloss/dz_nk = a_n p_nk - sum_j b_nj [k = target_nj]``
+        (the plain cross-entropy: ``a = scale``, ``b = label_coef``), a function of the
+        (scaled) coefficients giving ``(a [n], b [n, k])``; None for any other (label
+        smoothing, a teacher's logits). Gradient filtering then decides a block from the
+        forward pass's numbers, before making its logits again (:mod:`.filtering`)."""
 
     def second_pass(self, sums: RowSums, rows) -> SecondPass | None:
         """Optional (absent: None). The second pass that the first pass's final numbers

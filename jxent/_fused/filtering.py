@@ -29,15 +29,30 @@ shard's). So each token loses at most ``eps * u_n`` of ``L1`` mass of its
     |dw - dw^filtered|_F       <= eps * sum_n u_n |x_n|_2
     |dbias - dbias^filtered|_1 <= eps * sum_n u_n
 
-The loss itself is never filtered: the forward pass is the same program.
+The loss itself is never filtered: the forward pass computes the same numbers.
+
+**Deciding ahead (streaming).** The streaming backward pass makes each block's logits
+again before its two gradient products, so a block skipped after that still costs one
+product of its size. For a loss whose ``dloss/dz`` off its targets is ``a_n p_nk``
+(``FusedLoss.softmax_form``: the plain cross-entropy, ``a_n`` its softmax
+coefficient), the forward pass records per token and vocabulary block the log of the
+block's off-target softmax numerator, ``log sum_{k off targets} exp(z_nk)``, and the
+logits at the targets (:class:`Ahead`, ``[N, blocks]`` and ``[N, k]``: a residual of
+``4 N (blocks + k)`` bytes). The off-target mass of the rule is then
+``|a_n| exp(off_lse_n - lse_n)`` and a target's entry ``a_n p_t - b_n``, both known
+before the block's logits, so the conditional holds all three of its products: a
+skipped block costs ``O(D)`` per target it holds, nothing per column. The rule and its
+bound are the same.
 
 Internal API: :func:`add_products`, :func:`auto_eps`, :func:`skipped_blocks`,
-:data:`SINGLE_PASS_CHUNK`.
+:data:`SINGLE_PASS_CHUNK`; deciding ahead (streaming): :class:`Ahead`, :func:`ahead`,
+:func:`init_ahead`, :func:`record`, :func:`products_ahead`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,21 +106,27 @@ def _targets(spec: Spec, view: View, dz: jax.Array):
     return pos[:, None] if pos.ndim == 1 else pos
 
 
-def _off_target_mass(dz: jax.Array, pos) -> jax.Array:
-    """``sum_k |dz_nk|`` over the columns that are not the token's targets ``[n]``."""
-    mag = jnp.abs(dz)
+def _off_targets(a: jax.Array, pos, fill) -> jax.Array:
+    """``a [n, width]`` with ``fill`` at the token's targets (positions ``pos [n, k]``, or
+    None: no targets)."""
+    fill = jnp.asarray(fill, a.dtype)
     if pos is not None and pos.shape[1] <= _SELECTS:
-        # Compare-selects inside the reduction's fusion: |dz| is never materialised.
-        col = lax.broadcasted_iota(pos.dtype, dz.shape, 1)
+        # Compare-selects inside the consumer's fusion: the result is never materialised.
+        col = lax.broadcasted_iota(pos.dtype, a.shape, 1)
         target = functools.reduce(
             jnp.logical_or, [col == pos[:, j : j + 1] for j in range(pos.shape[1])]
         )
-        mag = jnp.where(target, jnp.zeros((), mag.dtype), mag)
-    elif pos is not None:
+        return jnp.where(target, fill, a)
+    if pos is not None:
         rows = lax.broadcasted_iota(pos.dtype, pos.shape, 0)
-        held = jnp.where((pos >= 0) & (pos < dz.shape[1]), pos, dz.shape[1])
-        mag = mag.at[rows, held].set(jnp.zeros((), mag.dtype), mode="drop")
-    return jnp.sum(mag, axis=1)
+        held = jnp.where((pos >= 0) & (pos < a.shape[1]), pos, a.shape[1])
+        return a.at[rows, held].set(fill, mode="drop")
+    return a
+
+
+def _off_target_mass(dz: jax.Array, pos) -> jax.Array:
+    """``sum_k |dz_nk|`` over the columns that are not the token's targets ``[n]``."""
+    return jnp.sum(_off_targets(jnp.abs(dz), pos, 0), axis=1)
 
 
 def _skips(dz_chunk, pos, unit, eps: float, columns) -> jax.Array:
@@ -116,40 +137,45 @@ def _skips(dz_chunk, pos, unit, eps: float, columns) -> jax.Array:
     return jnp.all(_off_target_mass(dz_chunk, pos) <= share * dz_chunk.shape[1])
 
 
-def _target_products(x_blk, dz, pos, w_blk, wanted: online.Wanted, grads, c0, ax):
-    """``(dx_part, dw, db)`` plus the products of ``dz``'s target entries only (``dz``
-    read at ``pos``; columns from ``c0`` in ``dw`` and ``db``)."""
-    dx_part, dw, db = grads
-    width = dz.shape[1]
-    here = (pos >= 0) & (pos < width)
-    safe = jnp.clip(pos, 0, width - 1)
-    values = jnp.where(here, jnp.take_along_axis(dz, safe, axis=1), jnp.zeros((), dz.dtype))
-    # Outside dw's columns where the block does not hold the target: dropped.
-    outside = dw.shape[ax] if wanted.w else (db.shape[0] if wanted.bias else 0)
-    column = jnp.where(here, safe + c0, outside)
+def _at_targets(a: jax.Array, pos) -> jax.Array:
+    """``a [n, width]`` read at the targets' positions ``pos [n, k]``, 0 where the block
+    does not hold them."""
+    here = (pos >= 0) & (pos < a.shape[1])
+    picked = jnp.take_along_axis(a, jnp.clip(pos, 0, a.shape[1] - 1), axis=1)
+    return jnp.where(here, picked, jnp.zeros((), a.dtype))
 
-    def one_target(j, carry):
-        dx_part, dw, db = carry
-        v, s, c = (
-            lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in (values, safe, column)
-        )
+
+def _target_products(values, pos, w_blk, wanted: online.Wanted, grads, c0, ax, x_row):
+    """``grads = (dx_part, dw, db)`` plus the products of the block's target entries only:
+    ``values [n, k]`` of ``dz`` at the positions ``pos [n, k]`` (columns from ``c0`` in
+    ``dw`` and ``db``); ``x_row(r)``: the block's row ``r`` of ``x``.
+
+    One iteration per target the block holds (``O(D)`` work each), not per token: over a
+    whole pass, each target is held by one block."""
+    n, k = pos.shape
+    width = w_blk.shape[ax]
+    flat = pos.reshape(-1)
+    here = (flat >= 0) & (flat < width)
+    hits = jnp.nonzero(here, size=n * k, fill_value=0)[0].astype(jnp.int32)
+    flat_values = values.reshape(-1)
+
+    def one_target(i, carry):
+        dx, dw, db = carry
+        f = hits[i]
+        c, v, r = flat[f], flat_values[f], f // k
         if wanted.x:
-            w_cols = jnp.take(w_blk, s, axis=ax).astype(dz.dtype)  # [D, n] or [n, D]
-            dx_part = dx_part + v[:, None] * (w_cols.T if ax == 1 else w_cols)
+            w_col = lax.dynamic_index_in_dim(w_blk, c, axis=ax, keepdims=False)  # [D]
+            dx = dx.at[r].add(v * w_col.astype(v.dtype))
         if wanted.w:
-            update = v[:, None] * x_blk.astype(dz.dtype)  # [n, D]
-            if ax == 1:
-                dw = dw.at[:, c].add(update.T.astype(dw.dtype), mode="drop")
-            else:
-                dw = dw.at[c].add(update.astype(dw.dtype), mode="drop")
+            update = (v * x_row(r).astype(v.dtype)).astype(dw.dtype)
+            dw = dw.at[:, c0 + c].add(update) if ax == 1 else dw.at[c0 + c].add(update)
         if wanted.bias:
-            db = db.at[c].add(v.astype(db.dtype), mode="drop")
-        return dx_part, dw, db
+            db = db.at[c0 + c].add(v.astype(db.dtype))
+        return dx, dw, db
 
-    carry = (dx_part, dw, db)
     # Inside shard_map the carry must vary over the mesh axes the body's results do.
-    carry = vary_like(carry, jax.eval_shape(functools.partial(one_target, 0), carry))
-    return lax.fori_loop(0, pos.shape[1], one_target, carry)
+    grads = vary_like(grads, jax.eval_shape(functools.partial(one_target, 0), grads))
+    return lax.fori_loop(0, jnp.sum(here, dtype=jnp.int32), one_target, grads)
 
 
 def add_products(
@@ -202,13 +228,131 @@ def add_products(
         def targets_only(carry):
             if pos_c is None:
                 return carry
-            return _target_products(x_blk, dz_c, pos_c, w_c, wanted, carry, c0, ax)
+            values = _at_targets(dz_c, pos_c)
+            return _target_products(values, pos_c, w_c, wanted, carry, c0, ax, lambda r: x_blk[r])
 
         return lax.cond(skip, targets_only, full, (dx_part, dw, db))
 
     acc = dz.dtype
     dx_part = jnp.zeros((dz.shape[0], x.shape[-1]), acc) if wanted.x else None
     dx_part, dw, db = B.for_blocks(width, chunk, chunk_step, (dx_part, dw, db))
+    if wanted.x:
+        dx = write_dx(dx, dx_part, start, 0, groups)
+    return dx, dw, db
+
+
+class Ahead(NamedTuple):
+    """What the streaming forward pass records for deciding a block ahead: per token and
+    vocabulary block, ``log sum exp(z_k)`` over the block's columns that are not the
+    token's targets ``[N, blocks]`` (``-inf``: none, or all underflowing), and the
+    token's logits at its targets ``[N, k]``."""
+
+    off_lse: jax.Array
+    target_z: jax.Array
+
+
+def ahead(spec: Spec) -> bool:
+    """Whether the streaming schedule decides its blocks ahead (static): with filtering,
+    for a loss of the softmax form (``FusedLoss.softmax_form``), without a soft cap
+    (whose derivative would be needed at the targets)."""
+    form = getattr(spec.loss, "softmax_form", lambda: None)
+    return spec.filter_eps is not None and spec.soft_cap is None and form() is not None
+
+
+def init_ahead(spec: Spec, inp: Inputs, view: View, columns: int, acc) -> Ahead:
+    """An empty :class:`Ahead` for ``columns`` columns (this device's); ``view``: any view
+    of the whole token range (the targets' shape). Its blocks are the most that any
+    platform's plan makes: the forward pass's residuals have one shape on every
+    platform (``Spec.plans``), each using its own first ones."""
+    n = inp.x.shape[0]
+    targets = spec.loss.targets(view)
+    k = 1 if targets.ndim == 1 else targets.shape[1]
+    blocks = max(-(-(columns // p.vocab_groups) // (p.vocab_block // p.vocab_groups))
+                 for _, p in spec.plans)  # fmt: skip
+    return Ahead(jnp.full((n, blocks), -jnp.inf, acc), jnp.zeros((n, k), acc))
+
+
+def record(spec: Spec, rec: Ahead, z: jax.Array, view: View, m: jax.Array, index) -> Ahead:
+    """``rec`` (a token block's) with vocabulary block ``index``'s numbers: its logits
+    ``z`` and view, ``m`` the running maximum including it (``exp(z - m)`` cannot
+    overflow; a column that underflows there holds ``p < 2^-149``, far below any
+    share of the bound)."""
+    pos = _targets(spec, view, z)
+    off = _off_targets(z, pos, -jnp.inf)
+    s = jnp.sum(jnp.exp(off - m[:, None]), axis=1)
+    off_lse = lax.dynamic_update_index_in_dim(rec.off_lse, m + jnp.log(s), index, axis=1)
+    return Ahead(off_lse, rec.target_z + _at_targets(z, pos))
+
+
+def _form(spec: Spec, coefs: online.Coefficients):
+    """``(a [n], b [n, k])`` of the loss's softmax form, times ``dz/dlogits`` (the
+    temperature's ``1 / T``; ``ahead`` excludes a soft cap)."""
+    a, b = spec.loss.softmax_form()(coefs.loss)
+    if spec.temperature is not None and spec.temperature != 1:
+        inv = 1 / spec.temperature
+        a, b = a * inv, b * inv
+    return a, b
+
+
+def products_ahead(
+    spec: Spec,
+    plan: Plan,
+    inp: Inputs,
+    x,
+    rows_blk,
+    make_dz,
+    w_blk,
+    wanted: online.Wanted,
+    grads,
+    write_dx,
+    ax: int,
+    view: View,
+    coefs: online.Coefficients,
+    columns: int,
+    index,
+):
+    """:func:`add_products` for a streaming block decided before its logits are made
+    again (:func:`ahead`): ``make_dz()`` makes the block's ``dloss/dz``, ``index`` is the
+    vocabulary block's (``coefs.ahead``'s column). The rule is :func:`add_products`'s
+    with the block's off-target mass read from the forward pass,
+    ``|a_n| exp(off_lse_n - lse_n)`` (``a_n p`` is all of ``dloss/dz`` there); a skipped
+    block's target entries are ``a_n p_t - b_n`` from the targets' logits. So XLA runs
+    one product of ``[n, D]`` rows per target for a skipped block, instead of three of
+    the block's size (its logits again, and the two gradient products)."""
+    start, length, groups = rows_blk
+    xt_blk = online.product_rows(x, rows_blk, wanted, ax)
+    a, b = _form(spec, coefs)
+    rec = coefs.ahead
+    lse_rel = coefs.lse_rel
+    off = lax.dynamic_index_in_dim(rec.off_lse, index, axis=1, keepdims=False)
+    mass = jnp.abs(a) * jnp.exp((off - coefs.row_max) - lse_rel)
+    width = w_blk.shape[ax]
+    share = (spec.filter_eps * _unit(coefs)) / jnp.asarray(columns).astype(lse_rel.dtype)
+    skip = jnp.all(mass <= share * width)
+    pos = view.column_of(spec.loss.targets(view))
+    pos = pos[:, None] if pos.ndim == 1 else pos
+    p_t = jnp.exp((rec.target_z - coefs.row_max[:, None]) - lse_rel[:, None])
+    values = a[:, None] * p_t - b
+
+    def full(carry):
+        dw, db = carry
+        dz = make_dz()
+        dx_part, dw_part = online.block_products(plan, inp, dz, xt_blk, w_blk, wanted, ax)
+        dw = dw + dw_part if wanted.w else None
+        db = db + jnp.sum(dz, axis=0) if wanted.bias else None
+        return dx_part, dw, db
+
+    def x_row(r):
+        # The block's row r, read from x's grouped view (jxent._fused.blocks).
+        return x[start + r] if groups == 1 else x[r // length, start + r % length]
+
+    def targets_only(carry):
+        dx_part = jnp.zeros((groups * length, x.shape[-1]), lse_rel.dtype) if wanted.x else None
+        return _target_products(values, pos, w_blk, wanted, (dx_part, *carry), 0, ax, x_row)
+
+    # dx outside the conditional: through it, XLA:CPU copies the whole of dx each time.
+    dx, dw, db = grads
+    dx_part, dw, db = lax.cond(skip, targets_only, full, (dw, db))
     if wanted.x:
         dx = write_dx(dx, dx_part, start, 0, groups)
     return dx, dw, db

@@ -197,6 +197,8 @@ class Coefficients(NamedTuple):
     lse_rel: jax.Array
     loss: Any
     fixed: Any = None  # the loss's unscaled numbers (View.fixed)
+    # Gradient filtering's numbers from the forward pass (filtering.Ahead), or None.
+    ahead: Any = None
 
 
 def final(run: Running, totals: dict) -> RowSums:

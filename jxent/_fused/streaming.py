@@ -91,16 +91,29 @@ def _sweep(spec: Spec, plan: Plan, inp: Inputs, state, fold, seen: dict, const=N
 
 
 def _statistics(spec: Spec, plan: Plan, inp: Inputs):
-    """Per-token running statistics over every vocabulary block (streaming), and each
-    gap's total weight."""
+    """Per-token running statistics over every vocabulary block (streaming), each gap's
+    total weight, and what gradient filtering decides ahead from (``filtering.Ahead``,
+    or None)."""
     loss, acc = spec.loss, accumulation(inp)
     run = online.init_running(loss, inp.x.shape[0], acc, inp.columns, inp.teacher is not None)
     seen = {k: jnp.zeros((), acc) for k in online.gap_totals(loss.row_sums(inp.columns), 1, acc)}
+    if not filtering.ahead(spec):
+        fold = lambda sub, z, view, seen, real_blk, const_blk: online.merge(  # noqa: E731
+            loss, sub, z, view, seen
+        )
+        run, seen = _sweep(spec, plan, inp, run, fold, seen)
+        return run, seen, None
+    v, size = num_columns(spec, inp), plan.vocab_block // plan.vocab_groups
+    whole = _view(inp.rows, inp.columns, 0, v, 1, v)
+    rec = filtering.init_ahead(spec, inp, whole, v, acc)
 
-    def fold(sub, z, view, seen, real_blk, const_blk):
-        return online.merge(loss, sub, z, view, seen)
+    def fold_ahead(sub, z, view, seen, real_blk, const_blk):
+        run, rec = sub
+        run = online.merge(loss, run, z, view, seen)
+        return run, filtering.record(spec, rec, z, view, run.m, view.start // size)
 
-    return _sweep(spec, plan, inp, run, fold, seen)
+    (run, rec), seen = _sweep(spec, plan, inp, (run, rec), fold_ahead, seen)
+    return run, seen, rec
 
 
 def _combine(spec: Spec, inp: Inputs, run: online.Running, totals: dict):
@@ -143,9 +156,10 @@ def _second_pass(spec: Spec, plan: Plan, inp: Inputs, sums: RowSums) -> RowSums:
 
 def forward(spec: Spec, plan: Plan, inp: Inputs):
     """Per-token losses [N] and gradient coefficients, streaming over the blocks."""
-    run, totals = _statistics(spec, plan, inp)
+    run, totals, rec = _statistics(spec, plan, inp)
     sums = _second_pass(spec, plan, inp, online.final(*_combine(spec, inp, run, totals)))
-    return online.finish(spec, inp, sums, inp.rows)
+    loss, coefs = online.finish(spec, inp, sums, inp.rows)
+    return loss, coefs._replace(ahead=rec)
 
 
 def backward(
@@ -162,6 +176,7 @@ def backward(
     columns = jax.tree.map(lambda a: B.group(a, 0, vg), inp.columns)
     teacher = L.grouped_teacher(spec, plan, inp.teacher)
     total = v if spec.axis_name is None else v * lax.psum(1, spec.axis_name)
+    ahead, size = filtering.ahead(spec), plan.vocab_block // vg
 
     def vocab_step(v0, vb, carry):
         dx, dw, db = carry
@@ -172,15 +187,23 @@ def backward(
         t_cols = L.teacher_columns(spec, teacher, v0, vb, vg)
 
         def token_step(r0, nb, inner):
-            z, dcap = L.block_logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
-            t = L.teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
             sub = jax.tree.map(lambda f: B.block(f, r0, nb, 0, tg), coefs)
             rows_blk = jax.tree.map(lambda a: B.block(a, r0, nb, 0, tg), rows)
-            view = _view(rows_blk, cols, v0, vb, vg, v // vg, t)
-            dz = online.dlogits(spec, z, dcap, sub, view, c_blk)
+            view = _view(rows_blk, cols, v0, vb, vg, v // vg)
+
+            def make_dz():
+                z, dcap = L.block_logits(spec, plan, B.block(x, r0, nb, 0, tg), w_blk, b_blk, c_blk)
+                t = L.teacher_logits(spec, plan, t_cols, r0, nb, tg, c_blk)
+                return online.dlogits(spec, z, dcap, sub, view._replace(teacher=t), c_blk)
+
+            if ahead:
+                return filtering.products_ahead(
+                    spec, plan, inp, x, (r0, nb, tg), make_dz, w_dx, wanted, inner, B.add_block,
+                    ax, view, sub, total, v0 // size,
+                )  # fmt: skip
             return filtering.add_products(
-                spec, plan, inp, x, (r0, nb, tg), dz, w_dx, wanted, inner, B.add_block, ax,
-                view, sub, total,
+                spec, plan, inp, x, (r0, nb, tg), make_dz(), w_dx, wanted, inner, B.add_block,
+                ax, view, sub, total,
             )  # fmt: skip
 
         inner = (

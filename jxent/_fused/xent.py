@@ -110,6 +110,19 @@ class CrossEntropy(NamedTuple):
     def targets(self, view: contract.View):
         return view.rows.labels
 
+    def softmax_form(self):
+        if self.config.label_smoothing > 0:
+            return None  # dloss/dz holds (a / V) w_k at every column
+
+        def form(coefs):
+            if self.with_lse:
+                coefs, lse_coef = coefs
+                coefs = (coefs[0] + lse_coef, *coefs[1:])
+            scale, label_coef, _ = coefs
+            return scale, label_coef[:, None]
+
+        return form
+
     def dlogits(self, p, log_p, coefs, view: contract.View):
         if self.with_lse:
             coefs, lse_coef = coefs
