@@ -333,20 +333,32 @@ def _cond_branch_dots(fn, *args):
     return found
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_streaming_decides_before_making_the_logits(smoothing):
-    """The streaming schedule decides a block of the plain cross-entropy from the forward
-    pass's numbers: a skipped block runs no product at all, its logits included (one
-    conditional holds the block's three products). With label smoothing (no softmax
-    form) the block's logits are made first and only the two gradient products are
-    conditional."""
+@pytest.mark.parametrize(
+    "loss, ahead",
+    [
+        ({"label_smoothing": 0.0}, True),
+        ({"label_smoothing": 0.1}, False),
+        ("log_probs", True),
+        ("entropy", False),
+    ],
+    ids=["xent", "xent-smoothing", "log-probs", "entropy"],
+)
+def test_streaming_decides_before_making_the_logits(loss, ahead):
+    """The streaming schedule decides a block of a loss of the softmax form (the plain
+    cross-entropy, log p(label)) from the forward pass's numbers: a skipped block runs
+    no product at all, its logits included (one conditional holds the block's three
+    products). Otherwise (label smoothing, the entropy) the block's logits are made
+    first and only the two gradient products are conditional."""
     x, w, b, labels = peaked_inputs(8, 4, 64, seed=0)
+    kw = {"chunk_size": (8, 16), "filter_eps": "auto"}
 
     def f(x, w):
-        return jxent.linear_softmax_cross_entropy(
-            x, w, labels, chunk_size=(8, 16), filter_eps="auto", label_smoothing=smoothing
-        )
+        if loss == "log_probs":
+            return jnp.sum(jxent.linear_log_probs(x, w, labels, **kw))
+        if loss == "entropy":
+            return jxent.linear_entropy(x, w, **kw)
+        return jxent.linear_softmax_cross_entropy(x, w, labels, **kw, **loss)
 
     branches = _cond_branch_dots(jax.grad(f, argnums=(0, 1)), x, w)
-    expected = [0, 2] if smoothing else [0, 3]
+    expected = [0, 3] if ahead else [0, 2]
     assert branches and all(b == expected for b in branches), branches

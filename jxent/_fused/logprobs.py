@@ -83,6 +83,16 @@ class LogProbs(NamedTuple):
     def targets(self, view: contract.View):
         return view.rows.labels if self.label else None
 
+    def softmax_form(self):
+        if self.entropy or not self.label:
+            return None  # the entropy's dloss/dz is p (log p + H), not a multiple of p
+
+        def form(coefs):
+            (c,) = coefs
+            return -c, -c[:, None]  # dz = c [k = y] - c p
+
+        return form
+
     def dlogits(self, p, log_p, coefs, view: contract.View):
         dz = jnp.zeros_like(p)
         coefs = list(coefs)
