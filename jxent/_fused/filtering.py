@@ -209,13 +209,22 @@ def add_products(
     unit = _unit(coefs)
     width = dz.shape[1]
     chunk = width if chunk is None else min(chunk, width)
+    starts = range(0, width, chunk)
+    shifted = lambda c0: None if pos is None else pos - c0  # noqa: E731
+    decisions = jnp.stack(
+        [
+            _skips(B.block(dz, c0, min(chunk, width - c0), 1, 1), shifted(c0), unit,
+                   spec.filter_eps, columns)
+            for c0 in starts
+        ]
+    )  # fmt: skip
 
     def chunk_step(c0, cw, carry):
         dx_part, dw, db = carry
         dz_c = B.block(dz, c0, cw, 1, 1)
         w_c = B.block(w_blk, c0, cw, ax, 1)
-        pos_c = None if pos is None else pos - c0
-        skip = _skips(dz_c, pos_c, unit, spec.filter_eps, columns)
+        pos_c = shifted(c0)
+        skip = lax.dynamic_index_in_dim(decisions, c0 // chunk, keepdims=False)
 
         def full(carry):
             dx_part, dw, db = carry
@@ -233,9 +242,26 @@ def add_products(
 
         return lax.cond(skip, targets_only, full, (dx_part, dw, db))
 
+    def chunked(carry):
+        return B.for_blocks(width, chunk, chunk_step, carry)
+
+    def whole(carry):
+        # Column chunks cost their products a copy of each chunk of dz (and of w): where
+        # no chunk is skipped, the block's products run whole.
+        dx_part, dw, db = carry
+        dxp, dwp = online.block_products(plan, inp, dz, xt_blk, w_blk, wanted, ax)
+        dx_part = dx_part + dxp if wanted.x else None
+        dw = dw + dwp if wanted.w else None
+        db = db + jnp.sum(dz, axis=0) if wanted.bias else None
+        return dx_part, dw, db
+
     acc = dz.dtype
     dx_part = jnp.zeros((dz.shape[0], x.shape[-1]), acc) if wanted.x else None
-    dx_part, dw, db = B.for_blocks(width, chunk, chunk_step, (dx_part, dw, db))
+    carry = (dx_part, dw, db)
+    if len(starts) == 1:
+        dx_part, dw, db = chunked(carry)
+    else:
+        dx_part, dw, db = lax.cond(jnp.any(decisions), chunked, whole, carry)
     if wanted.x:
         dx = write_dx(dx, dx_part, start, 0, groups)
     return dx, dw, db
