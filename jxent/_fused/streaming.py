@@ -7,7 +7,9 @@ recomputes each block's logits, forms its ``dloss/dlogits``, adds ``dz @ w_blk.T
 a float32 ``dx`` and, once all token blocks of a vocabulary block are done, writes
 that block's ``dw`` columns in place. Four matrix products of the size of ``x @ w`` in
 all (five with a second pass, which makes every block again once the first pass's
-numbers are final).
+numbers are final). With gradient filtering, for a loss of the softmax form, the forward
+pass also records what decides each block's filtering (``filtering.Ahead``), so that a
+skipped block's logits are not made again.
 
 **Vocabulary-parallel** (``Spec.axis_name``, inside ``shard_map`` with ``w`` split
 over its columns): each shard runs the forward pass on its columns, then one ``pmax``
