@@ -362,3 +362,44 @@ def test_streaming_decides_before_making_the_logits(loss, ahead):
     branches = _cond_branch_dots(jax.grad(f, argnums=(0, 1)), x, w)
     expected = [0, 3] if ahead else [0, 2]
     assert branches and all(b == expected for b in branches), branches
+
+
+def _temp_bytes(fn, *specs) -> int:
+    return jax.jit(fn).lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("schedule", ["single_pass", "streaming"])
+def test_filtering_takes_no_large_temporary(dtype, schedule):
+    """Compiled temporary memory (XLA's exact figure): with filtering, the single pass
+    takes less than half a ``[D, V]`` float32 accumulator more than without, and
+    streaming no more than its record (``4 N (blocks + 1)`` bytes) and a quarter of a
+    float32 copy of ``x``. Two regressions this catches: a data-dependent loop over the
+    targets inside the single pass's chunk conditionals (XLA:CPU copied the ``[D, V]``
+    accumulator), and bfloat16 rows of ``x`` read without ``_backend.index_bits``
+    (XLA:CPU converted the whole of ``x`` to float32)."""
+    with checks.x64_off():
+        if schedule == "single_pass":
+            n, d, v, kw = 1024, 256, 16384, {}
+        else:
+            n, d, v, kw = 4096, 256, 8192, {"chunk_size": (256, 1024)}
+        specs = (
+            jax.ShapeDtypeStruct((n, d), jnp.dtype(dtype)),
+            jax.ShapeDtypeStruct((d, v), jnp.dtype(dtype)),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+
+        def grad(eps):
+            def loss(x, w, y):
+                return jxent.linear_softmax_cross_entropy(
+                    x, w, y, filter_eps=eps, schedule=schedule, **kw
+                )
+
+            return jax.grad(loss, argnums=(0, 1))
+
+        plain, filtered = (_temp_bytes(grad(eps), *specs) for eps in (None, "auto"))
+    if schedule == "single_pass":
+        assert filtered <= plain + d * v * 4 // 2, (filtered, plain)
+    else:
+        record = 4 * n * (v // 1024 + 1)
+        assert filtered <= plain + record + n * d * 4 // 4, (filtered, plain)
