@@ -14,8 +14,8 @@ them when
 
 by the products of the block's *target* entries only (the loss's
 ``FusedLoss.targets``: a label, a teacher's top-k classes; each read at its column,
-so nothing a target carries is lost): an ``[n, D]`` gather of ``w``'s target columns
-for ``dx`` and a scatter into ``dw``'s, ``O(n k D)`` work instead of ``O(n width D)``.
+so nothing a target carries is lost): a column of ``w`` and a row of ``x`` per target,
+``O(n k D)`` work at most instead of ``O(n width D)``.
 ``u_n`` is the token's gradient scale, the sum of the magnitudes of its coefficients
 (``dloss/dz`` is linear in them): for the plain cross-entropy ``2 |g_n|``, with ``g_n``
 the token's cotangent times its weight (``dloss/dz_n = g_n (p_n - onehot(y_n))``, whose
@@ -291,7 +291,7 @@ class Ahead(NamedTuple):
 def ahead(spec: Spec) -> bool:
     """Whether the streaming schedule decides its blocks ahead (static): with filtering,
     for a loss of the softmax form (``FusedLoss.softmax_form``), without a soft cap
-    (whose derivative would be needed at the targets)."""
+    (its derivative scales ``dloss/dz`` at every column: no longer a multiple of ``p``)."""
     form = getattr(spec.loss, "softmax_form", lambda: None)
     return spec.filter_eps is not None and spec.soft_cap is None and form() is not None
 
@@ -354,8 +354,13 @@ def products_ahead(
     with the block's off-target mass read from the forward pass,
     ``|a_n| exp(off_lse_n - lse_n)`` (``a_n p`` is all of ``dloss/dz`` there); a skipped
     block's target entries are ``a_n p_t - b_n`` from the targets' logits. So XLA runs
-    one product of ``[n, D]`` rows per target for a skipped block, instead of three of
-    the block's size (its logits again, and the two gradient products)."""
+    one ``O(D)`` update per target a skipped block holds, instead of three products of
+    the block's size (its logits again, and the two gradient products).
+
+    ``off_lse`` is one rounded number, ``m + log s``: its absolute rounding, a few ulps of
+    the row's maximum, is a relative error of ``exp(off_lse - lse)``. The mass is taken
+    that much larger, so the rule drops no more than documented whatever the logits'
+    magnitude."""
     start, length, groups = rows_blk
     xt_blk = online.product_rows(x, rows_blk, wanted, ax)
     a, b = _form(spec, coefs)
@@ -363,6 +368,8 @@ def products_ahead(
     lse_rel = coefs.lse_rel
     off = lax.dynamic_index_in_dim(rec.off_lse, index, axis=1, keepdims=False)
     mass = jnp.abs(a) * jnp.exp((off - coefs.row_max) - lse_rel)
+    rounding = 4 * jnp.finfo(lse_rel.dtype).eps * (jnp.abs(coefs.row_max) + lse_rel + 1)
+    mass = mass * (1 + rounding)
     width = w_blk.shape[ax]
     share = (spec.filter_eps * _unit(coefs)) / jnp.asarray(columns).astype(lse_rel.dtype)
     skip = jnp.all(mass <= share * width)
