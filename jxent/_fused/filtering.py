@@ -97,7 +97,7 @@ def _unit(coefs: online.Coefficients) -> jax.Array:
     return sum(parts[1:], parts[0])
 
 
-def _targets(spec: Spec, view: View, dz: jax.Array):
+def _targets(spec: Spec, view: View):
     """The loss's target columns as positions in the block ``[n, k]`` (any value outside
     ``[0, width)`` where the block does not hold one), or None (no targets)."""
     targets = getattr(spec.loss, "targets", lambda view: None)(view)
@@ -130,12 +130,18 @@ def _off_target_mass(dz: jax.Array, pos) -> jax.Array:
     return jnp.sum(_off_targets(jnp.abs(dz), pos, 0), axis=1)
 
 
-def _skips(dz_chunk, pos, unit, eps: float, columns) -> jax.Array:
-    """The rule: whether a chunk of ``dz`` (a block's columns, ``pos`` the targets'
-    positions in it) is skipped, every token's off-target mass within its share
-    ``eps * unit * width / columns``."""
+def _within_share(mass, unit, eps: float, width: int, columns) -> jax.Array:
+    """The rule: every token's off-target mass ``[n]`` (over ``width`` of the
+    ``columns``) within its share ``eps * unit * width / columns``."""
     share = (eps * unit) / jnp.asarray(columns).astype(unit.dtype)
-    return jnp.all(_off_target_mass(dz_chunk, pos) <= share * dz_chunk.shape[1])
+    return jnp.all(mass <= share * width)
+
+
+def _skips(dz_chunk, pos, unit, eps: float, columns) -> jax.Array:
+    """Whether a chunk of ``dz`` (a block's columns, ``pos`` the targets' positions in
+    it) is skipped (:func:`_within_share`)."""
+    mass = _off_target_mass(dz_chunk, pos)
+    return _within_share(mass, unit, eps, dz_chunk.shape[1], columns)
 
 
 def _at_targets(a: jax.Array, pos) -> jax.Array:
@@ -238,7 +244,7 @@ def add_products(
     start, length, groups = rows_blk
     x_blk = B.block(x, start, length, 0, groups)
     xt_blk = online.product_rows(x, rows_blk, wanted, ax)
-    pos = _targets(spec, view, dz)
+    pos = _targets(spec, view)
     unit = _unit(coefs)
     width = dz.shape[1]
     chunk = width if chunk is None else min(chunk, width)
@@ -314,7 +320,7 @@ def record(spec: Spec, rec: Ahead, z: jax.Array, view: View, m: jax.Array, index
     ``z`` and view, ``m`` the running maximum including it (``exp(z - m)`` cannot
     overflow; a column that underflows there holds ``p < 2^-149``, far below any
     share of the bound)."""
-    pos = _targets(spec, view, z)
+    pos = _targets(spec, view)
     off = _off_targets(z, pos, -jnp.inf)
     s = jnp.sum(jnp.exp(off - m[:, None]), axis=1)
     off_lse = lax.dynamic_update_index_in_dim(rec.off_lse, m + jnp.log(s), index, axis=1)
@@ -370,11 +376,8 @@ def products_ahead(
     mass = jnp.abs(a) * jnp.exp((off - coefs.row_max) - lse_rel)
     rounding = 4 * jnp.finfo(lse_rel.dtype).eps * (jnp.abs(coefs.row_max) + lse_rel + 1)
     mass = mass * (1 + rounding)
-    width = w_blk.shape[ax]
-    share = (spec.filter_eps * _unit(coefs)) / jnp.asarray(columns).astype(lse_rel.dtype)
-    skip = jnp.all(mass <= share * width)
-    pos = view.column_of(spec.loss.targets(view))
-    pos = pos[:, None] if pos.ndim == 1 else pos
+    skip = _within_share(mass, _unit(coefs), spec.filter_eps, w_blk.shape[ax], columns)
+    pos = _targets(spec, view)
     p_t = jnp.exp((rec.target_z - coefs.row_max[:, None]) - lse_rel[:, None])
     values = a[:, None] * p_t - b
 
